@@ -1,0 +1,52 @@
+"""What one generation with reuse did: counts, bytes, error, FLOPs, host syncs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ReuseStats:
+    """Summary of one generation; `reuse_mask[e][l]` is 1 where layer l reused at evaluation e."""
+
+    evaluations: int
+    layers: int
+    reused: int  # reused layer-evaluations
+    reuse_fraction: float  # reused / (evaluations * layers)
+    per_layer_reused: list[int]
+    per_evaluation_reused: list[int]
+    reuse_mask: list[list[int]]
+    cache_bytes: int  # held at the end of the generation, values + scales
+    cache_bytes_peak: int
+    quant_error: float | None  # mean relative L2 round-trip error of INT8 stores; None without INT8
+    flops_total: int  # analytic FLOPs of all model evaluations without reuse
+    flops_skipped: int
+    host_syncs: int  # device→host reads on the engine's path during the generation
+    nonfinite_recomputes: int = 0  # reuses refused because the cached value was not finite
+
+    @property
+    def flops_skipped_fraction(self) -> float:
+        return self.flops_skipped / self.flops_total if self.flops_total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["flops_skipped_fraction"] = self.flops_skipped_fraction
+        return d
+
+
+def summarize(mask: np.ndarray, **rest) -> ReuseStats:
+    """Build stats from the executed reuse mask (E, L) and the other fields."""
+    mask = np.asarray(mask, dtype=bool)
+    e, l = mask.shape
+    reused = int(mask.sum())
+    return ReuseStats(
+        evaluations=e,
+        layers=l,
+        reused=reused,
+        reuse_fraction=reused / (e * l) if e * l else 0.0,
+        per_layer_reused=mask.sum(axis=0).astype(int).tolist(),
+        per_evaluation_reused=mask.sum(axis=1).astype(int).tolist(),
+        reuse_mask=mask.astype(int).tolist(),
+        **rest,
+    )

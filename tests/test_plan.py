@@ -1,0 +1,97 @@
+"""Schedules → plans: every knob changes the plan; plans round-trip as JSON and refuse mismatches."""
+import numpy as np
+import pytest
+
+from dqar.config import SCHEDULES, ReuseConfig
+from dqar.errors import DqarError
+from dqar.plan import Plan, build_plan, load_plan, max_run_staleness, save_plan
+
+E, L = 30, 8
+
+
+def plan(**kw):
+    kw.setdefault("schedule", "linear")
+    if kw["schedule"] == "custom":
+        kw.setdefault("custom_layers", (1, 4, 6))
+    return build_plan(ReuseConfig(**kw), E, L)
+
+
+def test_every_schedule_type_gives_a_different_plan():
+    masks = {s: plan(schedule=s).mask for s in SCHEDULES}
+    for a in SCHEDULES:
+        for b in SCHEDULES:
+            if a < b:
+                assert not np.array_equal(masks[a], masks[b]), (a, b)
+
+
+def test_linear_grows_and_reverse_shrinks_over_time():
+    lin = plan(schedule="linear", refresh_interval=100, max_staleness=100).mask.sum(axis=1)
+    rev = plan(schedule="linear_reverse", refresh_interval=100, max_staleness=100).mask.sum(axis=1)
+    assert lin[-1] > lin[8] and rev[8] > rev[-1]
+
+
+@pytest.mark.parametrize("knob,a,b", [("warmup_frac", 0.1, 0.5), ("layer_frac", 0.25, 1.0), ("refresh_interval", 2, 4),
+                                      ("cooldown_frac", 0.0, 0.3), ("max_staleness", 1, 3), ("exp_rate", 1.0, 6.0), ("step_stages", 2, 5)])
+def test_each_knob_changes_the_plan(knob, a, b):
+    schedule = {"exp_rate": "exponential", "step_stages": "step"}.get(knob, "constant" if knob == "layer_frac" else "linear")
+    kw = {"refresh_interval": 4} if knob == "max_staleness" else {}
+    assert not np.array_equal(plan(schedule=schedule, **kw, **{knob: a}).mask, plan(schedule=schedule, **kw, **{knob: b}).mask)
+
+
+def test_warmup_and_cooldown_windows_hold():
+    m = plan(schedule="constant", warmup_frac=0.2, cooldown_frac=0.1).mask
+    assert not m[:6].any() and not m[-3:].any() and m[6:-3].any()
+
+
+def test_layer_fraction_bounds_the_eligible_layers():
+    m = plan(schedule="constant", layer_frac=0.5).mask
+    assert not m[:, 4:].any() and m[:, :4].any()
+
+
+def test_custom_schedule_uses_exactly_its_layers():
+    m = plan(schedule="custom", custom_layers=(1, 4, 6)).mask
+    assert set(np.nonzero(m.any(axis=0))[0]) == {1, 4, 6}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_staleness_never_exceeds_the_refresh_limit(k):
+    m = plan(schedule="constant", refresh_interval=k, max_staleness=10, warmup_frac=0.0).mask
+    assert max_run_staleness(m) == k - 1
+    assert not m[0].any()  # nothing cached yet at the first evaluation
+
+
+def test_disabled_config_never_reuses():
+    assert not plan(enabled=False).mask.any()
+
+
+def test_json_round_trip_and_key_checks(tmp_path):
+    p = build_plan(ReuseConfig(), E, L, key={"model": "m", "sampler": "ddim", "steps": E})
+    path = tmp_path / "plan.json"
+    save_plan(p, path)
+    q = load_plan(path)
+    assert np.array_equal(p.mask, q.mask) and q.key == p.key
+    q.check_key(model="m", steps=E)
+    with pytest.raises(DqarError, match="steps"):
+        q.check_key(steps=50)
+    with pytest.raises(DqarError, match="shape"):
+        q.check_shape(50, L)
+    assert "R" in str(q) and f"{E} evaluations" in str(q)
+
+
+def test_plan_file_replaces_the_schedule_and_checks_its_key(tmp_path):
+    mask = np.zeros((E, L), dtype=bool)
+    mask[5:, 2] = True
+    path = tmp_path / "p.json"
+    save_plan(Plan(mask=mask, key={"steps": E}), path)
+    got = build_plan(ReuseConfig(plan_file=str(path)), E, L, key={"steps": E})
+    assert np.array_equal(got.mask, mask)
+    with pytest.raises(DqarError):
+        build_plan(ReuseConfig(plan_file=str(path)), 20, L, key={"steps": 20})
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"format": "dqar-plan/1", "rows": ["RX"]}', "[1,2]"])
+def test_corrupt_plan_files_are_refused(tmp_path, text):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(DqarError, match="not a valid dqar plan"):
+        load_plan(path)
