@@ -1,0 +1,283 @@
+"""Loading DiT models: the embedded model, local folders, hub ids, and random DiT-XL/2 for benchmarks.
+
+The only module that knows diffusers' on-disk layouts. Accepted folders:
+- DiTPipeline layout: `transformer/` (+ optional `vae/`, `scheduler/`, `model_index.json`);
+- a bare transformer folder: `config.json` whose `_class_name` is a DiT transformer.
+Weights must be safetensors. Without a scheduler config, `DIT_SCHEDULER_CONFIG` is used.
+An optional `class_names.json` (a JSON list) in the folder names the classes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+from .errors import DqarError
+
+# DiT's scheduler (facebook/DiT-XL-2-256): linear betas 1e-4..0.02 over 1000 steps, no sample clipping.
+DIT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+}
+
+# DiT-XL/2 at 256x256: 28 blocks, hidden 1152 = 16 heads x 72, 32x32x4 latents, patch 2, learned sigma.
+DIT_XL2_CONFIG: dict[str, Any] = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "sample_size": 32,
+    "patch_size": 2,
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_zero",
+    "norm_elementwise_affine": False,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "dropout": 0.0,
+    "norm_num_groups": 32,
+}
+
+# The VAE DiT decodes with (stabilityai/sd-vae-ft-ema): 8x downsampling, 4 latent channels.
+SD_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FIX = (
+    "on a connected machine run `hf download {id}` and copy the Hugging Face cache (~/.cache/huggingface) here, "
+    "or pass --model /path/to/folder"
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A DiT ready to sample from."""
+
+    transformer: DiTTransformer2DModel  # eval mode, on the requested device and dtype
+    vae: AutoencoderKL | None  # None: nothing to decode (pixel-space model, or a benchmark without a VAE)
+    scheduler_config: dict  # feed to dqar.sampling.make_scheduler
+    num_classes: int  # valid class ids are [0, num_classes)
+    null_class: int  # the unconditional id used for guidance (= num_classes)
+    name: str  # "embedded", a hub id, an absolute folder path, or "random-dit-xl2"
+    pixel_space: bool  # True: the model denoises pixels; images are the final latents
+    class_names: tuple[str, ...] | None  # one name per class id, when known
+
+
+def load_model(model: str | os.PathLike | None = None, *, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `model`: None / "embedded", a local folder, or a hub id (HF cache first, then the network)."""
+    if model is None or str(model) == "embedded":
+        return _load_embedded(device, dtype)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DqarError(f"model path {path} is a file, not a folder", "pass a DiTPipeline or transformer folder")
+        return _load_folder(path, device, dtype)
+    if HUB_ID.match(str(model)):
+        return _load_hub(str(model), device, dtype)
+    raise DqarError(f"model '{model}' is neither an existing folder nor a hub id", "pass a folder path, a hub id like facebook/DiT-XL-2-256, or 'embedded'")
+
+
+def _load_embedded(device, dtype) -> LoadedModel:
+    try:
+        from .embedded import CLASS_NAMES, EMBEDDED_DIR
+    except ImportError as exc:
+        raise DqarError(f"the embedded model is unavailable ({exc})", "reinstall dqar, or pass --model /path/to/folder") from None
+    if not Path(EMBEDDED_DIR, "transformer").is_dir():
+        raise DqarError(f"the embedded model weights are missing under {EMBEDDED_DIR}", "reinstall dqar, or pass --model /path/to/folder")
+    loaded = _load_folder(Path(EMBEDDED_DIR), device, dtype)
+    return _with(loaded, name="embedded", class_names=tuple(CLASS_NAMES))
+
+
+def _with(loaded: LoadedModel, **changes) -> LoadedModel:
+    return LoadedModel(**{**loaded.__dict__, **changes})
+
+
+def _load_folder(root: Path, device, dtype) -> LoadedModel:
+    """Load a DiTPipeline-layout folder or a bare transformer folder."""
+    root = root.resolve()
+    if (root / "transformer").is_dir():
+        tdir, vdir, sfile = root / "transformer", root / "vae", root / "scheduler" / "scheduler_config.json"
+    elif (root / "config.json").is_file():
+        tdir, vdir, sfile = root, None, root / "scheduler_config.json"
+    else:
+        raise DqarError(f"no DiT model in {root}", "expected a transformer/ subfolder (DiTPipeline layout) or a config.json of a DiT transformer")
+    _check_transformer_config(tdir / "config.json")
+    transformer = _from_pretrained(DiTTransformer2DModel, tdir, dtype)
+    vae = _from_pretrained(AutoencoderKL, vdir, dtype) if vdir is not None and vdir.is_dir() else None
+    scheduler_config = _read_json(sfile) if sfile.is_file() else dict(DIT_SCHEDULER_CONFIG)
+    names = _read_json(root / "class_names.json") if (root / "class_names.json").is_file() else None
+    return _loaded(transformer, vae, scheduler_config, str(root), device, names)
+
+
+def _loaded(transformer, vae, scheduler_config, name, device, class_names=None, pixel_space=None) -> LoadedModel:
+    num_classes = int(transformer.config.num_embeds_ada_norm)
+    if class_names is not None and len(class_names) != num_classes:
+        raise DqarError(f"{len(class_names)} class names for {num_classes} classes in {name}", "fix class_names.json")
+    return LoadedModel(
+        transformer=transformer.to(device).eval(),
+        vae=vae.to(device).eval() if vae is not None else None,
+        scheduler_config=dict(scheduler_config),
+        num_classes=num_classes,
+        null_class=num_classes,
+        name=name,
+        pixel_space=vae is None if pixel_space is None else pixel_space,
+        class_names=tuple(class_names) if class_names is not None else None,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DqarError(f"cannot read {path}: {_one_line(exc)}", "restore the file or re-save the model") from None
+
+
+def _check_transformer_config(path: Path) -> None:
+    if not path.is_file():
+        raise DqarError(f"missing {path}", "save the transformer with save_pretrained (or dqar.models.save_pipeline_folder)")
+    config = _read_json(path)
+    if config.get("_class_name") not in TRANSFORMER_CLASSES or config.get("num_embeds_ada_norm") is None:
+        raise DqarError(f"{path} is not a class-conditional DiT transformer (_class_name {config.get('_class_name')!r})", "pass a DiTTransformer2DModel folder")
+
+
+def _check_weights(folder: Path) -> None:
+    """Fail early, naming the file, when the safetensors weights are absent."""
+    if (folder / WEIGHTS).is_file() or (folder / f"{WEIGHTS}.index.json").is_file():
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if others:
+        raise DqarError(f"{folder / others[0]} is not safetensors; only safetensors weights are loaded",
+                        "convert it on a trusted machine: from_pretrained(...).save_pretrained(folder, safe_serialization=True)")
+    raise DqarError(f"missing weights {folder / WEIGHTS}", "re-save the model with save_pretrained(safe_serialization=True)")
+
+
+def _from_pretrained(cls, folder: Path, dtype):
+    """Load one component from a local folder; any failure becomes a DqarError naming the file."""
+    _check_weights(folder)
+    try:
+        return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    except Exception as exc:  # corrupt headers, truncated files, shape mismatches all surface differently
+        raise DqarError(f"cannot load {folder / WEIGHTS}: {_one_line(exc)}", "the file is corrupt or does not match config.json; re-save or re-download it") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or flag.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_components(repo_id: str, dtype, local_only: bool):
+    from diffusers import DDIMScheduler
+
+    kw = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": local_only}
+    transformer = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", **kw)
+    vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", **kw)
+    scheduler_config = dict(DDIMScheduler.load_config(repo_id, subfolder="scheduler", local_files_only=local_only))
+    return transformer, vae, scheduler_config
+
+
+def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
+    """A hub id: the local HF cache first; the network only when not offline."""
+    try:
+        parts = _hub_components(repo_id, dtype, local_only=True)
+    except Exception as cached_exc:
+        if _offline():
+            raise DqarError(f"cannot load '{repo_id}': not in the Hugging Face cache and HF_HUB_OFFLINE is set ({_one_line(cached_exc)})",
+                            HUB_FIX.format(id=repo_id)) from None
+        try:
+            parts = _hub_components(repo_id, dtype, local_only=False)
+        except Exception as exc:
+            raise DqarError(f"cannot load '{repo_id}' from the cache or the hub ({_one_line(exc)})", HUB_FIX.format(id=repo_id)) from None
+    return _loaded(*parts, name=repo_id, device=device)
+
+
+def random_dit_xl2(device="cpu", dtype: torch.dtype = torch.float32, *, seed: int = 0, with_vae: bool = False) -> LoadedModel:
+    """DiT-XL/2-256 with random weights (and optionally a random SD VAE): for speed benchmarks without weights.
+
+    Built directly on `device` (no CPU copy); device="meta" allocates nothing.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = DiTTransformer2DModel(**DIT_XL2_CONFIG)
+        vae = AutoencoderKL(**SD_VAE_CONFIG) if with_vae else None
+    transformer = transformer.to(dtype)
+    vae = vae.to(dtype) if vae is not None else None
+    return _loaded(transformer, vae, DIT_SCHEDULER_CONFIG, "random-dit-xl2", device, pixel_space=False)
+
+
+def save_pipeline_folder(path, transformer, vae=None, scheduler_config: dict | None = None, *,
+                         class_names=None, overwrite: bool = False) -> Path:
+    """Save a model folder `load_model` reads (DiTPipeline layout; `model_index.json` only with a VAE).
+
+    Written into a temporary sibling folder, then renamed into place.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not overwrite:
+        raise DqarError(f"{path} already exists", "choose a new folder or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write_components(tmp, transformer, vae, dict(scheduler_config or DIT_SCHEDULER_CONFIG), class_names)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_components(root: Path, transformer, vae, scheduler_config: dict, class_names) -> None:
+    transformer.save_pretrained(root / "transformer", safe_serialization=True)
+    (root / "scheduler").mkdir()
+    scheduler_config.setdefault("_class_name", "DDIMScheduler")
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+    if class_names is not None:
+        (root / "class_names.json").write_text(json.dumps(list(class_names)))
+    if vae is not None:
+        vae.save_pretrained(root / "vae", safe_serialization=True)
+        index = {
+            "_class_name": "DiTPipeline",
+            "transformer": ["diffusers", "DiTTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", scheduler_config["_class_name"]],
+        }
+        (root / "model_index.json").write_text(json.dumps(index, indent=2))
