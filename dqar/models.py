@@ -8,11 +8,14 @@ An optional `class_names.json` (a JSON list) in the folder names the classes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,7 +185,7 @@ def _from_pretrained(cls, folder: Path, dtype):
     """Load one component from a local folder; any failure becomes a DqarError naming the file."""
     _check_weights(folder)
     try:
-        return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as exc:  # corrupt headers, truncated files, shape mismatches all surface differently
         raise DqarError(f"cannot load {folder / WEIGHTS}: {_one_line(exc)}", "the file is corrupt or does not match config.json; re-save or re-download it") from None
 
@@ -202,10 +205,12 @@ def _offline() -> bool:
 def _hub_components(repo_id: str, dtype, local_only: bool):
     from diffusers import DDIMScheduler
 
-    kw = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": local_only}
-    transformer = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", **kw)
-    vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", **kw)
-    scheduler_config = dict(DDIMScheduler.load_config(repo_id, subfolder="scheduler", local_files_only=local_only))
+    kw = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": local_only, "low_cpu_mem_usage": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # raised inside diffusers' hub calls
+        transformer = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer", **kw)
+        vae = AutoencoderKL.from_pretrained(repo_id, subfolder="vae", **kw)
+        scheduler_config = dict(DDIMScheduler.load_config(repo_id, subfolder="scheduler", local_files_only=local_only))
     return transformer, vae, scheduler_config
 
 
@@ -215,12 +220,13 @@ def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
         parts = _hub_components(repo_id, dtype, local_only=True)
     except Exception as cached_exc:
         if _offline():
-            raise DqarError(f"cannot load '{repo_id}': not in the Hugging Face cache and HF_HUB_OFFLINE is set ({_one_line(cached_exc)})",
+            raise DqarError(f"cannot load '{repo_id}': no such folder, not in the Hugging Face cache, and HF_HUB_OFFLINE is set ({_one_line(cached_exc)})",
                             HUB_FIX.format(id=repo_id)) from None
         try:
             parts = _hub_components(repo_id, dtype, local_only=False)
         except Exception as exc:
-            raise DqarError(f"cannot load '{repo_id}' from the cache or the hub ({_one_line(exc)})", HUB_FIX.format(id=repo_id)) from None
+            raise DqarError(f"cannot load '{repo_id}': no such folder, and not loadable from the cache or the hub ({_one_line(exc)})",
+                            HUB_FIX.format(id=repo_id)) from None
     return _loaded(*parts, name=repo_id, device=device)
 
 
@@ -233,9 +239,21 @@ def random_dit_xl2(device="cpu", dtype: torch.dtype = torch.float32, *, seed: in
     with torch.device(device):
         transformer = DiTTransformer2DModel(**DIT_XL2_CONFIG)
         vae = AutoencoderKL(**SD_VAE_CONFIG) if with_vae else None
-    transformer = transformer.to(dtype)
-    vae = vae.to(dtype) if vae is not None else None
+    with _quiet_diffusers():  # .to(dtype) warns about fp32-only modules; DiT and the VAE have none
+        transformer = transformer.to(dtype)
+        vae = vae.to(dtype) if vae is not None else None
     return _loaded(transformer, vae, DIT_SCHEDULER_CONFIG, "random-dit-xl2", device, pixel_space=False)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save_pipeline_folder(path, transformer, vae=None, scheduler_config: dict | None = None, *,

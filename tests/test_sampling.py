@@ -170,6 +170,17 @@ def test_invalid_inputs_raise(dit, kw, match):
         run(dit, labels, **kw)
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpm"])
+def test_loop_reads_nothing_back_from_the_device(monkeypatch, name):
+    """On the meta device any host read (.item(), bool(), nonzero) raises, so the loop running proves there is none."""
+    with pytest.raises(Exception):
+        torch.zeros(1, device="meta").item()
+    dit = make_tiny_transformer(num_layers=1).to("meta")
+    monkeypatch.setattr("dqar.sampling._decode", lambda latents, vae: latents)  # decoding copies to the CPU
+    out = run(dit, [1, 2], seed=0, steps=3, name=name)
+    assert out.latents.device.type == "meta" and out.num_evaluations == 3
+
+
 def test_unknown_scheduler():
     with pytest.raises(DqarError, match="ddim, dpm"):
         make_scheduler("euler", DIT_SCHEDULER_CONFIG)
