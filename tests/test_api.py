@@ -1,0 +1,58 @@
+"""The Python API inside a stock DiTPipeline: step information from the forward inputs, reset per call."""
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiTPipeline
+
+import dqar
+from dqar.config import ReuseConfig
+from dqar.models import DIT_SCHEDULER_CONFIG
+from dqar.sampling import sample
+
+from conftest import make_tiny_transformer
+from test_sampling import make_tiny_vae
+
+CFG = ReuseConfig(schedule="constant", cache_dtype="int8", warmup_frac=0.2)
+
+
+def pipe_images(pipe, steps=10, seed=0):
+    out = pipe([1, 2], num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return out.images
+
+
+def make_pipe():
+    scheduler = DDIMScheduler.from_config(DIT_SCHEDULER_CONFIG)
+    return DiTPipeline(transformer=make_tiny_transformer(), vae=make_tiny_vae(), scheduler=scheduler)
+
+
+def test_enable_on_a_stock_pipeline_reuses_and_resets_between_calls():
+    pipe = make_pipe()
+    ref = pipe_images(pipe)
+    handle = dqar.enable(pipe, CFG)
+    first = pipe_images(pipe)
+    s1 = handle.stats
+    second = pipe_images(pipe)
+    s2 = handle.stats
+    assert s1.evaluations == 10 and s1.reuse_fraction > 0.3
+    assert s1.reuse_mask == s2.reuse_mask
+    assert np.array_equal(first, second)  # state reset at each call
+    assert not np.array_equal(first, ref)
+    other_steps = pipe_images(pipe, steps=6)  # a new step count builds a new plan
+    assert handle.stats.evaluations == 6 and other_steps.shape == ref.shape
+    handle.disable()
+    assert np.array_equal(pipe_images(pipe), ref)
+
+
+def test_pipeline_and_dqar_sampler_agree_under_reuse():
+    pipe = make_pipe()
+    with dqar.enable(pipe, CFG):
+        via_pipe = pipe_images(pipe)
+    with dqar.enable(pipe.transformer, CFG) as handle:
+        ours = sample(pipe.transformer, [1, 2], scheduler=pipe.scheduler, steps=10, cfg=4.0, vae=pipe.vae,
+                      generator=torch.Generator().manual_seed(0), null_class=1000, reuse=handle)
+    assert np.array_equal(via_pipe, ours.images.permute(0, 2, 3, 1).numpy())
+
+
+def test_default_config_is_full_dqar():
+    pipe = make_pipe()
+    with dqar.enable(pipe) as handle:
+        assert handle.config == dqar.preset("full_dqar")
