@@ -21,12 +21,16 @@ def plan_key(model_name: str, run: RunConfig) -> dict:
     return {"model": model_name, "sampler": run.sample.sampler, "steps": run.sample.steps}
 
 
-def generate(loaded, labels: Sequence[int], run: RunConfig, *, progress: bool = False) -> Generation:
-    """Sample `labels` from a loaded model under `run`; reuse is attached only for this call."""
+def generate(loaded, labels: Sequence[int], run: RunConfig, *, progress: bool = False, generator=None) -> Generation:
+    """Sample `labels` from a loaded model under `run`; reuse is attached only for this call.
+
+    `generator`: one `torch.Generator` per label, replacing the default seeds `run.sample.seed + i`.
+    """
     scheduler = make_scheduler(run.sample.sampler, loaded.scheduler_config)
     s = run.sample
-    kwargs = dict(scheduler=scheduler, steps=s.steps, cfg=s.cfg, seed=s.seed, eta=s.eta, vae=loaded.vae,
-                  null_class=loaded.null_class, progress=progress)
+    seeding = {"seed": s.seed} if generator is None else {"generator": generator}
+    kwargs = dict(scheduler=scheduler, steps=s.steps, cfg=s.cfg, eta=s.eta, vae=loaded.vae,
+                  null_class=loaded.null_class, progress=progress, **seeding)
     if not run.reuse.enabled:
         return Generation(sample(loaded.transformer, labels, **kwargs), None)
     with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run)) as handle:

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import DqarError
 
 
@@ -34,6 +36,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Arrays as an uncompressed `.npz` (the `np.savez` layout), written straight to disk."""
+    _atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
