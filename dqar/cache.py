@@ -37,7 +37,13 @@ class LayerCache:
 
     def put(self, layer: int, *tensors: torch.Tensor) -> None:
         """Store `tensors` for `layer`, replacing what was there."""
-        entry = tuple(self._encode(t, p) for t, p in zip(tensors, self.policies))
+        self.put_encoded(layer, tuple(self._encode(t, p) for t, p in zip(tensors, self.policies)))
+
+    def put_encoded(self, layer: int, entry: Entry, error: torch.Tensor | None = None) -> None:
+        """Store values already in their stored form (e.g. quantized inside a compiled graph)."""
+        if error is not None:
+            self.error_sum = error if self.error_sum is None else self.error_sum + error
+            self.error_count += 1
         old = self.slots[layer]
         self.bytes_now += sum(nbytes(v) for v in entry) - (sum(nbytes(v) for v in old) if old else 0)
         self.bytes_peak = max(self.bytes_peak, self.bytes_now)
