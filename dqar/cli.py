@@ -70,6 +70,14 @@ def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate class-conditional samples with reuse")
     _model_args(p)
     p.add_argument("--classes", nargs="+", default=None, help="class ids or names (default: one per class, or 8 ImageNet classes)")
+    _sampling_args(p)
+    p.add_argument("--out", default="results/sample", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """Flags read by `_run_config`."""
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4.0)")
     p.add_argument("--sampler", default=None, help="ddim | dpm (default ddim)")
@@ -77,15 +85,75 @@ def _sample_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="base seed; sample i uses seed + i (default 42)")
     p.add_argument("--preset", default=None, help="baseline | scheduling_only | quant_cache_only | full_dqar")
     p.add_argument("--config", default=None, help="TOML file with [reuse] and [sample] tables")
-    p.add_argument("--out", default="results/sample", help="output folder")
+
+
+def cmd_fid_sample(args) -> int:
+    from .distributed import FidSampleJob, run_job
+
+    job = FidSampleJob(out=Path(args.out), num_samples=args.num_samples, batch_size=args.batch_size, run=_run_config(args),
+                       model=args.model, classes=tuple(args.classes) if args.classes else None, device=args.device,
+                       dtype=args.dtype, keep_shards=args.keep_shards, progress=not args.quiet)
+    start = time.perf_counter()
+    record = run_job(job)
+    if record:  # rank 0
+        print(f"wrote {record['num_samples']} samples {tuple(record['image_shape'])} to {args.out} "
+              f"with {record['world_size']} rank(s) in {time.perf_counter() - start:.1f}s "
+              f"({record['rank0_resumed']} of rank 0's {record['rank0_batches']} batches resumed)")
+    return 0
+
+
+def _fid_sample_parser(sub) -> None:
+    p = sub.add_parser("fid-sample", help="generate N samples into one .npz for FID (shards over torchrun ranks)",
+                       description="Run under `torchrun --nproc_per_node=N -m dqar.distributed ...` to shard; "
+                                   "sample i has label classes[i % len(classes)] and seed seed + i.")
+    _model_args(p)
+    p.add_argument("--num-samples", type=int, required=True, help="N (50000 for the standard FID protocol)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch on each rank (default 32)")
+    p.add_argument("--classes", nargs="+", default=None, help="class ids or names cycled over indices (default: all classes)")
+    _sampling_args(p)
+    p.add_argument("--out", required=True, help="merged .npz (arr_0 uint8 (N, H, W, C), labels); parts in <out>.shards/")
+    p.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after merging")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=cmd_fid_sample)
+
+
+def cmd_fid(args) -> int:
+    from .device import resolve_device
+    from .fid import fid_embedded, fid_inception
+    from .io import atomic_write_json
+
+    device = resolve_device(args.device)
+    if args.embedded:
+        result = fid_embedded(args.samples, args.ref, device=device, batch_size=args.batch_size)
+    else:
+        if args.ref is None:
+            raise DqarError("--ref is required without --embedded", "pass an .npz with mu and sigma (ADM's reference batch)")
+        result = fid_inception(args.samples, args.ref, args.inception, device=device, batch_size=args.batch_size)
+    if args.json_out:
+        atomic_write_json(Path(args.json_out), result.to_dict())
+    accuracy = f", class accuracy {result.class_accuracy:.3f}" if result.class_accuracy is not None else ""
+    print(f"FID {result.fid:.4f} ({result.features}, {result.num_samples} samples vs {result.reference}{accuracy})")
+    return 0
+
+
+def _fid_parser(sub) -> None:
+    p = sub.add_parser("fid", help="score a samples .npz: Inception FID against reference statistics, or --embedded")
+    p.add_argument("--samples", required=True, help=".npz with arr_0 uint8 (N, H, W, C)")
+    p.add_argument("--ref", default=None, help=".npz with mu and sigma (ADM's reference batch); with --embedded default: shipped stats")
+    p.add_argument("--inception", default=None, help="TorchScript inception-2015-12-05.pt (runs code from the file: trusted files only)")
+    p.add_argument("--embedded", action="store_true", help="embedded-model samples: FD of the embedded classifier's features (offline)")
+    p.add_argument("--batch-size", type=int, default=100, help="feature batch size (default 100)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--json-out", default=None, help="also write the score as JSON here")
+    p.set_defaults(func=cmd_fid)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dqar", description="Dynamic and Quantization-Aware Attention Reuse for DiT sampling")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _sample_parser(sub)
+    _fid_sample_parser(sub)
+    _fid_parser(sub)
     return parser
 
 

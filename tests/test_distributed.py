@@ -1,0 +1,143 @@
+"""dqar.distributed: 2 gloo ranks under torchrun match one process bit for bit; resume; bad input."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dqar.generate
+from dqar.cli import main as cli_main
+from dqar.config import RunConfig, SampleConfig
+from dqar.distributed import (FidSampleJob, Rank, generate_shard, labels_for, merge_shards, part_path, rank_indices,
+                              rank_parts, run_job, shard_dir)
+from dqar.errors import DqarError
+from dqar.models import load_model, save_pipeline_folder
+
+from conftest import make_tiny_transformer
+
+N, BATCH, STEPS = 7, 2, 3  # 7 samples: both ranks end on a short batch
+RUN = RunConfig(sample=SampleConfig(steps=STEPS, cfg=4.0, seed=5))
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for key in TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny pixel-space RGB DiT folder: 10 classes, 8×8×3 images."""
+    dit = make_tiny_transformer(num_layers=2, heads=2, head_dim=8, in_channels=3, learned_sigma=False, num_classes=10)
+    return save_pipeline_folder(tmp_path_factory.mktemp("m") / "tiny", dit)
+
+
+def job(model_dir, out, **kw):
+    return FidSampleJob(out=out, num_samples=N, batch_size=BATCH, run=RUN, model=str(model_dir), device="cpu",
+                        progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    """The merged output of one process."""
+    out = tmp_path_factory.mktemp("single") / "s.npz"
+    saved = {k: os.environ.pop(k) for k in TORCHRUN_ENV if k in os.environ}
+    try:
+        record = run_job(job(model_dir, out))
+    finally:
+        os.environ.update(saved)
+    assert record["world_size"] == 1 and record["rank0_batches"] == 4 and not shard_dir(out).exists()
+    with np.load(out) as z:
+        return z["arr_0"], z["labels"]
+
+
+def test_index_split():
+    assert labels_for(5, [3, 7]).tolist() == [3, 7, 3, 7, 3]
+    assert rank_indices(7, 1, 2).tolist() == [1, 3, 5]
+    assert [p.tolist() for p in rank_parts(7, 0, 2, 3)] == [[0, 2, 4], [6]]
+    together = np.sort(np.concatenate([rank_indices(10, r, 3) for r in range(3)]))
+    assert together.tolist() == list(range(10))
+
+
+def test_single_process_output_format(single):
+    images, labels = single
+    assert images.dtype == np.uint8 and images.shape == (N, 8, 8, 3)
+    assert labels.tolist() == [i % 10 for i in range(N)]
+    assert len({images[i].tobytes() for i in range(N)}) == N  # every index has its own noise
+    assert ((images > 0) & (images < 255)).mean() > 0.5  # not saturated: bitwise comparisons mean something
+
+
+def test_torchrun_two_ranks_then_resume_match_one_process(model_dir, single, tmp_path):
+    out = tmp_path / "d.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dqar.distributed",
+           "--model", str(model_dir), "--num-samples", str(N), "--batch-size", str(BATCH), "--steps", str(STEPS),
+           "--cfg", "4", "--seed", "5", "--out", str(out), "--device", "cpu", "--keep-shards", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "with 2 rank(s)" in proc.stdout
+    with np.load(out) as z:
+        assert np.array_equal(z["arr_0"], single[0]) and np.array_equal(z["labels"], single[1])
+    parts = sorted(p.name for p in shard_dir(out).glob("rank*_part*.npz"))
+    assert parts == ["rank0_part0.npz", "rank0_part1.npz", "rank1_part0.npz", "rank1_part1.npz"]
+
+    # Resume: drop one part and redo the job as the two ranks would (in this process, no process group).
+    part_path(out, 1, 0).unlink()
+    out.unlink()
+    j = job(model_dir, out)
+    loaded = load_model(str(model_dir))
+    labels = labels_for(N, list(range(10)))
+    reports = [generate_shard(j, loaded, labels, Rank(r, 2, r)) for r in range(2)]
+    assert [(r.batches, r.resumed) for r in reports] == [(2, 2), (2, 1)]
+    merge_shards(j, labels, 2)
+    with np.load(out) as z:
+        assert np.array_equal(z["arr_0"], single[0]) and np.array_equal(z["labels"], single[1])
+
+
+def test_killed_run_resumes_from_finished_batches(model_dir, single, tmp_path, monkeypatch):
+    out = tmp_path / "k.npz"
+    real, calls = dqar.generate.generate, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dqar.generate, "generate", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job(model_dir, out))
+    assert not out.exists() and len(list(shard_dir(out).glob("rank0_part*.npz"))) == 2
+    monkeypatch.setattr(dqar.generate, "generate", real)
+    record = run_job(job(model_dir, out))
+    assert (record["rank0_batches"], record["rank0_resumed"]) == (4, 2)
+    with np.load(out) as z:
+        assert np.array_equal(z["arr_0"], single[0])
+
+
+def test_parts_of_other_settings_are_refused(model_dir, tmp_path):
+    out = tmp_path / "m.npz"
+    run_job(job(model_dir, out, keep_shards=True))
+    other = FidSampleJob(out=out, num_samples=N, batch_size=BATCH, run=RunConfig(sample=SampleConfig(steps=STEPS, seed=6)),
+                         model=str(model_dir), device="cpu", progress=False)
+    with pytest.raises(DqarError, match="other settings"):
+        run_job(other)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--num-samples", "0"], "--num-samples = 0"),
+    (["--num-samples", "4", "--batch-size", "-1"], "--batch-size = -1"),
+    (["--num-samples", "4", "--out-name", "x.png"], "does not end in .npz"),
+    (["--num-samples", "4", "--out-name", "blocker/x.npz"], "cannot write"),
+])
+def test_bad_input_is_one_line(args, match, tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    out = str(tmp_path / "s.npz")
+    if "--out-name" in args:
+        i = args.index("--out-name")
+        out, args = str(tmp_path / args[i + 1]), args[:i] + args[i + 2:]
+    assert cli_main(["fid-sample", "--device", "cpu", "--out", out, *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
