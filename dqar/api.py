@@ -36,10 +36,11 @@ def _split(model: Any) -> tuple[torch.nn.Module, Any]:
 class ReuseHandle:
     """A live attachment. Inside a stock `DiTPipeline` call, each new `set_timesteps` starts a fresh generation."""
 
-    def __init__(self, model: Any, config: ReuseConfig | RunConfig | str | None = None, *, plan: Plan | None = None, decider=None, key: dict | None = None):
+    def __init__(self, model: Any, config: ReuseConfig | RunConfig | str | None = None, *, plan: Plan | None = None, decider=None,
+                 key: dict | None = None, executor: str = "patch"):
         transformer, scheduler = _split(model)
         self.config = _resolve_config(config)
-        self._engine = ReuseEngine(transformer, self.config, decider or PlanDecider(self.config, key, plan), scheduler)
+        self._engine = ReuseEngine(transformer, self.config, decider or PlanDecider(self.config, key, plan), scheduler, executor)
 
     # sampler hook contract ----------------------------------------------------------------
     def begin_generation(self, num_evaluations: int | None = None, scheduler: Any = None) -> None:
@@ -83,5 +84,10 @@ class ReuseHandle:
 
 
 def enable(model: Any, config: ReuseConfig | RunConfig | str | None = None, **kwargs) -> ReuseHandle:
-    """Attach reuse to a `DiTPipeline` or `DiTTransformer2DModel`; default config is the `full_dqar` preset."""
+    """Attach reuse to a `DiTPipeline` or `DiTTransformer2DModel`; default config is the `full_dqar` preset.
+
+    `executor="patch"` (default) wraps each block's `attn1` (or the block) and works with every option;
+    `"fused"` runs DiT blocks as pure functions with the decision outside; `"compiled"` additionally
+    compiles them with `torch.compile` — a bounded set of graphs shared by all blocks and evaluations.
+    """
     return ReuseHandle(model, config, **kwargs)

@@ -24,6 +24,7 @@ from .plan import Plan, build_plan
 from .stats import ReuseStats, summarize
 
 _ATTACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+EXECUTORS = ("patch", "fused", "compiled")
 
 
 class Decider(Protocol):
@@ -86,7 +87,8 @@ class GenerationState:
 class ReuseEngine:
     """Attach reuse to a diffusers `DiTTransformer2DModel`; detach restores it exactly."""
 
-    def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider | None = None, scheduler: Any = None):
+    def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider | None = None, scheduler: Any = None,
+                 executor: str = "patch"):
         if transformer in _ATTACHED:
             raise DqarError("reuse is already attached to this transformer", "call handle.disable() before enabling it again")
         if not hasattr(transformer, "transformer_blocks"):
@@ -96,6 +98,9 @@ class ReuseEngine:
         self.decider = decider or PlanDecider(cfg)
         self.scheduler = scheduler  # optional: a pipeline's scheduler, to detect new generations
         self.blocks = list(transformer.transformer_blocks)
+        if executor not in EXECUTORS:
+            raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTORS)}")
+        self.executor = executor  # "patch": wrap attn1 / block; "fused"/"compiled": pure block functions (dqar.compiled)
         self.state: GenerationState | None = None
         self.last_stats: ReuseStats | None = None
         self._patched: list[tuple[torch.nn.Module, Any]] = []
@@ -104,6 +109,9 @@ class ReuseEngine:
 
     # ----- attach / detach -------------------------------------------------------------
     def _attach(self) -> None:
+        if self.executor != "patch":
+            self._attach_fused()
+            return
         for layer, block in enumerate(self.blocks):
             if self.cfg.granularity == "block":
                 self._patch(block, functools.partial(self._block_forward, layer, block.forward))
@@ -111,6 +119,16 @@ class ReuseEngine:
                 self._patch(block.attn1, functools.partial(self._kv_forward, layer, block.attn1))
             else:
                 self._patch(block.attn1, functools.partial(self._attn_forward, layer, block.attn1.forward))
+        self._hook = self.transformer.register_forward_pre_hook(self._on_evaluation, with_kwargs=True)
+        _ATTACHED.add(self.transformer)
+
+    def _attach_fused(self) -> None:
+        from .compiled import check_supported, fused_forward, make_kernels
+
+        check_supported(self.cfg, self.blocks)
+        kernels = make_kernels(compile=self.executor == "compiled")
+        for layer, block in enumerate(self.blocks):
+            self._patch(block, functools.partial(fused_forward, self, layer, block, kernels))
         self._hook = self.transformer.register_forward_pre_hook(self._on_evaluation, with_kwargs=True)
         _ATTACHED.add(self.transformer)
 
