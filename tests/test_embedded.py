@@ -1,0 +1,161 @@
+"""The embedded model package: data reader, training/classifier scripts on tiny slices, offline loaders."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dqar.embedded as emb
+from dqar.embedded import classifier as clf_mod
+from dqar.embedded import data
+from dqar.embedded.train import STATE_FILE, EmbeddedModelConfig, train_embedded
+from dqar.errors import DqarError
+
+HAVE_DATA = data.DEFAULT_DATA_DIR.is_dir()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="dataset-fashion-mnist is not installed")
+
+
+def _shipped() -> bool:
+    """True once a finished training run and the classifier are in the weights folder."""
+    try:
+        log = json.loads((emb.EMBEDDED_DIR / "train_log.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(log.get("finished")) and (emb.EMBEDDED_DIR / "classifier.json").is_file()
+
+
+needs_shipped = pytest.mark.skipif(not _shipped(), reason="embedded weights not trained yet")
+TINY = EmbeddedModelConfig(num_layers=2, heads=2, head_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# ---------- data ----------
+
+@needs_data
+def test_load_split_shapes_and_range():
+    x, y = data.load_split("test", limit=100)
+    assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (100,) and y.dtype == torch.int64
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert int(y.min()) >= 0 and int(y.max()) < 10
+    assert len(data.CLASS_NAMES) == 10 and data.CLASS_NAMES[9] == "Ankle boot"
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    with pytest.raises(DqarError) as err:
+        data.load_split("train", data_dir=tmp_path / "nowhere")
+    assert "Fashion-MNIST not found at" in err.value.problem
+    assert "apt-get install dataset-fashion-mnist" in err.value.fix and "--data" in err.value.fix
+    with pytest.raises(DqarError):
+        data.load_split("train", data_dir=tmp_path)  # folder exists, files do not
+
+
+# ---------- DiT training ----------
+
+@needs_data
+def test_train_embedded_saves_loadable_diffusers_layout(tmp_path):
+    log = train_embedded(tmp_path, steps=3, limit=256, batch_size=8, progress=False)
+    assert log["steps"] == 3 and log["finished"] and np.isfinite(log["final_loss"])
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / STATE_FILE).exists()  # checkpoint removed after a finished run
+    model = emb.load_embedded_transformer(folder=tmp_path)
+    assert not model.training
+    cfg = model.config
+    assert (cfg.sample_size, cfg.patch_size, cfg.in_channels, cfg.out_channels) == (28, 4, 1, 1)
+    assert cfg.num_layers == 8 and cfg.num_embeds_ada_norm == 10 and cfg.norm_type == "ada_norm_zero"
+    sched = emb.load_embedded_scheduler_config(folder=tmp_path)
+    assert sched["_class_name"] == "DDIMScheduler" and sched["clip_sample"] is False
+    assert sched["beta_schedule"] == "linear" and sched["num_train_timesteps"] == 1000
+    with torch.no_grad():
+        out = model(torch.zeros(2, 1, 28, 28), timestep=torch.tensor([10, 999]),
+                    class_labels=torch.tensor([3, emb.NULL_CLASS_ID])).sample
+    assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
+
+
+@needs_data
+def test_training_is_seeded_and_resumable(tmp_path):
+    kw = dict(limit=64, batch_size=4, progress=False, model_config=TINY)
+    straight = train_embedded(tmp_path / "a", steps=4, **kw)
+    train_embedded(tmp_path / "b", steps=2, keep_checkpoint=True, **kw)
+    assert (tmp_path / "b" / STATE_FILE).is_file()
+    resumed = train_embedded(tmp_path / "b", steps=4, resume=True, **kw)
+    assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-6)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_training_needs_a_stopping_rule_and_a_checkpoint_to_resume(tmp_path):
+    with pytest.raises(DqarError):
+        train_embedded(tmp_path, progress=False)
+    if HAVE_DATA:
+        with pytest.raises(DqarError):
+            train_embedded(tmp_path, steps=1, limit=8, resume=True, progress=False, model_config=TINY)
+
+
+@needs_data
+def test_labels_are_dropped_outside_the_model():
+    """Eval-mode label embeddings never drop labels; the null id is the last embedding row."""
+    model = TINY.build()
+    assert not model.training
+    table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert table.num_embeddings == 11  # 10 classes + null id 10
+
+
+# ---------- classifier ----------
+
+@needs_data
+def test_train_classifier_writes_weights_config_and_stats(tmp_path):
+    info = clf_mod.train_classifier(tmp_path, steps=4, limit=256, test_limit=64, batch_size=32, progress=False)
+    assert 0.0 <= info["test_accuracy"] <= 1.0 and info["test_images"] == 64
+    model = emb.load_classifier(folder=tmp_path)
+    assert not model.training
+    x = torch.zeros(3, 1, 28, 28)
+    assert model(x).shape == (3, 10) and model.features(x).shape == (3, info["config"]["feature_dim"])
+    stats = emb.load_reference_stats(folder=tmp_path)
+    d = info["config"]["feature_dim"]
+    assert stats["mu"].shape == (d,) and stats["sigma"].shape == (d, d) and stats["n"] == 64
+    assert json.loads((tmp_path / "classifier.json").read_text())["config"]["channels"] == [32, 64]
+
+
+# ---------- loaders ----------
+
+def test_loaders_on_missing_folder_name_the_training_command(tmp_path):
+    for load, word in [
+        (emb.load_embedded_transformer, "dqar.embedded.train"),
+        (emb.load_embedded_scheduler_config, "dqar.embedded.train"),
+        (emb.load_classifier, "dqar.embedded.classifier"),
+        (emb.load_reference_stats, "dqar.embedded.classifier"),
+    ]:
+        with pytest.raises(DqarError) as err:
+            load(folder=tmp_path)
+        assert str(tmp_path) in err.value.problem and word in err.value.fix
+
+
+# ---------- shipped weights ----------
+
+@needs_shipped
+def test_shipped_files_load_offline_and_fit_the_size_budget():
+    files = [p for p in emb.EMBEDDED_DIR.rglob("*") if p.is_file() and p.name != STATE_FILE]
+    assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
+    model = emb.load_embedded_transformer()
+    assert model.config.num_layers >= 6 and model.config.num_embeds_ada_norm == 10
+    log = json.loads((emb.EMBEDDED_DIR / "train_log.json").read_text())
+    assert log["finished"] and log["steps"] > 0
+
+
+@needs_shipped
+def test_shipped_classifier_and_reference_stats():
+    info = json.loads((emb.EMBEDDED_DIR / "classifier.json").read_text())
+    assert info["test_accuracy"] >= 0.90
+    model = emb.load_classifier()
+    stats = emb.load_reference_stats()
+    d = model.fc.out_features
+    assert stats["mu"].shape == (d,) and stats["sigma"].shape == (d, d)
+    assert np.allclose(stats["sigma"], stats["sigma"].T)
