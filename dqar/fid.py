@@ -31,7 +31,6 @@ from .errors import DqarError
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FIX = (f"download {INCEPTION_URL} on a connected machine, copy it here "
                  "and pass --inception /path/to/inception-2015-12-05.pt")
-INCEPTION_DIM = 2048
 
 
 @dataclass(frozen=True)
@@ -145,15 +144,22 @@ def load_inception(path, device) -> torch.jit.ScriptModule:
 
 
 @torch.no_grad()
-def inception_features(samples: SampleFile, model, device, batch_size: int = 100) -> np.ndarray:
-    """Pool3 features (N, 2048) float64 of every sample; grey images are repeated to 3 channels."""
+def inception_features(samples: SampleFile, model, device, batch_size: int = 100, expect_dim: int | None = None) -> np.ndarray:
+    """Pool3 features (N, D = 2048) float64 of every sample; grey images are repeated to 3 channels.
+
+    `expect_dim`: the reference's D, checked on the first batch so a mismatch fails before the long run.
+    """
     feats = []
     for batch in samples.batches(batch_size):
         x = torch.from_numpy(batch.copy()).to(device).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)  # (B, 3, H, W)
-        f = model(x, return_features=True)  # (B, 2048)
-        feats.append(f.double().cpu().reshape(len(batch), -1).numpy())
+        f = model(x, return_features=True).double().cpu().reshape(len(batch), -1).numpy()  # (B, D)
+        if expect_dim is not None and not feats and f.shape[1] != expect_dim:
+            raise DqarError(f"the reference holds {expect_dim}-d statistics, the feature extractor gives {f.shape[1]}-d",
+                            "pass Inception pool3 reference statistics (ADM's reference batch), "
+                            "or use --embedded for embedded-model samples")
+        feats.append(f)
     return np.concatenate(feats)  # (N, D)
 
 
@@ -165,11 +171,8 @@ def fid_inception(samples_path, ref_path, inception_path, *, device="cpu", batch
     start = time.perf_counter()
     samples = open_samples(samples_path)
     mu_ref, sigma_ref = load_reference(ref_path)
-    if mu_ref.size != INCEPTION_DIM:
-        raise DqarError(f"{ref_path} holds {mu_ref.size}-d statistics, Inception pool3 gives {INCEPTION_DIM}",
-                        "pass Inception reference statistics (ADM's reference batch), or use --embedded for embedded-model samples")
     model = load_inception(inception_path, device)
-    mu, sigma = feature_stats(inception_features(samples, model, device, batch_size))
+    mu, sigma = feature_stats(inception_features(samples, model, device, batch_size, expect_dim=mu_ref.size))
     fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     return FidResult(fid, "inception-v3-pool3", samples.shape[0], samples.shape[1:], str(samples_path), str(ref_path),
                      time.perf_counter() - start)
