@@ -3,9 +3,11 @@
 Sample i has class label `classes[i % len(classes)]` (default: all classes, so 50,000 ImageNet samples
 give exactly 50 per class) and its own noise generator seeded `seed + i`. Rank r of W draws the indices
 i ≡ r (mod W) in batches; each sample's noise and label therefore do not depend on the number of
-ranks or the batch size. (The pixels match bit for bit as long as a model forward's per-row result does
-not depend on which other rows share its batch; the tests check this on the CPU. Reuse plans are fixed
-per step and layer, so they act on every batch alike.)
+ranks or the batch size. The pixels match bit for bit too when nothing couples the rows of a batch
+(the baseline, fixed plans, model-dtype or per-token INT8 caches; tested on the CPU with gloo). Batch-
+level decisions — the online gate, INT8 scales per tensor or channel — make a sample depend on its
+batch-mates: the output is then deterministic for a given rank count and batch size only. Resuming is
+always exact: a part is reused only when it holds exactly the indices the rerun would put in it.
 
 After each batch, rank r writes `<out>.shards/rank{r}_part{k}.npz` (`arr_0`, `labels`, `indices`)
 atomically; a rerun with the same settings skips the parts already on disk, so a killed run resumes
