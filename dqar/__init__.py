@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 __all__ = ["DqarError", "PRESETS", "ReuseConfig", "RunConfig", "SampleConfig", "enable", "load_toml", "preset"]
 
 
-def enable(model, config=None):
-    """Attach attention reuse to a `DiTPipeline` or `DiTTransformer2DModel`; returns a handle (see dqar.api)."""
+def enable(model, config=None, **kwargs):
+    """Attach attention reuse to a `DiTPipeline` or `DiTTransformer2DModel`; returns a handle (see dqar.api.enable)."""
     from .api import enable as _enable
 
-    return _enable(model, config)
+    return _enable(model, config, **kwargs)

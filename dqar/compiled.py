@@ -7,6 +7,7 @@ host-side row, exactly as on the patched-`attn1` path.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,8 +32,9 @@ class Kernels:
     skip_q: Callable
 
 
+@functools.lru_cache(maxsize=None)
 def make_kernels(compile: bool, mode: str | None = None) -> Kernels:
-    """Wrap each block function with `torch.compile` (static shapes) when `compile` is set."""
+    """Wrap each block function with `torch.compile` (static shapes) when `compile` is set; shared by all handles."""
     names = ("compute", "compute_q", "reuse", "reuse_q", "whole", "whole_q", "skip", "skip_q")
     wrap = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if compile else (lambda f: f)
     return Kernels(**{n: wrap(getattr(B, n)) for n in names})
