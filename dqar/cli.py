@@ -148,10 +148,50 @@ def _fid_parser(sub) -> None:
     p.set_defaults(func=cmd_fid)
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchSettings, render_table, run_bench
+    from .device import resolve_device, resolve_dtype
+    from .io import atomic_write_json, atomic_write_text
+    from .models import load_model, random_dit_xl2
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.model == "random-dit-xl2":
+        loaded = random_dit_xl2(device, dtype, with_vae=True)
+    else:
+        loaded = load_model(args.model, device=device, dtype=dtype)
+    quick = dict(batch_sizes=(1, 2), steps=10) if args.quick else {}
+    given = {k: v for k, v in (("batch_sizes", tuple(args.batch_sizes or ())), ("steps", args.steps), ("repeats", args.repeats)) if v}
+    settings = BenchSettings(**{**quick, **given, "compile": not args.no_compile, "presets": tuple(args.presets)})
+    result = run_bench(loaded, device, settings, progress=not args.quiet)
+    table = render_table(result)
+    out = Path(args.out)
+    atomic_write_json(out / "bench.json", result)
+    atomic_write_text(out / "bench.md", table + "\n")
+    print(table)
+    return 0
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time stock DiTPipeline, dqar no-reuse (eager, compiled) and presets")
+    _model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per generation (default 1 8 32)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case, >= 3 (default 3)")
+    p.add_argument("--presets", nargs="+", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--quick", action="store_true", help="batch sizes 1 2, 10 steps: a smoke run")
+    p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dqar", description="Dynamic and Quantization-Aware Attention Reuse for DiT sampling")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _sample_parser(sub)
+    _bench_parser(sub)
     _fid_sample_parser(sub)
     _fid_parser(sub)
     return parser

@@ -127,6 +127,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quant_cache_only": {"schedule": "constant", "cache_dtype": "int8", "quant_mode": "token"},
     # Linear layer schedule + INT8 cache.
     "full_dqar": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token"},
+    # Whole-block reuse (attention + MLP residual), every layer eligible after warmup, INT8 cache.
+    "block_reuse": {"schedule": "constant", "granularity": "block", "cache_dtype": "int8", "quant_mode": "token"},
 }
 
 
