@@ -4,7 +4,8 @@ Sample i has class label `classes[i % len(classes)]` (default: all classes, so 5
 give exactly 50 per class) and its own noise generator seeded `seed + i`. Rank r of W draws the indices
 i ≡ r (mod W) in batches; each sample's noise and label therefore do not depend on the number of
 ranks or the batch size. The pixels match bit for bit too when nothing couples the rows of a batch
-(the baseline, fixed plans, model-dtype or per-token INT8 caches; tested on the CPU with gloo). Batch-
+(the baseline, fixed plans, model-dtype or per-token INT8 caches; tested on the CPU with gloo; on GPUs
+kernels chosen by batch shape may change low-order bits, so keep the batch size fixed). Batch-
 level decisions — the online gate, INT8 scales per tensor, channel or head — make a sample depend on its
 batch-mates: the output is then deterministic for a given rank count and batch size only. Resuming is
 always exact: a part is reused only when it holds exactly the indices the rerun would put in it.

@@ -15,6 +15,7 @@ from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder
 
 from conftest import make_tiny_transformer
+from test_sampling import make_tiny_vae
 
 N, BATCH, STEPS = 7, 2, 3  # 7 samples: both ranks end on a short batch
 RUN = RunConfig(sample=SampleConfig(steps=STEPS, cfg=4.0, seed=5))
@@ -29,9 +30,9 @@ def _single_process(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny pixel-space RGB DiT folder: 10 classes, 8×8×3 images."""
-    dit = make_tiny_transformer(num_layers=2, heads=2, head_dim=8, in_channels=3, learned_sigma=False, num_classes=10)
-    return save_pipeline_folder(tmp_path_factory.mktemp("m") / "tiny", dit)
+    """A tiny latent DiT + VAE folder (DiTPipeline layout): 10 classes, 16×16×3 images."""
+    dit = make_tiny_transformer(num_layers=2, heads=2, head_dim=8, num_classes=10)
+    return save_pipeline_folder(tmp_path_factory.mktemp("m") / "tiny", dit, make_tiny_vae())
 
 
 def job(model_dir, out, **kw):
@@ -63,7 +64,7 @@ def test_index_split():
 
 def test_single_process_output_format(single):
     images, labels = single
-    assert images.dtype == np.uint8 and images.shape == (N, 8, 8, 3)
+    assert images.dtype == np.uint8 and images.shape == (N, 16, 16, 3)
     assert labels.tolist() == [i % 10 for i in range(N)]
     assert len({images[i].tobytes() for i in range(N)}) == N  # every index has its own noise
     assert ((images > 0) & (images < 255)).mean() > 0.5  # not saturated: bitwise comparisons mean something
