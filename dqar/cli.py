@@ -187,6 +187,36 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_ablate(args) -> int:
+    from .ablation import REPORT_FILE, AblationOptions, run_ablation
+
+    opts = AblationOptions(model=args.model, out=Path(args.out), quick=args.quick, resume=args.resume, config=args.config,
+                           device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
+                           stop_after=args.stop_after, steps=args.steps)
+    done = run_ablation(opts)
+    report = Path(args.out) / REPORT_FILE
+    if done.interrupted:
+        sys.stderr.write(f"dqar ablate: interrupted after {done.completed} of {done.total} configurations; "
+                         f"partial report in {report} — rerun with --resume to finish\n")
+        return 130
+    print(f"ablation: {done.completed} of {done.total} configurations ({done.ran} this run) in {done.seconds:.0f}s; report: {report}")
+    return 0
+
+
+def _ablate_parser(sub) -> None:
+    p = sub.add_parser("ablate", help="ablation study: presets and sweeps against a baseline, with a report")
+    _model_args(p)
+    p.add_argument("--out", default="results/ablation", help="output folder (default results/ablation)")
+    p.add_argument("--quick", action="store_true", help="the small shipped grid (quick.toml) instead of default.toml")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out, skipping finished configurations")
+    p.add_argument("--config", default=None, help="a grid TOML file replacing the shipped one (format: dqar/grids/default.toml)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
+    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: shared step count
+    p.set_defaults(func=cmd_ablate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dqar", description="Dynamic and Quantization-Aware Attention Reuse for DiT sampling")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -194,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _fid_sample_parser(sub)
     _fid_parser(sub)
+    _ablate_parser(sub)
     return parser
 
 

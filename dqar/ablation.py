@@ -1,0 +1,493 @@
+"""`dqar ablate`: run every configuration of a grid against a baseline timed in the same process.
+
+Protocol (written into the report's methodology):
+- every configuration draws the same labels and the same initial noise (sample i: seed + i);
+- for each sampling setting, one untimed warm-up generation of the baseline runs first; its images
+  are the reference of every paired fidelity metric at that setting;
+- each configuration is timed `repeats` times, interleaved with as many baseline timings
+  (B C, C B, B C, ...), so drift of a shared machine hits both alike; the speedup is
+  median(baseline times) / median(configuration times) of those interleaved runs;
+- a configuration whose resolved config equals one already measured reuses that measurement.
+
+Results are written atomically after every configuration (JSON, report, plots); `resume`
+skips configurations already complete (same name and config hash); Ctrl-C leaves a valid
+partial report.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import grid as G
+from . import memory
+from .config import RunConfig, preset
+from .errors import DqarError
+from .io import atomic_write_json
+
+RESULTS_FILE = "ablation_results.json"
+REPORT_FILE = "ABLATION_REPORT.md"
+COMPARISON_FILE = "comparison.png"
+PARETO_FILE = "pareto.png"
+HEATMAP_FILE = "reuse_heatmap.png"
+FORMAT = "dqar-ablation/1"
+
+TIMING_METHOD = (
+    "one untimed warm-up generation of the baseline per sampling setting; then, per configuration, "
+    "{repeats} timed generations interleaved with {repeats} baseline generations (B C, C B, ...); "
+    "time = median of the configuration's runs; speedup = median(interleaved baseline runs) / "
+    "median(configuration runs); clock: {clock}"
+)
+CLOCK_CUDA = "CUDA events around each generation, torch.cuda.synchronize before reading"
+CLOCK_CPU = "time.perf_counter around each generation"
+
+# Names of the seed report's eight ImageNet classes (dqar.labels.IMAGENET_SHOWCASE).
+IMAGENET_SHOWCASE_NAMES = {207: "golden retriever", 360: "otter", 387: "elephant", 974: "cliff",
+                           88: "macaw", 417: "balloon", 279: "arctic fox", 928: "ice cream"}
+
+
+@dataclass(frozen=True)
+class AblationOptions:
+    """What `dqar ablate` runs and where it writes."""
+
+    model: str | None = None  # None: the embedded model
+    out: Path = Path("results/ablation")
+    quick: bool = False  # the small shipped grid (quick.toml)
+    resume: bool = False  # continue a study in `out`
+    config: str | None = None  # a grid file replacing the shipped one
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = True
+    repeats: int | None = None  # tests only: override the grid's repeats (may be < 3)
+    stop_after: int | None = None  # tests only: interrupt after this many configurations of this run
+    steps: int | None = None  # tests only: override the grid's shared step count
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A classifier on the model's images and real-data feature statistics (class accuracy and FD)."""
+
+    classifier: torch.nn.Module
+    stats: dict  # {'mu', 'sigma'}: features of real data
+    description: str
+
+
+@dataclass
+class Reference:
+    """The baseline's images at one sampling setting, and its classifier metrics."""
+
+    images: torch.Tensor
+    accuracy: float | None = None
+    fd: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a call of `run_ablation` did."""
+
+    results: dict
+    out: Path
+    completed: int  # configurations complete in the results
+    total: int
+    ran: int  # configurations measured (or copied) in this call
+    interrupted: bool
+    seconds: float
+
+
+# ----- setup ---------------------------------------------------------------------------------
+def embedded_evaluator(loaded) -> Evaluator | None:
+    """The embedded model's classifier and reference statistics; None for other models."""
+    if loaded.name != "embedded":
+        return None
+    from .embedded import load_classifier, load_reference_stats
+
+    return Evaluator(load_classifier(device="cpu"), load_reference_stats(),
+                     "embedded Fashion-MNIST CNN: class accuracy and Fréchet distance of its penultimate features "
+                     "to the real test split")
+
+
+def study_labels(num_classes: int, samples_per_label: int) -> list[int]:
+    """The default labels, the whole list repeated `samples_per_label` times."""
+    from .labels import default_labels
+
+    return default_labels(num_classes) * samples_per_label
+
+
+def class_names(loaded, labels: Sequence[int]) -> dict[int, str]:
+    names = loaded.class_names
+    if names is not None:
+        return {int(c): names[c] for c in sorted(set(labels))}
+    return {int(c): IMAGENET_SHOWCASE_NAMES[c] for c in sorted(set(labels)) if c in IMAGENET_SHOWCASE_NAMES}
+
+
+def environment(loaded, device: torch.device, dtype: torch.dtype) -> dict:
+    """Where the numbers were measured."""
+    import diffusers
+
+    from . import __version__
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "model": loaded.name,
+        "device": str(device),
+        "device_name": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "dqar": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def check_plans(entries: Sequence[G.Entry], num_layers: int) -> None:
+    """Build every configuration's plan once, so a bad layer index fails before anything runs."""
+    from .plan import build_plan
+
+    for e in entries:
+        if e.run.reuse.enabled:
+            build_plan(e.run.reuse, e.run.sample.steps, num_layers)
+
+
+# ----- results file ----------------------------------------------------------------------------
+def load_results(out: Path) -> dict | None:
+    """The results file in `out`, or None when there is none (or it holds no configurations)."""
+    import json
+
+    path = Path(out) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DqarError(f"{path} is not readable JSON ({exc})", "move it away or choose another --out") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DqarError(f"{path} is not a dqar ablation results file", "choose another --out")
+    return data if data.get("records") else None
+
+
+def _check_resumable(old: dict, env: dict, labels: list[int], repeats: int, out: Path) -> None:
+    """Refuse to mix measurements from another model, device, dtype, label set or repeat count."""
+    have_env = old.get("environment", {})
+    for key in ("model", "device", "dtype", "torch", "diffusers"):
+        if have_env.get(key) != env.get(key):
+            raise DqarError(f"the results in {out} were measured with {key} = {have_env.get(key)!r}, this run has {env.get(key)!r}",
+                            "resume with the same settings, or choose another --out")
+    study = old.get("study", {})
+    if study.get("labels") != labels or study.get("repeats") != repeats:
+        raise DqarError(f"the results in {out} used other labels or repeats", "resume with the same grid, or choose another --out")
+
+
+# ----- measurement -----------------------------------------------------------------------------
+def _baseline_run(run: RunConfig) -> RunConfig:
+    return RunConfig(reuse=preset(G.BASELINE), sample=run.sample)
+
+
+def _timed(loaded, labels, run: RunConfig, device) -> tuple[float, int | None, Any]:
+    """(seconds, peak bytes, Generation) of one generation."""
+    from .generate import generate
+    from .timing import time_once
+
+    box = []
+    memory.reset(device)
+    seconds = time_once(lambda: box.append(generate(loaded, labels, run)), device)
+    return seconds, memory.read_peak(device), box[0]
+
+
+def fidelity(images: torch.Tensor, ref: Reference, labels: Sequence[int], evaluator: Evaluator | None) -> dict:
+    """Paired metrics against the baseline's images; classifier metrics when an evaluator exists."""
+    from . import metrics as M
+
+    out = {
+        "psnr_db": M.psnr(images, ref.images),
+        "ssim": M.ssim(images, ref.images) if min(images.shape[-2:]) >= M.SSIM_WINDOW else None,
+        "max_abs": M.max_abs_error(images, ref.images),
+        "class_accuracy": None, "accuracy_drop_points": None, "fd": None, "fd_delta": None,
+    }
+    out["identical"] = out["max_abs"] == 0.0
+    if evaluator is not None:
+        acc = M.class_accuracy(images, labels, evaluator.classifier)
+        fd = M.fd_to_reference(images, evaluator.classifier, evaluator.stats)
+        out.update(class_accuracy=acc, accuracy_drop_points=100.0 * (ref.accuracy - acc), fd=fd, fd_delta=fd - ref.fd)
+    return out
+
+
+def make_reference(loaded, labels, run: RunConfig, evaluator: Evaluator | None) -> Reference:
+    """The untimed warm-up generation of the baseline at `run`'s sampling setting."""
+    from . import metrics as M
+    from .generate import generate
+
+    images = generate(loaded, labels, _baseline_run(run)).output.images
+    ref = Reference(images)
+    if evaluator is not None:
+        ref.accuracy = M.class_accuracy(images, labels, evaluator.classifier)
+        ref.fd = M.fd_to_reference(images, evaluator.classifier, evaluator.stats)
+    return ref
+
+
+def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable[[], None] = lambda: None) -> dict:
+    """Interleaved timings, peak memory, images and reuse stats of one configuration."""
+    base = _baseline_run(entry.run)
+    own, other, gens = [], [], []
+    peaks, base_peaks = [], []
+    for r in range(repeats):
+        order = [("base", base), ("self", entry.run)]
+        if r % 2:
+            order.reverse()
+        for kind, run in order:
+            if entry.is_baseline and kind == "base":
+                continue  # the baseline is its own reference
+            seconds, peak, gen = _timed(loaded, labels, run, device)
+            (own if kind == "self" else other).append(seconds)
+            (peaks if kind == "self" else base_peaks).append(peak)
+            if kind == "self":
+                gens.append(gen)
+            tick()
+    if entry.is_baseline:
+        other, base_peaks = list(own), list(peaks)
+    first = gens[0]
+    n = len(labels)
+    peak = max(peaks) if None not in peaks else None
+    base_peak = max(base_peaks) if None not in base_peaks else None
+    med, base_med = statistics.median(own), statistics.median(other)
+    return {
+        "images": first.output.images,
+        "stats": first.stats,
+        "measurements": {
+            "times_s": own,
+            "baseline_times_s": other,
+            "median_s": med,
+            "baseline_median_s": base_med,
+            "time_per_sample_s": med / n,
+            "baseline_time_per_sample_s": base_med / n,
+            "speedup": 1.0 if entry.is_baseline else base_med / med,
+            "peak_memory_bytes": peak,
+            "baseline_peak_memory_bytes": base_peak,
+            "memory_reduction": (1.0 - peak / base_peak) if peak and base_peak else None,
+            "deterministic": all(torch.equal(g.output.images, first.output.images) for g in gens[1:]),
+        },
+    }
+
+
+def _reuse_dict(stats) -> dict | None:
+    if stats is None:
+        return None
+    d = stats.to_dict()
+    d["cache_mb_peak"] = d["cache_bytes_peak"] / 2**20
+    return d
+
+
+def make_record(entry: G.Entry, baseline: G.Entry, measured: dict, fid: dict, env: dict) -> dict:
+    """One configuration's JSON record."""
+    return {
+        "name": entry.name,
+        "slug": entry.slug,
+        "role": entry.role,
+        "sweep": entry.sweep,
+        "varied": dict(entry.varied),
+        "config": entry.run.to_dict(),
+        "config_hash": entry.config_hash,
+        "baseline": baseline.name,
+        "same_as": None,
+        "measurements": measured["measurements"],
+        "reuse": _reuse_dict(measured["stats"]),
+        "fidelity": fid,
+        "environment": env,
+        "completed": _now(),
+    }
+
+
+def _copy_record(entry: G.Entry, baseline: G.Entry, source: dict) -> dict:
+    """A record for a configuration identical to one already measured."""
+    rec = dict(source)
+    rec.update(name=entry.name, slug=entry.slug, role=entry.role, sweep=entry.sweep, varied=dict(entry.varied),
+               baseline=baseline.name, same_as=source["name"] if source.get("same_as") is None else source["same_as"])
+    return rec
+
+
+# ----- the study -------------------------------------------------------------------------------
+@dataclass
+class _State:
+    """Mutable bookkeeping of one `run_ablation` call."""
+
+    results: dict
+    done: dict = field(default_factory=dict)  # (name, hash) -> record
+    by_hash: dict = field(default_factory=dict)  # hash -> record measured first
+    refs: dict = field(default_factory=dict)  # SampleConfig -> Reference
+
+
+def _study_block(study: G.Study, labels, names, evaluator, device, entries) -> dict:
+    clock = CLOCK_CUDA if device.type == "cuda" else CLOCK_CPU
+    return {
+        "grid": study.source,
+        "grid_hash": study.text_hash,
+        "repeats": study.repeats,
+        "samples_per_label": study.samples_per_label,
+        "labels": labels,
+        "class_names": {str(k): v for k, v in names.items()},
+        "num_samples": len(labels),
+        "seed": study.sample.seed,
+        "seeds": [study.sample.seed, study.sample.seed + len(labels) - 1],
+        "sample": dict(study.sample.__dict__),
+        "timing_method": TIMING_METHOD.format(repeats=study.repeats, clock=clock),
+        "memory_method": memory.method(device),
+        "fidelity_method": (
+            "paired against the baseline's images at the same sampling setting (same seeds): PSNR (mean over images, "
+            "each capped at 100 dB), SSIM (Gaussian 11/1.5), max absolute pixel difference; images in [0, 1]"
+        ),
+        "classifier": evaluator.description if evaluator else None,
+        "planned": [e.name for e in entries],
+    }
+
+
+def _write(out: Path, st: _State, entries: Sequence[G.Entry], status: str, figures: bool = False) -> None:
+    """Figures (when asked: they take seconds), then the results JSON, then the report, each written atomically."""
+    from . import plots, report
+    from .io import atomic_write_text
+
+    records = [st.done[(e.name, e.config_hash)] for e in entries if (e.name, e.config_hash) in st.done]
+    res = st.results
+    res.update(status=status, updated=_now(), completed=len(records), total=len(entries), records=records)
+    if figures:
+        plots.write_all(res, out)
+        _comparison(out, records)
+    res["artifacts"] = {k: f for k, f in (("comparison", COMPARISON_FILE), ("pareto", PARETO_FILE), ("heatmap", HEATMAP_FILE))
+                        if (out / f).is_file()}
+    atomic_write_json(out / RESULTS_FILE, res)
+    atomic_write_text(out / REPORT_FILE, report.render(res))
+
+
+def _comparison(out: Path, records: list[dict]) -> None:
+    """Baseline row vs each main configuration, from the saved sample PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import comparison
+
+    rows = {}
+    for r in sorted((r for r in records if r["role"] == "main"), key=lambda r: r["config"]["reuse"]["enabled"]):
+        files = sorted((out / "images" / r["slug"]).glob("sample_*.png"))
+        if files:
+            arr = np.stack([np.asarray(Image.open(f)) for f in files])  # (N, H, W) or (N, H, W, C)
+            arr = arr[..., None] if arr.ndim == 3 else arr
+            rows[r["name"]] = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    if len(rows) >= 2:
+        comparison(rows, out / COMPARISON_FILE, scale=4 if next(iter(rows.values())).shape[-1] < 128 else 1)
+
+
+def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | None | str = "auto",
+                 on_record: Callable[[dict], None] | None = None) -> Outcome:
+    """Run (or resume) a study; returns what was done. `loaded`/`evaluator` may be injected (tests)."""
+    import time
+
+    from .device import resolve_device, resolve_dtype
+    from .images import save_samples
+
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    study = G.load_grid(opts.config or G.builtin_grid(opts.quick), repeats=opts.repeats)
+    if opts.steps is not None:
+        study = G.with_sample(study, steps=opts.steps)
+    old = load_results(out)
+    if old is not None and not opts.resume:
+        raise DqarError(f"{out / RESULTS_FILE} already holds {len(old['records'])} finished configurations",
+                        "pass --resume to continue that study, or choose another --out")
+    if loaded is None:
+        device = resolve_device(opts.device)
+        from .models import load_model
+
+        loaded = load_model(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+    device = loaded.transformer.device
+    if evaluator == "auto":
+        evaluator = embedded_evaluator(loaded)
+    labels = study_labels(loaded.num_classes, study.samples_per_label)
+    entries = G.expand(study)
+    check_plans(entries, loaded.transformer.config.num_layers)
+    env = environment(loaded, device, loaded.transformer.dtype)
+    st = _State(results={"format": FORMAT, "created": _now(), "environment": env,
+                         "study": _study_block(study, labels, class_names(loaded, labels), evaluator, device, entries)})
+    if old is not None:
+        _check_resumable(old, env, labels, study.repeats, out)
+        st.results["created"] = old.get("created", st.results["created"])
+        wanted = {(e.name, e.config_hash) for e in entries}
+        for rec in old["records"]:
+            key = (rec["name"], rec["config_hash"])
+            if key in wanted:
+                st.done[key] = rec
+                if rec.get("same_as") is None:
+                    st.by_hash.setdefault(rec["config_hash"], rec)
+    todo = [e for e in entries if (e.name, e.config_hash) not in st.done]
+    ran, interrupted = 0, False
+    bars = _Bars(len(entries), len(st.done), study.repeats, opts.progress)
+    try:
+        _write(out, st, entries, "partial")
+        for entry in todo:
+            base = G.baseline_of(entries, entry)
+            bars.start(entry)
+            if entry.config_hash in st.by_hash:
+                rec = _copy_record(entry, base, st.by_hash[entry.config_hash])
+            else:
+                if entry.run.sample not in st.refs:
+                    st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
+                measured = measure(loaded, labels, entry, study.repeats, device, tick=bars.tick)
+                fid = fidelity(measured["images"], st.refs[entry.run.sample], labels, evaluator)
+                save_samples(measured["images"], labels, out / "images" / entry.slug,
+                             scale=1 if measured["images"].shape[-1] >= 128 else 4)
+                rec = make_record(entry, base, measured, fid, env)
+                st.by_hash[entry.config_hash] = rec
+            st.done[(entry.name, entry.config_hash)] = rec
+            ran += 1
+            bars.finish()
+            _write(out, st, entries, "partial")
+            if on_record is not None:
+                on_record(rec)
+            if opts.stop_after is not None and ran >= opts.stop_after and len(st.done) < len(entries):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bars.close()
+    _write(out, st, entries, "complete" if len(st.done) == len(entries) else "partial", figures=True)
+    return Outcome(st.results, out, len(st.done), len(entries), ran, interrupted, time.perf_counter() - t0)
+
+
+class _Bars:
+    """An overall progress bar over configurations and one per configuration over its runs."""
+
+    def __init__(self, total: int, done: int, repeats: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._tqdm, self.enabled, self.repeats = tqdm, enabled, repeats
+        self.overall = tqdm(total=total, initial=done, desc="ablation", unit="config", disable=not enabled, position=0)
+        self.inner = None
+
+    def start(self, entry: G.Entry) -> None:
+        runs = self.repeats if entry.is_baseline else 2 * self.repeats
+        self.inner = self._tqdm(total=runs, desc=entry.name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
+
+    def tick(self) -> None:
+        if self.inner is not None:
+            self.inner.update(1)
+
+    def finish(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+        self.overall.update(1)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+        self.overall.close()

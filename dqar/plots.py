@@ -1,0 +1,105 @@
+"""Ablation figures (matplotlib, Agg): speedup-vs-PSNR Pareto plot and reuse heatmaps, from the results JSON."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from .io import atomic_write_bytes
+from .report import PSNR_BOUND_DB, TARGET_SPEEDUP
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _measured(records: list[dict]) -> list[dict]:
+    """Configurations with reuse, each measured once (copies of identical configurations left out)."""
+    return [r for r in records if r["config"]["reuse"]["enabled"] and r.get("same_as") is None]
+
+
+def has_pareto(records: list[dict]) -> bool:
+    return bool(_measured(records))
+
+
+def has_heatmap(records: list[dict]) -> bool:
+    return any(r.get("reuse") for r in _measured(records))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated in (x up, y up), sorted by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto(records: list[dict], path: Path) -> None:
+    """Speedup (x) vs PSNR against the baseline (y); the Pareto front joined; bound and target drawn."""
+    plt = _pyplot()
+    rows = _measured(records)
+    pts = [(r["measurements"]["speedup"], r["fidelity"]["psnr_db"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    groups = sorted({r["sweep"] or "main" for r in rows}, key=lambda g: (g != "main", g))
+    cmap = plt.get_cmap("tab10")
+    for k, g in enumerate(groups):
+        sel = [p for p, r in zip(pts, rows) if (r["sweep"] or "main") == g]
+        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=40 if g == "main" else 22, color=cmap(k % 10), label=g, zorder=3)
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="black", lw=1, zorder=2, label="Pareto front")
+    for i in front:
+        ax.annotate(rows[i]["name"], pts[i], fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(PSNR_BOUND_DB, color="grey", ls="--", lw=0.8)
+    ax.axvline(1.0, color="grey", ls=":", lw=0.8)
+    ax.axvline(TARGET_SPEEDUP, color="tab:red", ls="--", lw=0.8)
+    ax.set_xlabel("speedup vs baseline (×, median of interleaved runs)")
+    ax.set_ylabel("PSNR vs baseline images (dB, capped at 100)")
+    ax.set_title(f"speed vs fidelity — dashed: PSNR {PSNR_BOUND_DB:.0f} dB bound, {TARGET_SPEEDUP}× target")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _heatmap_rows(records: list[dict]) -> list[dict]:
+    rows = [r for r in _measured(records) if r.get("reuse")]
+    main = [r for r in rows if r["role"] == "main"]
+    return main or rows[:1]
+
+
+def reuse_heatmap(records: list[dict], path: Path) -> None:
+    """One panel per main configuration: evaluation (rows) × layer (columns), dark = reused."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows = _heatmap_rows(records)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 0.6, 4.2), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        mask = np.asarray(r["reuse"]["reuse_mask"], dtype=float)  # (E, L)
+        ax.imshow(mask, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{r['name']}\nreuse {100 * r['reuse']['reuse_fraction']:.1f}%", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("model evaluation")
+    fig.suptitle("reuse decisions executed (dark = cached output reused)", fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_all(results: dict, out: Path) -> None:
+    """Write every figure the current results support."""
+    from .ablation import HEATMAP_FILE, PARETO_FILE
+
+    records = results.get("records", [])
+    if has_pareto(records):
+        pareto(records, Path(out) / PARETO_FILE)
+    if has_heatmap(records):
+        reuse_heatmap(records, Path(out) / HEATMAP_FILE)
