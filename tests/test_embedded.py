@@ -62,6 +62,7 @@ def test_train_embedded_saves_loadable_diffusers_layout(tmp_path):
     assert log["steps"] == 3 and log["finished"] and np.isfinite(log["final_loss"])
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (tmp_path / STATE_FILE).exists()  # checkpoint removed after a finished run
+    assert json.loads((tmp_path / "class_names.json").read_text()) == list(emb.CLASS_NAMES)
     model = emb.load_embedded_transformer(folder=tmp_path)
     assert not model.training
     cfg = model.config

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import DqarError
 from ..io import atomic_write_json, atomic_write_text
-from .data import IMAGE_SIZE, NUM_CLASSES, load_split
+from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, load_split
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
@@ -181,7 +181,7 @@ def _load_state(path: Path, model, ema, opt, gen) -> dict:
 
 
 def save_weights(out_dir: Path, ema: nn.Module, cfg: TrainConfig) -> None:
-    """Write OUT/transformer (safetensors) and OUT/scheduler/scheduler_config.json, each atomically."""
+    """Write OUT/transformer (safetensors), OUT/scheduler/scheduler_config.json and OUT/class_names.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp, old = out_dir / "transformer", out_dir / ".transformer.tmp", out_dir / ".transformer.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -193,6 +193,7 @@ def save_weights(out_dir: Path, ema: nn.Module, cfg: TrainConfig) -> None:
     shutil.rmtree(old, ignore_errors=True)
     sched = make_sample_scheduler(cfg)
     atomic_write_text(out_dir / "scheduler" / "scheduler_config.json", sched.to_json_string())
+    atomic_write_json(out_dir / "class_names.json", list(CLASS_NAMES))
 
 
 def _write_log(out_dir: Path, progress: dict, cfg: TrainConfig, mcfg: EmbeddedModelConfig, n_params: int, done: bool):
