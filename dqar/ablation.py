@@ -317,6 +317,14 @@ def _copy_record(entry: G.Entry, baseline: G.Entry, source: dict) -> dict:
     return rec
 
 
+def _copy_images(src: Path, dst: Path) -> None:
+    """The PNGs of an identical configuration, under this configuration's own folder."""
+    from .io import atomic_write_bytes
+
+    for f in sorted(src.glob("*.png")):
+        atomic_write_bytes(dst / f.name, f.read_bytes())
+
+
 # ----- the study -------------------------------------------------------------------------------
 @dataclass
 class _State:
@@ -438,6 +446,7 @@ def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | N
             bars.start(entry)
             if entry.config_hash in st.by_hash:
                 rec = _copy_record(entry, base, st.by_hash[entry.config_hash])
+                _copy_images(out / "images" / st.by_hash[entry.config_hash]["slug"], out / "images" / entry.slug)
             else:
                 if entry.run.sample not in st.refs:
                     st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)

@@ -1,0 +1,374 @@
+"""dqar ablate: grid parsing, artifacts, report numbers == JSON, resume after an interrupt, claims consistent with tables."""
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from dqar import grid as G
+from dqar import report as R
+from dqar.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, Evaluator, run_ablation
+from dqar.cli import main as cli_main
+from dqar.embedded.classifier import FashionCNN
+from dqar.errors import DqarError
+from dqar.models import load_model, save_pipeline_folder
+
+from conftest import make_tiny_transformer
+
+SMALL_GRID = """
+[study]
+repeats = 3
+main = ["baseline", "scheduling_only", "quant_cache_only", "full_dqar"]
+[sample]
+steps = 6
+[[sweep]]
+name = "schedule"
+base = "scheduling_only"
+vary = { schedule = ["step"] }
+[[sweep]]
+name = "steps"
+base = "quant_cache_only"
+vary = { "sample.steps" = [6, 8] }
+"""
+
+
+# ----- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny pixel-space DiT shaped like the embedded one: 28×28×1, 10 classes, 4 layers."""
+    t = make_tiny_transformer(num_layers=4, sample_size=28, patch_size=7, in_channels=1, learned_sigma=False, num_classes=10)
+    return save_pipeline_folder(tmp_path_factory.mktemp("m") / "tiny", t)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    torch.manual_seed(0)
+    clf = FashionCNN().eval()
+    with torch.no_grad():
+        f = clf.features(torch.rand(64, 1, 28, 28) * 2 - 1).double().numpy()
+    return Evaluator(clf, {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}, "random test CNN")
+
+
+@pytest.fixture(scope="module")
+def small_grid(tmp_path_factory):
+    path = tmp_path_factory.mktemp("g") / "small.toml"
+    path.write_text(SMALL_GRID)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, loaded, evaluator):
+    out = tmp_path_factory.mktemp("quick") / "ablation"
+    done = run_ablation(AblationOptions(out=out, quick=True, repeats=1, progress=False), loaded=loaded, evaluator=evaluator)
+    return done
+
+
+# ----- markdown parsing ----------------------------------------------------------------------------
+def parse_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
+    lines, tables, i = md.splitlines(), [], 0
+    while i < len(lines) - 1:
+        if lines[i].startswith("|") and re.fullmatch(r"\|( ?-{3,} ?\|)+", lines[i + 1].replace(" ", "")):
+            head = [c.strip() for c in lines[i].strip("|").split("|")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            tables.append((head, rows))
+        else:
+            i += 1
+    return tables
+
+
+def number(cell: str) -> tuple[float, float] | None:
+    """(value in JSON units, tolerance) of a table cell, None for '—'."""
+    if cell == R.DASH:
+        return None
+    m = re.fullmatch(r"([+-]?\d+(?:\.(\d+))?)\s*(ms|s|×|%)?", cell)
+    assert m, f"unparseable cell {cell!r}"
+    value, decimals, unit = float(m.group(1)), len(m.group(2) or ""), m.group(3)
+    tol = 0.5 * 10 ** (-decimals) + 1e-9
+    scale = {"ms": 1e-3, "%": 1e-2}.get(unit, 1.0)
+    return value * scale, tol * scale
+
+
+JSON_OF = {
+    "Time/Sample": lambda r: r["measurements"]["time_per_sample_s"],
+    "Speedup": lambda r: r["measurements"]["speedup"],
+    "Reuse %": lambda r: r["reuse"] and r["reuse"]["reuse_fraction"],
+    "FLOPs skipped": lambda r: r["reuse"] and r["reuse"]["flops_skipped_fraction"],
+    "Cache (MB)": lambda r: r["reuse"] and r["reuse"]["cache_bytes_peak"] / 2**20,
+    "Peak mem (MB)": lambda r: r["measurements"]["peak_memory_bytes"] and r["measurements"]["peak_memory_bytes"] / 2**20,
+    "Mem saved": lambda r: r["measurements"]["memory_reduction"],
+    "Host syncs": lambda r: r["reuse"] and r["reuse"]["host_syncs"],
+    "PSNR (dB)": lambda r: r["fidelity"]["psnr_db"],
+    "SSIM": lambda r: r["fidelity"]["ssim"],
+    "Max abs": lambda r: r["fidelity"]["max_abs"],
+    "Class acc": lambda r: r["fidelity"]["class_accuracy"],
+    "FD": lambda r: r["fidelity"]["fd"],
+    "ΔFD": lambda r: r["fidelity"]["fd_delta"],
+}
+
+
+def config_rows(md: str) -> dict[str, dict[str, str]]:
+    """Every table row naming a configuration: name -> {header: cell}."""
+    out = {}
+    for head, rows in parse_tables(md):
+        if head[0] not in ("Configuration", "Baseline"):
+            continue
+        for row in rows:
+            out[row[0].strip("`")] = dict(zip(head, row))
+    return out
+
+
+def assert_claims_match_tables(md: str) -> None:
+    """Re-derive the summary's claims from the report's own tables and check the prose agrees."""
+    rows = config_rows(md)
+    val = lambda name, col: number(rows[name][col])[0] if number(rows[name][col]) else None  # noqa: E731
+    cands = [n for n, r in rows.items() if r.get("Reuse %", R.DASH) != R.DASH and "same configuration" not in r["Notes"]]
+    base_acc = {n: val(n, "Class acc") for n, r in rows.items() if "reference baseline" in r["Notes"] and "Class acc" in r}
+
+    def acc_drop(n):
+        if "Class acc" not in rows[n]:
+            return None
+        ref = base_acc[rows[n].get("Baseline", "`baseline`").strip("`")]
+        return 100 * (ref - val(n, "Class acc"))
+
+    def within(n):
+        d = acc_drop(n)
+        return val(n, "PSNR (dB)") >= R.PSNR_BOUND_DB and (d is None or d <= R.ACC_DROP_BOUND + 0.051)
+
+    def quality(n):
+        return val(n, "ΔFD") <= R.TARGET_FD_LOSS + 0.005 if "ΔFD" in rows[n] else within(n)
+
+    def meets(n):
+        mem = val(n, "Mem saved")
+        return (val(n, "Speedup") >= R.TARGET_SPEEDUP - 0.005 or (mem is not None and mem >= R.TARGET_MEMORY)) and quality(n)
+
+    summary = dict((r[0], r[1]) for head, rs in parse_tables(md) if head == ["Metric", "Value"] for r in rs)
+    target_row = next(v for k, v in summary.items() if k.startswith("**Target Met**"))
+    met = any(meets(n) for n in cands)
+    assert target_row == ("✅ Yes" if met else "❌ No")
+    assert ("Target met" in md) == met and ("Target missed" in md) == (not met)
+    best = max(cands, key=lambda n: val(n, "Speedup"))
+    assert summary["**Best Speedup**"].startswith(rows[best]["Speedup"])
+    fastest_ok = next(v for k, v in summary.items() if k.startswith("**Fastest within fidelity bound**"))
+    ok = [n for n in cands if within(n)]
+    if ok:
+        name = re.search(r"`([^`]+)`", fastest_ok).group(1)
+        assert within(name) and val(name, "Speedup") >= max(val(n, "Speedup") for n in ok) - 0.005
+    else:
+        assert fastest_ok == R.DASH
+    rec = summary["**Recommended**"]
+    if rec.startswith("`"):
+        name = rec.strip("`")
+        assert within(name) and val(name, "Speedup") > 1.0 - 0.005
+        assert f"Use `{name}`" in md
+    else:
+        assert not any(within(n) and val(n, "Speedup") > 1.005 for n in cands)
+
+
+# ----- grid ---------------------------------------------------------------------------------------
+def test_shipped_grids_parse_and_every_step_count_has_its_own_baseline():
+    for quick in (False, True):
+        study = G.load_grid(G.builtin_grid(quick))
+        entries = G.expand(study)
+        assert study.repeats >= 3 and [e.name for e in entries[:4]] == list(study.main)
+        for e in entries:
+            base = G.baseline_of(entries, e)
+            assert base.is_baseline and base.run.sample == e.run.sample
+        steps = {e.run.sample.steps for e in entries}
+        assert len(steps) > 1 and all(any(b.is_baseline and b.run.sample.steps == s for b in entries) for s in steps)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[study]\nrepeat = 3\n", "unknown key 'repeat'"),
+    ("[sampel]\nsteps = 3\n", "unknown key 'sampel'"),
+    ("[[sweep]]\nname = 'a'\nvary = { warmup_fraction = [0.1] }\n", "unknown field 'warmup_fraction'"),
+    ("[[sweep]]\nname = 'a'\nbase = 'fast'\nvary = { warmup_frac = [0.1] }\n", "unknown preset 'fast'"),
+    ("[[sweep]]\nname = 'a'\nvary = { warmup_frac = [0.1] }\nextra = 1\n", "unknown key 'extra'"),
+    ("[[sweep]]\nname = 'a'\nvary = { warmup_frac = [] }\n", "non-empty list"),
+    ("[[sweep]]\nname = 'a'\nvary = { warmup_frac = [7.0] }\n", "warmup_frac"),
+    ("[study]\nrepeats = 1\n", "repeats"),
+    ("[study]\nmain = ['full_dqar']\n", "must include 'baseline'"),
+    ("[[sweep]]\nname = 'a'\nvary = { warmup_frac = [0.1] }\n[[sweep]]\nname = 'a'\nvary = { warmup_frac = [0.1] }\n", "appears twice"),
+])
+def test_grid_rejects_unknown_and_invalid_keys(tmp_path, text, needle):
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    with pytest.raises(DqarError, match=re.escape(needle)):
+        G.load_grid(path)
+
+
+def test_grid_sweeps_any_config_field_with_base_overrides_and_points(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("""
+[sample]
+steps = 12
+[[sweep]]
+name = "exp"
+base = { preset = "full_dqar", schedule = "exponential", warmup_frac = 0.3 }
+vary = { exp_rate = [1.0, 5.0], "sample.cfg" = [1.0, 4.0] }
+points = [{ schedule = "custom", custom_layers = [0, 2] }]
+""")
+    entries = G.expand(G.load_grid(path))
+    sweep = [e for e in entries if e.sweep == "exp"]
+    assert len(sweep) == 5 and {e.run.reuse.warmup_frac for e in sweep} == {0.3}
+    assert {(e.run.reuse.exp_rate, e.run.sample.cfg) for e in sweep[:4]} == {(1.0, 1.0), (1.0, 4.0), (5.0, 1.0), (5.0, 4.0)}
+    assert sweep[4].run.reuse.custom_layers == (0, 2) and sweep[4].name == "exp/schedule=custom,custom_layers=0-2"
+    assert any(e.name == "baseline/cfg=1.0" and e.is_baseline for e in entries)  # cfg 1.0 needs its own baseline
+    assert len({e.name for e in entries}) == len(entries)
+
+
+# ----- the run -------------------------------------------------------------------------------------
+def test_quick_run_writes_every_artifact(quick_run):
+    out = quick_run.out
+    assert not quick_run.interrupted and quick_run.completed == quick_run.total == len(G.expand(G.load_grid(G.builtin_grid(True))))
+    for name in (REPORT_FILE, RESULTS_FILE, "comparison.png", "pareto.png", "reuse_heatmap.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / RESULTS_FILE).read_text())
+    assert data["status"] == "complete" and data["artifacts"] == {"comparison": "comparison.png", "pareto": "pareto.png", "heatmap": "reuse_heatmap.png"}
+    for rec in data["records"]:
+        folder = out / "images" / rec["slug"]
+        assert (folder / "grid.png").is_file()
+        assert sorted(p.name for p in folder.glob("sample_*.png")) == [f"sample_{i:03d}_class{i}.png" for i in range(10)]
+        assert rec["config_hash"] and rec["config"]["sample"]["seed"] == 42 and rec["environment"]["device"] == "cpu"
+        assert len(rec["measurements"]["times_s"]) == 1 and rec["measurements"]["deterministic"]
+    full = next(r for r in data["records"] if r["name"] == "scheduling_only")
+    assert full["reuse"]["reuse_fraction"] > 0 and full["fidelity"]["psnr_db"] < 100 and full["fidelity"]["class_accuracy"] is not None
+    base = next(r for r in data["records"] if r["name"] == "baseline")
+    assert base["fidelity"]["identical"] and base["measurements"]["speedup"] == 1.0
+
+
+def test_report_numbers_equal_the_json(quick_run):
+    data = json.loads((quick_run.out / RESULTS_FILE).read_text())
+    md = (quick_run.out / REPORT_FILE).read_text()
+    by_name = {r["name"]: r for r in data["records"]}
+    rows = config_rows(md)
+    assert set(by_name) <= set(rows)
+    checked = 0
+    for name, cells in rows.items():
+        rec = by_name[name]
+        for header, cell in cells.items():
+            if header not in JSON_OF:
+                continue
+            parsed, expected = number(cell), JSON_OF[header](rec)
+            if parsed is None:
+                assert expected is None, (name, header)
+                continue
+            assert abs(parsed[0] - expected) <= parsed[1], (name, header, cell, expected)
+            checked += 1
+    assert checked > 100
+    assert "fewer than 3: a test run" in md  # the report says when repeats were cut for a test
+
+
+def test_report_claims_agree_with_its_tables(quick_run):
+    assert_claims_match_tables((quick_run.out / REPORT_FILE).read_text())
+
+
+def _doctor(data: dict, speedups: dict[str, float], psnrs: dict[str, float] | None = None, fd: dict[str, float] | None = None) -> dict:
+    d = copy.deepcopy(data)
+    for r in d["records"]:
+        src = r.get("same_as") or r["name"]
+        if r["config"]["reuse"]["enabled"]:
+            r["measurements"]["speedup"] = speedups.get(src, 1.05)
+            r["measurements"]["memory_reduction"] = -0.01
+            r["fidelity"]["psnr_db"] = (psnrs or {}).get(src, 40.0)
+            r["fidelity"]["fd_delta"] = (fd or {}).get(src, 0.2)
+            r["fidelity"]["accuracy_drop_points"] = 0.0
+            r["fidelity"]["class_accuracy"] = next(b for b in d["records"] if b["name"] == "baseline")["fidelity"]["class_accuracy"]
+    return d
+
+
+def test_doctored_results_flip_the_verdict_both_ways(quick_run):
+    data = json.loads((quick_run.out / RESULTS_FILE).read_text())
+    missed = R.render(_doctor(data, {"full_dqar": 1.2}))
+    assert "❌ **Target missed**" in missed and "| ❌ No |" in missed and "✅" not in missed
+    assert "`full_dqar` at 1.20× (needs ≥ 1.25×)" in missed
+    assert_claims_match_tables(missed)
+
+    met = R.render(_doctor(data, {"quant_cache_only": 1.4}))
+    assert "✅ **Target met**" in met and "| ✅ Yes |" in met and "Target missed" not in met
+    assert "fastest of them: `quant_cache_only`" in met and "Use `quant_cache_only`" in met
+    assert_claims_match_tables(met)
+
+    too_lossy = R.render(_doctor(data, {"quant_cache_only": 1.4}, fd={"quant_cache_only": 3.0}))
+    assert "Target missed" in too_lossy and "| ❌ No |" in too_lossy
+    assert_claims_match_tables(too_lossy)
+
+    blurry = R.render(_doctor(data, {"quant_cache_only": 1.4}, psnrs={"quant_cache_only": 20.0}))
+    assert "Use `quant_cache_only`" not in blurry and "outside the fidelity bound" in blurry
+    assert_claims_match_tables(blurry)
+
+    slower = R.render(_doctor(data, {name: 0.9 for name in [r["name"] for r in data["records"]]}))
+    assert "| **Recommended** | baseline (no reuse) |" in slower and "keep reuse off" in slower
+    assert_claims_match_tables(slower)
+
+
+def _stable(data: dict) -> list[dict]:
+    """Records without what legitimately differs between runs (timings, memory, timestamps)."""
+    out = []
+    for r in data["records"]:
+        r = {k: v for k, v in r.items() if k not in ("measurements", "completed")}
+        out.append(r)
+    return out
+
+
+def test_interrupted_run_resumes_to_the_same_results(tmp_path, loaded, evaluator, small_grid):
+    opts = AblationOptions(out=tmp_path / "a", config=str(small_grid), repeats=1, progress=False)
+    seen = []
+
+    def interrupt_after_three(rec):
+        seen.append(rec["name"])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    first = run_ablation(opts, loaded=loaded, evaluator=evaluator, on_record=interrupt_after_three)
+    assert first.interrupted and first.completed == 3 < first.total
+    partial = json.loads((tmp_path / "a" / RESULTS_FILE).read_text())
+    assert partial["status"] == "partial" and len(partial["records"]) == 3
+    md = (tmp_path / "a" / REPORT_FILE).read_text()
+    assert "This report is partial: 3 of" in md and config_rows(md).keys() >= set(seen)
+
+    with pytest.raises(DqarError, match="--resume"):
+        run_ablation(opts, loaded=loaded, evaluator=evaluator)
+
+    second = run_ablation(AblationOptions(**{**opts.__dict__, "resume": True}), loaded=loaded, evaluator=evaluator)
+    assert not second.interrupted and second.ran == second.total - 3
+    resumed = json.loads((tmp_path / "a" / RESULTS_FILE).read_text())
+
+    run_ablation(AblationOptions(**{**opts.__dict__, "out": tmp_path / "b"}), loaded=loaded, evaluator=evaluator)
+    straight = json.loads((tmp_path / "b" / RESULTS_FILE).read_text())
+    assert resumed["status"] == straight["status"] == "complete"
+    assert _stable(resumed) == _stable(straight)
+    strip = lambda md: re.sub(r"\d+(\.\d+)?( ms| s|×|%)", "#", md)  # noqa: E731  (timings aside)
+    a, b = ((tmp_path / d / REPORT_FILE).read_text() for d in ("a", "b"))
+    assert [line for line in a.splitlines() if "PSNR (dB)" in line] == [line for line in b.splitlines() if "PSNR (dB)" in line]
+    assert len(strip(a).splitlines()) == len(strip(b).splitlines())
+
+
+def test_cli_ablate_stops_with_one_line_and_resumes(tmp_path, model_dir, small_grid, capsys):
+    out = tmp_path / "cli"
+    args = ["ablate", "--model", str(model_dir), "--out", str(out), "--config", str(small_grid), "--repeats", "1", "--quiet"]
+    assert cli_main(args + ["--stop-after", "2"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted after 2 of" in err[0] and "--resume" in err[0]
+    assert cli_main(args) == 2 and "--resume" in capsys.readouterr().err
+    assert cli_main(args + ["--resume"]) == 0
+    data = json.loads((out / RESULTS_FILE).read_text())
+    assert data["status"] == "complete" and data["study"]["classifier"] is None
+    md = (out / REPORT_FILE).read_text()
+    assert "Class acc" not in md and "no classifier" in md
+    assert_claims_match_tables(md)
+
+
+def test_cli_default_repeats_are_at_least_three(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text("[study]\nrepeats = 2\n")
+    assert cli_main(["ablate", "--config", str(grid), "--out", str(tmp_path / "o")]) == 2
