@@ -190,6 +190,22 @@ def _check_resumable(old: dict, env: dict, labels: list[int], repeats: int, out:
         raise DqarError(f"the results in {out} used other labels or repeats", "resume with the same grid, or choose another --out")
 
 
+# ----- calibrated plans ---------------------------------------------------------------------------
+CALIBRATION_SEED_OFFSET = 1000  # calibration samples use other noise than the evaluated ones
+
+
+def calibrated(entry: G.Entry, loaded, labels, out: Path) -> G.Entry:
+    """`entry` with its plan calibrated (untimed, seeds offset) and saved under `out/plans/`."""
+    from .calibrate import calibrate
+    from .plan import save_plan
+
+    s = entry.run.sample
+    cal = calibrate(loaded, labels, replace(entry.run, sample=replace(s, seed=s.seed + CALIBRATION_SEED_OFFSET)), **entry.calibration)
+    path = (out / "plans" / f"{entry.slug}.json").resolve()
+    save_plan(cal.plan, path)
+    return replace(entry, run=replace(entry.run, reuse=replace(entry.run.reuse, plan_file=str(path))))
+
+
 # ----- measurement -----------------------------------------------------------------------------
 def _baseline_run(run: RunConfig) -> RunConfig:
     return RunConfig(reuse=preset(G.BASELINE), sample=run.sample)
@@ -299,6 +315,7 @@ def make_record(entry: G.Entry, baseline: G.Entry, measured: dict, fid: dict, en
         "varied": dict(entry.varied),
         "config": entry.run.to_dict(),
         "config_hash": entry.config_hash,
+        "calibration": dict(entry.calibration) or None,
         "baseline": baseline.name,
         "same_as": None,
         "measurements": measured["measurements"],
@@ -356,6 +373,10 @@ def _study_block(study: G.Study, labels, names, evaluator, device, entries) -> d
             "each capped at 100 dB), SSIM (Gaussian 11/1.5), max absolute pixel difference; images in [0, 1]"
         ),
         "classifier": evaluator.description if evaluator else None,
+        "calibration_method": (
+            f"configurations with calibrate.* settings get a plan from dqar.calibrate.calibrate before timing (untimed), "
+            f"on the same labels with seeds offset by {CALIBRATION_SEED_OFFSET} (other noise than the evaluated samples)"
+        ) if any(e.calibration for e in entries) else None,
         "planned": [e.name for e in entries],
     }
 
@@ -448,6 +469,8 @@ def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | N
                 rec = _copy_record(entry, base, st.by_hash[entry.config_hash])
                 _copy_images(out / "images" / st.by_hash[entry.config_hash]["slug"], out / "images" / entry.slug)
             else:
+                if entry.calibration:
+                    entry = calibrated(entry, loaded, labels, out)
                 if entry.run.sample not in st.refs:
                     st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
                 measured = measure(loaded, labels, entry, study.repeats, device, tick=bars.tick)

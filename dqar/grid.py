@@ -17,7 +17,9 @@ A grid file has three parts (see dqar/grids/default.toml):
     points = [{ schedule = "custom", custom_layers = [0, 1] }]   # extra explicit points (optional)
 
 Field names are those of `ReuseConfig` and `SampleConfig` (bare, or prefixed `reuse.` / `sample.`),
-so a field added to either dataclass can be swept without code changes. Every configuration whose
+so a field added to either dataclass can be swept without code changes. Keys prefixed `calibrate.`
+(the keyword arguments of `dqar.calibrate.calibrate`, e.g. `calibrate.target_fraction`) make the
+configuration use a plan calibrated for it before it is measured. Every configuration whose
 sampling settings differ from the study's gets its own baseline with those settings.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ import itertools
 import json
 import re
 import sys
-from dataclasses import dataclass, fields, replace
+import inspect
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -69,10 +72,12 @@ class Entry:
     sweep: str | None  # the sweep it belongs to (None for main and baselines)
     varied: dict  # the swept fields and their values (empty for main)
     run: RunConfig
+    calibration: dict = field(default_factory=dict)  # keyword arguments of dqar.calibrate.calibrate; {} = none
+    config_hash: str = ""  # of the definition (run + calibration); kept when a calibrated plan is filled in
 
-    @property
-    def config_hash(self) -> str:
-        return config_hash(self.run)
+    def __post_init__(self) -> None:
+        if not self.config_hash:
+            object.__setattr__(self, "config_hash", config_hash(self.run, self.calibration))
 
     @property
     def slug(self) -> str:
@@ -83,9 +88,10 @@ class Entry:
         return not self.run.reuse.enabled
 
 
-def config_hash(run: RunConfig) -> str:
-    """A stable 16-hex-digit hash of a resolved run configuration."""
-    text = json.dumps(run.to_dict(), sort_keys=True, default=list)
+def config_hash(run: RunConfig, calibration: dict | None = None) -> str:
+    """A stable 16-hex-digit hash of a resolved run configuration (and its calibration settings, if any)."""
+    data = run.to_dict() if not calibration else {**run.to_dict(), "calibration": calibration}
+    text = json.dumps(data, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -147,11 +153,26 @@ def _known(table: Any, allowed: set, where: str) -> None:
             raise DqarError(f"unknown key '{key}' in {where}", f"{_suggest(key, sorted(allowed))}valid keys: {', '.join(sorted(allowed))}")
 
 
+def calibration_keys() -> list[str]:
+    """The keyword arguments of `dqar.calibrate.calibrate` a grid may set (as `calibrate.<name>`)."""
+    try:
+        from .calibrate import calibrate
+    except ImportError as exc:  # pragma: no cover
+        raise DqarError(f"calibrated plans are unavailable ({exc})", "remove calibrate.* keys from the grid") from None
+    params = inspect.signature(calibrate).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "progress"]
+
+
 def _field(key: str, where: str) -> tuple[str, str]:
-    """('reuse' | 'sample', field name) for a grid key."""
+    """('reuse' | 'sample' | 'calibrate', name) for a grid key."""
     reuse_f = [f.name for f in fields(ReuseConfig)]
     sample_f = [f.name for f in fields(SampleConfig)]
     section, _, name = key.rpartition(".")
+    if section == "calibrate":
+        valid = calibration_keys()
+        if name not in valid:
+            raise DqarError(f"unknown field '{key}' in {where}", f"{_suggest(name, valid)}calibrate.* keys: {', '.join(valid)}")
+        return "calibrate", name
     if section in ("", "reuse") and name in reuse_f:
         return "reuse", name
     if section in ("", "sample") and name in sample_f:
@@ -159,20 +180,25 @@ def _field(key: str, where: str) -> tuple[str, str]:
     raise DqarError(f"unknown field '{key}' in {where}", f"{_suggest(name, reuse_f + sample_f)}use a ReuseConfig or SampleConfig field name")
 
 
-def _apply(run: RunConfig, overrides: dict, where: str) -> RunConfig:
-    """`run` with validated field overrides (custom_layers lists become tuples)."""
+def _apply(run: RunConfig, overrides: dict, where: str, calibration: dict | None = None) -> tuple[RunConfig, dict]:
+    """`run` with validated field overrides (custom_layers lists become tuples), and the calibration settings."""
     reuse = {f.name: getattr(run.reuse, f.name) for f in fields(ReuseConfig)}
     sample = {f.name: getattr(run.sample, f.name) for f in fields(SampleConfig)}
+    calib = dict(calibration or {})
     for key, value in overrides.items():
         section, name = _field(key, where)
-        (reuse if section == "reuse" else sample)[name] = value
-    return RunConfig(reuse=build(ReuseConfig, reuse, where), sample=build(SampleConfig, sample, where))
+        {"reuse": reuse, "sample": sample, "calibrate": calib}[section][name] = value
+    out = RunConfig(reuse=build(ReuseConfig, reuse, where), sample=build(SampleConfig, sample, where))
+    if calib and (out.reuse.plan_file or getattr(out.reuse, "gate", False) or not out.reuse.enabled):
+        raise DqarError(f"{where}: a calibrated configuration cannot also set plan_file, gate or enabled = false",
+                        "base it on a preset without the gate, e.g. base = { preset = \"quant_cache_only\" }")
+    return out, calib
 
 
-def _base(spec: Any, sample: SampleConfig, where: str) -> RunConfig:
-    """A sweep's base: a preset name or a table {preset = ..., fields...}."""
+def _base(spec: Any, sample: SampleConfig, where: str) -> tuple[RunConfig, dict]:
+    """A sweep's base: a preset name or a table {preset = ..., fields...}; and its calibration settings."""
     if isinstance(spec, str):
-        return RunConfig(reuse=preset(spec), sample=sample)
+        return RunConfig(reuse=preset(spec), sample=sample), {}
     if not isinstance(spec, dict):
         raise DqarError(f"{where}: base must be a preset name or a table", "e.g. base = \"full_dqar\" or base = { preset = \"full_dqar\", warmup_frac = 0.3 }")
     overrides = dict(spec)
@@ -214,9 +240,10 @@ def expand(study: Study) -> list[Entry]:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise DqarError(f"{where}: name = {name!r}", "give every sweep a name of letters, digits, '_', '.', '-'")
         where = f"{study.source}: sweep '{name}'"
-        base = _base(sweep.get("base", "full_dqar"), study.sample, where)
+        base, base_calib = _base(sweep.get("base", "full_dqar"), study.sample, where)
         for point in _points(sweep, where):
-            entry = Entry(f"{name}/{_label(point)}", "sweep", name, point, _apply(base, point, where))
+            run, calib = _apply(base, point, where, base_calib)
+            entry = Entry(f"{name}/{_label(point)}", "sweep", name, point, run, calib)
             if entry.name in names:
                 raise DqarError(f"{where}: configuration '{entry.name}' appears twice", "give sweeps distinct names and values")
             names.add(entry.name)

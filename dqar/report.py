@@ -197,12 +197,14 @@ def table(records: list[dict], lead: list[tuple[str, Callable[[dict], str]]], no
 
 
 # ----- descriptions ----------------------------------------------------------------------------------
-def describe(config: dict) -> str:
+def describe(config: dict, calibration: dict | None = None) -> str:
     """What a resolved reuse config does, in a few words (from the config itself)."""
     c = config["reuse"]
     if not c["enabled"]:
         return "no reuse (baseline)"
-    if c.get("plan_file"):
+    if calibration:
+        where = "calibrated plan (" + ", ".join(f"{k}={v}" for k, v in calibration.items()) + ")"
+    elif c.get("plan_file"):
         where = f"saved plan {c['plan_file']}"
     elif c["schedule"] == "custom":
         where = f"layers {list(c['custom_layers'])}"
@@ -310,7 +312,7 @@ def recommendation(f: Findings) -> list[str]:
     if f.recommended is not None:
         r = f.recommended
         caveat = " — within timing noise of the baseline" if f.noise is not None and speedup(r) - 1.0 <= f.noise else ""
-        out.append(f"Use `{r['name']}` ({describe(r['config'])}): the fastest configuration within the fidelity bound "
+        out.append(f"Use `{r['name']}` ({describe(r['config'], r.get('calibration'))}): the fastest configuration within the fidelity bound "
                    f"({bound_text(f)}): {_summary(r)}{caveat}.")
     elif f.best_within is not None:
         out.append(f"No configuration within the fidelity bound ({bound_text(f)}) was faster than the baseline "
@@ -334,7 +336,8 @@ def main_findings(records: list[dict]) -> list[str]:
         realized = 1.0 - 1.0 / speedup(r)
         line = f"`{r['name']}`: {_summary(r)}"
         if flops is not None:
-            line += f"; skipped {f_pct(flops)} of the FLOPs and saved {f_pct(realized)} of the time"
+            change = f"saved {f_pct(realized)} of the time" if realized >= 0 else f"took {f_pct(-realized)} more time"
+            line += f"; skipped {f_pct(flops)} of the FLOPs and {change}"
         out.append(line + ".")
     return out
 
@@ -393,7 +396,7 @@ def _executive(res: dict, f: Findings) -> list[str]:
 def _main_table(res: dict, f: Findings) -> list[str]:
     records = res["records"]
     main = [r for r in records if r["role"] == "main"]
-    lead = [("Configuration", lambda r: f"`{r['name']}`"), ("Description", lambda r: describe(r["config"]))]
+    lead = [("Configuration", lambda r: f"`{r['name']}`"), ("Description", lambda r: describe(r["config"], r.get("calibration")))]
     lines = ["## Main Ablation Comparison", "",
              f"The four configurations of the method's proposal at the study's shared sampling setting "
              f"({_sample_text(res['study']['sample'])}).", ""]
@@ -463,6 +466,7 @@ def _methodology(res: dict) -> list[str]:
              f"- **Peak memory**: {st['memory_method']}",
              f"- **Fidelity**: {st['fidelity_method']}",
              f"- **Classifier metrics**: {st['classifier'] or 'none for this model (class accuracy and FD not measured)'}",
+             *([f"- **Calibrated plans**: {st['calibration_method']}"] if st.get("calibration_method") else []),
              f"- **Device**: {env['device']} ({env['device_name']}), {env['cpu_count']} CPU cores, {env['torch_threads']} torch threads",
              f"- **Software**: torch {env['torch']}, diffusers {env['diffusers']}, dqar {env['dqar']}, Python {env['python']}, {env['platform']}",
              f"- **Model dtype**: {env['dtype']}",
