@@ -66,7 +66,7 @@ class AblationOptions:
     progress: bool = True
     repeats: int | None = None  # tests only: override the grid's repeats (may be < 3)
     stop_after: int | None = None  # tests only: interrupt after this many configurations of this run
-    steps: int | None = None  # tests only: override the grid's shared step count
+    steps: int | None = None  # override the grid's shared step count ([sample] steps)
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,7 @@ def _ablate_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
-    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: shared step count
+    p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
     p.set_defaults(func=cmd_ablate)
 
 
