@@ -8,7 +8,7 @@ import torch
 from .config import ReuseConfig, RunConfig, preset
 from .errors import DqarError
 from .plan import Plan
-from .reuse import PlanDecider, ReuseEngine
+from .reuse import ReuseEngine, make_decider
 from .stats import ReuseStats
 
 
@@ -40,16 +40,19 @@ class ReuseHandle:
                  key: dict | None = None, executor: str = "patch"):
         transformer, scheduler = _split(model)
         self.config = _resolve_config(config)
-        self._engine = ReuseEngine(transformer, self.config, decider or PlanDecider(self.config, key, plan), scheduler, executor)
+        self._engine = ReuseEngine(transformer, self.config, decider or make_decider(self.config, key, plan), scheduler, executor)
 
     # sampler hook contract ----------------------------------------------------------------
-    def begin_generation(self, num_evaluations: int | None = None, scheduler: Any = None) -> None:
-        """Start a generation; with only a scheduler, its `timesteps` give the number of evaluations."""
+    def begin_generation(self, num_evaluations: int | None = None, scheduler: Any = None, guided: bool | None = None) -> None:
+        """Start a generation; with only a scheduler, its `timesteps` give the number of evaluations.
+
+        `guided`: whether each forward batches [conditional; unconditional] rows (None: the engine looks once).
+        """
         if num_evaluations is None:
             if scheduler is None or getattr(scheduler, "timesteps", None) is None:
                 raise DqarError("begin_generation needs num_evaluations or a scheduler with timesteps set", "pass num_evaluations=steps")
             num_evaluations = len(scheduler.timesteps)
-        self._engine.begin_generation(num_evaluations, scheduler)
+        self._engine.begin_generation(num_evaluations, scheduler, guided)
 
     def end_generation(self) -> ReuseStats | None:
         return self._engine.end_generation()

@@ -112,7 +112,7 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
     for name in s.presets:
         cfg = preset(name)
         runs[f"{name}_eager"], stats[f"{name}_eager"] = _case(loaded, labels, s, cfg, "patch")
-        if s.compile:
+        if s.compile and not (cfg.gate or cfg.cfg_share != "none"):  # the gate and CFG sharing run on the patch executor only
             runs[f"{name}_compiled"], stats[f"{name}_compiled"] = _case(loaded, labels, s, cfg, "compiled")
             if cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
                 model_cfg = ReuseConfig(**{**asdict(cfg), "cache_dtype": "model"})

@@ -24,6 +24,8 @@ CACHE_DTYPES = ("model", "int8")
 QUANT_MODES = ("tensor", "channel", "head", "token")
 SCHEDULES = ("constant", "linear", "linear_reverse", "exponential", "step", "custom")
 SAMPLERS = ("ddim", "dpm")
+SNR_SOURCES = ("scheduler", "prediction")
+CFG_SHARES = ("none", "cond_to_uncond", "uncond_to_cond")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -64,6 +66,14 @@ class ReuseConfig:
     custom_layers: tuple[int, ...] = ()  # schedule "custom": the eligible layer indices
     plan_file: str = ""  # a saved plan (JSON) that replaces the schedule
     track_quant_error: bool = True  # measure INT8 round-trip error on every store (a few extra ops)
+    gate: bool = False  # online gate: an eligible layer reuses only if its entropy < entropy_tau and SNR is in [snr_min, snr_max]
+    entropy_tau: float = 0.75  # gate: normalized attention entropy threshold, in [0, 1] (lower: less reuse)
+    snr_min: float = 0.0  # gate: lowest SNR at which reuse is allowed (>= 0)
+    snr_max: float = 1.0e4  # gate: highest SNR at which reuse is allowed (>= snr_min)
+    snr_source: str = "scheduler"  # gate: "scheduler" (ᾱ/(1-ᾱ) of the timestep) | "prediction" (‖x̂0‖²/‖x_t-x̂0‖², last evaluation)
+    entropy_rows: int = 16  # gate: query rows subsampled for the entropy (all heads); >= the token count means all rows
+    cfg_share: str = "none"  # CFG-branch sharing of attn1 outputs: none | cond_to_uncond | uncond_to_cond
+    cfg_share_from: float = 0.5  # sharing applies from this fraction of the evaluations on, in [0, 1]
 
     def __post_init__(self) -> None:
         _choice("target", self.target, TARGETS)
@@ -78,6 +88,19 @@ class ReuseConfig:
         _int_at_least("refresh_interval", self.refresh_interval, 1)
         _int_at_least("max_staleness", self.max_staleness, 0)
         _int_at_least("step_stages", self.step_stages, 1)
+        _choice("snr_source", self.snr_source, SNR_SOURCES)
+        _choice("cfg_share", self.cfg_share, CFG_SHARES)
+        _in_range("entropy_tau", self.entropy_tau, 0.0, 1.0)
+        _in_range("snr_min", self.snr_min, 0.0, float("inf"))
+        _in_range("snr_max", self.snr_max, 0.0, float("inf"))
+        _in_range("cfg_share_from", self.cfg_share_from, 0.0, 1.0)
+        _int_at_least("entropy_rows", self.entropy_rows, 1)
+        if self.snr_min > self.snr_max:
+            raise DqarError(f"snr_min = {self.snr_min} is above snr_max = {self.snr_max}", "use snr_min <= snr_max")
+        if self.gate and self.plan_file:
+            raise DqarError("gate = true and plan_file are exclusive", "use the online gate or a saved plan, not both")
+        if self.cfg_share != "none" and self.target == "kv":
+            raise DqarError("cfg_share needs target = 'attention'", "set target = 'attention' or cfg_share = 'none'")
         if self.kv_mixed and self.target != "kv":
             raise DqarError("kv_mixed = true needs target = 'kv'", "set target = 'kv' or kv_mixed = false")
         if self.target == "kv" and self.granularity == "block":
@@ -125,8 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "scheduling_only": {"schedule": "linear", "cache_dtype": "model"},
     # INT8 cache with every layer eligible after warmup.
     "quant_cache_only": {"schedule": "constant", "cache_dtype": "int8", "quant_mode": "token"},
-    # Linear layer schedule + INT8 cache.
-    "full_dqar": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token"},
+    # Linear layer schedule + INT8 cache + the online entropy/SNR gate.
+    "full_dqar": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token", "gate": True},
     # Whole-block reuse (attention + MLP residual), every layer eligible after warmup, INT8 cache.
     "block_reuse": {"schedule": "constant", "granularity": "block", "cache_dtype": "int8", "quant_mode": "token"},
 }

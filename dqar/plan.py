@@ -153,12 +153,13 @@ def build_plan(cfg: ReuseConfig, num_evaluations: int, num_layers: int, key: dic
         return plan
     mask = np.zeros((num_evaluations, num_layers), dtype=bool)
     if cfg.enabled:
-        eligible = _eligibility(cfg, num_evaluations, num_layers)
+        eligible = eligibility(cfg, num_evaluations, num_layers)
         mask = apply_refresh(eligible, cfg.refresh_interval, cfg.max_staleness)
     return Plan(mask=mask, key=dict(key or {}))
 
 
-def _eligibility(cfg: ReuseConfig, num_evaluations: int, num_layers: int) -> np.ndarray:
+def eligibility(cfg: ReuseConfig, num_evaluations: int, num_layers: int) -> np.ndarray:
+    """(E, L) bool: where the schedule, warmup and cooldown allow reuse at all (before refresh and staleness)."""
     start, stop = reuse_window(cfg, num_evaluations)
     eligible = np.zeros((num_evaluations, num_layers), dtype=bool)  # (E, L)
     span = max(stop - start - 1, 1)
@@ -172,7 +173,7 @@ def apply_refresh(eligible: np.ndarray, refresh_interval: int, max_staleness: in
 
     Staleness of a reused output = evaluations since it was computed. Evaluation 0 always computes.
     """
-    limit = min(refresh_interval - 1, max_staleness)
+    limit = staleness_limit(refresh_interval, max_staleness)
     mask = np.zeros_like(eligible, dtype=bool)
     staleness = np.zeros(eligible.shape[1], dtype=np.int64)  # (L,) evaluations since last compute, at the next one
     for e in range(eligible.shape[0]):
@@ -180,6 +181,11 @@ def apply_refresh(eligible: np.ndarray, refresh_interval: int, max_staleness: in
         mask[e] = reuse
         staleness = np.where(reuse, staleness + 1, 0)
     return mask
+
+
+def staleness_limit(refresh_interval: int, max_staleness: int) -> int:
+    """The most consecutive evaluations a layer may reuse one computed output."""
+    return min(refresh_interval - 1, max_staleness)
 
 
 def max_run_staleness(mask: np.ndarray) -> int:

@@ -8,6 +8,7 @@ patched modules only get their `forward` replaced, and `detach` puts it back.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from .cache import LayerCache, StorePolicy
 from .config import ReuseConfig
 from .errors import DqarError
-from .flops import dit_shape, forward_flops, skipped_flops
+from .flops import attention_flops, dit_shape, forward_flops, skipped_flops
 from .plan import Plan, build_plan
+from .signals import Needs, SignalRecorder, attention_with_entropy, is_plain_attention, normalized_entropy, relative_change
 from .stats import ReuseStats, summarize
 
 _ATTACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -28,7 +30,13 @@ EXECUTORS = ("patch", "fused", "compiled")
 
 
 class Decider(Protocol):
-    """Chooses, per evaluation, which layers reuse and which computed outputs must be stored."""
+    """Chooses, per evaluation, which layers reuse and which computed outputs must be stored.
+
+    A decider may declare `needs` (a `dqar.signals.Needs`): the engine then measures those
+    signals and passes its `SignalRecorder` as `begin(..., signals=)`. `row(e)` is called once
+    at the start of evaluation e; it may read the signals back at most once (counting it in
+    `signals.host_syncs`).
+    """
 
     def begin(self, num_evaluations: int, num_layers: int, scheduler: Any) -> None: ...
 
@@ -67,6 +75,15 @@ class PlanDecider:
         return self._store[evaluation]
 
 
+def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
+    """The decider a config asks for: the online gate (`gate = true`), else a plan (schedule, file or given)."""
+    if cfg.gate and plan is None:
+        from .gate import GateDecider
+
+        return GateDecider(cfg)
+    return PlanDecider(cfg, key, plan)
+
+
 @dataclass
 class GenerationState:
     """Everything that changes during one generation; replaced at the start of the next."""
@@ -82,6 +99,11 @@ class GenerationState:
     host_syncs: int = 0
     nonfinite: int = 0
     shape: tuple[int, int] = (0, 0)  # latent (H, W)
+    signals: SignalRecorder | None = None  # measured signals, when the decider needs any
+    share_from: int = -1  # CFG-branch sharing from this evaluation on (-1: never)
+    guided: bool | None = None  # the batch is [conditional; unconditional] (None: look at the labels once)
+    sharing: bool = False  # attn1 computes one CFG half in the current evaluation
+    shared: np.ndarray | None = None  # (E, L) bool: attn1 computed on one half and copied to the other
 
 
 class ReuseEngine:
@@ -95,16 +117,22 @@ class ReuseEngine:
             raise DqarError(f"{type(transformer).__name__} has no transformer_blocks", "pass a diffusers DiTTransformer2DModel or DiTPipeline")
         self.transformer = transformer
         self.cfg = cfg
-        self.decider = decider or PlanDecider(cfg)
+        self.decider = decider or make_decider(cfg)
         self.scheduler = scheduler  # optional: a pipeline's scheduler, to detect new generations
         self.blocks = list(transformer.transformer_blocks)
         if executor not in EXECUTORS:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTORS)}")
         self.executor = executor  # "patch": wrap attn1 / block; "fused"/"compiled": pure block functions (dqar.compiled)
+        self.needs: Needs = getattr(self.decider, "needs", None) or Needs()
+        if executor != "patch" and (self.needs.any or cfg.cfg_share != "none"):
+            raise DqarError(f"the gate, signal traces and cfg_share run on the 'patch' executor, not '{executor}'", "use executor = 'patch'")
+        if self.needs.entropy and not all(is_plain_attention(b.attn1) for b in self.blocks):
+            raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
         self.state: GenerationState | None = None
         self.last_stats: ReuseStats | None = None
         self._patched: list[tuple[torch.nn.Module, Any]] = []
         self._hook = None
+        self._post_hook = None
         self._attach()
 
     # ----- attach / detach -------------------------------------------------------------
@@ -112,14 +140,19 @@ class ReuseEngine:
         if self.executor != "patch":
             self._attach_fused()
             return
+        inner = self.needs.entropy or self.cfg.cfg_share != "none"  # attn1 must measure or share inside whole blocks
         for layer, block in enumerate(self.blocks):
             if self.cfg.granularity == "block":
                 self._patch(block, functools.partial(self._block_forward, layer, block.forward))
+                if inner:
+                    self._patch(block.attn1, functools.partial(self._attn_compute, layer, block.attn1, block.attn1.forward))
             elif self.cfg.target == "kv":
                 self._patch(block.attn1, functools.partial(self._kv_forward, layer, block.attn1))
             else:
-                self._patch(block.attn1, functools.partial(self._attn_forward, layer, block.attn1.forward))
+                self._patch(block.attn1, functools.partial(self._attn_forward, layer, block.attn1, block.attn1.forward))
         self._hook = self.transformer.register_forward_pre_hook(self._on_evaluation, with_kwargs=True)
+        if self.needs.snr or self.needs.record:
+            self._post_hook = self.transformer.register_forward_hook(self._after_evaluation, with_kwargs=True)
         _ATTACHED.add(self.transformer)
 
     def _attach_fused(self) -> None:
@@ -144,9 +177,10 @@ class ReuseEngine:
             else:
                 module.forward = previous
         self._patched.clear()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._post_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._post_hook = None
         _ATTACHED.discard(self.transformer)
         self.state = None
 
@@ -155,18 +189,33 @@ class ReuseEngine:
         return self._hook is not None
 
     # ----- generation lifecycle ----------------------------------------------------------
-    def begin_generation(self, num_evaluations: int, scheduler: Any = None) -> None:
-        """Reset all state for a generation of `num_evaluations` model evaluations."""
+    def begin_generation(self, num_evaluations: int, scheduler: Any = None, guided: bool | None = None) -> None:
+        """Reset all state for a generation of `num_evaluations` model evaluations.
+
+        `guided`: the sampler batches [conditional; unconditional] rows (CFG); None lets the engine
+        look at the class labels once (one host read) when CFG-branch sharing needs to know.
+        """
         if num_evaluations < 1:
             raise DqarError(f"a generation needs at least one model evaluation, got {num_evaluations}", "use steps >= 1")
         num_layers = len(self.blocks)
-        self.decider.begin(num_evaluations, num_layers, scheduler)
+        signals = SignalRecorder(self.needs, num_evaluations, num_layers, scheduler) if self.needs.any else None
+        if signals is None:
+            self.decider.begin(num_evaluations, num_layers, scheduler)
+        else:
+            self.decider.begin(num_evaluations, num_layers, scheduler, signals=signals)
+        share_from = -1
+        if self.cfg.enabled and self.cfg.cfg_share != "none":
+            share_from = math.ceil(self.cfg.cfg_share_from * num_evaluations)
         self.state = GenerationState(
             num_evaluations=num_evaluations,
             cache=LayerCache(num_layers, self._policies(), self.cfg.track_quant_error),
             executed=np.zeros((num_evaluations, num_layers), dtype=bool),
             rows_per_eval=[],
             timesteps_ref=getattr(scheduler, "timesteps", None),
+            signals=signals,
+            share_from=share_from,
+            guided=guided,
+            shared=np.zeros((num_evaluations, num_layers), dtype=bool),
         )
 
     def end_generation(self) -> ReuseStats | None:
@@ -199,8 +248,35 @@ class ReuseEngine:
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
         st.rows_per_eval.append(hidden.shape[0])
         st.shape = (hidden.shape[-2], hidden.shape[-1])
+        if st.signals is not None:
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            st.signals.begin_evaluation(e, timestep, hidden.device)
+        st.sharing = 0 <= st.share_from <= e and self._is_guided(st, args, kwargs, hidden.shape[0])
         st.row = self.decider.row(e)
         st.store = self.decider.store_row(e)
+
+    def _is_guided(self, st: GenerationState, args, kwargs, batch: int) -> bool:
+        """Whether the batch is [conditional; unconditional]; asked of the labels once per generation if unknown."""
+        if batch % 2:
+            return False
+        if st.guided is None:
+            labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+            null = int(self.transformer.config.num_embeds_ada_norm)
+            if labels is None:
+                st.guided = False
+            else:
+                half = labels.reshape(-1)[batch // 2 :]
+                st.guided = bool((half == null).all())  # one host read per generation
+                st.host_syncs += 1
+        return st.guided
+
+    def _after_evaluation(self, module, args, kwargs, output) -> None:
+        """Forward post-hook: signals of the evaluation's output (prediction SNR), on the device."""
+        st = self.state
+        if st is not None and st.signals is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            st.signals.end_evaluation(hidden, sample)
 
     def _maybe_autobegin(self) -> None:
         """Inside a stock pipeline: a new `scheduler.timesteps` object means a new generation."""
@@ -208,20 +284,38 @@ class ReuseEngine:
         if sched is not None and (self.state is None or sched.timesteps is not self.state.timesteps_ref):
             if self.state is not None and self.state.evaluation >= 0:
                 self.end_generation()
-            self.begin_generation(len(sched.timesteps), sched)
+            self.begin_generation(len(sched.timesteps), sched)  # guided: read from the labels when sharing needs it
         elif self.state is None:
             raise DqarError("no generation has begun", "sample with dqar.sampling.sample(..., reuse=handle) or call handle.begin_generation(steps)")
 
     # ----- patched forwards (hot path) -----------------------------------------------------
-    def _attn_forward(self, layer: int, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _attn_forward(self, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
         if st.row[layer] and st.cache.has(layer):
             st.executed[st.evaluation, layer] = True
             return st.cache.get(layer)[0]  # (B, T, C)
-        out = original(hidden_states, *args, **kwargs)  # (B, T, C)
+        out = self._attn_compute(layer, attn, original, hidden_states, *args, **kwargs)  # (B, T, C)
+        if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
+            st.signals.put_change(layer, relative_change(out, st.cache.get(layer)[0]))
         if st.store[layer]:
             st.cache.put(layer, out)
         return out
+
+    def _attn_compute(self, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """attn1 computed: on one CFG half when sharing (copied to the other), measuring entropy when needed."""
+        st = self.state
+        x = hidden_states  # (B, T, C)
+        if st.sharing:
+            half = x.shape[0] // 2
+            x = x[:half] if self.cfg.cfg_share == "cond_to_uncond" else x[half:]  # (B/2, T, C)
+            st.shared[st.evaluation, layer] = True
+        sig = st.signals
+        if sig is not None and sig.needs.entropy:
+            out, entropy = attention_with_entropy(attn, x, sig.rows(x.shape[1], x.device))
+            sig.put_entropy(layer, entropy)
+        else:
+            out = original(x, *args, **kwargs)
+        return torch.cat([out, out]) if st.sharing else out
 
     def _block_forward(self, layer: int, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
@@ -229,6 +323,8 @@ class ReuseEngine:
             st.executed[st.evaluation, layer] = True
             return hidden_states + st.cache.get(layer)[0]  # (B, T, C) residual of attention + MLP
         out = original(hidden_states, *args, **kwargs)
+        if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
+            st.signals.put_change(layer, relative_change(out - hidden_states, st.cache.get(layer)[0]))
         if st.store[layer]:
             st.cache.put(layer, out - hidden_states)
         return out
@@ -243,8 +339,13 @@ class ReuseEngine:
             k, v = st.cache.get(layer)
         else:
             k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, T, C) each
+            if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
+                st.signals.put_change(layer, relative_change(v, st.cache.get(layer)[1]))
             if st.store[layer]:
                 st.cache.put(layer, k, v)
+            if st.signals is not None and st.signals.needs.entropy:
+                q4, k4 = (x.view(b, t, attn.heads, -1).transpose(1, 2) for x in (q, k))  # (B, H, T, D)
+                st.signals.put_entropy(layer, normalized_entropy(q4.index_select(2, st.signals.rows(t, q.device)), k4, q4.shape[-1] ** -0.5))
         heads = attn.heads
         q, k, v = (x.view(b, t, heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (B, H, T, D)
@@ -258,13 +359,17 @@ class ReuseEngine:
         shape = dit_shape(self.transformer.config, *st.shape)
         per_row_skip = skipped_flops(shape, self.cfg.target, self.cfg.granularity)
         rows = np.asarray(st.rows_per_eval[:done], dtype=np.int64)
+        shared = st.shared[:done] & ~mask  # (E, L) attn1 computed on half the rows
+        share_skip = int((shared.sum(axis=1) * (rows // 2)).sum()) * attention_flops(shape)
+        syncs = st.host_syncs + (st.signals.host_syncs if st.signals is not None else 0)
         return summarize(
             mask,
             cache_bytes=st.cache.bytes_now,
             cache_bytes_peak=st.cache.bytes_peak,
             quant_error=st.cache.mean_error(),
             flops_total=int(rows.sum()) * forward_flops(shape),
-            flops_skipped=int((mask.sum(axis=1) * rows).sum()) * per_row_skip,
-            host_syncs=st.host_syncs,
+            flops_skipped=int((mask.sum(axis=1) * rows).sum()) * per_row_skip + share_skip,
+            host_syncs=syncs,
             nonfinite_recomputes=st.nonfinite,
+            cfg_shared=int(shared.sum()),
         )

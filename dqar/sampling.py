@@ -124,7 +124,7 @@ def sample(
     instead: sample i uses its own CPU generator seeded `seed + i`, so a sample
     does not depend on how the labels are batched or sharded. `eta` is DDIM's
     (0 = deterministic). `vae`: decode latents; None for pixel-space models.
-    `reuse`: an engine with `begin_generation(scheduler=, num_evaluations=)` and
+    `reuse`: an engine with `begin_generation(scheduler=, num_evaluations=, guided=)` and
     `end_generation()`; each transformer forward is one evaluation. `dtype`:
     latent dtype, default the transformer's.
     """
@@ -151,7 +151,7 @@ def sample(
     timesteps_dev = timesteps.to(device)  # one copy, none per step
     num_evaluations = len(timesteps)
     if reuse is not None:
-        reuse.begin_generation(scheduler=scheduler, num_evaluations=num_evaluations)
+        reuse.begin_generation(scheduler=scheduler, num_evaluations=num_evaluations, guided=guided)
     try:
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
             model_input = torch.cat([latents, latents]) if guided else latents  # (2N or N, C, h, w)

@@ -24,6 +24,13 @@ class ReuseStats:
     flops_skipped: int
     host_syncs: int  # device→host reads on the engine's path during the generation
     nonfinite_recomputes: int = 0  # reuses refused because the cached value was not finite
+    cfg_shared: int = 0  # layer-evaluations whose attn1 ran on one CFG half and was copied to the other
+
+    @property
+    def attention_skipped_fraction(self) -> float:
+        """Share of attention-sublayer work not done: reused layer-evaluations + half of the CFG-shared ones."""
+        cells = self.evaluations * self.layers
+        return (self.reused + 0.5 * self.cfg_shared) / cells if cells else 0.0
 
     @property
     def flops_skipped_fraction(self) -> float:
@@ -32,6 +39,7 @@ class ReuseStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["flops_skipped_fraction"] = self.flops_skipped_fraction
+        d["attention_skipped_fraction"] = self.attention_skipped_fraction
         return d
 
 

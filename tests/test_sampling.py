@@ -122,7 +122,7 @@ class Recorder:
     def _count(self, module, args):
         self.forwards += 1
 
-    def begin_generation(self, *, scheduler, num_evaluations):
+    def begin_generation(self, *, scheduler, num_evaluations, guided=None):
         self.events.append(("begin", num_evaluations, len(scheduler.timesteps), self.forwards))
 
     def end_generation(self):
