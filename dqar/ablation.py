@@ -4,21 +4,24 @@ Protocol (written into the report's methodology):
 - every configuration draws the same labels and the same initial noise (sample i: seed + i);
 - for each sampling setting, one untimed warm-up generation of the baseline runs first; its images
   are the reference of every paired fidelity metric at that setting;
-- each configuration is timed `repeats` times, interleaved with as many baseline timings
+- each configuration runs once untimed (warm-up; its images and reuse statistics are reported),
+  then is timed `repeats` times, interleaved with as many baseline timings
   (B C, C B, B C, ...), so drift of a shared machine hits both alike; the speedup is
   median(baseline times) / median(configuration times) of those interleaved runs;
 - a configuration whose resolved config equals one already measured reuses that measurement.
 
-Results are written atomically after every configuration (JSON, report, plots); `resume`
+Results are written atomically after every configuration (JSON and report; figures at the end); `resume`
 skips configurations already complete (same name and config hash); Ctrl-C leaves a valid
 partial report.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import statistics
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,7 +42,8 @@ HEATMAP_FILE = "reuse_heatmap.png"
 FORMAT = "dqar-ablation/1"
 
 TIMING_METHOD = (
-    "one untimed warm-up generation of the baseline per sampling setting; then, per configuration, "
+    "one untimed warm-up generation of the baseline per sampling setting (its images are the fidelity reference); "
+    "per configuration, one untimed warm-up generation (its images and reuse statistics are reported), then "
     "{repeats} timed generations interleaved with {repeats} baseline generations (B C, C B, ...); "
     "time = median of the configuration's runs; speedup = median(interleaved baseline runs) / "
     "median(configuration runs); clock: {clock}"
@@ -67,6 +71,7 @@ class AblationOptions:
     repeats: int | None = None  # tests only: override the grid's repeats (may be < 3)
     stop_after: int | None = None  # tests only: interrupt after this many configurations of this run
     steps: int | None = None  # override the grid's shared step count ([sample] steps)
+    threads: int | None = None  # CPU intra-op threads while timing (default 1); ignored on GPU
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Reference:
     """The baseline's images at one sampling setting, and its classifier metrics."""
 
     images: torch.Tensor
+    generation: Any = None  # the warm-up generation that produced them
     accuracy: float | None = None
     fd: float | None = None
 
@@ -245,17 +251,27 @@ def make_reference(loaded, labels, run: RunConfig, evaluator: Evaluator | None) 
     from . import metrics as M
     from .generate import generate
 
-    images = generate(loaded, labels, _baseline_run(run)).output.images
-    ref = Reference(images)
+    gen = generate(loaded, labels, _baseline_run(run))
+    images = gen.output.images
+    ref = Reference(images, gen)
     if evaluator is not None:
         ref.accuracy = M.class_accuracy(images, labels, evaluator.classifier)
         ref.fd = M.fd_to_reference(images, evaluator.classifier, evaluator.stats)
     return ref
 
 
-def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable[[], None] = lambda: None) -> dict:
-    """Interleaved timings, peak memory, images and reuse stats of one configuration."""
+def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable[[], None] = lambda: None,
+            warm=None) -> dict:
+    """An untimed warm-up generation (its images and stats are reported), then interleaved timings and peak memory.
+
+    `warm`: a warm-up generation already made (the baseline's reference run).
+    """
+    from .generate import generate
+
     base = _baseline_run(entry.run)
+    if warm is None:
+        warm = generate(loaded, labels, entry.run)
+        tick()
     own, other, gens = [], [], []
     peaks, base_peaks = [], []
     for r in range(repeats):
@@ -273,7 +289,7 @@ def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable
             tick()
     if entry.is_baseline:
         other, base_peaks = list(own), list(peaks)
-    first = gens[0]
+    first = warm
     n = len(labels)
     peak = max(peaks) if None not in peaks else None
     base_peak = max(base_peaks) if None not in base_peaks else None
@@ -292,7 +308,7 @@ def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable
             "peak_memory_bytes": peak,
             "baseline_peak_memory_bytes": base_peak,
             "memory_reduction": (1.0 - peak / base_peak) if peak and base_peak else None,
-            "deterministic": all(torch.equal(g.output.images, first.output.images) for g in gens[1:]),
+            "deterministic": all(torch.equal(g.output.images, first.output.images) for g in gens),
         },
     }
 
@@ -416,29 +432,84 @@ def _comparison(out: Path, records: list[dict]) -> None:
         comparison(rows, out / COMPARISON_FILE, scale=4 if next(iter(rows.values())).shape[-1] < 128 else 1)
 
 
-def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | None | str = "auto",
-                 on_record: Callable[[dict], None] | None = None) -> Outcome:
-    """Run (or resume) a study; returns what was done. `loaded`/`evaluator` may be injected (tests)."""
-    import time
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int | None):
+    """On CPU, time with `threads` intra-op threads (default 1: stable timings, no oversubscription); restored after."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    from .device import resolve_device, resolve_dtype
+
+def _resume_into(st: _State, old: dict, entries: Sequence[G.Entry]) -> None:
+    """Take over the finished records of a previous run that match a planned (name, config hash)."""
+    st.results["created"] = old.get("created", st.results["created"])
+    wanted = {(e.name, e.config_hash) for e in entries}
+    for rec in old["records"]:
+        key = (rec["name"], rec["config_hash"])
+        if key in wanted:
+            st.done[key] = rec
+            if rec.get("same_as") is None:
+                st.by_hash.setdefault(rec["config_hash"], rec)
+
+
+def _run_entry(entry: G.Entry, base: G.Entry, st: _State, ctx: dict, bars: "_Bars") -> dict:
+    """Measure one configuration (or copy an identical one) and save its images; returns its record."""
     from .images import save_samples
 
-    t0 = time.perf_counter()
-    out = Path(opts.out)
+    out, loaded, labels, evaluator = ctx["out"], ctx["loaded"], ctx["labels"], ctx["evaluator"]
+    if entry.config_hash in st.by_hash:
+        source = st.by_hash[entry.config_hash]
+        _copy_images(out / "images" / source["slug"], out / "images" / entry.slug)
+        return _copy_record(entry, base, source)
+    if entry.calibration:
+        entry = calibrated(entry, loaded, labels, out)
+    if entry.run.sample not in st.refs:
+        st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
+    ref = st.refs[entry.run.sample]
+    measured = measure(loaded, labels, entry, ctx["repeats"], ctx["device"], tick=bars.tick,
+                       warm=ref.generation if entry.is_baseline else None)
+    fid = fidelity(measured["images"], ref, labels, evaluator)
+    save_samples(measured["images"], labels, out / "images" / entry.slug, scale=1 if measured["images"].shape[-1] >= 128 else 4)
+    rec = make_record(entry, base, measured, fid, ctx["env"])
+    st.by_hash[entry.config_hash] = rec
+    return rec
+
+
+def _setup(opts: AblationOptions, loaded):
+    """(study, previous results or None, loaded model)."""
+    from .device import resolve_device, resolve_dtype
+
     study = G.load_grid(opts.config or G.builtin_grid(opts.quick), repeats=opts.repeats)
     if opts.steps is not None:
         study = G.with_sample(study, steps=opts.steps)
-    old = load_results(out)
+    old = load_results(Path(opts.out))
     if old is not None and not opts.resume:
-        raise DqarError(f"{out / RESULTS_FILE} already holds {len(old['records'])} finished configurations",
+        raise DqarError(f"{Path(opts.out) / RESULTS_FILE} already holds {len(old['records'])} finished configurations",
                         "pass --resume to continue that study, or choose another --out")
     if loaded is None:
-        device = resolve_device(opts.device)
         from .models import load_model
 
+        device = resolve_device(opts.device)
         loaded = load_model(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+    return study, old, loaded
+
+
+def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | None | str = "auto",
+                 on_record: Callable[[dict], None] | None = None) -> Outcome:
+    """Run (or resume) a study; returns what was done. `loaded`/`evaluator` may be injected (tests)."""
+    t0 = time.perf_counter()
+    study, old, loaded = _setup(opts, loaded)
     device = loaded.transformer.device
+    with cpu_threads(device, opts.threads):
+        return _run(opts, study, old, loaded, device, evaluator, on_record, t0)
+
+
+def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
+    out = Path(opts.out)
     if evaluator == "auto":
         evaluator = embedded_evaluator(loaded)
     labels = study_labels(loaded.num_classes, study.samples_per_label)
@@ -449,36 +520,16 @@ def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | N
                          "study": _study_block(study, labels, class_names(loaded, labels), evaluator, device, entries)})
     if old is not None:
         _check_resumable(old, env, labels, study.repeats, out)
-        st.results["created"] = old.get("created", st.results["created"])
-        wanted = {(e.name, e.config_hash) for e in entries}
-        for rec in old["records"]:
-            key = (rec["name"], rec["config_hash"])
-            if key in wanted:
-                st.done[key] = rec
-                if rec.get("same_as") is None:
-                    st.by_hash.setdefault(rec["config_hash"], rec)
-    todo = [e for e in entries if (e.name, e.config_hash) not in st.done]
+        _resume_into(st, old, entries)
+    ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats,
+           "device": device, "env": env}
     ran, interrupted = 0, False
     bars = _Bars(len(entries), len(st.done), study.repeats, opts.progress)
     try:
         _write(out, st, entries, "partial")
-        for entry in todo:
-            base = G.baseline_of(entries, entry)
+        for entry in [e for e in entries if (e.name, e.config_hash) not in st.done]:
             bars.start(entry)
-            if entry.config_hash in st.by_hash:
-                rec = _copy_record(entry, base, st.by_hash[entry.config_hash])
-                _copy_images(out / "images" / st.by_hash[entry.config_hash]["slug"], out / "images" / entry.slug)
-            else:
-                if entry.calibration:
-                    entry = calibrated(entry, loaded, labels, out)
-                if entry.run.sample not in st.refs:
-                    st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
-                measured = measure(loaded, labels, entry, study.repeats, device, tick=bars.tick)
-                fid = fidelity(measured["images"], st.refs[entry.run.sample], labels, evaluator)
-                save_samples(measured["images"], labels, out / "images" / entry.slug,
-                             scale=1 if measured["images"].shape[-1] >= 128 else 4)
-                rec = make_record(entry, base, measured, fid, env)
-                st.by_hash[entry.config_hash] = rec
+            rec = _run_entry(entry, G.baseline_of(entries, entry), st, ctx, bars)
             st.done[(entry.name, entry.config_hash)] = rec
             ran += 1
             bars.finish()
@@ -506,7 +557,7 @@ class _Bars:
         self.inner = None
 
     def start(self, entry: G.Entry) -> None:
-        runs = self.repeats if entry.is_baseline else 2 * self.repeats
+        runs = self.repeats if entry.is_baseline else 1 + 2 * self.repeats
         self.inner = self._tqdm(total=runs, desc=entry.name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
 
     def tick(self) -> None:

@@ -192,7 +192,7 @@ def cmd_ablate(args) -> int:
 
     opts = AblationOptions(model=args.model, out=Path(args.out), quick=args.quick, resume=args.resume, config=args.config,
                            device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
-                           stop_after=args.stop_after, steps=args.steps)
+                           stop_after=args.stop_after, steps=args.steps, threads=args.threads)
     done = run_ablation(opts)
     report = Path(args.out) / REPORT_FILE
     if done.interrupted:
@@ -210,6 +210,7 @@ def _ablate_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the small shipped grid (quick.toml) instead of default.toml")
     p.add_argument("--resume", action="store_true", help="continue the study in --out, skipping finished configurations")
     p.add_argument("--config", default=None, help="a grid TOML file replacing the shipped one (format: dqar/grids/default.toml)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default 1: stable timings); ignored on GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
