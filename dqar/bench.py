@@ -7,15 +7,17 @@ what travels between machines; absolute times are only meaningful on a quiet dev
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .api import enable
 from .config import ReuseConfig, preset
 from .errors import DqarError
+from .plan import Plan
 from .sampling import make_scheduler, sample
 from .timing import interleaved, median
 
@@ -72,7 +74,7 @@ def _labels(loaded, batch: int) -> list[int]:
     return [(7 * i) % loaded.num_classes for i in range(batch)]
 
 
-def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: str) -> tuple[Callable, Callable]:
+def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: str, plan: Plan | None = None) -> tuple[Callable, Callable]:
     """A closure running one generation (attaching reuse for its duration), and one returning its last stats."""
     scheduler = make_scheduler("ddim", loaded.scheduler_config)
     kwargs = dict(scheduler=scheduler, steps=s.steps, cfg=s.cfg, vae=loaded.vae, null_class=loaded.null_class)
@@ -82,12 +84,22 @@ def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: s
         gens = [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]
         if cfg is None:
             return sample(loaded.transformer, labels, generator=gens, **kwargs)
-        with enable(loaded.transformer, cfg, executor=executor) as handle:
+        with enable(loaded.transformer, cfg, executor=executor, plan=plan) as handle:
             out = sample(loaded.transformer, labels, generator=gens, reuse=handle, **kwargs)
             last[:] = [handle.stats]
         return out
 
     return run, (lambda: last[0] if last else None)
+
+
+def distilled_plan(loaded, labels, s: BenchSettings, cfg: ReuseConfig) -> Plan:
+    """Run the dynamic decider once (eager) and freeze the decisions it took into a plan for the compiled path."""
+    gens = [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]
+    scheduler = make_scheduler("ddim", loaded.scheduler_config)
+    with enable(loaded.transformer, cfg) as handle:
+        sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, vae=loaded.vae,
+               null_class=loaded.null_class, generator=gens, reuse=handle)
+        return Plan(mask=np.array(handle.stats.reuse_mask, dtype=bool))
 
 
 def _stock_case(loaded, labels, s: BenchSettings) -> Callable:
@@ -112,11 +124,14 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
     for name in s.presets:
         cfg = preset(name)
         runs[f"{name}_eager"], stats[f"{name}_eager"] = _case(loaded, labels, s, cfg, "patch")
-        if s.compile and not (cfg.gate or cfg.cfg_share != "none"):  # the gate and CFG sharing run on the patch executor only
-            runs[f"{name}_compiled"], stats[f"{name}_compiled"] = _case(loaded, labels, s, cfg, "compiled")
+        if s.compile and cfg.cfg_share == "none":  # CFG sharing runs on the patch executor only
+            plan = None
+            if cfg.gate:  # the gate's decisions, taken once eagerly, become a plan: zero syncs, compiled
+                plan, cfg = distilled_plan(loaded, labels, s, cfg), replace(cfg, gate=False)
+            runs[f"{name}_compiled"], stats[f"{name}_compiled"] = _case(loaded, labels, s, cfg, "compiled", plan)
             if cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
-                model_cfg = ReuseConfig(**{**asdict(cfg), "cache_dtype": "model"})
-                runs[f"{name}_compiled_modeldtype"], stats[f"{name}_compiled_modeldtype"] = _case(loaded, labels, s, model_cfg, "compiled")
+                model_cfg = replace(cfg, cache_dtype="model")
+                runs[f"{name}_compiled_modeldtype"], stats[f"{name}_compiled_modeldtype"] = _case(loaded, labels, s, model_cfg, "compiled", plan)
     return runs, stats
 
 

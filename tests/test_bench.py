@@ -1,0 +1,33 @@
+"""`dqar bench --quick` on CPU: every case timed, ratios consistent with medians."""
+import json
+
+import pytest
+
+from dqar.bench import BenchSettings
+from dqar.cli import main
+from dqar.errors import DqarError
+from dqar.models import save_pipeline_folder
+
+from conftest import make_tiny_transformer
+
+
+def test_bench_quick_runs_on_cpu(tmp_path):
+    model = save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
+    rc = main(["bench", "--model", str(model), "--quick", "--no-compile", "--presets", "block_reuse", "quant_cache_only",
+               "--batch-sizes", "1", "--out", str(tmp_path / "b"), "--quiet"])
+    assert rc == 0
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"noreuse_eager", "block_reuse_eager", "quant_cache_only_eager"}
+    for r in rows.values():
+        assert len(r["times_s"]) == 3 and min(r["times_s"]) <= r["median_s"] <= max(r["times_s"])
+        assert r["vs_reference"] == pytest.approx(rows["noreuse_eager"]["median_s"] / r["median_s"])
+    assert rows["block_reuse_eager"]["reuse_fraction"] > 0
+    assert "no VAE" in result["stock_pipeline"]
+    assert "| 1 | block_reuse_eager |" in (tmp_path / "b" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("kw", [{"repeats": 2}, {"batch_sizes": (0,)}, {"steps": 0}, {"presets": ("fast",)}])
+def test_bench_settings_refuse_bad_values(kw):
+    with pytest.raises(DqarError):
+        BenchSettings(**kw)
