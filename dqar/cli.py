@@ -218,6 +218,65 @@ def _ablate_parser(sub) -> None:
     p.set_defaults(func=cmd_ablate)
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .device import resolve_device, resolve_dtype
+    from .io import atomic_write_json
+    from .labels import default_labels, parse_labels
+    from .models import load_model
+    from .plan import save_plan
+
+    run = _run_config(args)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    classes = parse_labels(args.classes, loaded.num_classes, loaded.class_names) if args.classes else default_labels(loaded.num_classes)
+    if args.samples < 1:
+        raise DqarError(f"--samples {args.samples} is invalid", "use at least 1 calibration sample")
+    labels = [classes[i % len(classes)] for i in range(args.samples)]
+    cal = calibrate(loaded, labels, run, target_fraction=args.target, error_budget=args.budget,
+                    max_staleness=args.max_staleness, progress=not args.quiet)
+    save_plan(cal.plan, args.out)
+    if args.trace:
+        atomic_write_json(Path(args.trace), {"key": cal.plan.key, "labels": labels, **cal.trace.to_dict()})
+    print(f"wrote plan {args.out} for {cal.plan.key}: reuse {100 * cal.plan.reuse_fraction:.1f}% "
+          f"of {cal.plan.num_evaluations} evaluations x {cal.plan.num_layers} layers (use it with plan_file = \"{args.out}\")")
+    return 0
+
+
+def _calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="derive a reuse plan from one full-compute pass on a few samples",
+                       description="Records per (evaluation, layer) the relative change of attn1's output, its entropy and the "
+                                   "SNR, then picks the cells with the smallest accumulated change. The plan is keyed by model, "
+                                   "sampler and steps; sampling with it makes no host syncs.")
+    _model_args(p)
+    p.add_argument("--classes", nargs="+", default=None, help="class ids or names cycled over the samples (default: all classes)")
+    p.add_argument("--samples", type=int, default=8, help="calibration samples (default 8)")
+    _sampling_args(p)
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target", type=float, default=None, help="reuse fraction of all (evaluation, layer) cells, e.g. 0.5")
+    goal.add_argument("--budget", type=float, default=None, help="largest estimated relative error of any reused cell, e.g. 0.1")
+    p.add_argument("--max-staleness", type=int, default=None, help="longest reuse run (default: the config's max_staleness)")
+    p.add_argument("--out", default="plan.json", help="plan JSON (default plan.json)")
+    p.add_argument("--trace", default=None, help="also write the recorded signals as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_fidelity(args) -> int:
+    from .evidence import run_section
+
+    return run_section(args)
+
+
+def _fidelity_parser(sub) -> None:
+    from .evidence import add_arguments
+
+    p = sub.add_parser("fidelity", help="fidelity evidence on the embedded model, written to docs/FIDELITY.md")
+    p.add_argument("--section", required=True, choices=["dynamic"], help="dynamic: static schedules vs gate vs calibrated plans vs CFG sharing")
+    add_arguments(p)
+    p.set_defaults(func=cmd_fidelity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dqar", description="Dynamic and Quantization-Aware Attention Reuse for DiT sampling")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -226,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _fid_sample_parser(sub)
     _fid_parser(sub)
     _ablate_parser(sub)
+    _calibrate_parser(sub)
+    _fidelity_parser(sub)
     return parser
 
 
