@@ -14,7 +14,7 @@ from conftest import make_tiny_transformer
 def test_bench_quick_runs_on_cpu(tmp_path):
     model = save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
     rc = main(["bench", "--model", str(model), "--quick", "--no-compile", "--presets", "block_reuse", "quant_cache_only",
-               "--batch-sizes", "1", "--out", str(tmp_path / "b"), "--quiet"])
+               "--batch-sizes", "1", "--steps", "4", "--out", str(tmp_path / "b"), "--quiet"])
     assert rc == 0
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     rows = {r["case"]: r for r in result["rows"]}
