@@ -1,0 +1,165 @@
+"""Bad input at every CLI command: one line naming the problem and the fix, exit code 2, no traceback.
+
+`python tests/test_bad_input.py` rewrites the case table in docs/RELIABILITY.md from these cases.
+"""
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from dqar.cli import main
+from dqar.models import save_pipeline_folder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_tiny_transformer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (case id, argv with {model}/{tmp} placeholders, text the message must contain)
+CASES = [
+    ("unknown class id", "sample --model {model} --classes 12", "out of range"),
+    ("negative class id", "sample --model {model} --classes -1", "out of range"),
+    ("unknown class name", "sample --model {model} --classes shoe", "unknown class"),
+    ("zero steps", "sample --model {model} --steps 0", "steps"),
+    ("negative steps", "sample --model {model} --steps -5", "steps"),
+    ("negative cfg", "sample --model {model} --cfg -1", "cfg"),
+    ("eta out of range", "sample --model {model} --eta 2", "eta"),
+    ("negative seed", "sample --model {model} --seed -1", "seed"),
+    ("unknown sampler", "sample --model {model} --sampler euler", "unknown sampler"),
+    ("unknown preset", "sample --model {model} --preset fast_dqar", "unknown preset"),
+    ("unknown dtype", "sample --model {model} --dtype fp8", "unknown dtype"),
+    ("CUDA without a GPU", "sample --model {model} --device cuda", "no GPU"),
+    ("missing config file", "sample --model {model} --config {tmp}/none.toml", "does not exist"),
+    ("invalid TOML", "sample --model {model} --config {tmp}/broken.toml", "not valid TOML"),
+    ("mistyped config key", "sample --model {model} --config {tmp}/typo.toml", "did you mean 'warmup_frac'"),
+    ("unknown top-level key", "sample --model {model} --config {tmp}/top.toml", "unknown config key"),
+    ("unknown schedule", "sample --model {model} --config {tmp}/schedule.toml", "unknown schedule"),
+    ("unknown quant mode", "sample --model {model} --config {tmp}/quant.toml", "unknown quant_mode"),
+    ("threshold out of range", "sample --model {model} --config {tmp}/tau.toml", "entropy_tau"),
+    ("SNR window inverted", "sample --model {model} --config {tmp}/snr.toml", "snr_min"),
+    ("plan for another step count", "sample --model {model} --steps 7 --config {tmp}/plan_cfg.toml", "plan was made for steps"),
+    ("corrupt plan file", "sample --model {model} --config {tmp}/badplan_cfg.toml", "not a valid dqar plan"),
+    ("missing model folder", "sample --model {tmp}/nowhere/model", "neither an existing folder nor a hub id"),
+    ("hub id offline", "sample --model someone/not-a-model", "someone/not-a-model"),
+    ("truncated safetensors", "sample --model {tmp}/truncated", "safetensors"),
+    ("pickle weights only", "sample --model {tmp}/pickled", "safetensors"),
+    ("unwritable output folder", "sample --model {model} --steps 2 --classes 0 --out {tmp}/afile/sub", "cannot write"),
+    ("bench batch 0", "bench --model {model} --batch-sizes 0", "batch sizes"),
+    ("bench too few repeats", "bench --model {model} --repeats 1", "repeats"),
+    ("bench unknown preset", "bench --model {model} --presets turbo", "unknown preset"),
+    ("ablate missing grid", "ablate --model {model} --config {tmp}/none.toml", "does not exist"),
+    ("ablate unknown grid key", "ablate --model {model} --config {tmp}/badgrid.toml --out {tmp}/abl", "unknown"),
+    ("calibrate target out of range", "calibrate --model {model} --target 1.5 --out {tmp}/p.json", "target"),
+    ("fid-sample zero samples", "fid-sample --model {model} --num-samples 0 --out {tmp}/s.npz", "num"),
+    ("fid-sample batch 0", "fid-sample --model {model} --num-samples 4 --batch-size 0 --out {tmp}/s.npz", "batch"),
+    ("fid missing samples file", "fid --samples {tmp}/none.npz --embedded", "none.npz"),
+    ("fid without Inception weights", "fid --samples {tmp}/images.npz --ref {tmp}/ref.npz", "inception"),
+    ("policy checkpoint missing", "sample --model {model} --config {tmp}/policy_missing.toml", "policy"),
+    ("policy checkpoint not safetensors", "sample --model {model} --config {tmp}/policy_pickle.toml", "policy"),
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("bad"))
+
+
+def make_env(tmp: Path) -> dict:
+    """A tiny 10-class pixel model and the broken files the cases point at."""
+    model = save_pipeline_folder(tmp / "model", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
+    _write(tmp / "broken.toml", "[reuse\nschedule = 'linear'")
+    _write(tmp / "typo.toml", "[reuse]\nwarmup = 0.2\n")
+    _write(tmp / "top.toml", "steps = 50\n")
+    _write(tmp / "schedule.toml", "[reuse]\nschedule = 'cosine'\n")
+    _write(tmp / "quant.toml", "[reuse]\ncache_dtype = 'int8'\nquant_mode = 'row'\n")
+    _write(tmp / "tau.toml", "[reuse]\ngate = true\nentropy_tau = 1.5\n")
+    _write(tmp / "snr.toml", "[reuse]\nsnr_min = 10.0\nsnr_max = 1.0\n")
+    rows = ["." * 4] + ["R" * 4] * 9
+    _write(tmp / "plan.json", json.dumps({"format": "dqar-plan/1", "key": {"steps": 10}, "rows": rows}))
+    _write(tmp / "plan_cfg.toml", f"[reuse]\nplan_file = '{tmp}/plan.json'\n")
+    _write(tmp / "badplan.json", "{not json")
+    _write(tmp / "badplan_cfg.toml", f"[reuse]\nplan_file = '{tmp}/badplan.json'\n")
+    _write(tmp / "badgrid.toml", "[[sweep]]\nname = 'x'\nvary = { warmup = [0.1] }\n")
+    _write(tmp / "afile", "a regular file where a folder is expected")
+    truncated = save_pipeline_folder(tmp / "truncated", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
+    weights = truncated / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    pickled = save_pipeline_folder(tmp / "pickled", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
+    (pickled / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    (pickled / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    import numpy as np
+
+    np.savez(tmp / "images.npz", arr_0=np.zeros((2, 28, 28, 1), dtype=np.uint8))
+    np.savez(tmp / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    _write(tmp / "policy_missing.toml", f"[reuse]\npolicy = '{tmp}/none.safetensors'\n")
+    (tmp / "policy.pt").write_bytes(pickle.dumps({"w": 1}))
+    _write(tmp / "policy_pickle.toml", f"[reuse]\npolicy = '{tmp}/policy.pt'\n")
+    save_file({}, str(tmp / "empty.safetensors"))
+    return {"model": str(model), "tmp": str(tmp)}
+
+
+def run_case(argv: str, env: dict, capsys) -> tuple[int, str]:
+    args = [a.format(**env) for a in argv.split()]
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,argv,expect", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(case, argv, expect, env, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, err = run_case(argv, env, capsys)
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line and "%|" not in line]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert expect.lower() in lines[0].lower(), lines[0]
+
+
+def test_reliability_doc_lists_every_case():
+    doc = (ROOT / "docs" / "RELIABILITY.md").read_text()
+    missing = [case for case, _, _ in CASES if f"| {case} |" not in doc]
+    assert not missing, f"regenerate with `python tests/test_bad_input.py`: {missing}"
+
+
+def _write_doc() -> None:
+    """Run every case and rewrite the table between the markers in docs/RELIABILITY.md."""
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    rows = ["| case | command | exit | message |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as d:
+        e = make_env(Path(d))
+        for case, argv, _ in CASES:
+            buf = io.StringIO()
+            with contextlib.redirect_stderr(buf):
+                try:
+                    rc = main([a.format(**e) for a in argv.split()])
+                except SystemExit as exc:
+                    rc = exc.code
+            msg = [x for x in buf.getvalue().splitlines() if x.strip() and "%|" not in x][-1]
+            msg = msg.replace(e["model"], "MODEL").replace(e["tmp"], "…").replace("|", "\\|")
+            shown = argv.replace("{model}", "MODEL").replace("{tmp}", "…")
+            rows.append(f"| {case} | `dqar {shown}` | {rc} | {msg} |")
+    doc = ROOT / "docs" / "RELIABILITY.md"
+    head, rest = doc.read_text().split("<!-- cases:start -->")
+    _, tail = rest.split("<!-- cases:end -->")
+    doc.write_text(head + "<!-- cases:start -->\n" + "\n".join(rows) + "\n<!-- cases:end -->" + tail)
+
+
+if __name__ == "__main__":
+    _write_doc()
