@@ -4,8 +4,8 @@ Protocol (written into the report's methodology):
 - every configuration draws the same labels and the same initial noise (sample i: seed + i);
 - for each sampling setting, one untimed warm-up generation of the baseline runs first; its images
   are the reference of every paired fidelity metric at that setting;
-- each configuration runs once untimed (warm-up; its images and reuse statistics are reported),
-  then is timed `repeats` times, interleaved with as many baseline timings
+- on GPU each configuration also runs once untimed first (kernel selection, compilation);
+  each configuration is timed `repeats` times, interleaved with as many baseline timings
   (B C, C B, B C, ...), so drift of a shared machine hits both alike; the speedup is
   median(baseline times) / median(configuration times) of those interleaved runs;
 - a configuration whose resolved config equals one already measured reuses that measurement.
@@ -43,8 +43,7 @@ FORMAT = "dqar-ablation/1"
 
 TIMING_METHOD = (
     "one untimed warm-up generation of the baseline per sampling setting (its images are the fidelity reference); "
-    "per configuration, one untimed warm-up generation (its images and reuse statistics are reported), then "
-    "{repeats} timed generations interleaved with {repeats} baseline generations (B C, C B, ...); "
+    "{each}per configuration, {repeats} timed generations interleaved with {repeats} baseline generations (B C, C B, ...); "
     "time = median of the configuration's runs; speedup = median(interleaved baseline runs) / "
     "median(configuration runs); clock: {clock}"
 )
@@ -260,16 +259,26 @@ def make_reference(loaded, labels, run: RunConfig, evaluator: Evaluator | None) 
     return ref
 
 
+def warms_each(device: torch.device) -> bool:
+    """Whether every configuration gets its own untimed warm-up run: on GPU (kernel selection, compilation).
+
+    On CPU the study's first baseline generation warms the process; every later generation attaches a
+    fresh reuse handle and takes the same path each time, so the first timed run is not special.
+    """
+    return device.type == "cuda"
+
+
 def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable[[], None] = lambda: None,
             warm=None) -> dict:
-    """An untimed warm-up generation (its images and stats are reported), then interleaved timings and peak memory.
+    """Interleaved timings and peak memory, images and reuse stats of one configuration.
 
-    `warm`: a warm-up generation already made (the baseline's reference run).
+    The images and stats come from `warm` (a generation already made: the baseline's reference run),
+    else from an untimed warm-up run on GPU, else from the first timed run.
     """
     from .generate import generate
 
     base = _baseline_run(entry.run)
-    if warm is None:
+    if warm is None and warms_each(device):
         warm = generate(loaded, labels, entry.run)
         tick()
     own, other, gens = [], [], []
@@ -289,7 +298,7 @@ def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable
             tick()
     if entry.is_baseline:
         other, base_peaks = list(own), list(peaks)
-    first = warm
+    first = warm if warm is not None else gens[0]
     n = len(labels)
     peak = max(peaks) if None not in peaks else None
     base_peak = max(base_peaks) if None not in base_peaks else None
@@ -382,7 +391,9 @@ def _study_block(study: G.Study, labels, names, evaluator, device, entries) -> d
         "seed": study.sample.seed,
         "seeds": [study.sample.seed, study.sample.seed + len(labels) - 1],
         "sample": dict(study.sample.__dict__),
-        "timing_method": TIMING_METHOD.format(repeats=study.repeats, clock=clock),
+        "timing_method": TIMING_METHOD.format(repeats=study.repeats, clock=clock, each=(
+            "on GPU one more untimed warm-up generation per configuration (its images and statistics are reported); "
+            if warms_each(device) else "on CPU no per-configuration warm-up (images and statistics from the first timed run); ")),
         "memory_method": memory.method(device),
         "fidelity_method": (
             "paired against the baseline's images at the same sampling setting (same seeds): PSNR (mean over images, "
@@ -524,7 +535,7 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
     ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats,
            "device": device, "env": env}
     ran, interrupted = 0, False
-    bars = _Bars(len(entries), len(st.done), study.repeats, opts.progress)
+    bars = _Bars(len(entries), len(st.done), study.repeats, opts.progress, warms_each(device))
     try:
         _write(out, st, entries, "partial")
         for entry in [e for e in entries if (e.name, e.config_hash) not in st.done]:
@@ -549,15 +560,15 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
 class _Bars:
     """An overall progress bar over configurations and one per configuration over its runs."""
 
-    def __init__(self, total: int, done: int, repeats: int, enabled: bool):
+    def __init__(self, total: int, done: int, repeats: int, enabled: bool, warm_each: bool):
         from tqdm.auto import tqdm
 
-        self._tqdm, self.enabled, self.repeats = tqdm, enabled, repeats
+        self._tqdm, self.enabled, self.repeats, self.warm_each = tqdm, enabled, repeats, warm_each
         self.overall = tqdm(total=total, initial=done, desc="ablation", unit="config", disable=not enabled, position=0)
         self.inner = None
 
     def start(self, entry: G.Entry) -> None:
-        runs = self.repeats if entry.is_baseline else 1 + 2 * self.repeats
+        runs = self.repeats if entry.is_baseline else int(self.warm_each) + 2 * self.repeats
         self.inner = self._tqdm(total=runs, desc=entry.name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
 
     def tick(self) -> None:

@@ -158,6 +158,7 @@ COLUMNS = (
     Column("Time/Sample", lambda r: f_time(r["measurements"]["time_per_sample_s"])),
     Column("Speedup", lambda r: f_x(speedup(r))),
     Column("Reuse %", lambda r: f_pct(_get(r, "reuse", "reuse_fraction"))),
+    Column("Attn skipped", lambda r: f_pct(_get(r, "reuse", "attention_skipped_fraction")), "cfg"),
     Column("FLOPs skipped", lambda r: f_pct(_get(r, "reuse", "flops_skipped_fraction"))),
     Column("Cache (MB)", lambda r: f_num(_get(r, "reuse", "cache_mb_peak"), 2)),
     Column("Peak mem (MB)", lambda r: f_mb(r["measurements"]["peak_memory_bytes"])),
@@ -178,6 +179,7 @@ def _columns(records: list[dict]) -> list[Column]:
         "ssim": any(_get(r, "fidelity", "ssim") is not None for r in records),
         "accuracy": any(_get(r, "fidelity", "class_accuracy") is not None for r in records),
         "fd": any(_get(r, "fidelity", "fd") is not None for r in records),
+        "cfg": any(_get(r, "reuse", "cfg_shared") for r in records),
     }
     return [c for c in COLUMNS if have[c.needs]]
 
@@ -261,7 +263,7 @@ def _summary(r: dict) -> str:
     bits = [f"{f_x(speedup(r))}", f"reuse {f_pct(_get(r, 'reuse', 'reuse_fraction'))}", f"PSNR {f_num(psnr(r), 2)} dB"]
     drop = _get(r, "fidelity", "accuracy_drop_points")
     if drop is not None:
-        bits.append(f"class-accuracy drop {drop:.1f} points")
+        bits.append(f"class-accuracy drop {_r(drop, 1):.1f} points" if _r(drop, 1) >= 0 else f"class accuracy up {-drop:.1f} points")
     fd_delta = _get(r, "fidelity", "fd_delta")
     if fd_delta is not None:
         bits.append(f"ΔFD {f_signed(fd_delta)}")
@@ -294,10 +296,19 @@ def target_verdict(f: Findings) -> str:
         parts.append(f"the fastest configuration meeting the quality side is `{fast['name']}` at {f_x(speedup(fast))} (needs ≥ {TARGET_SPEEDUP:g}×)")
     lean_mem = _get(lean, "measurements", "memory_reduction") if lean else None
     if lean_mem is not None:
-        parts.append(f"its largest peak-memory saving is {f_pct(lean_mem)} by `{lean['name']}` (needs ≥ {100 * TARGET_MEMORY:.0f}%)")
+        parts.append(memory_text(lean, "meeting the quality side"))
     if fast is None:
         parts.append("no configuration meets the quality side")
     return f"❌ **Target missed** ({target_text(f)}): " + "; ".join(parts) + "."
+
+
+def memory_text(r: dict, among: str) -> str:
+    """The best peak-memory saving, phrased truthfully when every configuration used more memory."""
+    mem = r["measurements"]["memory_reduction"]
+    if _r(100 * mem, 1) > 0:
+        return f"the largest peak-memory saving {among} is {f_pct(mem)} by `{r['name']}` (needs ≥ {100 * TARGET_MEMORY:.0f}%)"
+    return (f"no configuration {among} used less peak memory than the baseline "
+            f"(smallest increase: {f_pct(-mem)}, `{r['name']}`; needs ≥ {100 * TARGET_MEMORY:.0f}% less)")
 
 
 def noise_sentence(f: Findings) -> str | None:
@@ -349,11 +360,16 @@ def _same_outcome(rows: list[dict]) -> bool:
 
 def sweep_findings(name: str, rows: list[dict]) -> str:
     fast = max(rows, key=speedup)
-    fine = max(rows, key=psnr)
+    fine = max(rows, key=lambda r: (psnr(r), speedup(r)))  # ties in PSNR go to the faster value
     ok = sum(within_bound(r) for r in rows)
-    text = (f"**{name}**: fastest `{_label(fast)}` ({f_x(speedup(fast))}, PSNR {f_num(psnr(fast), 2)} dB); "
-            f"most faithful `{_label(fine)}` (PSNR {f_num(psnr(fine), 2)} dB, {f_x(speedup(fine))}); "
-            f"{ok} of {len(rows)} within the fidelity bound.")
+    if fast is fine:
+        head = f"`{_label(fast)}` was both the fastest and the most faithful ({f_x(speedup(fast))}, PSNR {f_num(psnr(fast), 2)} dB)"
+    else:
+        head = (f"fastest `{_label(fast)}` ({f_x(speedup(fast))}, PSNR {f_num(psnr(fast), 2)} dB); "
+                f"most faithful `{_label(fine)}` (PSNR {f_num(psnr(fine), 2)} dB, {f_x(speedup(fine))})")
+    spread = (f"speedup {f_x(min(map(speedup, rows)))}–{f_x(max(map(speedup, rows)))}, "
+              f"PSNR {f_num(min(map(psnr, rows)), 2)}–{f_num(max(map(psnr, rows)), 2)} dB")
+    text = f"**{name}**: {head}; across values {spread}; {ok} of {len(rows)} within the fidelity bound."
     if _same_outcome(rows):
         text += " All values gave the same reuse decisions and the same fidelity numbers: this knob had no effect here."
     return text
@@ -385,7 +401,13 @@ def _executive(res: dict, f: Findings) -> list[str]:
     lines.append(f"| **Best Reuse Ratio** | {named(f.best_reuse, f_pct(_get(f.best_reuse, 'reuse', 'reuse_fraction')) if f.best_reuse else '')} |")
     lines.append(f"| **Fastest within fidelity bound** ({bound_text(f)}) | {named(f.best_within, f_x(speedup(f.best_within)) if f.best_within else '')} |")
     mem = _get(f.best_memory, "measurements", "memory_reduction") if f.best_memory else None
-    lines.append(f"| **Largest peak-memory saving** | {named(f.best_memory, f_pct(mem)) if mem is not None else DASH} |")
+    if mem is None:
+        mem_cell = DASH
+    elif _r(100 * mem, 1) > 0:
+        mem_cell = named(f.best_memory, f_pct(mem))
+    else:
+        mem_cell = f"none: every configuration used more (least: +{f_pct(-mem)}, `{f.best_memory['name']}`)"
+    lines.append(f"| **Largest peak-memory saving** | {mem_cell} |")
     met = "✅ Yes" if f.target_met_by else ("❌ No" if f.candidates else DASH)
     lines.append(f"| **Target Met** ({target_text(f)}) | {met} |")
     lines.append(f"| **Recommended** | {'`' + f.recommended['name'] + '`' if f.recommended else 'baseline (no reuse)' if f.candidates else DASH} |")
@@ -474,7 +496,9 @@ def _methodology(res: dict) -> list[str]:
              "### Metrics Collected",
              "1. **Inference Time**: wall-clock time per sample of a whole generation (noise, sampling loop, decoding), median of the repeats",
              "2. **Speedup**: median interleaved baseline time / median configuration time",
-             "3. **Reuse Ratio**: share of (model evaluation, layer) pairs that reused a cached output, as executed",
+             "3. **Reuse Ratio**: share of (model evaluation, layer) pairs that reused a cached output, as executed"
+             + ("; **Attn skipped** adds half of the pairs whose attention was shared between the CFG branches"
+                if any(_get(r, "reuse", "cfg_shared") for r in res["records"]) else ""),
              "4. **FLOPs skipped**: analytic FLOPs not computed, as a share of the generation's total",
              "5. **Cache Memory**: peak bytes held by the reuse cache (values + INT8 scales), exact accounting",
              "6. **Peak Memory**: see above; **Mem saved** = 1 − peak / baseline peak of the interleaved runs",

@@ -102,6 +102,7 @@ JSON_OF = {
     "Time/Sample": lambda r: r["measurements"]["time_per_sample_s"],
     "Speedup": lambda r: r["measurements"]["speedup"],
     "Reuse %": lambda r: r["reuse"] and r["reuse"]["reuse_fraction"],
+    "Attn skipped": lambda r: r["reuse"] and r["reuse"]["attention_skipped_fraction"],
     "FLOPs skipped": lambda r: r["reuse"] and r["reuse"]["flops_skipped_fraction"],
     "Cache (MB)": lambda r: r["reuse"] and r["reuse"]["cache_bytes_peak"] / 2**20,
     "Peak mem (MB)": lambda r: r["measurements"]["peak_memory_bytes"] and r["measurements"]["peak_memory_bytes"] / 2**20,
