@@ -277,6 +277,96 @@ def _fidelity_parser(sub) -> None:
     p.set_defaults(func=cmd_fidelity)
 
 
+def cmd_policy_collect(args) -> int:
+    from .device import resolve_device, resolve_dtype
+    from .io import atomic_write_json
+    from .models import load_model
+    from .policy.collect import CollectSettings, ValidateSettings, collect_traces, save_traces, validate_proxy
+
+    settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                               sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    start = time.perf_counter()
+    traces = collect_traces(loaded, settings, progress=not args.quiet)
+    save_traces(traces, args.out)
+    print(f"wrote {len(traces)} rows from {settings.generations} generations to {args.out} in {time.perf_counter() - start:.0f}s")
+    if args.validate:
+        check = validate_proxy(loaded, settings, ValidateSettings(groups=args.validate), progress=not args.quiet)
+        path = Path(args.out).with_suffix(".validation.json")
+        atomic_write_json(path, check)
+        print(f"label vs final-image error over {check['groups']} reuse runs: Spearman {check['spearman']:.3f} "
+              f"(single cells {check['spearman_single_cells']}); wrote {path}")
+    return 0
+
+
+def cmd_policy_train(args) -> int:
+    import json
+
+    from .io import atomic_write_json
+    from .policy import save_policy
+    from .policy.collect import load_traces
+    from .policy.train import TrainSettings, train_policy
+
+    settings = TrainSettings(hidden=tuple(args.hidden), epochs=args.epochs, lr=args.lr, holdout=args.holdout, seed=args.seed)
+    traces = load_traces(args.traces)
+    start = time.perf_counter()
+    result = train_policy(traces, settings, progress=not args.quiet)
+    report = {**result.report, "traces": str(args.traces), "seconds": time.perf_counter() - start}
+    validation = Path(args.traces).with_suffix(".validation.json")
+    if validation.is_file():
+        report["label_validation"] = {k: v for k, v in json.loads(validation.read_text()).items() if k != "rows"}
+    out = Path(args.out)
+    save_policy(result.checkpoint, out)
+    atomic_write_json(out.with_suffix(".json"), report)
+    h = report["heldout"]
+    print(f"MLP with {report['parameters']} parameters; held-out ({len(report['split']['heldout_generations'])} generations): "
+          f"Spearman {h['spearman']:.3f} (last change x age: {h['spearman_naive']:.3f}), R2 of log error {h['r2_log']:.3f}; "
+          f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_policy_evaluate(args) -> int:
+    from .policy.evaluate import run_command
+
+    return run_command(args)
+
+
+def _policy_parser(sub) -> None:
+    p = sub.add_parser("policy", help="the learned reuse policy: collect traces, train the MLP, evaluate it",
+                       description="Use a trained policy with `policy = \"PATH\"` (and policy_threshold / policy_budget) in [reuse].")
+    psub = p.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    c = psub.add_parser("collect", help="full-compute generations -> features and measured reuse errors (.npz)")
+    _model_args(c)
+    c.add_argument("--generations", type=int, default=64, help="generations; the held-out split is by generation (default 64)")
+    c.add_argument("--batch", type=int, default=2, help="samples per generation (default 2)")
+    c.add_argument("--seed", type=int, default=10_000, help="generation g, sample i uses seed + g * batch + i (default 10000)")
+    c.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    c.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4.0)")
+    c.add_argument("--sampler", default="ddim", help="ddim | dpm (default ddim)")
+    c.add_argument("--max-age", type=int, default=3, help="largest reuse staleness labelled (default 3)")
+    c.add_argument("--entropy-rows", type=int, default=16, help="query rows of the entropy subsample (default 16)")
+    c.add_argument("--validate", type=int, default=0, help="also sample N reuse runs to the end and correlate labels with the final error")
+    c.add_argument("--out", default="traces.npz", help="traces file (default traces.npz)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_policy_collect)
+    t = psub.add_parser("train", help="train the policy MLP on traces; writes .safetensors and a .json report")
+    t.add_argument("--traces", required=True, help="a file written by `dqar policy collect`")
+    t.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden layer widths (default 64 64)")
+    t.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
+    t.add_argument("--holdout", type=float, default=0.2, help="fraction of generations held out (default 0.2)")
+    t.add_argument("--seed", type=int, default=0, help="split and initialization seed (default 0)")
+    t.add_argument("--out", default="policy.safetensors", help="checkpoint (default policy.safetensors; report next to it)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_policy_train)
+    from .policy.evaluate import add_arguments
+
+    e = psub.add_parser("evaluate", help="policy vs gate vs calibrated plan vs static schedules at matched reuse -> docs/FIDELITY.md")
+    add_arguments(e)
+    e.set_defaults(func=cmd_policy_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dqar", description="Dynamic and Quantization-Aware Attention Reuse for DiT sampling")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -287,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ablate_parser(sub)
     _calibrate_parser(sub)
     _fidelity_parser(sub)
+    _policy_parser(sub)
     return parser
 
 

@@ -74,6 +74,9 @@ class ReuseConfig:
     entropy_rows: int = 16  # gate: query rows subsampled for the entropy (all heads); >= the token count means all rows
     cfg_share: str = "none"  # CFG-branch sharing of attn1 outputs: none | cond_to_uncond | uncond_to_cond
     cfg_share_from: float = 0.5  # sharing applies from this fraction of the evaluations on, in [0, 1]
+    policy: str = ""  # a learned reuse policy (safetensors, `dqar policy train`): an eligible layer reuses where it predicts a small error
+    policy_threshold: float = 0.1  # policy: largest predicted relative error of a reused attention output, in [0, 1] (higher: more reuse)
+    policy_budget: float = 1.0  # policy: at most this fraction of the layers reuse in one evaluation (lowest predicted error first), in [0, 1]
 
     def __post_init__(self) -> None:
         _choice("target", self.target, TARGETS)
@@ -99,6 +102,13 @@ class ReuseConfig:
             raise DqarError(f"snr_min = {self.snr_min} is above snr_max = {self.snr_max}", "use snr_min <= snr_max")
         if self.gate and self.plan_file:
             raise DqarError("gate = true and plan_file are exclusive", "use the online gate or a saved plan, not both")
+        _in_range("policy_threshold", self.policy_threshold, 0.0, 1.0)
+        _in_range("policy_budget", self.policy_budget, 0.0, 1.0)
+        if self.policy and (self.gate or self.plan_file):
+            raise DqarError("policy, gate = true and plan_file are exclusive", "choose one source of reuse decisions")
+        if self.policy and (self.target != "attention" or self.granularity != "attention"):
+            raise DqarError("a learned policy predicts the error of a reused attention output",
+                            "use target = 'attention' and granularity = 'attention' with policy")
         if self.cfg_share != "none" and self.target == "kv":
             raise DqarError("cfg_share needs target = 'attention'", "set target = 'attention' or cfg_share = 'none'")
         if self.kv_mixed and self.target != "kv":

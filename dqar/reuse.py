@@ -76,7 +76,11 @@ class PlanDecider:
 
 
 def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
-    """The decider a config asks for: the online gate (`gate = true`), else a plan (schedule, file or given)."""
+    """The decider a config asks for: a learned policy, the online gate (`gate = true`), else a plan (schedule, file or given)."""
+    if cfg.policy and plan is None:
+        from .policy.decider import PolicyDecider
+
+        return PolicyDecider(cfg, key)
     if cfg.gate and plan is None:
         from .gate import GateDecider
 
@@ -250,7 +254,7 @@ class ReuseEngine:
         st.shape = (hidden.shape[-2], hidden.shape[-1])
         if st.signals is not None:
             timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            st.signals.begin_evaluation(e, timestep, hidden.device)
+            st.signals.begin_evaluation(e, timestep, hidden.device, hidden)
         st.sharing = 0 <= st.share_from <= e and self._is_guided(st, args, kwargs, hidden.shape[0])
         st.row = self.decider.row(e)
         st.store = self.decider.store_row(e)

@@ -38,10 +38,11 @@ class Needs:
     snr: tuple[str, ...] = ()  # SNR sources: "scheduler", "prediction"
     entropy_rows: int = 16  # query rows in the entropy subsample
     record: bool = False  # keep every (evaluation, layer) value for a `Trace`
+    state_norm: bool = False  # RMS of each evaluation's input x_t
 
     @property
     def any(self) -> bool:
-        return self.entropy or self.change or bool(self.snr) or self.record
+        return self.entropy or self.change or bool(self.snr) or self.record or self.state_norm
 
 
 # ----- SNR ------------------------------------------------------------------------------------
@@ -152,6 +153,8 @@ class SignalRecorder:
         self._alphas: dict[torch.device, torch.Tensor] = {}
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.entropy_last: list[torch.Tensor | None] = [None] * num_layers  # () per layer
+        self.change_last: list[torch.Tensor | None] = [None] * num_layers  # () per layer, latest measured change
+        self.x_norm: torch.Tensor | None = None  # RMS of the current evaluation's input x_t, ()
         self.snr: dict[str, torch.Tensor] = {}  # latest SNR per source, ()
         self.alpha_bar: torch.Tensor | None = None  # ᾱ of the current evaluation, ()
         self.evaluation = -1
@@ -171,10 +174,12 @@ class SignalRecorder:
         return self._rows[key]
 
     # evaluation boundaries ----------------------------------------------------------------
-    def begin_evaluation(self, evaluation: int, timestep: Any, device: torch.device) -> None:
-        """Before evaluation `evaluation`: ᾱ and the scheduler SNR of the timestep it receives."""
+    def begin_evaluation(self, evaluation: int, timestep: Any, device: torch.device, hidden: torch.Tensor | None = None) -> None:
+        """Before evaluation `evaluation`: ᾱ and the scheduler SNR of the timestep it receives (and the RMS of its input)."""
         self.evaluation = evaluation
         self.device = device
+        if self.needs.state_norm and hidden is not None:
+            self.x_norm = hidden.float().pow(2).mean().sqrt()  # ()
         if self.needs.record:
             for name, log in self._log.items():
                 log.append([None] * self.num_layers if name in ("entropy", "change") else None)
@@ -199,6 +204,7 @@ class SignalRecorder:
             self._log["entropy"][-1][layer] = value
 
     def put_change(self, layer: int, value: torch.Tensor) -> None:
+        self.change_last[layer] = value
         if self.needs.record:
             self._log["change"][-1][layer] = value
 

@@ -1,0 +1,203 @@
+"""The learned reuse policy: traces, training, checkpoints, and the decider while sampling (tiny models)."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import dqar
+from dqar.config import ReuseConfig
+from dqar.errors import DqarError
+from dqar.plan import build_plan, max_run_staleness
+from dqar.policy import FEATURES, PolicyCheckpoint, PolicyNet, load_policy, save_policy
+from dqar.policy.collect import CollectSettings, collect_traces, load_traces, save_traces
+from dqar.policy.train import TrainSettings, train_policy
+
+from conftest import make_tiny_transformer
+from test_gate import CountSyncs, tiny_loaded
+from test_reuse import E, drive
+
+SCHEDULE = dict(schedule="constant", warmup_frac=0.1, refresh_interval=4, max_staleness=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_transformer(num_layers=4)
+
+
+def constant_policy(log_error: float, num_layers: int = 4) -> PolicyCheckpoint:
+    """A policy predicting the same relative error, exp(log_error), everywhere."""
+    net = PolicyNet(len(FEATURES), (8,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.layers[-1].bias.fill_(log_error)
+    f = len(FEATURES)
+    return PolicyCheckpoint(net.eval(), torch.zeros(f), torch.ones(f), 0.0, 1.0,
+                            {"features": list(FEATURES), "hidden": [8], "num_layers": num_layers, "entropy_rows": 4})
+
+
+@pytest.fixture(scope="module")
+def traces():
+    return collect_traces(tiny_loaded(), CollectSettings(generations=4, batch=1, steps=6, max_age=3, entropy_rows=4), progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(traces):
+    return train_policy(traces, TrainSettings(hidden=(16, 16), epochs=15, batch_size=64), progress=False)
+
+
+def saved(ckpt, tmp_path, name="policy.safetensors") -> str:
+    path = tmp_path / name
+    save_policy(ckpt, path)
+    return str(path)
+
+
+def run(model, cfg, guard=None):
+    with dqar.enable(model, cfg) as h:
+        outs = drive(model, h, guard=guard)
+        return outs, h.stats
+
+
+# ----- the decider ---------------------------------------------------------------------------------
+def test_always_reuse_policy_is_the_static_plan_bit_for_bit(model, tmp_path):
+    for cache in ("model", "int8"):
+        cfg = ReuseConfig(**SCHEDULE, cache_dtype=cache)
+        plan_outs, plan_stats = run(model, cfg)
+        outs, stats = run(model, replace(cfg, policy=saved(constant_policy(-9.0), tmp_path), policy_threshold=0.5))
+        assert np.array_equal(np.array(stats.reuse_mask, bool), build_plan(cfg, E, 4).mask) and stats.reused > 0
+        assert stats.reuse_mask == plan_stats.reuse_mask
+        assert all(torch.equal(a, b) for a, b in zip(outs, plan_outs)), cache
+
+
+def test_always_compute_policy_is_the_baseline_bit_for_bit(model, tmp_path):
+    ref = drive(model)
+    outs, stats = run(model, ReuseConfig(**SCHEDULE, policy=saved(constant_policy(3.0), tmp_path), policy_threshold=1.0))
+    assert stats.reused == 0
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+
+
+def test_policy_makes_at_most_one_host_sync_per_evaluation(trained, tmp_path):
+    model = make_tiny_transformer(num_layers=3)  # the layer count the policy was trained for
+    counter = CountSyncs()
+    cfg = ReuseConfig(**SCHEDULE, policy=saved(trained.checkpoint, tmp_path), policy_threshold=1.0)
+    with dqar.enable(model, cfg) as h:
+        drive(model, h, guard=counter)
+        stats = h.stats
+        predictions = len(h.engine.decider.predictions)
+    assert 0 < counter.count <= E - 1  # evaluation 0 always computes: nothing to read
+    assert stats.host_syncs == counter.count == predictions  # one read per deciding evaluation, features included
+    assert max_run_staleness(np.array(stats.reuse_mask, bool)) <= 3
+
+
+def test_threshold_and_budget_move_decisions(model, tmp_path):
+    from dqar.policy.decider import PolicyDecider
+
+    path = saved(_ramp_policy(), tmp_path)
+    counts = []
+    for tau in (0.0, 0.05, 0.2, 0.6, 1.0):
+        _, stats = run(model, ReuseConfig(**SCHEDULE, policy=path, policy_threshold=tau))
+        counts.append(stats.reused)
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] > counts[1], counts
+    per_eval = []
+    for budget in (1.0, 0.5, 0.25, 0.0):
+        _, stats = run(model, ReuseConfig(**SCHEDULE, policy=path, policy_threshold=1.0, policy_budget=budget))
+        per_eval.append(max(stats.per_evaluation_reused))
+        assert max(stats.per_evaluation_reused) <= int(budget * 4)
+    assert per_eval == sorted(per_eval, reverse=True) and per_eval[0] > per_eval[1]
+    assert isinstance(dqar.api.make_decider(ReuseConfig(policy=path)), PolicyDecider)
+
+
+def _ramp_policy() -> PolicyCheckpoint:
+    """Predicted error grows with the layer index: exp(-4 + 3.5 * layer_fraction), 2% .. 61%."""
+    ckpt = constant_policy(-4.0)
+    with torch.no_grad():
+        net = ckpt.net.layers
+        net[0].weight[0, FEATURES.index("layer_fraction")] = 1.0
+        net[0].bias[0] = 10.0  # keep the SiLU in its linear range
+        net[-1].weight[0, 0] = 3.5
+        net[-1].bias.fill_(-4.0 - 35.0)
+    return ckpt
+
+
+def test_policy_refuses_another_model(tmp_path):
+    path = saved(constant_policy(-9.0, num_layers=6), tmp_path)
+    with pytest.raises(DqarError, match="6-layer"):
+        run(make_tiny_transformer(num_layers=2), ReuseConfig(**SCHEDULE, policy=path))
+
+
+# ----- traces, training, checkpoints ---------------------------------------------------------------
+def test_traces_hold_measured_labels_and_round_trip(traces, tmp_path):
+    assert traces.features.shape == (len(traces), len(FEATURES)) and np.isfinite(traces.features).all()
+    assert np.isfinite(traces.labels).all() and (traces.labels > 0).all()
+    assert set(np.unique(traces.group)) == {0, 1, 2, 3} and set(np.unique(traces.age)) == {1, 2, 3}
+    ages = traces.features[:, FEATURES.index("age")]
+    assert np.array_equal(ages, traces.age)
+    # a staler reuse is (on average) a worse one
+    assert traces.labels[traces.age == 3].mean() > traces.labels[traces.age == 1].mean()
+    save_traces(traces, tmp_path / "t.npz")
+    back = load_traces(tmp_path / "t.npz")
+    assert np.array_equal(back.features, traces.features) and back.meta == traces.meta
+
+
+def test_training_reduces_loss_and_splits_by_generation(trained):
+    curve, split = trained.report["curve"], trained.report["split"]
+    assert curve[-1]["train_loss"] < 0.7 * curve[0]["train_loss"]
+    assert curve[-1]["heldout_loss"] < curve[0]["heldout_loss"]
+    assert not set(split["train_generations"]) & set(split["heldout_generations"]) and split["heldout_generations"]
+    assert 0 < trained.report["parameters"] < 500_000
+
+
+def test_checkpoint_round_trip(trained, tmp_path):
+    path = saved(trained.checkpoint, tmp_path)
+    back = load_policy(path)
+    x = torch.randn(50, len(FEATURES))
+    assert torch.equal(back.predict(x), trained.checkpoint.predict(x))
+    assert back.meta == trained.checkpoint.meta and back.meta["num_layers"] == 3
+
+
+def test_bad_checkpoints_are_one_line_errors(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "noise.safetensors").write_bytes(b"\x00\x01not a safetensors file" * 10)
+    (tmp_path / "plan.json").write_text('{"format": "dqar-plan/1", "rows": []}')
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    good = (tmp_path / "good.safetensors")
+    save_policy(trained.checkpoint, good)
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:200])
+    for name, match in [("missing.safetensors", "does not exist"), ("noise.safetensors", "not a safetensors"),
+                        ("plan.json", "not a safetensors"), ("foreign.safetensors", "format"), ("cut.safetensors", "not a")]:
+        with pytest.raises(DqarError, match=match) as err:
+            load_policy(tmp_path / name)
+        assert "\n" not in str(err.value)
+    with pytest.raises(DqarError, match="does not exist"):
+        dqar.enable(make_tiny_transformer(num_layers=2), ReuseConfig(policy=str(tmp_path / "missing.safetensors")))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"policy_threshold": 1.5}, "policy_threshold"),
+    ({"policy_budget": -0.1}, "policy_budget"),
+    ({"policy": "p.safetensors", "gate": True}, "exclusive"),
+    ({"policy": "p.safetensors", "plan_file": "p.json"}, "exclusive"),
+    ({"policy": "p.safetensors", "target": "kv"}, "attention"),
+    ({"policy": "p.safetensors", "granularity": "block"}, "attention"),
+])
+def test_policy_config_is_validated(bad, match):
+    with pytest.raises(DqarError, match=match):
+        ReuseConfig(**bad)
+
+
+def test_cli_train_writes_checkpoint_and_report(traces, tmp_path, capsys):
+    import json
+
+    from dqar.cli import main
+
+    save_traces(traces, tmp_path / "t.npz")
+    out = tmp_path / "p.safetensors"
+    assert main(["policy", "train", "--traces", str(tmp_path / "t.npz"), "--out", str(out), "--epochs", "3", "--hidden", "8",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert f"{report['parameters']} parameters" in printed and len(report["curve"]) == 4
+    assert load_policy(out).meta["hidden"] == [8]
+    assert main(["policy", "train", "--traces", str(tmp_path / "none.npz"), "--out", str(out)]) == 2
