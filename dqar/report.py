@@ -338,6 +338,31 @@ def recommendation(f: Findings) -> list[str]:
     return out
 
 
+def sweep_picks(records: list[dict], noise: float | None) -> list[str]:
+    """Per sweep: the fastest value within the fidelity bound, if any (flagged when speeds differ by less than the noise)."""
+    out = []
+    for name, rows in _sweeps(records).items():
+        ok = [r for r in rows if within_bound(r)]
+        if not ok:
+            out.append(f"{name}: no value stays within the fidelity bound (best PSNR {f_num(max(map(psnr, rows)), 2)} dB).")
+            continue
+        best = max(ok, key=lambda r: (speedup(r), psnr(r)))
+        text = f"{name}: `{_label(best)}` is the fastest value within the fidelity bound ({f_x(speedup(best))}, PSNR {f_num(psnr(best), 2)} dB)"
+        gap = speedup(best) - min(map(speedup, ok))
+        if len(ok) > 1 and noise is not None and gap <= noise:
+            text += f"; the values within the bound differ in speedup by {gap:.2f}, less than the timing noise"
+        out.append(text + ".")
+    return out
+
+
+def _sweeps(records: list[dict]) -> dict[str, list[dict]]:
+    sweeps: dict[str, list[dict]] = {}
+    for r in records:
+        if r["role"] == "sweep":
+            sweeps.setdefault(r["sweep"], []).append(r)
+    return sweeps
+
+
 def main_findings(records: list[dict]) -> list[str]:
     out = []
     for r in records:
@@ -432,10 +457,7 @@ def _sample_text(s: dict) -> str:
 
 def _sweep_tables(res: dict, f: Findings) -> list[str]:
     records = res["records"]
-    sweeps: dict[str, list[dict]] = {}
-    for r in records:
-        if r["role"] == "sweep":
-            sweeps.setdefault(r["sweep"], []).append(r)
+    sweeps = _sweeps(records)
     if not sweeps:
         return []
     lines = ["## Sweeps", "", "Each sweep varies the listed fields of its base configuration; every ratio and paired "
@@ -460,6 +482,10 @@ def _visual(res: dict) -> list[str]:
     lines = ["## Visual Quality Comparison", "",
              "Every configuration generates its samples with the **same seeds**: same initial noise, same class labels; "
              "only the reuse settings differ. Paired PSNR/SSIM/max-abs compare each image with the baseline image of the same seed.", ""]
+    main = [r["name"] for r in res["records"] if r["role"] == "main" and not is_baseline(r)]
+    if main:
+        lines += ["**Visual inspection checklist**:"] + [f"- [ ] baseline vs `{m}`: same objects, no artefacts" for m in main]
+        lines += ["- [ ] sweeps: compare the grids linked under each sweep table", ""]
     if art.get("comparison"):
         lines += ["Baseline (first row) against each main configuration:", "", f"![comparison]({art['comparison']})", ""]
     for r in res["records"]:
@@ -538,7 +564,7 @@ def _conclusions(res: dict, f: Findings) -> list[str]:
     if noise:
         items.append(noise)
     lines += [f"{i}. {t}" for i, t in enumerate(items, 1)] or ["(nothing measured yet)"]
-    recs = recommendation(f)
+    recs = recommendation(f) + sweep_picks(res["records"], f.noise)
     if recs:
         lines += ["", "**Recommendations**:"] + [f"- {t}" for t in recs]
     caveats = _caveats(res, f)
