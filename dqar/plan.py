@@ -30,8 +30,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         mask = np.asarray(self.mask, dtype=bool)
-        if mask.ndim != 2:
-            raise DqarError(f"a plan must be 2-D [evaluation, layer], got shape {mask.shape}", "regenerate the plan")
+        if mask.ndim != 2 or 0 in mask.shape:
+            raise DqarError(f"a plan must be 2-D [evaluation, layer] with at least one of each, got shape {mask.shape}",
+                            "regenerate the plan")
         mask.setflags(write=False)
         object.__setattr__(self, "mask", mask)
 

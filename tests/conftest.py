@@ -35,3 +35,12 @@ def make_tiny_transformer(
 @pytest.fixture
 def tiny_transformer():
     return make_tiny_transformer()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for the module (restored after): small tensors on a shared machine run faster so."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
