@@ -82,3 +82,47 @@ def test_unknown_mode_and_bad_heads():
         quantize(torch.ones(2, 3), "row")
     with pytest.raises(DqarError, match="heads"):
         quantize(torch.ones(2, 6), "head", num_heads=4)
+
+
+def _group_mask(shape, mode: str, heads: int, pick: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) bool: the elements of the groups `pick` selects (one flag per group of `mode`)."""
+    b, t, c = shape
+    if mode == "tensor":
+        return pick[:1].reshape(1, 1, 1).expand(shape)
+    if mode == "channel":
+        return pick[:c].reshape(1, 1, c).expand(shape)
+    if mode == "token":
+        return pick[: b * t].reshape(b, t, 1).expand(shape)
+    return pick[:heads].repeat_interleave(c // heads).reshape(1, 1, c).expand(shape)  # head
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(MODES), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.integers(0, 2**16),
+       st.sampled_from([1e-3, 1.0, 1e4]))
+def test_all_zero_groups_dequantize_to_exact_zeros_in_every_mode_and_dtype(mode, dtype, seed, magnitude):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 5, 8, generator=g) * magnitude).to(dtype)
+    zero = _group_mask(x.shape, mode, 2, torch.rand(64, generator=g) < 0.5)
+    x = x.masked_fill(zero, 0.0)
+    q = quantize(x, mode, num_heads=2)
+    back = dequantize(q)
+    assert bool(torch.isfinite(q.scale).all()) and bool(is_finite(q))
+    assert bool((back[zero] == 0).all())
+    assert bool((dequantize(quantize(torch.zeros_like(x), mode, num_heads=2)) == 0).all())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_values_are_flagged_refused_and_stay_in_their_group(mode, bad):
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    x[1, 3, 5] = bad  # token (1, 3), channel 5, head 1 of 2
+    q = quantize(x, mode, num_heads=2)
+    assert not bool(is_finite(q))
+    with pytest.raises(DqarError, match="NaN or Inf"):
+        quantize(x, mode, num_heads=2, check=True)
+    hit = torch.zeros(64, dtype=torch.bool)
+    hit[{"tensor": 0, "channel": 5, "token": 1 * 5 + 3, "head": 1}[mode]] = True
+    clean = ~_group_mask(x.shape, mode, 2, hit)  # elements of the other groups
+    back = dequantize(q)
+    assert bool(torch.isfinite(back[clean]).all())
+    assert bool(((back - x).abs()[clean] <= error_bound(q)[clean] * (1 + 1e-6)).all())
