@@ -380,3 +380,29 @@ def test_cli_default_repeats_are_at_least_three(tmp_path):
     grid = tmp_path / "g.toml"
     grid.write_text("[study]\nrepeats = 2\n")
     assert cli_main(["ablate", "--config", str(grid), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_claims_agree_with_tables_on_random_doctored_results(quick_run):
+    """Boundary values (1.25×, 30 dB, ΔFD 1, 20% memory) and random ones: prose never contradicts the tables."""
+    import random
+
+    data = json.loads((quick_run.out / RESULTS_FILE).read_text())
+    rng = random.Random(0)
+    for _ in range(60):
+        d = copy.deepcopy(data)
+        measured = {}
+        for r in d["records"]:
+            if r["config"]["reuse"]["enabled"] and r.get("same_as") is None:
+                m, f = r["measurements"], r["fidelity"]
+                m["speedup"] = rng.choice([rng.uniform(0.7, 1.6), 1.25, 1.2499, 1.2501, 1.0, 0.9999, 1.0049])
+                m["memory_reduction"] = rng.choice([rng.uniform(-0.1, 0.3), 0.2, 0.19999, -0.0001])
+                f["psnr_db"] = rng.choice([rng.uniform(20, 60), 30.0, 29.999, 30.004, 100.0])
+                f["fd_delta"] = rng.choice([rng.uniform(-2, 3), 1.0, 1.004, 0.996])
+                f["accuracy_drop_points"] = rng.choice([0.0, 10.0, -10.0])
+                base = next(b for b in d["records"] if b["name"] == r["baseline"])
+                f["class_accuracy"] = base["fidelity"]["class_accuracy"] - f["accuracy_drop_points"] / 100
+                measured[r["name"]] = r
+        for r in d["records"]:
+            if r.get("same_as"):
+                r["measurements"], r["fidelity"] = measured[r["same_as"]]["measurements"], measured[r["same_as"]]["fidelity"]
+        assert_claims_match_tables(R.render(d))
