@@ -48,12 +48,13 @@ def pareto(records: list[dict], path: Path) -> None:
     plt = _pyplot()
     rows = _measured(records)
     pts = [(r["measurements"]["speedup"], r["fidelity"]["psnr_db"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5), layout="constrained")
     groups = sorted({r["sweep"] or "main" for r in rows}, key=lambda g: (g != "main", g))
-    cmap = plt.get_cmap("tab10")
+    cmap, markers = plt.get_cmap("tab20"), "o^sDvP*Xh<>p"
     for k, g in enumerate(groups):
         sel = [p for p, r in zip(pts, rows) if (r["sweep"] or "main") == g]
-        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=40 if g == "main" else 22, color=cmap(k % 10), label=g, zorder=3)
+        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=55 if g == "main" else 28, color=cmap(k % 20),
+                   marker=markers[k % len(markers)], label=g, zorder=3)
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="black", lw=1, zorder=2, label="Pareto front")
     for i in front:
@@ -64,7 +65,9 @@ def pareto(records: list[dict], path: Path) -> None:
     ax.set_xlabel("speedup vs baseline (×, median of interleaved runs)")
     ax.set_ylabel("PSNR vs baseline images (dB, capped at 100)")
     ax.set_title(f"speed vs fidelity — dashed: PSNR {PSNR_BOUND_DB:.0f} dB bound, {TARGET_SPEEDUP}× target")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    xs = [p[0] for p in pts] + [1.0, TARGET_SPEEDUP]
+    ax.set_xlim(min(xs) - 0.05, max(xs) + 0.25)  # room for the labels of the right-most points
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -82,13 +85,18 @@ def reuse_heatmap(records: list[dict], path: Path) -> None:
 
     plt = _pyplot()
     rows = _heatmap_rows(records)
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 0.6, 4.2), squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 0.6, 4.6), squeeze=False, layout="constrained")
+    for k, (ax, r) in enumerate(zip(axes[0], rows)):
         mask = np.asarray(r["reuse"]["reuse_mask"], dtype=float)  # (E, L)
         ax.imshow(mask, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{r['name']}\nreuse {100 * r['reuse']['reuse_fraction']:.1f}%", fontsize=9)
         ax.set_xlabel("layer")
-        ax.set_ylabel("model evaluation")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if k == 0:
+            ax.set_ylabel("model evaluation")
     fig.suptitle("reuse decisions executed (dark = cached output reused)", fontsize=10)
     _save(fig, path)
     plt.close(fig)
