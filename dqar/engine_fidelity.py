@@ -113,7 +113,7 @@ def findings(rows: list[dict], base: dict) -> list[str]:
         if block:
             out.append(f"- Refresh {k}, block granularity: {100 * block['flops_skipped']:.1f}% of FLOPs skipped (attention: "
                        f"{100 * model['flops_skipped']:.1f}%) at {block['psnr_db']:.2f} dB (attention: {model['psnr_db']:.2f} dB).")
-    acc = [r for r in rows[1:] if abs(r["class_accuracy"] - base["class_accuracy"]) <= 0.01]
+    acc = [r for r in rows[1:] if abs(r["class_accuracy"] - base["class_accuracy"]) <= 0.01 + 1e-9]
     out.append(f"- {len(acc)} of {len(rows) - 1} configurations keep class accuracy within 1 point of the baseline "
                f"({100 * base['class_accuracy']:.1f}%).")
     return out
