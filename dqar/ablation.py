@@ -131,6 +131,17 @@ def class_names(loaded, labels: Sequence[int]) -> dict[int, str]:
     return {int(c): IMAGENET_SHOWCASE_NAMES[c] for c in sorted(set(labels)) if c in IMAGENET_SHOWCASE_NAMES}
 
 
+@torch.no_grad()
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """16 hex digits identifying the weights (names, shapes and float64 sums of every tensor)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
 def environment(loaded, device: torch.device, dtype: torch.dtype) -> dict:
     """Where the numbers were measured."""
     import diffusers
@@ -140,6 +151,7 @@ def environment(loaded, device: torch.device, dtype: torch.dtype) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {
         "model": loaded.name,
+        "model_fingerprint": model_fingerprint(loaded.transformer),
         "device": str(device),
         "device_name": name,
         "dtype": str(dtype).replace("torch.", ""),
@@ -186,7 +198,7 @@ def load_results(out: Path) -> dict | None:
 def _check_resumable(old: dict, env: dict, labels: list[int], repeats: int, out: Path) -> None:
     """Refuse to mix measurements from another model, device, dtype, label set or repeat count."""
     have_env = old.get("environment", {})
-    for key in ("model", "device", "dtype", "torch", "diffusers"):
+    for key in ("model", "model_fingerprint", "device", "dtype", "torch", "diffusers"):
         if have_env.get(key) != env.get(key):
             raise DqarError(f"the results in {out} were measured with {key} = {have_env.get(key)!r}, this run has {env.get(key)!r}",
                             "resume with the same settings, or choose another --out")

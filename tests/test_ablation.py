@@ -328,7 +328,7 @@ def _stable(data: dict) -> list[dict]:
     return out
 
 
-def test_interrupted_run_resumes_to_the_same_results(tmp_path, loaded, evaluator, small_grid):
+def test_interrupted_run_resumes_to_the_same_results(tmp_path, model_dir, loaded, evaluator, small_grid):
     opts = AblationOptions(out=tmp_path / "a", config=str(small_grid), repeats=1, progress=False)
     seen = []
 
@@ -346,6 +346,12 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, loaded, evaluator
 
     with pytest.raises(DqarError, match="--resume"):
         run_ablation(opts, loaded=loaded, evaluator=evaluator)
+
+    other = load_model(model_dir)
+    with torch.no_grad():
+        next(other.transformer.parameters()).add_(1.0)
+    with pytest.raises(DqarError, match="model_fingerprint"):  # other weights: never mixed into one study
+        run_ablation(AblationOptions(**{**opts.__dict__, "resume": True}), loaded=other, evaluator=evaluator)
 
     second = run_ablation(AblationOptions(**{**opts.__dict__, "resume": True}), loaded=loaded, evaluator=evaluator)
     assert not second.interrupted and second.ran == second.total - 3
