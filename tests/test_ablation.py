@@ -412,3 +412,20 @@ def test_claims_agree_with_tables_on_random_doctored_results(quick_run):
             if r.get("same_as"):
                 r["measurements"], r["fidelity"] = measured[r["same_as"]]["measurements"], measured[r["same_as"]]["fidelity"]
         assert_claims_match_tables(R.render(d))
+
+
+def test_latent_imagenet_shaped_model_uses_the_seed_labels(tmp_path):
+    """A 1000-class latent DiT with a VAE: the seed report's eight classes (named), RGB images, no classifier."""
+    from test_sampling import make_tiny_vae
+
+    folder = save_pipeline_folder(tmp_path / "latent", make_tiny_transformer(num_layers=4), make_tiny_vae())
+    grid = tmp_path / "main.toml"
+    grid.write_text("[sample]\nsteps = 4\n")
+    done = run_ablation(AblationOptions(model=str(folder), out=tmp_path / "o", config=str(grid), repeats=1, progress=False))
+    data = done.results
+    assert data["study"]["labels"] == [207, 360, 387, 974, 88, 417, 279, 928]
+    assert data["study"]["class_names"]["207"] == "golden retriever" and data["study"]["classifier"] is None
+    md = (tmp_path / "o" / REPORT_FILE).read_text()
+    assert "207 (golden retriever)" in md and "Class acc" not in md
+    assert sorted(p.name for p in (tmp_path / "o" / "images" / "baseline").glob("sample_*"))[0] == "sample_000_class207.png"
+    assert_claims_match_tables(md)
