@@ -103,11 +103,16 @@ def open_samples(path) -> SampleFile:
 
 
 def read_labels(path, n: int) -> np.ndarray | None:
-    """The `labels` member (N,) when present and of the right length, else None."""
-    with np.load(path, allow_pickle=False) as z:
-        if "labels" not in z.files:
-            return None
-        labels = z["labels"]
+    """The `labels` member (N,) when present and of the right length, else None; pickled objects are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "labels" not in z.files:
+                return None
+            labels = z["labels"]
+    except ValueError as exc:  # an object array: loading it would unpickle
+        raise DqarError(f"labels in {path} cannot be read ({exc})", "store labels as an integer array (N,)") from None
+    if labels.dtype.kind not in "iu":
+        raise DqarError(f"labels in {path} are {labels.dtype}, not integers", "store labels as an integer array (N,)")
     return labels.astype(np.int64) if labels.shape == (n,) else None
 
 
@@ -123,8 +128,9 @@ def load_reference(path) -> tuple[np.ndarray, np.ndarray]:
                 raise DqarError(f"{path} has no mu/sigma (keys: {', '.join(z.files)})",
                                 "pass reference statistics: an .npz with mu (D,) and sigma (D, D)")
             mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DqarError(f"cannot read {path} ({type(exc).__name__})", "pass an .npz with mu and sigma") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # ValueError: an object array (a pickle) or a bad member
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DqarError(f"cannot read {path} ({why})", "pass an .npz with mu and sigma as float arrays") from None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise DqarError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together", "pass mu (D,) and sigma (D, D)")
     return mu, sigma

@@ -48,6 +48,7 @@ MIN_REPEATS = 3
 STUDY_KEYS = {"repeats", "samples_per_label", "main"}
 SWEEP_KEYS = {"name", "base", "vary", "points"}
 TOP_KEYS = {"study", "sample", "sweep"}
+SLUG_MAX = 120  # characters of a configuration folder name before a hash suffix
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,18 @@ def config_hash(run: RunConfig, calibration: dict | None = None) -> str:
 
 
 def slug(name: str) -> str:
-    """A folder name for a configuration name."""
-    return re.sub(r"[^A-Za-z0-9._=,-]+", "-", name.replace("/", "__")).strip("-")
+    """A folder name for a configuration name: one path component, never empty, '.', '..' or hidden.
+
+    '/' becomes '__'; letters, digits and `._=,-` are kept. Where that loses information (other
+    characters, leading dots, '_' next to '/', more than SLUG_MAX characters) the first 8 hex digits
+    of the name's sha256 are appended, so distinct names always get distinct folders.
+    """
+    plain = name.replace("/", "__")
+    s = re.sub(r"[^A-Za-z0-9._=,-]+", "-", plain).strip("-.")[:SLUG_MAX]
+    if s and s == plain and plain.replace("__", "/") == name:
+        return s
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{s}-{digest}" if s else digest
 
 
 def builtin_grid(quick: bool = False) -> Path:
@@ -111,10 +122,10 @@ def load_grid(path: str | Path, repeats: int | None = None) -> Study:
     path = Path(path)
     if not path.is_file():
         raise DqarError(f"grid file '{path}' does not exist", "pass the path of an existing TOML grid, or omit --config")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DqarError(f"grid file '{path}' is not valid TOML ({exc})", "fix the syntax") from None
     return parse_grid(data, source=str(path), text=text, repeats=repeats)
 

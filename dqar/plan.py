@@ -103,7 +103,12 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise DqarError(f"plan file '{path}' does not exist", "pass the path of a plan written by `dqar calibrate`")
-    return Plan.from_json(path.read_text(), source=f"plan file '{path}'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # a binary file (e.g. a pickle) is not a plan
+        raise DqarError(f"plan file '{path}' is not a valid dqar plan (not UTF-8 text: {type(exc).__name__})",
+                        "regenerate it with `dqar calibrate` or dqar.plan.save_plan") from None
+    return Plan.from_json(text, source=f"plan file '{path}'")
 
 
 def schedule_fraction(cfg: ReuseConfig, progress: float) -> float:

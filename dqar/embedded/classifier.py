@@ -12,6 +12,7 @@ import io
 import json
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -181,8 +182,12 @@ def load_stats(path) -> dict:
             f"reference statistics not found at {path}",
             f"compute them with `python -m dqar.embedded.classifier --out {path.parent}`",
         )
-    with np.load(path, allow_pickle=False) as z:
-        return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"])}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"])}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # ValueError: an object array (a pickle)
+        raise DqarError(f"cannot read reference statistics {path} ({str(exc).splitlines()[0][:200]})",
+                        f"recompute them with `python -m dqar.embedded.classifier --out {path.parent}`") from None
 
 
 def _bar(total, enabled):

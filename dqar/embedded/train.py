@@ -172,7 +172,11 @@ def _save_state(path: Path, model, ema, opt, gen, progress: dict) -> None:
 
 
 def _load_state(path: Path, model, ema, opt, gen) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers: no code runs
+    except Exception as exc:  # a pickle that would run code, a truncated or foreign file
+        raise DqarError(f"{path} is not a checkpoint that can be loaded safely ({type(exc).__name__})",
+                        "delete it and train without --resume") from None
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
