@@ -82,7 +82,7 @@ class Evaluator:
     description: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reference:
     """The baseline's images at one sampling setting, and its classifier metrics."""
 
@@ -264,11 +264,10 @@ def make_reference(loaded, labels, run: RunConfig, evaluator: Evaluator | None) 
 
     gen = generate(loaded, labels, _baseline_run(run))
     images = gen.output.images
-    ref = Reference(images, gen)
-    if evaluator is not None:
-        ref.accuracy = M.class_accuracy(images, labels, evaluator.classifier)
-        ref.fd = M.fd_to_reference(images, evaluator.classifier, evaluator.stats)
-    return ref
+    if evaluator is None:
+        return Reference(images, gen)
+    return Reference(images, gen, M.class_accuracy(images, labels, evaluator.classifier),
+                     M.fd_to_reference(images, evaluator.classifier, evaluator.stats))
 
 
 def warms_each(device: torch.device) -> bool:
