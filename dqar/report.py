@@ -543,7 +543,10 @@ def _caveats(res: dict, f: Findings) -> list[str]:
     n = st["num_samples"]
     out = []
     if f.accuracy_available:
-        out.append(f"Class accuracy is measured on {n} images: one image moves it by {100 / n:.1f} points.")
+        base = [r for r in res["records"] if is_baseline(r) and _get(r, "fidelity", "class_accuracy") is not None]
+        accs = ", ".join(f"`{r['name']}` {f_pct(r['fidelity']['class_accuracy'])}" for r in base)
+        out.append(f"Class accuracy is measured on {n} images: one image moves it by {100 / n:.1f} points. "
+                   f"Baseline class accuracy: {accs}; drops are relative to it.")
     if f.fd_available:
         out.append(f"FD is the Fréchet distance in the embedded classifier's feature space over {n} images, not Inception FID; "
                    f"the target's \"≤ 1 FID loss\" is applied to ΔFD as a proxy.")
