@@ -31,6 +31,8 @@ class LayerCache:
         self.bytes_peak = 0
         self.error_sum: torch.Tensor | None = None  # 0-dim float32 on the device, relative L2 error summed
         self.error_count = 0
+        self.finite: list[torch.Tensor | None] = [None] * num_layers  # per layer: 0-dim bool, every stored value finite
+        self.nonfinite_reused: torch.Tensor | None = None  # 0-dim int64 on the device: reuses of non-finite entries
 
     def has(self, layer: int) -> bool:
         return self.slots[layer] is not None
@@ -44,10 +46,23 @@ class LayerCache:
         if error is not None:
             self.error_sum = error if self.error_sum is None else self.error_sum + error
             self.error_count += 1
+        self.finite[layer] = _all_finite(entry)
         old = self.slots[layer]
         self.bytes_now += sum(nbytes(v) for v in entry) - (sum(nbytes(v) for v in old) if old else 0)
         self.bytes_peak = max(self.bytes_peak, self.bytes_now)
         self.slots[layer] = entry
+
+    def finite_flags(self, layers: list[int]) -> torch.Tensor:
+        """(len(layers),) bool on the device: which of these layers' entries are all finite."""
+        return torch.stack([self.finite[layer] for layer in layers])
+
+    def count_nonfinite(self, layers: list[int]) -> None:
+        """Add, on the device, how many of these layers' entries hold NaN/Inf (read after the generation)."""
+        bad = (~self.finite_flags(layers)).sum()
+        self.nonfinite_reused = bad if self.nonfinite_reused is None else self.nonfinite_reused + bad
+
+    def nonfinite_count(self) -> int:
+        return 0 if self.nonfinite_reused is None else int(self.nonfinite_reused)
 
     def get(self, layer: int) -> tuple[torch.Tensor, ...]:
         """The stored tensors of `layer`, dequantized from what is actually stored."""
@@ -72,3 +87,9 @@ class LayerCache:
         if self.error_sum is None:
             return None
         return float(self.error_sum) / self.error_count
+
+
+def _all_finite(entry: Entry) -> torch.Tensor:
+    """0-dim bool on the device; for INT8 the scales tell (a NaN/Inf input makes its group's scale non-finite)."""
+    flags = [torch.isfinite(v.scale if isinstance(v, QTensor) else v).all() for v in entry]
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()

@@ -66,8 +66,9 @@ class ReuseConfig:
     custom_layers: tuple[int, ...] = ()  # schedule "custom": the eligible layer indices
     plan_file: str = ""  # a saved plan (JSON) that replaces the schedule
     track_quant_error: bool = True  # measure INT8 round-trip error on every store (a few extra ops)
+    nonfinite_guard: bool = False  # one host read per evaluation with reuse: layers whose cache holds NaN/Inf recompute
     gate: bool = False  # online gate: an eligible layer reuses only if its entropy < entropy_tau and SNR is in [snr_min, snr_max]
-    entropy_tau: float = 0.75  # gate: normalized attention entropy threshold, in [0, 1] (lower: less reuse)
+    entropy_tau: float = 0.97  # gate: normalized attention entropy threshold, in [0, 1] (lower: less reuse)
     snr_min: float = 0.0  # gate: lowest SNR at which reuse is allowed (>= 0)
     snr_max: float = 1.0e4  # gate: highest SNR at which reuse is allowed (>= snr_min)
     snr_source: str = "scheduler"  # gate: "scheduler" (ᾱ/(1-ᾱ) of the timestep) | "prediction" (‖x̂0‖²/‖x_t-x̂0‖², last evaluation)
@@ -159,7 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # INT8 cache with every layer eligible after warmup.
     "quant_cache_only": {"schedule": "constant", "cache_dtype": "int8", "quant_mode": "token"},
     # Linear layer schedule + INT8 cache + the online entropy/SNR gate.
-    "full_dqar": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token", "gate": True},
+    "full_dqar": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token", "gate": True, "entropy_tau": 0.97},
     # Whole-block reuse (attention + MLP residual), every layer eligible after warmup, INT8 cache.
     "block_reuse": {"schedule": "constant", "granularity": "block", "cache_dtype": "int8", "quant_mode": "token"},
 }

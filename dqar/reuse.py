@@ -8,6 +8,7 @@ patched modules only get their `forward` replaced, and `detach` puts it back.
 from __future__ import annotations
 
 import functools
+import warnings
 import math
 import weakref
 from dataclasses import dataclass
@@ -258,6 +259,22 @@ class ReuseEngine:
         st.sharing = 0 <= st.share_from <= e and self._is_guided(st, args, kwargs, hidden.shape[0])
         st.row = self.decider.row(e)
         st.store = self.decider.store_row(e)
+        self._check_finite(st)
+
+    def _check_finite(self, st: GenerationState) -> None:
+        """Guard on: one host read, NaN/Inf entries recompute. Guard off: counted on the device, reported after."""
+        reusing = [layer for layer, r in enumerate(st.row) if r and st.cache.has(layer)]
+        if not reusing:
+            return
+        if not self.cfg.nonfinite_guard:
+            st.cache.count_nonfinite(reusing)
+            return
+        ok = st.cache.finite_flags(reusing).tolist()  # the one host read of this check
+        st.host_syncs += 1
+        bad = {layer for layer, fine in zip(reusing, ok) if not fine}
+        if bad:
+            st.row = tuple(r and layer not in bad for layer, r in enumerate(st.row))
+            st.nonfinite += len(bad)
 
     def _is_guided(self, st: GenerationState, args, kwargs, batch: int) -> bool:
         """Whether the batch is [conditional; unconditional]; asked of the labels once per generation if unknown."""
@@ -357,6 +374,13 @@ class ReuseEngine:
         return attn.to_out[1](attn.to_out[0](o))
 
     # ----- stats ---------------------------------------------------------------------------
+    def _nonfinite_reused(self, st: GenerationState) -> int:
+        count = st.cache.nonfinite_count()
+        if count:
+            warnings.warn(f"{count} reused cache entries held NaN/Inf in this generation; set nonfinite_guard = true to recompute them",
+                          RuntimeWarning, stacklevel=3)
+        return count
+
     def _summarize(self, st: GenerationState) -> ReuseStats:
         done = st.evaluation + 1
         mask = st.executed[:done]
@@ -375,5 +399,6 @@ class ReuseEngine:
             flops_skipped=int((mask.sum(axis=1) * rows).sum()) * per_row_skip + share_skip,
             host_syncs=syncs,
             nonfinite_recomputes=st.nonfinite,
+            nonfinite_reused=self._nonfinite_reused(st),
             cfg_shared=int(shared.sum()),
         )

@@ -23,7 +23,8 @@ class ReuseStats:
     flops_total: int  # analytic FLOPs of all model evaluations without reuse
     flops_skipped: int
     host_syncs: int  # device→host reads on the engine's path during the generation
-    nonfinite_recomputes: int = 0  # reuses refused because the cached value was not finite
+    nonfinite_recomputes: int = 0  # nonfinite_guard on: planned reuses that recomputed because the cache held NaN/Inf
+    nonfinite_reused: int = 0  # nonfinite_guard off: reuses of cache entries holding NaN/Inf (counted, warned)
     cfg_shared: int = 0  # layer-evaluations whose attn1 ran on one CFG half and was copied to the other
 
     @property

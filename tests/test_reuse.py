@@ -188,3 +188,43 @@ def test_too_many_evaluations_and_no_generation_are_clear_errors(model):
     with pytest.raises(DqarError, match="called 4 times"):
         h.begin_generation(3)
         drive(model, evaluations=4)
+
+
+def _poison(handle, layer):
+    """After each store, replace layer `layer`'s cached entry with NaN (as a corrupted cache would hold)."""
+    cache_put = type(handle.engine.state.cache).put_encoded
+
+    def put(self, l, entry, error=None):
+        if l == layer:
+            entry = tuple(torch.full_like(v, float("nan")) if isinstance(v, torch.Tensor) else v for v in entry)
+        cache_put(self, l, entry, error)
+    return put
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_nonfinite_cache_recomputes_with_guard_and_is_counted_without(model, guard, monkeypatch):
+    from dqar.cache import LayerCache
+
+    cfg = ReuseConfig(schedule="constant", cache_dtype="model", nonfinite_guard=guard)
+    ref_h = dqar.enable(model, cfg)
+    clean = drive(model, ref_h)
+    planned = ref_h.stats.reused
+    ref_h.disable()
+    h = dqar.enable(model, cfg)
+    h.begin_generation(E)
+    monkeypatch.setattr(LayerCache, "put_encoded", _poison(h, 1))
+    if guard:
+        out = drive(model, h)
+        s = h.stats
+        assert s.nonfinite_recomputes == build_plan(cfg, E, 4).mask[:, 1].sum() > 0  # every planned reuse of layer 1
+        assert s.per_layer_reused[1] == 0 and s.reused < planned
+        assert all(torch.isfinite(o).all() for o in out)
+        assert s.host_syncs <= E
+    else:
+        with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+            out = drive(model, h)
+            s = h.stats
+        assert s.nonfinite_reused >= build_plan(cfg, E, 4).mask[:, 1].sum() > 0  # NaN then spreads to later layers' stores
+        assert s.host_syncs == 0 and not torch.isfinite(out[-1]).all()
+    h.disable()
+    assert torch.isfinite(clean[-1]).all()
