@@ -271,3 +271,37 @@ def test_record_trace_leaves_the_model_untouched():
 def test_gate_and_sharing_config_is_validated(bad, match):
     with pytest.raises(DqarError, match=match):
         ReuseConfig(**bad)
+
+
+# ----- other targets and granularities, stock pipeline ----------------------------------------------
+@pytest.mark.parametrize("extra", [dict(granularity="block"), dict(target="kv")])
+def test_gate_runs_with_block_granularity_and_kv_target(model, extra):
+    cfg = ReuseConfig(**{**OPEN, **extra})
+    with dqar.enable(model, cfg) as h:
+        drive(model, h)
+        mask = np.array(h.stats.reuse_mask, dtype=bool)
+        assert 0 < h.stats.host_syncs < E
+    assert np.array_equal(mask, build_plan(replace(cfg, gate=False), E, 4).mask)  # open thresholds: the schedule's plan
+    with dqar.enable(model, replace(cfg, entropy_tau=0.0)) as h:
+        drive(model, h)
+        assert h.stats.reused == 0
+
+
+def test_cfg_sharing_inside_whole_block_reuse(model):
+    with dqar.enable(model, ReuseConfig(schedule="constant", granularity="block", cfg_share="uncond_to_cond")) as h:
+        drive(model, h)
+        s = h.stats
+    assert s.reused > 0 and s.cfg_shared == (E - E // 2) * 4 - int(np.array(s.reuse_mask)[E // 2:].sum())
+
+
+def test_gate_and_sharing_inside_a_stock_pipeline():
+    from test_api import make_pipe, pipe_images
+
+    pipe = make_pipe()
+    ref = pipe_images(pipe)
+    with dqar.enable(pipe, ReuseConfig(**{**OPEN, "cfg_share": "cond_to_uncond"})) as h:
+        out = pipe_images(pipe)
+        s = h.stats
+    assert s.evaluations == 10 and s.reused > 0 and s.cfg_shared > 0
+    assert s.host_syncs <= 1 + s.evaluations  # gate: <= 1 per evaluation; CFG layout: 1 per generation
+    assert not np.array_equal(out, ref)
