@@ -257,8 +257,8 @@ def train_embedded(
             raise DqarError(f"no checkpoint to resume at {state_path}", "start without --resume")
         prog = _load_state(state_path, model, ema, opt, gen)
         prog.setdefault("cpu_s", None)  # checkpoints written before CPU time was tracked
-        if command:
-            prog["command"] = command
+        if command:  # keep the history: first run, then each resume
+            prog["command"] = f'{prog["command"]} ; then {command}' if prog["command"] else command
     out_dir.mkdir(parents=True, exist_ok=True)
 
     budget_s = None if minutes is None else 60.0 * minutes
