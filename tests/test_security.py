@@ -18,6 +18,7 @@ from dqar import grid as G
 from dqar.ablation import AblationOptions, run_ablation
 from dqar.cli import main as cli_main
 from dqar.config import ReuseConfig, RunConfig, SampleConfig
+from dqar.distributed import read_part
 from dqar.embedded.classifier import load_stats
 from dqar.embedded.train import STATE_FILE, EmbeddedModelConfig, train_embedded
 from dqar.errors import DqarError
@@ -26,6 +27,7 @@ from dqar.generate import generate
 from dqar.models import WEIGHTS, load_model, save_pipeline_folder
 from dqar.plan import build_plan
 from dqar.policy import load_policy
+from dqar.policy.collect import load_traces
 
 from conftest import make_tiny_transformer
 
@@ -187,6 +189,13 @@ def test_sample_labels_as_object_array_are_refused(tmp_path, marker):
     samples = _good_samples(tmp_path / "s.npz", labels=np.array([Payload(marker), 1], dtype=object))
     with pytest.raises(DqarError, match="labels in .* cannot be read"):
         read_labels(samples, 2)
+
+
+def test_traces_and_sample_parts_with_object_arrays_are_not_unpickled(tmp_path, marker):
+    bad = object_npz(tmp_path / "bad.npz", marker)
+    with pytest.raises(DqarError, match="not readable"):
+        load_traces(bad)
+    assert read_part(bad, np.arange(1)) is None  # an unreadable part is generated again
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
