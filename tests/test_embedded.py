@@ -58,7 +58,7 @@ def test_missing_dataset_names_the_fix(tmp_path):
 
 @needs_data
 def test_train_embedded_saves_loadable_diffusers_layout(tmp_path):
-    log = train_embedded(tmp_path, steps=3, limit=256, batch_size=8, progress=False)
+    log = train_embedded(tmp_path, steps=3, limit=256, batch_size=4, progress=False)
     assert log["steps"] == 3 and log["finished"] and np.isfinite(log["final_loss"])
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (tmp_path / STATE_FILE).exists()  # checkpoint removed after a finished run
@@ -160,3 +160,27 @@ def test_shipped_classifier_and_reference_stats():
     d = model.fc.out_features
     assert stats["mu"].shape == (d,) and stats["sigma"].shape == (d, d)
     assert np.allclose(stats["sigma"], stats["sigma"].T)
+
+
+# Checksum of a short generation with the shipped weights (dqar.sampling, DDIM 5 steps, CFG 4,
+# classes [0, 7], seed 0), recorded on CPU float32; the tolerance absorbs BLAS/thread differences.
+CHECKSUM_LATENT_SUM = -365.91430883907015
+CHECKSUM_LATENT_ABS_SUM = 1403.0966277415282
+CHECKSUM_IMAGE_SUM = 621.9374531805515
+CHECKSUM_LATENT_EVERY_157TH = [-1.00666, 0.853239, -0.149096, -1.032638, 0.942822,
+                               -1.151992, -1.06546, -1.043505, 1.036564, -0.914914]
+
+
+@needs_shipped
+def test_shipped_model_reproduces_stored_generation_checksum():
+    from dqar.sampling import make_scheduler, sample
+
+    model = emb.load_embedded_transformer()
+    scheduler = make_scheduler("ddim", emb.load_embedded_scheduler_config())
+    out = sample(model, [0, 7], scheduler=scheduler, steps=5, cfg=4.0, seed=0)
+    lat = out.latents.double()  # (2, 1, 28, 28), before clamping
+    assert out.images.shape == (2, 1, 28, 28)
+    assert float(lat.sum()) == pytest.approx(CHECKSUM_LATENT_SUM, rel=1e-3)
+    assert float(lat.abs().sum()) == pytest.approx(CHECKSUM_LATENT_ABS_SUM, rel=1e-3)
+    assert float(out.images.double().sum()) == pytest.approx(CHECKSUM_IMAGE_SUM, rel=1e-3)
+    assert lat.flatten()[::157][:10].tolist() == pytest.approx(CHECKSUM_LATENT_EVERY_157TH, abs=2e-3)

@@ -70,7 +70,7 @@ class TrainConfig:
     """Optimisation settings; saved into train_log.json."""
 
     seed: int = 0  # seeds init, batches, timesteps, noise and label dropout
-    batch_size: int = 128  # images per step
+    batch_size: int = 64  # images per step
     lr: float = 3e-4  # AdamW peak learning rate
     warmup_steps: int = 200  # linear learning-rate warmup
     weight_decay: float = 0.0  # AdamW weight decay
@@ -224,7 +224,7 @@ def train_embedded(
     minutes: float | None = None,
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int = 64,
     data_dir=None,
     limit: int | None = None,
     progress: bool = True,
@@ -234,7 +234,10 @@ def train_embedded(
     train_config: TrainConfig | None = None,
     command: str | None = None,
 ) -> dict:
-    """Train (or resume) until `minutes` of wall-clock or `steps` steps; returns the train_log dict."""
+    """Train (or resume) until `minutes` of wall-clock or `steps` steps; returns the train_log dict.
+
+    `train_config`, when given, replaces `seed` and `batch_size`.
+    """
     if minutes is None and steps is None:
         raise DqarError("no stopping rule for training", "pass --minutes M or --steps N")
     out_dir = Path(out_dir)
@@ -325,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
     p.add_argument("--steps", type=int, default=None, help="number of optimisation steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
