@@ -290,12 +290,23 @@ def _fidelity_parser(sub) -> None:
     p.set_defaults(func=cmd_fidelity)
 
 
+def _set_threads(args) -> None:
+    """`--threads N`: torch CPU threads (1 avoids oversubscription on a busy machine)."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise DqarError(f"--threads {args.threads} is invalid", "use --threads 1 or more")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_policy_collect(args) -> int:
     from .device import resolve_device, resolve_dtype
     from .io import atomic_write_json
     from .models import load_model
     from .policy.collect import CollectSettings, ValidateSettings, collect_traces, save_traces, validate_proxy
 
+    _set_threads(args)
     settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed, steps=args.steps, cfg=args.cfg,
                                sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows)
     device = resolve_device(args.device)
@@ -321,6 +332,7 @@ def cmd_policy_train(args) -> int:
     from .policy.collect import load_traces
     from .policy.train import TrainSettings, train_policy
 
+    _set_threads(args)
     settings = TrainSettings(hidden=tuple(args.hidden), epochs=args.epochs, lr=args.lr, holdout=args.holdout, seed=args.seed)
     traces = load_traces(args.traces)
     start = time.perf_counter()
@@ -339,9 +351,35 @@ def cmd_policy_train(args) -> int:
     return 0
 
 
+def cmd_policy_distill(args) -> int:
+    from .config import with_overrides
+    from .device import resolve_device, resolve_dtype
+    from .labels import default_labels, parse_labels
+    from .models import load_model
+    from .plan import save_plan
+    from .policy.distill import distill_plan
+
+    _set_threads(args)
+    run = _run_config(args)
+    given = {k: v for k, v in (("policy", args.policy), ("policy_threshold", args.threshold), ("policy_budget", args.budget)) if v is not None}
+    run = replace(run, reuse=with_overrides(run.reuse, **given))
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    classes = parse_labels(args.classes, loaded.num_classes, loaded.class_names) if args.classes else default_labels(loaded.num_classes)
+    if args.samples < 1:
+        raise DqarError(f"--samples {args.samples} is invalid", "use at least 1 sample")
+    plan = distill_plan(loaded, [classes[i % len(classes)] for i in range(args.samples)], run, progress=not args.quiet)
+    save_plan(plan, args.out)
+    print(f"wrote plan {args.out}: reuse {100 * plan.reuse_fraction:.1f}% of {plan.num_evaluations} evaluations x "
+          f"{plan.num_layers} layers, decided by {run.reuse.policy} at threshold {run.reuse.policy_threshold} "
+          f"(use it with plan_file = \"{args.out}\": no host syncs)")
+    return 0
+
+
 def cmd_policy_evaluate(args) -> int:
     from .policy.evaluate import run_command
 
+    _set_threads(args)
     return run_command(args)
 
 
@@ -362,6 +400,7 @@ def _policy_parser(sub) -> None:
     c.add_argument("--validate", type=int, default=0, help="also sample N reuse runs to the end and correlate labels with the final error")
     c.add_argument("--out", default="traces.npz", help="traces file (default traces.npz)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     c.set_defaults(func=cmd_policy_collect)
     t = psub.add_parser("train", help="train the policy MLP on traces; writes .safetensors and a .json report")
     t.add_argument("--traces", required=True, help="a file written by `dqar policy collect`")
@@ -372,11 +411,25 @@ def _policy_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="split and initialization seed (default 0)")
     t.add_argument("--out", default="policy.safetensors", help="checkpoint (default policy.safetensors; report next to it)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     t.set_defaults(func=cmd_policy_train)
+    d = psub.add_parser("distill", help="freeze a policy's decisions on a few samples into a plan JSON (no host syncs)")
+    _model_args(d)
+    d.add_argument("--policy", default=None, help="policy checkpoint (or policy = ... in the --config file)")
+    d.add_argument("--threshold", type=float, default=None, help="policy_threshold (default: the config's)")
+    d.add_argument("--budget", type=float, default=None, help="policy_budget (default: the config's)")
+    d.add_argument("--classes", nargs="+", default=None, help="class ids or names cycled over the samples (default: all classes)")
+    d.add_argument("--samples", type=int, default=10, help="samples the decisions are taken on (default 10)")
+    _sampling_args(d)
+    d.add_argument("--out", default="plan.json", help="plan JSON (default plan.json)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_policy_distill)
     from .policy.evaluate import add_arguments
 
     e = psub.add_parser("evaluate", help="policy vs gate vs calibrated plan vs static schedules at matched reuse -> docs/FIDELITY.md")
     add_arguments(e)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     e.set_defaults(func=cmd_policy_evaluate)
 
 

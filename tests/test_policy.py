@@ -133,8 +133,9 @@ def test_traces_hold_measured_labels_and_round_trip(traces, tmp_path):
     assert set(np.unique(traces.group)) == {0, 1, 2, 3} and set(np.unique(traces.age)) == {1, 2, 3}
     ages = traces.features[:, FEATURES.index("age")]
     assert np.array_equal(ages, traces.age)
-    # a staler reuse is (on average) a worse one
-    assert traces.labels[traces.age == 3].mean() > traces.labels[traces.age == 1].mean()
+    # at the same evaluations, a staler reuse is (on average) a worse one
+    late = traces.evaluation >= 3
+    assert traces.labels[late & (traces.age == 3)].mean() > traces.labels[late & (traces.age == 1)].mean()
     save_traces(traces, tmp_path / "t.npz")
     back = load_traces(tmp_path / "t.npz")
     assert np.array_equal(back.features, traces.features) and back.meta == traces.meta
@@ -201,3 +202,28 @@ def test_cli_train_writes_checkpoint_and_report(traces, tmp_path, capsys):
     assert f"{report['parameters']} parameters" in printed and len(report["curve"]) == 4
     assert load_policy(out).meta["hidden"] == [8]
     assert main(["policy", "train", "--traces", str(tmp_path / "none.npz"), "--out", str(out)]) == 2
+
+
+def test_distilled_plan_repeats_the_policy_without_syncs(tmp_path):
+    from dqar.config import RunConfig, SampleConfig
+    from dqar.generate import generate
+    from dqar.plan import load_plan, save_plan
+    from dqar.policy.distill import distill_plan
+
+    loaded = tiny_loaded()
+    reuse = ReuseConfig(**SCHEDULE, policy=saved(_ramp_policy_for(3), tmp_path), policy_threshold=0.2)
+    run = RunConfig(reuse=reuse, sample=SampleConfig(steps=8, cfg=4.0, seed=3))
+    online = generate(loaded, [1, 2], run).stats
+    plan = distill_plan(loaded, [1, 2], run)
+    assert plan.mask.tolist() == np.array(online.reuse_mask, bool).tolist() and 0 < plan.reuse_fraction < 1
+    assert plan.key["model"] == "tiny" and plan.key["steps"] == 8
+    save_plan(plan, tmp_path / "plan.json")
+    frozen = generate(loaded, [5, 6], replace(run, reuse=replace(reuse, policy="", plan_file=str(tmp_path / "plan.json"))))
+    assert frozen.stats.reuse_mask == online.reuse_mask and frozen.stats.host_syncs == 0 < online.host_syncs
+    assert np.array_equal(load_plan(tmp_path / "plan.json").mask, plan.mask)
+
+
+def _ramp_policy_for(num_layers: int) -> PolicyCheckpoint:
+    ckpt = _ramp_policy()
+    ckpt.meta["num_layers"] = num_layers
+    return ckpt

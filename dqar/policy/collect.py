@@ -2,15 +2,17 @@
 
 Each generation samples a few images with every layer computed. Per (evaluation e, layer l) it
 records the signals the policy reads (`dqar.policy.features`) and, as the label, the **measured
-relative error a reuse would have returned**: `‖o_e - o_{e-a}‖ / ‖o_{e-a}‖`, where `o` is the
-layer's attention output (all batch rows) and `a` = 1..`max_age` the reuse's staleness — what
-the cache holds versus what computing gives. Rows are written for every age, and for every span
-the "last relative change" feature could have had at sampling time (the change of the source
-output against the output `g` = 1..`max_age` evaluations before it, divided by `g`).
+perturbation a reuse would have injected**: reusing `attn1`'s output from `a` evaluations earlier
+adds `gate_msa_e ⊙ (o_(e−a) − o_e)` to the block's residual stream, so the label is
+`‖gate_msa_e ⊙ (o_(e−a) − o_e)‖ / ‖h_e‖` (h_e: the block's input; all batch rows), for every age
+`a` = 1..`max_age`. Rows are written for every age, and for every span the "last relative
+change" feature could have had at sampling time (the attention output's change against the
+output `g` = 1..`max_age` evaluations before it, divided by `g`).
 
 `validate_proxy` checks that label against the final sample: it reuses single cells and short
 runs of cells of one layer, samples to the end, and correlates (Spearman) the summed labels with
-the relative L2 error of the final images against full compute.
+the relative L2 error of the final images against full compute — next to the same correlation for
+the attention output's plain relative change (what calibrated plans are greedy on).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from ..signals import Needs, SignalRecorder, Trace, relative_change
 from .features import FEATURES, MISSING_CHANGE, feature_matrix
 
 TRACES_FORMAT = "dqar-policy-traces/1"
-LABEL = "relative L2 error of the reused attention output: ||o_e - o_(e-age)|| / ||o_(e-age)|| over all batch rows"
+LABEL = ("relative residual-stream perturbation of reusing attn1's output from `age` evaluations earlier: "
+         "||gate_msa_e * (o_(e-age) - o_e)|| / ||h_e|| over all batch rows (h_e: the block's input)")
 
 
 @dataclass(frozen=True)
@@ -126,19 +129,42 @@ class CollectDecider:
         return self._store
 
 
-class OutputErrors:
-    """Forward hooks on every `attn1`: relative error of each output against the last `max_age` outputs, on the device."""
+class ReuseErrors:
+    """Hooks on every block: what reusing an earlier `attn1` output would change, measured on the device.
+
+    Per evaluation e, layer l and age a: `change` = ‖o_e − o_(e−a)‖ / ‖o_(e−a)‖ (the engine's relative change)
+    and `label` = ‖g_e ⊙ (o_(e−a) − o_e)‖ / ‖h_e‖, where g_e is the block's `gate_msa` (from `norm1`) and h_e
+    the block's input: the relative perturbation a reuse injects into the residual stream.
+    """
 
     def __init__(self, blocks: Sequence[torch.nn.Module], max_age: int):
         self.max_age = max_age
         self.history: list[list[torch.Tensor]] = [[] for _ in blocks]  # per layer, newest last
-        self.errors: list[list[list[torch.Tensor | None]]] = [[] for _ in blocks]  # per layer, per evaluation, per age
-        self.handles = [b.attn1.register_forward_hook(functools.partial(self._hook, i)) for i, b in enumerate(blocks)]
+        self.values: dict[str, list[list[list[torch.Tensor | None]]]] = {"change": [[] for _ in blocks], "label": [[] for _ in blocks]}
+        self.inputs: list[torch.Tensor | None] = [None] * len(blocks)  # h_e per layer, (B, T, C)
+        self.gates: list[torch.Tensor | None] = [None] * len(blocks)  # gate_msa per layer, (B, C)
+        self.handles = []
+        for i, b in enumerate(blocks):
+            self.handles += [b.register_forward_pre_hook(functools.partial(self._block_in, i), with_kwargs=True),
+                             b.norm1.register_forward_hook(functools.partial(self._gate, i)),
+                             b.attn1.register_forward_hook(functools.partial(self._attn_out, i))]
 
-    def _hook(self, layer: int, module, args, output) -> None:
+    def _block_in(self, layer: int, module, args, kwargs) -> None:
+        self.inputs[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def _gate(self, layer: int, module, args, output) -> None:
+        if not isinstance(output, tuple) or len(output) < 2:
+            raise DqarError("policy labels need ada_norm_zero blocks (norm1 returning gate_msa)", "use a DiT with norm_type 'ada_norm_zero'")
+        self.gates[layer] = output[1].detach()
+
+    def _attn_out(self, layer: int, module, args, output) -> None:
         out = output.detach()  # (B, T, C)
         past = self.history[layer]
-        self.errors[layer].append([relative_change(out, past[-a]) if a <= len(past) else None for a in range(1, self.max_age + 1)])
+        gate, h = self.gates[layer].unsqueeze(1), self.inputs[layer]  # (B, 1, C), (B, T, C)
+        ages = range(1, self.max_age + 1)
+        self.values["change"][layer].append([relative_change(out, past[-a]) if a <= len(past) else None for a in ages])
+        self.values["label"][layer].append([(gate * (past[-a].float() - out.float())).norm() / h.float().norm().clamp_min(1e-12)
+                                            if a <= len(past) else None for a in ages])
         past.append(out)
         del past[: -self.max_age]
 
@@ -147,16 +173,17 @@ class OutputErrors:
             h.remove()
         self.handles = []
 
-    def host(self) -> np.ndarray:
-        """(E, L, A) float64, NaN where undefined (one read)."""
-        layers, evals = len(self.errors), len(self.errors[0])
-        flat = [v for per_layer in self.errors for per_eval in per_layer for v in per_eval if v is not None]
+    def host(self, name: str) -> np.ndarray:
+        """(E, L, A) float64 of `change` or `label`, NaN where undefined (one read)."""
+        table = self.values[name]
+        layers, evals = len(table), len(table[0])
+        flat = [v for per_layer in table for per_eval in per_layer for v in per_eval if v is not None]
         host = torch.stack(flat).cpu().numpy() if flat else np.zeros(0)
         out = np.full((layers, evals, self.max_age), np.nan)
         i = 0
         for l in range(layers):
             for e in range(evals):
-                for a, v in enumerate(self.errors[l][e]):
+                for a, v in enumerate(table[l][e]):
                     if v is not None:
                         out[l, e, a] = host[i]
                         i += 1
@@ -169,7 +196,8 @@ class FullCompute:
 
     trace: Trace
     x_rms: np.ndarray  # (E,) RMS of each evaluation's input
-    errors: np.ndarray  # (E, L, A) relative error of reusing the output computed `age` evaluations earlier
+    change: np.ndarray  # (E, L, A) relative change of the attention output against the one `age` evaluations earlier
+    errors: np.ndarray  # (E, L, A) label: relative residual-stream perturbation of reusing that earlier output
     images: torch.Tensor  # (N, C, H, W) final images
 
 
@@ -181,7 +209,7 @@ def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, en
     s = run.sample
     decider = CollectDecider(entropy_rows)
     scheduler = make_scheduler(s.sampler, loaded.scheduler_config)
-    hooks = OutputErrors(list(loaded.transformer.transformer_blocks), max_age)
+    hooks = ReuseErrors(list(loaded.transformer.transformer_blocks), max_age)
     try:
         with enable(loaded.transformer, ReuseConfig(), decider=decider) as handle:
             out = sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, seed=s.seed, eta=s.eta,
@@ -189,7 +217,7 @@ def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, en
     finally:
         hooks.remove()
     x_rms = torch.stack([v.float().reshape(()) for v in decider.x_rms]).cpu().numpy().astype(np.float64)
-    return FullCompute(decider.signals.trace(), x_rms, hooks.host(), out.images)
+    return FullCompute(decider.signals.trace(), x_rms, hooks.host("change"), hooks.host("label"), out.images)
 
 
 def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndarray]:
@@ -203,7 +231,7 @@ def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndar
             combos += [(e, a, g) for g in spans]
     e_i, a_i, g_i = (np.array(v, dtype=np.int64) for v in zip(*combos))  # (K,) each
     c_i = e_i - a_i
-    change = np.where((g_i > 0)[:, None], fc.errors[c_i, :, np.maximum(g_i, 1) - 1], MISSING_CHANGE)  # (K, L)
+    change = np.where((g_i > 0)[:, None], fc.change[c_i, :, np.maximum(g_i, 1) - 1], MISSING_CHANGE)  # (K, L)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     feats = feature_matrix(
         entropy=t(fc.trace.entropy[c_i]), change=t(change), gap=t(np.maximum(g_i, 1)[:, None]).expand(len(e_i), num_layers),
@@ -287,15 +315,22 @@ def validate_proxy(loaded, settings: CollectSettings, check: ValidateSettings = 
         mask = np.zeros((e_count, l_count), dtype=bool)
         mask[e - a + 1 : e + 1, l] = True
         proxy = float(sum(base.errors[e - a + j, l, j - 1] for j in range(1, a + 1)))
+        change = float(sum(base.change[e - a + j, l, j - 1] for j in range(1, a + 1)))
         s = run.sample
         with enable(loaded.transformer, ReuseConfig(), plan=Plan(mask)) as handle:
             out = sample(loaded.transformer, labels, scheduler=make_scheduler(s.sampler, loaded.scheduler_config), steps=s.steps,
                          cfg=s.cfg, seed=s.seed, vae=loaded.vae, null_class=loaded.null_class, reuse=handle)
         ref = base.images.double()
         final = float((out.images.double() - ref).norm() / ref.norm().clamp_min(1e-12))
-        rows.append({"evaluation": e, "layer": l, "cells": a, "label_sum": proxy, "final_relative_error": final})
-    proxy, final = np.array([r["label_sum"] for r in rows]), np.array([r["final_relative_error"] for r in rows])
+        rows.append({"evaluation": e, "layer": l, "cells": a, "label_sum": proxy, "change_sum": change, "final_relative_error": final})
+    final = np.array([r["final_relative_error"] for r in rows])
     single = np.array([r["cells"] == 1 for r in rows])
-    rho = lambda m: float(spearmanr(proxy[m], final[m]).statistic) if m.sum() >= 3 else None  # noqa: E731
-    return {"spearman": rho(np.ones(len(rows), dtype=bool)), "spearman_single_cells": rho(single),
+    every = np.ones(len(rows), dtype=bool)
+
+    def rho(key: str, keep: np.ndarray) -> float | None:
+        x = np.array([r[key] for r in rows])
+        return float(spearmanr(x[keep], final[keep]).statistic) if keep.sum() >= 3 else None
+
+    return {"spearman": rho("label_sum", every), "spearman_single_cells": rho("label_sum", single),
+            "spearman_attention_change": rho("change_sum", every), "spearman_attention_change_single_cells": rho("change_sum", single),
             "single_cells": int(single.sum()), "groups": len(rows), "samples": check.samples, "seed": check.seed, "rows": rows}

@@ -27,8 +27,9 @@ from ..errors import DqarError
 
 SECTION = "Learned policy"
 DYNAMIC = dict(schedule="constant", warmup_frac=0.0, refresh_interval=4, max_staleness=3)  # shared by policy, gate, plans
-FAMILIES = {"policy": "learned policy", "gate_snr": "gate (SNR bound)", "gate_entropy": "gate (entropy τ)",
-            "calibrated": "calibrated plan", "static": "static schedule"}
+FAMILIES = {"policy": "learned policy", "policy_plan": "policy → plan", "gate_snr": "gate (SNR bound)",
+            "gate_entropy": "gate (entropy τ)", "calibrated": "calibrated plan", "static": "static schedule"}
+OTHERS = ("gate_snr", "gate_entropy", "calibrated", "static")  # what the policy is compared with
 
 
 def shipped_policy() -> Path:
@@ -88,7 +89,7 @@ class Knob:
 
 def knobs(policy: str) -> list[Knob]:
     return [
-        Knob("policy", 1e-3, 1.0, "log", lambda v: ReuseConfig(**DYNAMIC, policy=policy, policy_threshold=v),
+        Knob("policy", 1e-5, 1.0, "log", lambda v: ReuseConfig(**DYNAMIC, policy=policy, policy_threshold=v),
              lambda v: f"threshold {v:.4f}"),
         Knob("gate_snr", 1e-5, 1e5, "log", lambda v: ReuseConfig(**DYNAMIC, gate=True, entropy_tau=1.0, snr_max=v),
              lambda v: f"τ 1, SNR ≤ {v:.3g}"),
@@ -179,6 +180,7 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     from ..generate import generate, plan_key
     from ..models import load_model
     from ..plan import save_plan
+    from .distill import distill_plan
     from .model import load_policy
 
     policy = settings.policy or str(shipped_policy())
@@ -187,7 +189,7 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     layers = len(loaded.transformer.transformer_blocks)
     labels = [i % loaded.num_classes for i in range(settings.samples)]
     n_static = 2
-    total = 2 + len(settings.targets) * (len(knobs(policy)) * (1 + settings.probe_iterations) + 1 + n_static)
+    total = 2 + len(settings.targets) * (len(knobs(policy)) * (1 + settings.probe_iterations) + 2 + n_static)
     rows: list[dict] = []
     with tqdm(total=total, desc="policy study", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
         reference = generate(loaded, labels, settings.run(settings.seed)).output.images
@@ -205,6 +207,13 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
                 rows.append(measure(study, knob.family, knob.label(value), knob.make(value), target,
                                     {"knob": value, "probe_reuse": probe}))
                 bar.update(1)
+                if knob.family == "policy":
+                    plan = distill_plan(loaded, calib_labels, settings.run(settings.calib_seed, knob.make(value)))
+                    path = study.plan_dir / f"distilled_{round(100 * target)}.json"
+                    save_plan(plan, path)
+                    rows.append(measure(study, "policy_plan", f"{knob.label(value)}, decisions on the calibration samples",
+                                        ReuseConfig(plan_file=str(path)), target, {"knob": value}))
+                    bar.update(1)
             key = plan_key(loaded.name, settings.run(settings.seed))
             plan = derive_plan(trace.change, target_fraction=target, max_staleness=DYNAMIC["max_staleness"], key=key)
             path = study.plan_dir / f"plan_{round(100 * target)}.json"
@@ -231,7 +240,7 @@ def verdict(rows: list[dict], targets) -> dict:
     out = []
     for t in targets:
         at = {f: psnr_at([r for r in rows if r["family"] == f], t) for f in FAMILIES}
-        others = {f: v for f, v in at.items() if f != "policy" and np.isfinite(v)}
+        others = {f: v for f, v in at.items() if f in OTHERS and np.isfinite(v)}
         best = max(others, key=others.get) if others else None
         gap = at["policy"] - others[best] if best and np.isfinite(at["policy"]) else float("nan")
         out.append({"target": t, "psnr_at": at, "best_other": best, "policy_minus_best_db": gap, "met": bool(gap >= 0)})
@@ -248,7 +257,7 @@ def plot(result: dict, path: Path) -> None:
     from ..io import atomic_write_bytes
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    markers = {"policy": "*", "gate_snr": "s", "gate_entropy": "D", "calibrated": "^", "static": "o"}
+    markers = {"policy": "*", "policy_plan": "P", "gate_snr": "s", "gate_entropy": "D", "calibrated": "^", "static": "o"}
     for fam, marker in markers.items():
         rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["reuse"])
         for ax, key in zip(axes, ("psnr_db", "fd")):
@@ -267,6 +276,10 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "—" if v is None or not np.isfinite(v) else format(v, spec)
+
+
 def _training_lines(report: dict | None) -> list[str]:
     if not report:
         return ["(no training report found next to the checkpoint)"]
@@ -280,25 +293,22 @@ def _training_lines(report: dict | None) -> list[str]:
         f"- Held-out fit of the log error: R² {h['r2_log']:.3f}, Spearman {h['spearman']:.3f} (one-feature baseline "
         f"*last change rate × age*: {h['spearman_naive']:.3f}).",
     ]
-    for tau in ("0.05", "0.1"):
-        d = h["decisions"].get(tau)
-        if d and d["precision"] is not None:
-            lines.append(f"- Held-out decisions at τ = {tau}: the policy says reuse for {100 * d['predicted_safe']:.1f}% of cells "
-                         f"({100 * d['truly_safe']:.1f}% truly below τ); precision {100 * d['precision']:.1f}%, recall "
+    for q, d in h["decisions"].items():
+        if d["precision"] is not None:
+            lines.append(f"- Held-out decisions at τ = the {100 * float(q):.0f}% quantile of the labels ({d['tau']:.2e}): the policy says "
+                         f"reuse for {100 * d['predicted_safe']:.1f}% of cells; precision {100 * d['precision']:.1f}%, recall "
                          f"{100 * d['recall']:.1f}%.")
     if v:
         single = "n/a" if v["spearman_single_cells"] is None else f"{v['spearman_single_cells']:.3f}"
         lines.append(f"- Label vs final image: over {v['groups']} reuse runs (single cells and runs of up to {trained.get('max_age')} "
                      f"cells of one layer, {v['samples']} images, seeds {v['seed']}+), the summed labels rank the relative L2 error "
-                     f"of the final images with Spearman **{v['spearman']:.3f}** (single cells only: {single}, {v['single_cells']} runs).")
+                     f"of the final images with Spearman **{v['spearman']:.3f}** (single cells only: {single}, {v['single_cells']} runs); "
+                     f"the attention output's plain relative change (what calibrated plans use) reaches "
+                     f"{_fmt(v.get('spearman_attention_change'), '.3f')} (single cells {_fmt(v.get('spearman_attention_change_single_cells'), '.3f')}).")
     if col:
         lines.append(f"- Traces: {col.get('generations')} generations × {col.get('batch')} samples (seeds {col.get('seed')}+), "
                      f"{trained.get('sampler', '').upper()} {trained.get('steps')} steps, CFG {trained.get('cfg')}.")
     return lines
-
-
-def _fmt(v: float, spec: str = ".2f") -> str:
-    return "—" if v is None or not np.isfinite(v) else format(v, spec)
 
 
 def markdown(result: dict, report: dict | None, plot_name: str) -> str:
@@ -316,8 +326,8 @@ def markdown(result: dict, report: dict | None, plot_name: str) -> str:
         "refresh 2–4, warmup 0–30%, cooldown 0–20%) whose plans come closest, one without and one with a cooldown. "
         f"No reuse: FD **{b['fd']:.2f}**, class accuracy **{100 * b['class_accuracy']:.1f}%**.",
         "",
-        "**How the policy was made** (labels: the measured relative error of the reused attention output, "
-        "`‖o_e − o_(e−age)‖ / ‖o_(e−age)‖`, from full-compute generations; see docs/POLICY.md):",
+        "**How the policy was made** (label: the measured relative perturbation a reuse injects into the block's residual "
+        "stream, `‖gate_msa_e ⊙ (o_(e−age) − o_e)‖ / ‖h_e‖`, from full-compute generations; see docs/POLICY.md):",
         "",
         *_training_lines(report),
         "",

@@ -3,8 +3,8 @@
 Generations (= seeds) are split into training and held-out sets, never cells of one generation
 across both. Features and the target are standardized with the training split's mean/std, which
 the checkpoint keeps. Every epoch logs the training and held-out loss; the held-out metrics
-include the decision quality of "reuse where the prediction is at most τ" for a few τ, next to
-a one-feature baseline (the last measured change rate times the age).
+include the decision quality of "reuse where the prediction is at most τ" for τ at a few label
+quantiles, next to a one-feature baseline (the last measured change rate times the age).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .collect import PolicyTraces
 from .features import FEATURES, LOG_FLOOR
 from .model import PolicyCheckpoint, PolicyNet, num_parameters
 
-THRESHOLDS = (0.02, 0.05, 0.1, 0.2)  # relative errors at which held-out decisions are scored
+QUANTILES = (0.3, 0.45, 0.6)  # held-out decisions are scored at these quantiles of the measured labels
 MAX_PARAMETERS = 500_000
 
 
@@ -69,12 +69,14 @@ def log_target(labels: np.ndarray) -> np.ndarray:
 
 
 def decision_metrics(pred_log: np.ndarray, labels: np.ndarray) -> dict:
-    """For each τ: how well "reuse where predicted error <= τ" matches "measured error <= τ"."""
+    """At τ = the q-quantile of the labels: how well "reuse where predicted error <= τ" matches "measured error <= τ"."""
     out = {}
-    for tau in THRESHOLDS:
-        say, safe = pred_log <= np.log(tau), labels <= tau
+    for q in QUANTILES:
+        tau = float(np.quantile(labels, q))
+        say, safe = pred_log <= np.log(max(tau, LOG_FLOOR)), labels <= tau
         tp = int((say & safe).sum())
-        out[str(tau)] = {
+        out[str(q)] = {
+            "tau": tau,
             "accuracy": float((say == safe).mean()),
             "precision": tp / int(say.sum()) if say.any() else None,  # of predicted-safe reuses, the share truly safe
             "recall": tp / int(safe.sum()) if safe.any() else None,
