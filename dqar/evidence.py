@@ -249,7 +249,7 @@ def targets(baseline: dict, rows: list[dict]) -> dict:
     out["half_reuse"] = None if best is None else {
         "name": best["name"], "attention_skipped": best["attention_skipped"], "psnr_db": best["psnr_db"],
         "class_accuracy_delta_points": 100 * (best["class_accuracy"] - baseline["class_accuracy"]),
-        "met": bool(best["psnr_db"] >= 32 and abs(best["class_accuracy"] - baseline["class_accuracy"]) <= 0.01),
+        "met": bool(best["psnr_db"] >= 32 and baseline["class_accuracy"] - best["class_accuracy"] <= 0.01),  # no loss > 1 point
     }
     return out
 
@@ -327,8 +327,9 @@ def markdown(result: dict, plot_name: str) -> str:
     if h:
         lines.append(
             f"- **≥ 50% attention skipped**: best is {h['name']} at {100 * h['attention_skipped']:.1f}% with {h['psnr_db']:.2f} dB and "
-            f"class accuracy {h['class_accuracy_delta_points']:+.1f} points vs no reuse — target (≥ 32 dB, within 1 point) "
-            f"**{'met' if h['met'] else 'missed'}**. With {s['samples']} samples one image is {100 / s['samples']:.1f} points of accuracy."
+            f"class accuracy {h['class_accuracy_delta_points']:+.1f} points vs no reuse — target (≥ 32 dB, accuracy not more than 1 point "
+            f"below no reuse) **{'met' if h['met'] else 'missed'}**. With {s['samples']} samples one image is "
+            f"{100 / s['samples']:.1f} points of accuracy, so a gain or loss of one image already exceeds ±1 point."
         )
     lines += [
         "",
@@ -337,7 +338,10 @@ def markdown(result: dict, plot_name: str) -> str:
         f"{sig['entropy_range'][0]:.3f}–{sig['entropy_range'][1]:.3f}; mean change in the last 5 evaluations "
         f"{sig['change_last5_vs_rest'][0]:.3f} vs {sig['change_last5_vs_rest'][1]:.3f} before. Per layer, mean entropy "
         + ", ".join(f"{v:.3f}" for v in sig["entropy_per_layer"]) + " and mean change "
-        + ", ".join(f"{v:.3f}" for v in sig["change_per_layer"]) + ".",
+        + ", ".join(f"{v:.3f}" for v in sig["change_per_layer"]) + "."
+        + (" Lower entropy goes with larger change on this model, so the gate's `entropy < τ` rule withholds reuse from the "
+           "cells that change least; its SNR window acts as a cooldown. The calibrated plan ranks cells by the measured change "
+           "itself." if sig["spearman_entropy_vs_change"] < 0 else ""),
         "",
         f"Raw numbers: `{Path(plot_name).with_suffix('.json').name}`.",
         "",
