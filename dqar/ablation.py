@@ -5,9 +5,10 @@ Protocol (written into the report's methodology):
 - for each sampling setting, one untimed warm-up generation of the baseline runs first; its images
   are the reference of every paired fidelity metric at that setting;
 - on GPU each configuration also runs once untimed first (kernel selection, compilation);
-  each configuration is timed `repeats` times, interleaved with as many baseline timings
-  (B C, C B, B C, ...), so drift of a shared machine hits both alike; the speedup is
-  median(baseline times) / median(configuration times) of those interleaved runs;
+- each configuration is timed `repeats` times between two baseline runs (B C C C B); the trailing
+  B is the next configuration's leading B, so the baseline is re-timed between every two
+  configurations and drift of a shared machine is tracked; the speedup is median(bracketing
+  baseline runs) / median(configuration runs);
 - a configuration whose resolved config equals one already measured reuses that measurement.
 
 Results are written atomically after every configuration (JSON and report; figures at the end); `resume`
@@ -43,9 +44,10 @@ FORMAT = "dqar-ablation/1"
 
 TIMING_METHOD = (
     "one untimed warm-up generation of the baseline per sampling setting (its images are the fidelity reference); "
-    "{each}per configuration, {repeats} timed generations interleaved with {repeats} baseline generations (B C, C B, ...); "
-    "time = median of the configuration's runs; speedup = median(interleaved baseline runs) / "
-    "median(configuration runs); clock: {clock}"
+    "{each}per configuration, {repeats} timed generations between two timed baseline generations (B C×{repeats} B; "
+    "the trailing B is the next configuration's leading B, so the baseline is re-timed between every two "
+    "configurations); time = median of the configuration's runs; speedup = median(its two bracketing baseline "
+    "runs) / median(its runs); a baseline entry is {repeats} timed baseline runs; clock: {clock}"
 )
 CLOCK_CUDA = "CUDA events around each generation, torch.cuda.synchronize before reading"
 CLOCK_CPU = "time.perf_counter around each generation"
@@ -280,46 +282,44 @@ def warms_each(device: torch.device) -> bool:
 
 
 def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable[[], None] = lambda: None,
-            warm=None) -> dict:
-    """Interleaved timings and peak memory, images and reuse stats of one configuration.
+            warm=None, lead: tuple | None = None) -> tuple[dict, tuple]:
+    """Timings bracketed by baseline runs, peak memory, images and reuse stats of one configuration.
 
-    The images and stats come from `warm` (a generation already made: the baseline's reference run),
-    else from an untimed warm-up run on GPU, else from the first timed run.
+    Order: [warm-up on GPU] B C×repeats B — the leading B is `lead` (seconds, peak) when the previous
+    timed run was a baseline at this sampling setting, and the trailing B is returned to become the
+    next configuration's lead. A baseline entry is `repeats` timed baseline runs. The images and stats
+    come from `warm` (the baseline's reference run), else the GPU warm-up run, else the first timed run.
+    Returns (measured, trailing baseline (seconds, peak)).
     """
     from .generate import generate
 
     base = _baseline_run(entry.run)
     if warm is None and warms_each(device):
         warm = generate(loaded, labels, entry.run)
+        lead = None  # no longer the previous timed run
         tick()
-    own, other, gens = [], [], []
-    peaks, base_peaks = [], []
-    for r in range(repeats):
-        order = [("base", base), ("self", entry.run)]
-        if r % 2:
-            order.reverse()
-        for kind, run in order:
-            if entry.is_baseline and kind == "base":
-                continue  # the baseline is its own reference
-            seconds, peak, gen = _timed(loaded, labels, run, device)
-            (own if kind == "self" else other).append(seconds)
-            (peaks if kind == "self" else base_peaks).append(peak)
-            if kind == "self":
-                gens.append(gen)
-            tick()
-    if entry.is_baseline:
-        other, base_peaks = list(own), list(peaks)
-    first = warm if warm is not None else gens[0]
+    runs = []  # (kind, seconds, peak, generation)
+    if not entry.is_baseline:
+        runs.append(("base", *lead, None) if lead is not None else ("base", *_timed(loaded, labels, base, device)))
+        tick()
+    for _ in range(repeats):
+        runs.append(("self", *_timed(loaded, labels, entry.run, device)))
+        tick()
+    if not entry.is_baseline:
+        runs.append(("base", *_timed(loaded, labels, base, device)))
+        tick()
+    own = [r for r in runs if r[0] == "self"]
+    other = [r for r in runs if r[0] == "base"] or own
+    first = warm if warm is not None else own[0][3]
     n = len(labels)
-    peak = max(peaks) if None not in peaks else None
-    base_peak = max(base_peaks) if None not in base_peaks else None
-    med, base_med = statistics.median(own), statistics.median(other)
-    return {
+    peak, base_peak = _max_or_none(r[2] for r in own), _max_or_none(r[2] for r in other)
+    med, base_med = statistics.median(r[1] for r in own), statistics.median(r[1] for r in other)
+    measured = {
         "images": first.output.images,
         "stats": first.stats,
         "measurements": {
-            "times_s": own,
-            "baseline_times_s": other,
+            "times_s": [r[1] for r in own],
+            "baseline_times_s": [r[1] for r in other],
             "median_s": med,
             "baseline_median_s": base_med,
             "time_per_sample_s": med / n,
@@ -328,9 +328,15 @@ def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable
             "peak_memory_bytes": peak,
             "baseline_peak_memory_bytes": base_peak,
             "memory_reduction": (1.0 - peak / base_peak) if peak and base_peak else None,
-            "deterministic": all(torch.equal(g.output.images, first.output.images) for g in gens),
+            "deterministic": all(torch.equal(r[3].output.images, first.output.images) for r in own),
         },
     }
+    return measured, runs[-1][1:3]
+
+
+def _max_or_none(values) -> int | None:
+    values = list(values)
+    return None if not values or None in values else max(values)
 
 
 def _reuse_dict(stats) -> dict | None:
@@ -387,6 +393,7 @@ class _State:
     done: dict = field(default_factory=dict)  # (name, hash) -> record
     by_hash: dict = field(default_factory=dict)  # hash -> record measured first
     refs: dict = field(default_factory=dict)  # SampleConfig -> Reference
+    lead: tuple | None = None  # (SampleConfig, seconds, peak) of the last timed run, when it was a baseline
 
 
 def _study_block(study: G.Study, labels, names, evaluator, device, entries) -> dict:
@@ -488,12 +495,17 @@ def _run_entry(entry: G.Entry, base: G.Entry, st: _State, ctx: dict, bars: "_Bar
         _copy_images(out / "images" / source["slug"], out / "images" / entry.slug)
         return _copy_record(entry, base, source)
     if entry.calibration:
+        st.lead = None  # other work ran since the last baseline timing
         entry = calibrated(entry, loaded, labels, out)
     if entry.run.sample not in st.refs:
+        st.lead = None
         st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
     ref = st.refs[entry.run.sample]
-    measured = measure(loaded, labels, entry, ctx["repeats"], ctx["device"], tick=bars.tick,
-                       warm=ref.generation if entry.is_baseline else None)
+    lead = st.lead[1:] if st.lead is not None and st.lead[0] == entry.run.sample else None
+    bars.start(entry, lead is not None)
+    measured, trail = measure(loaded, labels, entry, ctx["repeats"], ctx["device"], tick=bars.tick,
+                              warm=ref.generation if entry.is_baseline else None, lead=lead)
+    st.lead = (entry.run.sample, *trail)
     fid = fidelity(measured["images"], ref, labels, evaluator)
     save_samples(measured["images"], labels, out / "images" / entry.slug, scale=1 if measured["images"].shape[-1] >= 128 else 4)
     rec = make_record(entry, base, measured, fid, ctx["env"])
@@ -550,7 +562,6 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
     try:
         _write(out, st, entries, "partial")
         for entry in [e for e in entries if (e.name, e.config_hash) not in st.done]:
-            bars.start(entry)
             rec = _run_entry(entry, G.baseline_of(entries, entry), st, ctx, bars)
             st.done[(entry.name, entry.config_hash)] = rec
             ran += 1
@@ -578,8 +589,8 @@ class _Bars:
         self.overall = tqdm(total=total, initial=done, desc="ablation", unit="config", disable=not enabled, position=0)
         self.inner = None
 
-    def start(self, entry: G.Entry) -> None:
-        runs = self.repeats if entry.is_baseline else int(self.warm_each) + 2 * self.repeats
+    def start(self, entry: G.Entry, have_lead: bool) -> None:
+        runs = self.repeats if entry.is_baseline else int(self.warm_each) + self.repeats + 2
         self.inner = self._tqdm(total=runs, desc=entry.name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
 
     def tick(self) -> None:

@@ -62,7 +62,7 @@ def pareto(records: list[dict], path: Path) -> None:
     ax.axhline(PSNR_BOUND_DB, color="grey", ls="--", lw=0.8)
     ax.axvline(1.0, color="grey", ls=":", lw=0.8)
     ax.axvline(TARGET_SPEEDUP, color="tab:red", ls="--", lw=0.8)
-    ax.set_xlabel("speedup vs baseline (×, median of interleaved runs)")
+    ax.set_xlabel("speedup vs baseline (×, medians of bracketed runs)")
     ax.set_ylabel("PSNR vs baseline images (dB, capped at 100)")
     ax.set_title(f"speed vs fidelity — dashed: PSNR {PSNR_BOUND_DB:.0f} dB bound, {TARGET_SPEEDUP}× target")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -314,7 +314,7 @@ def memory_text(r: dict, among: str) -> str:
 def noise_sentence(f: Findings) -> str | None:
     if f.noise is None:
         return None
-    return (f"Timing noise: the interleaved baseline runs of a configuration spread by a median of {f_pct(f.noise)} "
+    return (f"Timing noise: the baseline runs timed with a configuration spread by a median of {f_pct(f.noise)} "
             f"(slowest − fastest, relative to the median); speedups closer to 1.00× than that are not distinguishable from noise.")
 
 
@@ -521,13 +521,13 @@ def _methodology(res: dict) -> list[str]:
              f"- **Grid**: `{st['grid']}` (sha256 {st['grid_hash']})", "",
              "### Metrics Collected",
              "1. **Inference Time**: wall-clock time per sample of a whole generation (noise, sampling loop, decoding), median of the repeats",
-             "2. **Speedup**: median interleaved baseline time / median configuration time",
+             "2. **Speedup**: median of the bracketing baseline runs / median of the configuration's runs",
              "3. **Reuse Ratio**: share of (model evaluation, layer) pairs that reused a cached output, as executed"
              + ("; **Attn skipped** adds half of the pairs whose attention was shared between the CFG branches"
                 if any(_get(r, "reuse", "cfg_shared") for r in res["records"]) else ""),
              "4. **FLOPs skipped**: analytic FLOPs not computed, as a share of the generation's total",
              "5. **Cache Memory**: peak bytes held by the reuse cache (values + INT8 scales), exact accounting",
-             "6. **Peak Memory**: see above; **Mem saved** = 1 − peak / baseline peak of the interleaved runs",
+             "6. **Peak Memory**: see above; **Mem saved** = 1 − peak / peak of the bracketing baseline runs",
              "7. **Host syncs**: device→host reads on the reuse engine's path per generation",
              "8. **PSNR / SSIM / Max abs**: paired against the baseline images of the same seeds",
              ]

@@ -2,6 +2,7 @@
 import copy
 import json
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -248,6 +249,17 @@ def test_quick_run_writes_every_artifact(quick_run):
         assert sorted(p.name for p in folder.glob("sample_*.png")) == [f"sample_{i:03d}_class{i}.png" for i in range(10)]
         assert rec["config_hash"] and rec["config"]["sample"]["seed"] == 42 and rec["environment"]["device"] == "cpu"
         assert len(rec["measurements"]["times_s"]) == 1 and rec["measurements"]["deterministic"]
+    prev, shared = None, 0  # the baseline is re-timed between configurations: trailing B == next leading B
+    for rec in (r for r in data["records"] if r.get("same_as") is None):
+        m = rec["measurements"]
+        if rec["config"]["reuse"]["enabled"]:
+            assert len(m["baseline_times_s"]) == 2 and m["speedup"] == pytest.approx(statistics.median(m["baseline_times_s"]) / m["median_s"])
+            if prev is not None and prev["config"]["sample"] == rec["config"]["sample"]:
+                p = prev["measurements"]
+                assert m["baseline_times_s"][0] == (p["baseline_times_s"] if prev["config"]["reuse"]["enabled"] else p["times_s"])[-1]
+                shared += 1
+        prev = rec
+    assert shared >= 5
     full = next(r for r in data["records"] if r["name"] == "scheduling_only")
     assert full["reuse"]["reuse_fraction"] > 0 and full["fidelity"]["psnr_db"] < 100 and full["fidelity"]["class_accuracy"] is not None
     base = next(r for r in data["records"] if r["name"] == "baseline")
