@@ -308,7 +308,7 @@ def memory_text(r: dict, among: str) -> str:
     if _r(100 * mem, 1) > 0:
         return f"the largest peak-memory saving {among} is {f_pct(mem)} by `{r['name']}` (needs ≥ {100 * TARGET_MEMORY:.0f}%)"
     return (f"no configuration {among} used less peak memory than the baseline "
-            f"(smallest increase: {f_pct(-mem)}, `{r['name']}`; needs ≥ {100 * TARGET_MEMORY:.0f}% less)")
+            f"(best: {f_pct(mem)} saved by `{r['name']}`; needs ≥ {100 * TARGET_MEMORY:.0f}%)")
 
 
 def noise_sentence(f: Findings) -> str | None:
@@ -431,7 +431,7 @@ def _executive(res: dict, f: Findings) -> list[str]:
     elif _r(100 * mem, 1) > 0:
         mem_cell = named(f.best_memory, f_pct(mem))
     else:
-        mem_cell = f"none: every configuration used more (least: +{f_pct(-mem)}, `{f.best_memory['name']}`)"
+        mem_cell = f"none: no configuration used less than the baseline (best: {f_pct(mem)} saved, `{f.best_memory['name']}`)"
     lines.append(f"| **Largest peak-memory saving** | {mem_cell} |")
     met = "✅ Yes" if f.target_met_by else ("❌ No" if f.candidates else DASH)
     lines.append(f"| **Target Met** ({target_text(f)}) | {met} |")
