@@ -324,7 +324,10 @@ def markdown(result: dict, report: dict | None, plot_name: str) -> str:
         f"{s['probe_seed']}+); calibrated plans come from a full-compute trace of {s['calib_samples']} samples (seeds "
         f"{s['calib_seed']}+, the policy's training range); static schedules are the grid configurations (constant/linear, "
         "refresh 2–4, warmup 0–30%, cooldown 0–20%) whose plans come closest, one without and one with a cooldown. "
-        f"No reuse: FD **{b['fd']:.2f}**, class accuracy **{100 * b['class_accuracy']:.1f}%**.",
+        f"No reuse: FD **{b['fd']:.2f}**, class accuracy **{100 * b['class_accuracy']:.1f}%** (one image = "
+        f"{100 / s['samples']:.0f} points). The policy's decisions at each threshold were also frozen into a plan on the "
+        "calibration samples (`dqar policy distill`; rows *policy → plan*, no host syncs)."
+        + (f" The study took {result['seconds']:.0f} s wall ({result.get('cpu_seconds', 0):.0f} s CPU)." if "seconds" in result else ""),
         "",
         "**How the policy was made** (label: the measured relative perturbation a reuse injects into the block's residual "
         "stream, `‖gate_msa_e ⊙ (o_(e−age) − o_e)‖ / ‖h_e‖`, from full-compute generations; see docs/POLICY.md):",
@@ -404,9 +407,9 @@ def run_command(args) -> int:
                          calib_samples=args.calib_samples, out_dir=args.out)
     SampleConfig(steps=s.steps, cfg=s.cfg, seed=s.seed)  # validate early
     torch.set_grad_enabled(False)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = run_policy_study(s, progress=not args.quiet)
-    result["seconds"] = time.perf_counter() - start
+    result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     doc = write_policy_section(result, s.out_dir)
     print(f"wrote section '{SECTION}' of {doc} in {result['seconds']:.0f}s")
     for t in result["verdict"]["per_target"]:
