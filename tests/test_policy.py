@@ -227,3 +227,37 @@ def _ramp_policy_for(num_layers: int) -> PolicyCheckpoint:
     ckpt = _ramp_policy()
     ckpt.meta["num_layers"] = num_layers
     return ckpt
+
+
+def test_knob_search_and_verdict():
+    from dqar.policy.evaluate import Knob, search, verdict
+
+    knob = Knob("policy", 1e-4, 1.0, "log", lambda v: ReuseConfig(policy_threshold=v), str)
+    reuse_of = lambda cfg: min(1.0, 0.1 * (4 + np.log10(cfg.policy_threshold)) ** 1.5)  # noqa: E731  monotone in the knob
+    value, got = search(knob, 0.45, reuse_of, iterations=12)
+    assert abs(got - 0.45) < 0.01 and abs(reuse_of(ReuseConfig(policy_threshold=value)) - got) < 1e-12
+    row = lambda fam, reuse, db: {"family": fam, "reuse": reuse, "attention_skipped": reuse, "psnr_db": db}  # noqa: E731
+    rows = [row("policy", 0.3, 40.0), row("policy", 0.6, 34.0), row("calibrated", 0.3, 38.0), row("calibrated", 0.6, 35.0),
+            row("static", 0.45, 30.0), row("policy_plan", 0.45, 99.0)]
+    v = verdict(rows, (0.3, 0.45, 0.6))
+    at = {t["target"]: t for t in v["per_target"]}
+    assert at[0.3]["best_other"] == "calibrated" and at[0.3]["policy_minus_best_db"] == pytest.approx(2.0) and at[0.3]["met"]
+    assert at[0.45]["psnr_at"]["policy"] == pytest.approx(37.0) and at[0.45]["met"]  # interpolated; the plan row is not an "other"
+    assert not at[0.6]["met"] and not v["met"]
+
+
+def test_cli_distill_without_a_policy_is_a_usage_error(tmp_path, capsys):
+    from dqar.cli import main
+
+    assert main(["policy", "distill", "--steps", "2", "--samples", "1", "--out", str(tmp_path / "p.json"), "--quiet"]) == 2
+    assert "needs a policy" in capsys.readouterr().err
+
+
+def test_shipped_policy_loads_and_is_small():
+    from dqar.policy.evaluate import shipped_policy
+    from dqar.policy.model import num_parameters
+
+    path = shipped_policy()
+    ckpt = load_policy(path)
+    assert path.stat().st_size < 64_000 and num_parameters(ckpt.net) < 500_000
+    assert ckpt.meta["model"] == "embedded" and ckpt.meta["num_layers"] == 8 and ckpt.meta["max_age"] == 3

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 FEATURES = ("entropy", "log_snr_scheduler", "log_snr_prediction", "log_x_rms", "step_fraction", "layer_fraction", "age",
@@ -68,7 +67,3 @@ def step_fraction(evaluation: int, num_evaluations: int) -> float:
 def log_threshold(threshold: float) -> float:
     """The policy's decision boundary in log-error space (-inf for a zero threshold: never reuse)."""
     return math.log(threshold) if threshold > 0 else -math.inf
-
-
-def as_host(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
