@@ -10,7 +10,6 @@ the raw numbers as JSON. Calibration uses other seeds than the evaluated samples
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -264,7 +263,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write_bytes
+    from .plots import save_png
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = {"static": "o", "gate": "s", "calibrated": "^", "cfg_share": "D"}
@@ -282,10 +281,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    save_png(fig, path, tight=False)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fmt_target(name: str, t: dict) -> str:

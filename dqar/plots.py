@@ -17,9 +17,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path, tight: bool = True) -> None:
+    """Write a matplotlib figure as a 110-dpi PNG, atomically."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, **({"bbox_inches": "tight"} if tight else {}))
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -69,7 +70,7 @@ def pareto(records: list[dict], path: Path) -> None:
     xs = [p[0] for p in pts] + [1.0, TARGET_SPEEDUP]
     ax.set_xlim(min(xs) - 0.05, max(xs) + 0.25)  # room for the labels of the right-most points
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -98,7 +99,7 @@ def reuse_heatmap(records: list[dict], path: Path) -> None:
         if k == 0:
             ax.set_ylabel("model evaluation")
     fig.suptitle("reuse decisions executed (dark = cached output reused)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -12,7 +12,6 @@ family's PSNR is then read off its Pareto frontier at the exact targets.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import tempfile
@@ -254,7 +253,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
+    from ..plots import save_png
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = {"policy": "*", "policy_plan": "P", "gate_snr": "s", "gate_entropy": "D", "calibrated": "^", "static": "o"}
@@ -270,10 +269,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    save_png(fig, path, tight=False)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
