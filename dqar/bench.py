@@ -135,28 +135,56 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
     return runs, stats
 
 
-def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = True) -> dict:
-    """Time every case at every batch size; returns a JSON-ready dict."""
+def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = True,
+              on_batch: Callable[[dict], None] | None = None) -> dict:
+    """Time every case at every batch size; returns a JSON-ready dict.
+
+    A case that raises during its warm-up is dropped from the timing and listed under "failed"
+    with its error, so one broken backend does not cost the other rows. `on_batch` receives the
+    result so far after each batch size (the CLI writes it, so a killed run keeps finished batches).
+    """
     rows: list[BenchRow] = []
+    failed: dict[str, str] = {}
+    result = {"settings": asdict(s), "model": loaded.name, "device": _device_name(device), "dtype": str(loaded.transformer.dtype),
+              "torch": torch.__version__, "stock_pipeline": stock_supported(loaded) or "included", "rows": [], "failed": failed}
     for batch in s.batch_sizes:
         runs, stats = cases_for(loaded, batch, s)
-        total = len(runs) * (s.repeats + 1)
-        with tqdm(total=total, desc=f"bench batch {batch}", disable=not progress) as bar:
-            times = interleaved(runs, device, s.repeats, s.warmup, on_step=lambda _: bar.update(1))
+        with tqdm(total=len(runs) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
+            for name, error in _warm_up(runs, s.warmup, on_step=lambda _: bar.update(1)).items():
+                failed[f"{name}@{batch}"] = error
+                del runs[name]
+                bar.update(s.repeats)
+            times = interleaved(runs, device, s.repeats, warmup=0, on_step=lambda _: bar.update(1))
         rows.extend(_rows(batch, times, stats))
-    return {"settings": asdict(s), "model": loaded.name, "device": _device_name(device), "dtype": str(loaded.transformer.dtype),
-            "torch": torch.__version__, "stock_pipeline": stock_supported(loaded) or "included", "rows": [asdict(r) for r in rows]}
+        result["rows"] = [asdict(r) for r in rows]
+        if on_batch:
+            on_batch(result)
+    return result
+
+
+def _warm_up(runs: dict[str, Callable], warmup: int, on_step: Callable[[str], None]) -> dict[str, str]:
+    """Run each case `warmup` times (compilation happens here); name → error for the cases that raised."""
+    errors = {}
+    for name, fn in runs.items():
+        for _ in range(warmup):
+            try:
+                fn()
+            except Exception as exc:  # a backend that cannot run here (e.g. no compiler): report, keep the rest
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                break
+            on_step(name)
+    return errors
 
 
 def _rows(batch: int, times: dict[str, list[float]], stats: dict[str, Callable]) -> list[BenchRow]:
     med = {name: median(ts) for name, ts in times.items()}
-    reference = med.get("stock_pipeline_eager", med["noreuse_eager"])
+    reference = med.get("stock_pipeline_eager", med.get("noreuse_eager"))
     compiled = med.get("noreuse_compiled")
     out = []
     for name, m in med.items():
         st = stats[name]() if name in stats else None
         out.append(BenchRow(case=name, batch=batch, median_s=m, per_sample_s=m / batch, times_s=times[name],
-                            vs_reference=reference / m, vs_compiled_noreuse=(compiled / m) if compiled else None,
+                            vs_reference=(reference / m) if reference else None, vs_compiled_noreuse=(compiled / m) if compiled else None,
                             reuse_fraction=st.reuse_fraction if st is not None else None))
     return out
 
@@ -176,7 +204,10 @@ def render_table(result: dict) -> str:
     for r in result["rows"]:
         vc = f"{r['vs_compiled_noreuse']:.2f}×" if r["vs_compiled_noreuse"] else "–"
         ru = f"{100 * r['reuse_fraction']:.1f}" if r["reuse_fraction"] is not None else "–"
-        lines.append(f"| {r['batch']} | {r['case']} | {r['per_sample_s']:.4f} | {r['vs_reference']:.2f}× | {vc} | {ru} |")
+        vr = f"{r['vs_reference']:.2f}×" if r["vs_reference"] else "–"
+        lines.append(f"| {r['batch']} | {r['case']} | {r['per_sample_s']:.4f} | {vr} | {vc} | {ru} |")
+    for case, error in result.get("failed", {}).items():
+        lines.append(f"\nNot timed: {case} failed in warm-up — {error}")
     if result["stock_pipeline"] != "included":
         lines += ["", f"Stock DiTPipeline not timed: {result['stock_pipeline']}; dqar's no-reuse loop is bit-identical to it (tests/test_sampling.py)."]
     return "\n".join(lines)

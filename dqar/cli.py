@@ -163,12 +163,14 @@ def cmd_bench(args) -> int:
     quick = dict(batch_sizes=(1, 2), steps=10) if args.quick else {}
     given = {k: v for k, v in (("batch_sizes", tuple(args.batch_sizes or ())), ("steps", args.steps), ("repeats", args.repeats)) if v}
     settings = BenchSettings(**{**quick, **given, "compile": not args.no_compile, "presets": tuple(args.presets)})
-    result = run_bench(loaded, device, settings, progress=not args.quiet)
-    table = render_table(result)
     out = Path(args.out)
-    atomic_write_json(out / "bench.json", result)
-    atomic_write_text(out / "bench.md", table + "\n")
-    print(table)
+
+    def write(result: dict) -> None:  # after every batch size: a killed run keeps what it finished
+        atomic_write_json(out / "bench.json", result)
+        atomic_write_text(out / "bench.md", render_table(result) + "\n")
+
+    result = run_bench(loaded, device, settings, progress=not args.quiet, on_batch=write)
+    print(render_table(result))
     return 0
 
 

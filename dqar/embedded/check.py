@@ -17,23 +17,26 @@ from . import NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load
 from . import load_reference_stats
 
 
-def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: int = 0, folder=None) -> dict:
+def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: int = 0, folder=None,
+                  device: str = "cpu") -> dict:
     """DDIM samples of every class (clip_sample=False as shipped); returns accuracy, FD and the images."""
+    from ..device import resolve_device
     from ..sampling import make_scheduler, sample
 
-    transformer = load_embedded_transformer(folder=folder)
+    transformer = load_embedded_transformer(device=resolve_device(device), folder=folder)
     scheduler = make_scheduler("ddim", load_embedded_scheduler_config(folder=folder))
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (N,)
     start = time.perf_counter()
     out = sample(transformer, labels, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed)
     seconds = time.perf_counter() - start
     classifier = load_classifier(folder=folder)
-    images = out.images  # (N, 1, 28, 28) in [0, 1]
+    images = out.images.float().cpu()  # (N, 1, 28, 28) in [0, 1]
     return {
         "samples": len(labels),
         "steps": steps,
         "cfg": cfg,
         "seed": seed,
+        "device": str(transformer.device),
         "class_accuracy": round(class_accuracy(images, labels, classifier), 4),
         "fd_to_test_split": round(fd_to_reference(images, classifier, load_reference_stats(folder=folder)), 3),
         "sampling_seconds": round(seconds, 1),
@@ -49,12 +52,13 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--folder", default=None, help="weights folder (default: the shipped one)")
     p.add_argument("--grid", default=None, help="write a PNG grid, one row per class")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        result = check_samples(args.per_class, args.steps, args.cfg, args.seed, args.folder)
+        result = check_samples(args.per_class, args.steps, args.cfg, args.seed, args.folder, args.device)
     except DqarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

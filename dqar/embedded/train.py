@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import DqarError
 from ..io import atomic_write_json, atomic_write_text
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, load_split
@@ -147,10 +148,10 @@ def ema_update_(ema: nn.Module, model: nn.Module, step: int, decay: float) -> No
 
 def training_loss(model, x0, labels, gen, alphas_cumprod, cfg: TrainConfig) -> torch.Tensor:
     """DDPM epsilon MSE on one batch; labels are dropped to the null id outside the model."""
-    n = x0.shape[0]
-    t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen)  # (N,)
-    noise = torch.randn(x0.shape, generator=gen)  # (N, 1, H, W)
-    drop = torch.rand(n, generator=gen) < cfg.label_drop  # (N,)
+    n, dev = x0.shape[0], x0.device
+    t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen).to(dev)  # (N,)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)  # (N, 1, H, W)
+    drop = (torch.rand(n, generator=gen) < cfg.label_drop).to(dev)  # (N,)
     y = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)  # (N,)
     a = alphas_cumprod[t].view(n, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (N, 1, H, W)
@@ -164,23 +165,23 @@ def _save_state(path: Path, model, ema, opt, gen, progress: dict) -> None:
         "model": model.state_dict(),
         "ema": ema.state_dict(),
         "optimizer": opt.state_dict(),
-        "generator": gen.get_state(),
+        "generator": gen.get_state(),  # CPU generator state (uint8 tensor)
         "progress": json.dumps(progress),
     }
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, model, ema, opt, gen) -> dict:
+def _load_state(path: Path, model, ema, opt, gen, device) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers: no code runs
+        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain containers: no code runs
     except Exception as exc:  # a pickle that would run code, a truncated or foreign file
         raise DqarError(f"{path} is not a checkpoint that can be loaded safely ({type(exc).__name__})",
                         "delete it and train without --resume") from None
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
+    gen.set_state(state["generator"].cpu())
     return json.loads(state["progress"])
 
 
@@ -210,6 +211,7 @@ def _write_log(out_dir: Path, progress: dict, cfg: TrainConfig, mcfg: EmbeddedMo
         "final_loss": progress["ema_loss"],
         "finished": done,
         "threads": torch.get_num_threads(),
+        "device": progress.get("device", "cpu"),
         "parameters": n_params,
         "train_config": asdict(cfg),
         "model_config": asdict(mcfg),
@@ -233,32 +235,39 @@ def train_embedded(
     model_config: EmbeddedModelConfig | None = None,
     train_config: TrainConfig | None = None,
     command: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train (or resume) until `minutes` of wall-clock or `steps` steps; returns the train_log dict.
 
-    `train_config`, when given, replaces `seed` and `batch_size`.
+    `train_config`, when given, replaces `seed` and `batch_size`. Random draws come from one CPU
+    generator whatever the `device`, so the batches, timesteps and noise do not depend on it.
+    The learning rate is constant after warm-up, so a `--minutes` run equals a `--steps N` run
+    with the N it reached.
     """
     if minutes is None and steps is None:
         raise DqarError("no stopping rule for training", "pass --minutes M or --steps N")
     out_dir = Path(out_dir)
     mcfg = model_config or EmbeddedModelConfig()
     cfg = train_config or TrainConfig(seed=seed, batch_size=batch_size)
+    device = torch.device(device)
     x_all, y_all = load_split("train", data_dir=data_dir, limit=limit)  # (N, 1, 28, 28), (N,)
+    x_all, y_all = x_all.to(device), y_all.to(device)
 
     torch.manual_seed(cfg.seed)
-    model = mcfg.build()  # stays in eval(): no in-model label dropout
+    model = mcfg.build().to(device)  # stays in eval(): no in-model label dropout
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    alphas_cumprod = make_train_scheduler(cfg).alphas_cumprod.float()  # (T,)
+    alphas_cumprod = make_train_scheduler(cfg).alphas_cumprod.float().to(device)  # (T,)
     n_params = sum(p.numel() for p in model.parameters())
 
     state_path = out_dir / STATE_FILE
-    prog = {"step": 0, "elapsed_s": 0.0, "cpu_s": 0.0, "ema_loss": None, "curve": [], "command": command or ""}
+    prog = {"step": 0, "elapsed_s": 0.0, "cpu_s": 0.0, "ema_loss": None, "curve": [], "command": command or "",
+            "device": _device_label(device)}
     if resume:
         if not state_path.is_file():
             raise DqarError(f"no checkpoint to resume at {state_path}", "start without --resume")
-        prog = _load_state(state_path, model, ema, opt, gen)
+        prog = _load_state(state_path, model, ema, opt, gen, device)
         prog.setdefault("cpu_s", None)  # checkpoints written before CPU time was tracked
         if command:  # keep the history: first run, then each resume
             prog["command"] = f'{prog["command"]} ; then {command}' if prog["command"] else command
@@ -275,7 +284,7 @@ def train_embedded(
         if (steps is not None and prog["step"] >= steps) or (budget_s is not None and elapsed >= budget_s):
             break
         step = prog["step"]
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)  # (B,)
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(device)  # (B,)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = training_loss(model, x_all[idx], y_all[idx], gen, alphas_cumprod, cfg)
@@ -316,6 +325,10 @@ def train_embedded(
     return json.loads((out_dir / LOG_FILE).read_text())
 
 
+def _device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def _progress_bar(total, initial, enabled):
     from tqdm.auto import tqdm
 
@@ -330,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (random draws stay on the CPU generator)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
@@ -346,7 +360,7 @@ def main(argv=None) -> int:
         log = train_embedded(
             args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
             data_dir=args.data, limit=args.limit, progress=not args.no_progress, resume=args.resume,
-            keep_checkpoint=args.keep_checkpoint, command=command,
+            keep_checkpoint=args.keep_checkpoint, command=command, device=resolve_device(args.device),
         )
     except DqarError as exc:
         print(f"error: {exc}", file=sys.stderr)
