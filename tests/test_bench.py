@@ -31,3 +31,29 @@ def test_bench_quick_runs_on_cpu(tmp_path):
 def test_bench_settings_refuse_bad_values(kw):
     with pytest.raises(DqarError):
         BenchSettings(**kw)
+
+
+def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
+    """A case that raises in warm-up is listed under "failed"; the others are timed; each batch is handed on."""
+    import dqar.bench as bench
+    from dqar.models import load_model
+
+    def broken():
+        raise RuntimeError("no compiler here\nsecond line")
+
+    real = bench.cases_for
+
+    def with_broken(loaded, batch, s):
+        runs, stats = real(loaded, batch, s)
+        runs["broken_case"] = broken
+        return runs, stats
+
+    monkeypatch.setattr(bench, "cases_for", with_broken)
+    loaded = load_model(None)
+    seen = []
+    s = BenchSettings(batch_sizes=(1, 2), steps=2, presets=(), compile=False, stock=False)
+    result = bench.run_bench(loaded, __import__("torch").device("cpu"), s, progress=False,
+                             on_batch=lambda r: seen.append(len(r["rows"])))
+    assert result["failed"] == {"broken_case@1": "RuntimeError: no compiler here", "broken_case@2": "RuntimeError: no compiler here"}
+    assert {r["case"] for r in result["rows"]} == {"noreuse_eager"} and seen == [1, 2]
+    assert "Not timed: broken_case@1 failed in warm-up — RuntimeError: no compiler here" in bench.render_table(result)
