@@ -15,8 +15,9 @@ $(BIN)/dqar: pyproject.toml
 
 install: $(BIN)/dqar
 
+# --resume: a first run starts the study, a re-run finishes an interrupted one or re-renders a finished one.
 ablate: install
-	$(BIN)/dqar ablate
+	$(BIN)/dqar ablate --resume
 
 test: install
 	$(BIN)/python -m pytest
