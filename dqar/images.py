@@ -43,6 +43,11 @@ def grid(arr: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
+def save_grid(arr: np.ndarray, path: Path, cols: int | None = None, scale: int = 1) -> None:
+    """Write `grid(arr, cols, scale=scale)` as a PNG (atomically)."""
+    atomic_write_bytes(Path(path), _png(grid(arr, cols=cols, scale=scale)))
+
+
 def save_samples(images: torch.Tensor, labels: Sequence[int], out_dir: Path, scale: int = 1) -> list[Path]:
     """Write `sample_{i:03d}_class{c}.png` and `grid.png` into `out_dir` (atomically)."""
     out_dir = Path(out_dir)
@@ -52,7 +57,7 @@ def save_samples(images: torch.Tensor, labels: Sequence[int], out_dir: Path, sca
         path = out_dir / f"sample_{i:03d}_class{int(c)}.png"
         atomic_write_bytes(path, _png(_pil(img)))
         paths.append(path)
-    atomic_write_bytes(out_dir / "grid.png", _png(grid(arr, scale=scale)))
+    save_grid(arr, out_dir / "grid.png", scale=scale)
     return paths
 
 

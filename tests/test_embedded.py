@@ -60,6 +60,7 @@ def test_missing_dataset_names_the_fix(tmp_path):
 def test_train_embedded_saves_loadable_diffusers_layout(tmp_path):
     log = train_embedded(tmp_path, steps=3, limit=256, batch_size=4, progress=False)
     assert log["steps"] == 3 and log["finished"] and np.isfinite(log["final_loss"])
+    assert log["device"] == "cpu"
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (tmp_path / STATE_FILE).exists()  # checkpoint removed after a finished run
     assert json.loads((tmp_path / "class_names.json").read_text()) == list(emb.CLASS_NAMES)
@@ -90,6 +91,13 @@ def test_training_is_seeded_and_resumable(tmp_path):
     wa = load_file(str(tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_training_cli_refuses_an_unknown_device(tmp_path, capsys):
+    from dqar.embedded.train import main
+
+    assert main(["--out", str(tmp_path), "--steps", "1", "--device", "tpu9"]) == 2
+    assert "unknown device 'tpu9'" in capsys.readouterr().err
 
 
 def test_training_needs_a_stopping_rule_and_a_checkpoint_to_resume(tmp_path):
@@ -164,11 +172,11 @@ def test_shipped_classifier_and_reference_stats():
 
 # Checksum of a short generation with the shipped weights (dqar.sampling, DDIM 5 steps, CFG 4,
 # classes [0, 7], seed 0), recorded on CPU float32; the tolerance absorbs BLAS/thread differences.
-CHECKSUM_LATENT_SUM = -365.91430883907015
-CHECKSUM_LATENT_ABS_SUM = 1403.0966277415282
-CHECKSUM_IMAGE_SUM = 621.9374531805515
-CHECKSUM_LATENT_EVERY_157TH = [-1.00666, 0.853239, -0.149096, -1.032638, 0.942822,
-                               -1.151992, -1.06546, -1.043505, 1.036564, -0.914914]
+CHECKSUM_LATENT_SUM = -446.5667838919908
+CHECKSUM_LATENT_ABS_SUM = 1380.0714655872434
+CHECKSUM_IMAGE_SUM = 566.532494276762
+CHECKSUM_LATENT_EVERY_157TH = [-1.012635, 0.936168, 0.368776, -1.006173, 0.968043,
+                               -0.986822, -1.054634, -0.904939, 0.639042, -1.066557]
 
 
 @needs_shipped
@@ -184,3 +192,29 @@ def test_shipped_model_reproduces_stored_generation_checksum():
     assert float(lat.abs().sum()) == pytest.approx(CHECKSUM_LATENT_ABS_SUM, rel=1e-3)
     assert float(out.images.double().sum()) == pytest.approx(CHECKSUM_IMAGE_SUM, rel=1e-3)
     assert lat.flatten()[::157][:10].tolist() == pytest.approx(CHECKSUM_LATENT_EVERY_157TH, abs=2e-3)
+
+
+# ---------- quality check ----------
+
+@needs_shipped
+def test_quality_check_cli_scores_samples_and_draws_one_column_per_class(tmp_path, capsys):
+    from PIL import Image
+
+    from dqar.embedded.check import main
+
+    assert main(["--per-class", "2", "--steps", "3", "--grid", str(tmp_path / "g.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 20 and report["weights"] == "trained" and 0 <= report["class_accuracy"] <= 1
+    img = Image.open(tmp_path / "g.png")
+    assert img.size == (2 * (10 * 30 + 2), 2 * (2 * 30 + 2))  # 10 columns, 2 rows of 28 px + 2 px padding, ×2
+    assert main(["--per-class", "1", "--device", "tpu9"]) == 2
+
+
+@needs_shipped
+def test_quality_check_random_weights_sample_a_different_model():
+    from dqar.embedded.check import check_samples
+
+    trained = check_samples(per_class=1, steps=3)
+    rand = check_samples(per_class=1, steps=3, random_weights=True)
+    assert rand["weights"] == "random"
+    assert not torch.allclose(trained["images"], rand["images"], atol=1e-2)

@@ -17,7 +17,7 @@ from .data import CLASS_NAMES, NUM_CLASSES
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "weights"
 NULL_CLASS_ID = NUM_CLASSES  # = num_embeds_ada_norm, as DiTPipeline uses it for the unconditional branch
-TRAIN_COMMAND = "python -m dqar.embedded.train --out {out} --steps 3500 --seed 0 --threads 1 --batch-size 64"
+TRAIN_COMMAND = "python -m dqar.embedded.train --out {out} --steps 6587 --batch-size 256 --seed 0 --device auto"
 CLASSIFIER_COMMAND = "python -m dqar.embedded.classifier --out {out} --epochs 3 --seed 0 --threads 1"
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Sanity check of the embedded DiT: sample every class, score with the embedded classifier.
 
 Usage: python -m dqar.embedded.check [--per-class 10] [--steps 50] [--cfg 4] [--grid out.png] [--folder DIR]
+       [--device cpu|cuda] [--random-weights]
 """
 from __future__ import annotations
 
@@ -17,13 +18,27 @@ from . import NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load
 from . import load_reference_stats
 
 
+def random_weights_like(transformer, seed: int = 0):
+    """The same architecture with diffusers' default random initialisation (seeded): the no-training reference."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel.from_config(transformer.config)
+    return model.to(transformer.device).eval().requires_grad_(False)
+
+
 def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: int = 0, folder=None,
-                  device: str = "cpu") -> dict:
-    """DDIM samples of every class (clip_sample=False as shipped); returns accuracy, FD and the images."""
+                  device: str = "cpu", random_weights: bool = False) -> dict:
+    """DDIM samples of every class (clip_sample=False as shipped); returns accuracy, FD and the images.
+
+    `random_weights`: sample the same architecture with random weights instead (the FD to beat).
+    """
     from ..device import resolve_device
     from ..sampling import make_scheduler, sample
 
     transformer = load_embedded_transformer(device=resolve_device(device), folder=folder)
+    if random_weights:
+        transformer = random_weights_like(transformer, seed)
     scheduler = make_scheduler("ddim", load_embedded_scheduler_config(folder=folder))
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (N,)
     start = time.perf_counter()
@@ -37,6 +52,7 @@ def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: 
         "cfg": cfg,
         "seed": seed,
         "device": str(transformer.device),
+        "weights": "random" if random_weights else "trained",
         "class_accuracy": round(class_accuracy(images, labels, classifier), 4),
         "fd_to_test_split": round(fd_to_reference(images, classifier, load_reference_stats(folder=folder)), 3),
         "sampling_seconds": round(seconds, 1),
@@ -53,19 +69,23 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--random-weights", action="store_true", help="sample the architecture with random weights (reference FD)")
     p.add_argument("--folder", default=None, help="weights folder (default: the shipped one)")
-    p.add_argument("--grid", default=None, help="write a PNG grid, one row per class")
+    p.add_argument("--grid", default=None, help="write a PNG grid, one column per class")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        result = check_samples(args.per_class, args.steps, args.cfg, args.seed, args.folder, args.device)
+        result = check_samples(args.per_class, args.steps, args.cfg, args.seed, args.folder, args.device,
+                               args.random_weights)
     except DqarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.grid:
-        from ..images import grid, to_uint8
+        from ..images import save_grid, to_uint8
 
-        grid(to_uint8(result["images"]), cols=args.per_class, scale=2).save(args.grid)
+        images = result["images"]  # (10 * per_class, 1, 28, 28), class-major
+        by_column = images.view(NUM_CLASSES, args.per_class, *images.shape[1:]).transpose(0, 1).reshape(images.shape)
+        save_grid(to_uint8(by_column), args.grid, cols=NUM_CLASSES, scale=2)  # one column per class
     print(json.dumps({k: v for k, v in result.items() if k not in ("images", "labels")}, indent=2))
     return 0
 

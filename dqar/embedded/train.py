@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (random draws stay on the CPU generator)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N; random draws stay on the CPU generator")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
