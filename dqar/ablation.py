@@ -9,7 +9,12 @@ Protocol (written into the report's methodology):
   B is the next configuration's leading B, so the baseline is re-timed between every two
   configurations and drift of a shared machine is tracked; the speedup is median(bracketing
   baseline runs) / median(configuration runs);
-- a configuration whose resolved config equals one already measured reuses that measurement.
+- a configuration whose resolved config equals one already measured reuses that measurement;
+- a peer (dqar.peers) runs on a fresh deep copy of the transformer: untimed, one counted baseline
+  generation on the copy, the peer applied (MagCache calibrated first, on seeds offset like calibrated
+  plans), one counted generation with the peer (its images and counts are reported); then it is timed
+  like any configuration, its state reset before every generation. A peer whose package is missing
+  or that fails while being applied is reported as not run, with the reason.
 
 Results are written atomically after every configuration (JSON and report; figures at the end); `resume`
 skips configurations already complete (same name and config hash); Ctrl-C leaves a valid
@@ -18,6 +23,7 @@ partial report.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import os
 import platform
@@ -73,6 +79,7 @@ class AblationOptions:
     stop_after: int | None = None  # tests only: interrupt after this many configurations of this run
     steps: int | None = None  # override the grid's shared step count ([sample] steps)
     threads: int | None = None  # CPU intra-op threads while timing (default 1); ignored on GPU
+    command: str | None = None  # the command line that started the study, recorded in the results
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class Outcome:
     ran: int  # configurations measured (or copied) in this call
     interrupted: bool
     seconds: float
+    not_run: tuple = ()  # {"name", "method", "reason"} of peers that could not run
 
 
 # ----- setup ---------------------------------------------------------------------------------
@@ -230,14 +238,13 @@ def _baseline_run(run: RunConfig) -> RunConfig:
     return RunConfig(reuse=preset(G.BASELINE), sample=run.sample)
 
 
-def _timed(loaded, labels, run: RunConfig, device) -> tuple[float, int | None, Any]:
-    """(seconds, peak bytes, Generation) of one generation."""
-    from .generate import generate
+def _timed(fn: Callable[[], Any], device) -> tuple[float, int | None, Any]:
+    """(seconds, peak bytes, Generation) of one generation made by `fn`."""
     from .timing import time_once
 
     box = []
     memory.reset(device)
-    seconds = time_once(lambda: box.append(generate(loaded, labels, run)), device)
+    seconds = time_once(lambda: box.append(fn()), device)
     return seconds, memory.read_peak(device), box[0]
 
 
@@ -282,31 +289,34 @@ def warms_each(device: torch.device) -> bool:
 
 
 def measure(loaded, labels, entry: G.Entry, repeats: int, device, tick: Callable[[], None] = lambda: None,
-            warm=None, lead: tuple | None = None) -> tuple[dict, tuple]:
+            warm=None, lead: tuple | None = None, make: Callable[[], Any] | None = None) -> tuple[dict, tuple]:
     """Timings bracketed by baseline runs, peak memory, images and reuse stats of one configuration.
 
     Order: [warm-up on GPU] B C×repeats B — the leading B is `lead` (seconds, peak) when the previous
     timed run was a baseline at this sampling setting, and the trailing B is returned to become the
     next configuration's lead. A baseline entry is `repeats` timed baseline runs. The images and stats
     come from `warm` (the baseline's reference run), else the GPU warm-up run, else the first timed run.
+    `make` makes one generation of the configuration (a peer's); default: `generate` with `entry.run`.
     Returns (measured, trailing baseline (seconds, peak)).
     """
     from .generate import generate
 
     base = _baseline_run(entry.run)
+    make = make or (lambda: generate(loaded, labels, entry.run))
+    timed_base = lambda: _timed(lambda: generate(loaded, labels, base), device)  # noqa: E731
     if warm is None and warms_each(device):
-        warm = generate(loaded, labels, entry.run)
+        warm = make()
         lead = None  # no longer the previous timed run
         tick()
     runs = []  # (kind, seconds, peak, generation)
     if not entry.is_baseline:
-        runs.append(("base", *lead, None) if lead is not None else ("base", *_timed(loaded, labels, base, device)))
+        runs.append(("base", *lead, None) if lead is not None else ("base", *timed_base()))
         tick()
     for _ in range(repeats):
-        runs.append(("self", *_timed(loaded, labels, entry.run, device)))
+        runs.append(("self", *_timed(make, device)))
         tick()
     if not entry.is_baseline:
-        runs.append(("base", *_timed(loaded, labels, base, device)))
+        runs.append(("base", *timed_base()))
         tick()
     own = [r for r in runs if r[0] == "self"]
     other = [r for r in runs if r[0] == "base"] or own
@@ -347,8 +357,8 @@ def _reuse_dict(stats) -> dict | None:
     return d
 
 
-def make_record(entry: G.Entry, baseline: G.Entry, measured: dict, fid: dict, env: dict) -> dict:
-    """One configuration's JSON record."""
+def make_record(entry: G.Entry, baseline: G.Entry, measured: dict, fid: dict, env: dict, peer: dict | None = None) -> dict:
+    """One configuration's JSON record (`peer`: what a peer row applied and counted)."""
     return {
         "name": entry.name,
         "slug": entry.slug,
@@ -362,6 +372,7 @@ def make_record(entry: G.Entry, baseline: G.Entry, measured: dict, fid: dict, en
         "same_as": None,
         "measurements": measured["measurements"],
         "reuse": _reuse_dict(measured["stats"]),
+        "peer": peer,
         "fidelity": fid,
         "environment": env,
         "completed": _now(),
@@ -384,12 +395,78 @@ def _copy_images(src: Path, dst: Path) -> None:
         atomic_write_bytes(dst / f.name, f.read_bytes())
 
 
+# ----- peers ---------------------------------------------------------------------------------------
+class PeerNotRun(Exception):
+    """A peer row that cannot run here; the message is the one-line reason the report gives."""
+
+
+@dataclass
+class PeerRow:
+    """A peer applied to its own deep copy of the transformer, with its untimed counted generations."""
+
+    attached: Any  # dqar.peers.Attached
+    loaded: Any  # the loaded model with the copy as its transformer
+    run: RunConfig  # no dqar reuse, the entry's sampling settings
+    labels: list
+    counted: Any = None  # the counted generation with the peer (its images are the row's)
+    summary: dict = field(default_factory=dict)
+
+    def generate(self):
+        """One generation with the peer, its state reset first."""
+        from .generate import generate
+
+        with self.attached.generation():
+            return generate(self.loaded, self.labels, self.run)
+
+
+def start_peer(entry: G.Entry, loaded, labels, ref: Reference) -> PeerRow:
+    """Copy the transformer, count a baseline generation on the copy, apply the peer, count one generation with it."""
+    from . import peers as P
+    from .generate import generate
+
+    reason = P.unavailable(entry.peer)
+    if reason:
+        raise PeerNotRun(reason)
+    model = replace(loaded, transformer=copy.deepcopy(loaded.transformer))
+    blocks = list(model.transformer.transformer_blocks)
+    s = entry.run.sample
+    with P.count_calls(blocks) as base_counts:
+        base_gen = generate(model, labels, entry.run)
+    calib_run = replace(entry.run, sample=replace(s, seed=s.seed + CALIBRATION_SEED_OFFSET))
+    try:
+        attached = P.attach(entry.peer, model.transformer, s.steps, calibrate=lambda: generate(model, labels, calib_run))
+        row = PeerRow(attached, model, entry.run, list(labels))
+        with P.count_calls(blocks) as counts:
+            row.counted = row.generate()
+    except Exception as exc:  # foreign library code on a model it may not support: report, do not abort the study
+        text = str(exc).strip().splitlines()
+        raise PeerNotRun(f"{type(exc).__name__} while applying or running it: {text[0] if text else ''}") from None
+    settings = P.to_dict(entry.peer)
+    row.summary = {
+        "method": settings.pop("method"),
+        "title": entry.peer.title,
+        "settings": settings,
+        "package": attached.package,
+        "implementation": attached.implementation,
+        "counts": dict(counts),
+        "baseline_counts": dict(base_counts),
+        "computed": P.computed_fractions(counts, base_counts),
+        "copy_identical": bool(torch.equal(base_gen.output.images, ref.images)),
+        "calibration_seeds": [calib_run.sample.seed, calib_run.sample.seed + len(labels) - 1] if attached.info.get("calibrated") else None,
+        "info": attached.info,
+    }
+    return row
+
+
 # ----- the study -------------------------------------------------------------------------------
 @dataclass
 class _State:
     """Mutable bookkeeping of one `run_ablation` call."""
 
     results: dict
+    not_run: dict = field(default_factory=dict)  # (name, hash) -> {"name", "method", "reason"}
+    seconds_before: float = 0.0  # run time of earlier calls on this study (resume)
+    t0: float = 0.0  # perf_counter at the start of this call
     done: dict = field(default_factory=dict)  # (name, hash) -> record
     by_hash: dict = field(default_factory=dict)  # hash -> record measured first
     refs: dict = field(default_factory=dict)  # SampleConfig -> Reference
@@ -422,6 +499,14 @@ def _study_block(study: G.Study, labels, names, evaluator, device, entries) -> d
             f"configurations with calibrate.* settings get a plan from dqar.calibrate.calibrate before timing (untimed), "
             f"on the same labels with seeds offset by {CALIBRATION_SEED_OFFSET} (other noise than the evaluated samples)"
         ) if any(e.calibration for e in entries) else None,
+        "peer_method": (
+            "each peer runs through its own package on a fresh deep copy of the transformer (the shared model is never "
+            "touched), with the same labels, seeds, sampler and timing as every configuration; untimed first: one baseline "
+            "generation on the copy and one generation with the peer, both with forward hooks counting the block, attn1 and "
+            "ff forwards that really ran (computed calls = peer count / baseline count); the peer's state is reset before "
+            "every generation; MagCache's ratios come from its calibration mode, run once on the same labels with seeds "
+            f"offset by {CALIBRATION_SEED_OFFSET}"
+        ) if any(e.peer is not None for e in entries) else None,
         "planned": [e.name for e in entries],
     }
 
@@ -433,7 +518,9 @@ def _write(out: Path, st: _State, entries: Sequence[G.Entry], status: str, figur
 
     records = [st.done[(e.name, e.config_hash)] for e in entries if (e.name, e.config_hash) in st.done]
     res = st.results
-    res.update(status=status, updated=_now(), completed=len(records), total=len(entries), records=records)
+    res.update(status=status, updated=_now(), completed=len(records), total=len(entries), records=records,
+               not_run=[st.not_run[k] for k in ((e.name, e.config_hash) for e in entries) if k in st.not_run],
+               run_seconds=st.seconds_before + time.perf_counter() - st.t0)
     if figures:
         plots.write_all(res, out)
         _comparison(out, records)
@@ -501,14 +588,23 @@ def _run_entry(entry: G.Entry, base: G.Entry, st: _State, ctx: dict, bars: "_Bar
         st.lead = None
         st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
     ref = st.refs[entry.run.sample]
+    peer = None
+    if entry.peer is not None:
+        st.lead = None  # untimed work runs first, and the copy must exist during both bracketing baselines
+        peer = start_peer(entry, loaded, labels, ref)
     lead = st.lead[1:] if st.lead is not None and st.lead[0] == entry.run.sample else None
     bars.start(entry, lead is not None)
-    measured, trail = measure(loaded, labels, entry, ctx["repeats"], ctx["device"], tick=bars.tick,
-                              warm=ref.generation if entry.is_baseline else None, lead=lead)
-    st.lead = (entry.run.sample, *trail)
+    try:
+        measured, trail = measure(loaded, labels, entry, ctx["repeats"], ctx["device"], tick=bars.tick,
+                                  warm=ref.generation if entry.is_baseline else peer.counted if peer else None, lead=lead,
+                                  make=peer.generate if peer else None)
+    finally:
+        if peer is not None:
+            peer.attached.detach()
+    st.lead = (entry.run.sample, *trail) if peer is None else None
     fid = fidelity(measured["images"], ref, labels, evaluator)
     save_samples(measured["images"], labels, out / "images" / entry.slug, scale=1 if measured["images"].shape[-1] >= 128 else 4)
-    rec = make_record(entry, base, measured, fid, ctx["env"])
+    rec = make_record(entry, base, measured, fid, ctx["env"], peer.summary if peer else None)
     st.by_hash[entry.config_hash] = rec
     return rec
 
@@ -550,11 +646,14 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
     entries = G.expand(study)
     check_plans(entries, loaded.transformer.config.num_layers)
     env = environment(loaded, device, loaded.transformer.dtype)
-    st = _State(results={"format": FORMAT, "created": _now(), "environment": env,
-                         "study": _study_block(study, labels, class_names(loaded, labels), evaluator, device, entries)})
+    st = _State(results={"format": FORMAT, "created": _now(), "command": opts.command, "environment": env,
+                         "study": _study_block(study, labels, class_names(loaded, labels), evaluator, device, entries)},
+                t0=t0)
     if old is not None:
         _check_resumable(old, env, labels, study.repeats, out)
         _resume_into(st, old, entries)
+        st.seconds_before = float(old.get("run_seconds") or 0.0)
+        st.results["command"] = old.get("command") or opts.command
     ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats,
            "device": device, "env": env}
     ran, interrupted = 0, False
@@ -562,21 +661,30 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
     try:
         _write(out, st, entries, "partial")
         for entry in [e for e in entries if (e.name, e.config_hash) not in st.done]:
-            rec = _run_entry(entry, G.baseline_of(entries, entry), st, ctx, bars)
+            try:
+                rec = _run_entry(entry, G.baseline_of(entries, entry), st, ctx, bars)
+            except PeerNotRun as exc:
+                st.lead = None
+                st.not_run[(entry.name, entry.config_hash)] = {"name": entry.name, "method": entry.peer.method, "reason": str(exc)}
+                bars.finish()
+                _write(out, st, entries, "partial")
+                continue
             st.done[(entry.name, entry.config_hash)] = rec
             ran += 1
             bars.finish()
             _write(out, st, entries, "partial")
             if on_record is not None:
                 on_record(rec)
-            if opts.stop_after is not None and ran >= opts.stop_after and len(st.done) < len(entries):
+            if opts.stop_after is not None and ran >= opts.stop_after and len(st.done) + len(st.not_run) < len(entries):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bars.close()
-    _write(out, st, entries, "complete" if len(st.done) == len(entries) else "partial", figures=True)
-    return Outcome(st.results, out, len(st.done), len(entries), ran, interrupted, time.perf_counter() - t0)
+    finished = len(st.done) + len(st.not_run)
+    _write(out, st, entries, "complete" if finished == len(entries) else "partial", figures=True)
+    return Outcome(st.results, out, finished, len(entries), ran, interrupted, time.perf_counter() - t0,
+                   tuple(st.results["not_run"]))
 
 
 class _Bars:

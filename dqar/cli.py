@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -194,14 +195,16 @@ def cmd_ablate(args) -> int:
 
     opts = AblationOptions(model=args.model, out=Path(args.out), quick=args.quick, resume=args.resume, config=args.config,
                            device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
-                           stop_after=args.stop_after, steps=args.steps, threads=args.threads)
+                           stop_after=args.stop_after, steps=args.steps, threads=args.threads,
+                           command=shlex.join(["dqar", *args.argv]))
     done = run_ablation(opts)
     report = Path(args.out) / REPORT_FILE
     if done.interrupted:
         sys.stderr.write(f"dqar ablate: interrupted after {done.completed} of {done.total} configurations; "
                          f"partial report in {report} — rerun with --resume to finish\n")
         return 130
-    print(f"ablation: {done.completed} of {done.total} configurations ({done.ran} this run) in {done.seconds:.0f}s; report: {report}")
+    skipped = "".join(f"; not run: {n['name']} ({n['reason']})" for n in done.not_run)
+    print(f"ablation: {done.completed} of {done.total} configurations ({done.ran} this run) in {done.seconds:.0f}s; report: {report}{skipped}")
     return 0
 
 
@@ -218,6 +221,22 @@ def _ablate_parser(sub) -> None:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
     p.set_defaults(func=cmd_ablate)
+
+
+def cmd_compared(args) -> int:
+    from .compared import write_document
+
+    doc = write_document(args.results, args.doc, note=args.note)
+    print(f"wrote the measured 'Compared to' section of {doc} from {Path(args.results)}")
+    return 0
+
+
+def _compared_parser(sub) -> None:
+    p = sub.add_parser("compared", help="write the measured peers-vs-dqar section of docs/COMPARED.md from a dqar ablate run")
+    p.add_argument("--results", default="results/ablation", help="the --out folder of a finished dqar ablate run with peers")
+    p.add_argument("--doc", default="docs/COMPARED.md", help="the Markdown file whose generated section is replaced")
+    p.add_argument("--note", default="", help="a note on the machine, printed next to its description")
+    p.set_defaults(func=cmd_compared)
 
 
 def cmd_calibrate(args) -> int:
@@ -443,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fid_sample_parser(sub)
     _fid_parser(sub)
     _ablate_parser(sub)
+    _compared_parser(sub)
     _calibrate_parser(sub)
     _fidelity_parser(sub)
     _policy_parser(sub)
@@ -452,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that save results
     try:
         return args.func(args)
     except DqarError as exc:

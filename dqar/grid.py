@@ -16,11 +16,18 @@ A grid file has three parts (see dqar/grids/default.toml):
     vary = { schedule = ["linear", "step"] }       # cartesian product of the listed values
     points = [{ schedule = "custom", custom_layers = [0, 1] }]   # extra explicit points (optional)
 
+    [[peer]]                     # one peer method run through its own package (dqar/peers.py)
+    method = "taylorseer"        # pab | first_block_cache | taylorseer | magcache | cache_dit
+    cache_interval = 3           # any setting of that peer's config dataclass; unknown keys raise
+
 Field names are those of `ReuseConfig` and `SampleConfig` (bare, or prefixed `reuse.` / `sample.`),
 so a field added to either dataclass can be swept without code changes. Keys prefixed `calibrate.`
 (the keyword arguments of `dqar.calibrate.calibrate`, e.g. `calibrate.target_fraction`) make the
 configuration use a plan calibrated for it before it is measured. Every configuration whose
 sampling settings differ from the study's gets its own baseline with those settings.
+
+Peers run after the sweeps at the study's sampling settings, each named `peer/<method>` (plus the
+settings the table gives, e.g. `peer/taylorseer,cache_interval=3`), against the same baseline.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ BASELINE = "baseline"
 MIN_REPEATS = 3
 STUDY_KEYS = {"repeats", "samples_per_label", "main"}
 SWEEP_KEYS = {"name", "base", "vary", "points"}
-TOP_KEYS = {"study", "sample", "sweep"}
+TOP_KEYS = {"study", "sample", "sweep", "peer"}
 SLUG_MAX = 120  # characters of a configuration folder name before a hash suffix
 
 
@@ -62,23 +69,25 @@ class Study:
     sweeps: tuple[dict, ...]  # raw sweep tables, validated
     source: str  # where the grid came from
     text_hash: str  # sha256 of the grid text (first 16 hex digits)
+    peers: tuple[tuple[dict, Any], ...] = ()  # (the grid's table, its peer config from dqar.peers)
 
 
 @dataclass(frozen=True)
 class Entry:
     """One configuration of the study."""
 
-    name: str  # unique: "full_dqar", "schedule/schedule=step", "baseline/steps=50"
-    role: str  # "main" | "sweep" | "baseline"
+    name: str  # unique: "full_dqar", "schedule/schedule=step", "baseline/steps=50", "peer/pab"
+    role: str  # "main" | "sweep" | "baseline" | "peer"
     sweep: str | None  # the sweep it belongs to (None for main and baselines)
     varied: dict  # the swept fields and their values (empty for main)
     run: RunConfig
     calibration: dict = field(default_factory=dict)  # keyword arguments of dqar.calibrate.calibrate; {} = none
-    config_hash: str = ""  # of the definition (run + calibration); kept when a calibrated plan is filled in
+    config_hash: str = ""  # of the definition (run + calibration + peer); kept when a calibrated plan is filled in
+    peer: Any = None  # a peer config (dqar.peers) run instead of dqar's reuse; None for dqar configurations
 
     def __post_init__(self) -> None:
         if not self.config_hash:
-            object.__setattr__(self, "config_hash", config_hash(self.run, self.calibration))
+            object.__setattr__(self, "config_hash", config_hash(self.run, self.calibration, self.peer))
 
     @property
     def slug(self) -> str:
@@ -86,12 +95,16 @@ class Entry:
 
     @property
     def is_baseline(self) -> bool:
-        return not self.run.reuse.enabled
+        return not self.run.reuse.enabled and self.peer is None
 
 
-def config_hash(run: RunConfig, calibration: dict | None = None) -> str:
-    """A stable 16-hex-digit hash of a resolved run configuration (and its calibration settings, if any)."""
+def config_hash(run: RunConfig, calibration: dict | None = None, peer: Any = None) -> str:
+    """A stable 16-hex-digit hash of a resolved run configuration (and its calibration settings or peer, if any)."""
+    from .peers import to_dict
+
     data = run.to_dict() if not calibration else {**run.to_dict(), "calibration": calibration}
+    if peer is not None:
+        data = {**data, "peer": to_dict(peer)}
     text = json.dumps(data, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -151,7 +164,7 @@ def parse_grid(data: dict, source: str = "grid", text: str = "", repeats: int | 
     if not isinstance(sweeps, list):
         raise DqarError(f"{source}: 'sweep' must be an array of tables", "write each sweep as [[sweep]]")
     digest = hashlib.sha256((text or json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
-    out = Study(n_rep, per_label, main, sample, tuple(sweeps), source, digest)
+    out = Study(n_rep, per_label, main, sample, tuple(sweeps), source, digest, _peers(data.get("peer", []), source))
     expand(out)  # validate every sweep point now, not hours into a run
     return out
 
@@ -162,6 +175,15 @@ def _known(table: Any, allowed: set, where: str) -> None:
     for key in table:
         if key not in allowed:
             raise DqarError(f"unknown key '{key}' in {where}", f"{_suggest(key, sorted(allowed))}valid keys: {', '.join(sorted(allowed))}")
+
+
+def _peers(tables: Any, source: str) -> tuple[tuple[dict, Any], ...]:
+    """(table, peer config) of every [[peer]] table; unknown methods and settings raise."""
+    from .peers import from_table
+
+    if not isinstance(tables, list):
+        raise DqarError(f"{source}: 'peer' must be an array of tables", 'write each peer as [[peer]] with method = "..."')
+    return tuple((dict(t) if isinstance(t, dict) else t, from_table(t, f"{source}: peer #{i + 1}")) for i, t in enumerate(tables))
 
 
 def calibration_keys() -> list[str]:
@@ -259,6 +281,14 @@ def expand(study: Study) -> list[Entry]:
                 raise DqarError(f"{where}: configuration '{entry.name}' appears twice", "give sweeps distinct names and values")
             names.add(entry.name)
             entries.append(entry)
+    for table, peer in study.peers:
+        settings = {k: v for k, v in table.items() if k != "method"}
+        entry = Entry(f"peer/{peer.method}" + (f",{_label(settings)}" if settings else ""), "peer", None, settings,
+                      RunConfig(reuse=preset(BASELINE), sample=study.sample), peer=peer)
+        if entry.name in names:
+            raise DqarError(f"{study.source}: configuration '{entry.name}' appears twice", "give each [[peer]] distinct settings")
+        names.add(entry.name)
+        entries.append(entry)
     return _with_baselines(entries, study.sample)
 
 

@@ -25,8 +25,12 @@ def save_png(fig, path: Path, tight: bool = True) -> None:
 
 
 def _measured(records: list[dict]) -> list[dict]:
-    """Configurations with reuse, each measured once (copies of identical configurations left out)."""
-    return [r for r in records if r["config"]["reuse"]["enabled"] and r.get("same_as") is None]
+    """Configurations with reuse and peer rows, each measured once (copies of identical configurations left out)."""
+    return [r for r in records if (r["config"]["reuse"]["enabled"] or r.get("peer")) and r.get("same_as") is None]
+
+
+def _group(r: dict) -> str:
+    return r["sweep"] or ("peers" if r.get("peer") else "main")
 
 
 def has_pareto(records: list[dict]) -> bool:
@@ -50,10 +54,10 @@ def pareto(records: list[dict], path: Path) -> None:
     rows = _measured(records)
     pts = [(r["measurements"]["speedup"], r["fidelity"]["psnr_db"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8.5, 5.5), layout="constrained")
-    groups = sorted({r["sweep"] or "main" for r in rows}, key=lambda g: (g != "main", g))
+    groups = sorted({_group(r) for r in rows}, key=lambda g: (g != "main", g == "peers", g))
     cmap, markers = plt.get_cmap("tab20"), "o^sDvP*Xh<>p"
     for k, g in enumerate(groups):
-        sel = [p for p, r in zip(pts, rows) if (r["sweep"] or "main") == g]
+        sel = [p for p, r in zip(pts, rows) if _group(r) == g]
         ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=55 if g == "main" else 28, color=cmap(k % 20),
                    marker=markers[k % len(markers)], label=g, zorder=3)
     front = pareto_front(pts)
