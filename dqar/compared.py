@@ -119,15 +119,15 @@ def comparisons(results: dict, rs: list[dict]) -> list[str]:
     out = []
     if not rs:
         return out
-    ok = [r for r in rs if R.within_bound(r)]
+    ok = sorted((r for r in rs if R.within_bound(r)), key=lambda r: (R.speedup(r), R.psnr(r)), reverse=True)
     if ok:
-        b = max(ok, key=lambda r: (R.speedup(r), R.psnr(r)))
-        out.append(f"Fastest within the fidelity bound ({R.bound_text(f)}): {_brief(b)}, "
-                   f"{'a peer' if R.is_peer(b) else 'dqar'}.")
+        out.append(f"Fastest within the fidelity bound ({R.bound_text(f)}): {_brief(ok[0])}, "
+                   f"{'a peer' if R.is_peer(ok[0]) else 'dqar'}{_close(ok, noise)}.")
     else:
         out.append(f"No compared method stayed within the fidelity bound ({R.bound_text(f)}).")
-    fast = max(rs, key=R.speedup)
-    out.append(f"Fastest overall: {_brief(fast)}, {'within' if R.within_bound(fast) else 'outside'} the fidelity bound.")
+    fastest = sorted(rs, key=R.speedup, reverse=True)
+    out.append(f"Fastest overall: {_brief(fastest[0])}, {'within' if R.within_bound(fastest[0]) else 'outside'} "
+               f"the fidelity bound{_close(fastest, noise)}.")
     quick = [r for r in rs if R.speedup(r) > 1.0 + noise]
     if quick:
         fine = max(quick, key=lambda r: (R.psnr(r), R.speedup(r)))
@@ -154,6 +154,27 @@ def comparisons(results: dict, rs: list[dict]) -> list[str]:
     return out
 
 
+def _baseline_text(results: dict) -> str:
+    """The reference the paired and classifier columns are relative to."""
+    base = next((r for r in results.get("records", []) if r["role"] == "main" and R.is_baseline(r)), None)
+    if base is None:
+        return ""
+    bits = [f"{R.f_time(base['measurements']['time_per_sample_s'])} per sample"]
+    if R._get(base, "fidelity", "class_accuracy") is not None:
+        bits.append(f"class accuracy {R.f_pct(base['fidelity']['class_accuracy'])}")
+    if R._get(base, "fidelity", "fd") is not None:
+        bits.append(f"FD {R.f_num(base['fidelity']['fd'], 2)}")
+    return f" The baseline (`{base['name']}`, no reuse): " + ", ".join(bits) + "; PSNR/SSIM are paired against its images."
+
+
+def _close(ranked: list[dict], noise: float) -> str:
+    """A clause naming the rows whose speedup is within the timing noise of the first one's, if any."""
+    close = [r for r in ranked[1:] if R.speedup(ranked[0]) - R.speedup(r) <= noise]
+    if not close:
+        return ""
+    return f"; within the timing noise ({R.f_pct(noise)}) of it: " + ", ".join(_brief(r) for r in close)
+
+
 def _front(rs: list[dict]) -> list[str]:
     """Names of the rows no other row beats in both speedup and PSNR, slowest first."""
     from .plots import pareto_front
@@ -178,7 +199,7 @@ def section(results: dict, level: int = 2, details: bool = True) -> list[str]:
              f"({R._sample_text(s)}), each on a fresh copy of the transformer with its state reset before every generation, "
              f"timed between the same re-timed baseline runs as every configuration. **Attn / MLP computed**: `attn1` / `ff` "
              f"forwards that ran, as a share of the baseline's — counted with forward hooks for peers, read from the "
-             f"executed reuse mask for dqar.", ""]
+             f"executed reuse mask for dqar." + _baseline_text(results), ""]
     lines += table(results, rs)
     if details:
         lines += ["", "Grids: " + " · ".join(f"[{r['name']}](images/{r['slug']}/grid.png)" for r in rs)]

@@ -9,8 +9,8 @@ A peer is a frozen config dataclass (a `[[peer]]` table of an ablation grid; unk
   `DiTTransformer2DModel` cannot enter itself (no `CacheMixin`): each generation runs inside
   diffusers' `CacheMixin.cache_context`, called on the transformer.
 - `taylorseer`: diffusers `TaylorSeerCache` with DiT's module names (`transformer_blocks.N.attn1`,
-  `transformer_blocks.N.ff`): its default patterns (`^transformer_blocks.*attn`) would also hook
-  nothing but attention. Cache context as above.
+  `transformer_blocks.N.ff`): its default patterns (`re.fullmatch` of `^transformer_blocks.*attn`)
+  match no module of a DiT, whose attention is named `attn1`. Cache context as above.
 - `magcache`: diffusers `MagCache` with the magnitude ratios its own calibration mode prints,
   measured once on this model and step count (the caller runs the calibration generation).
 - `cache_dit`: cache-dit's `enable_cache` (DBCache) on the transformer; optional (extra `peers`).
