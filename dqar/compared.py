@@ -234,7 +234,7 @@ def document(results: dict, note: str = "") -> str:
              f"diffusers {env['diffusers']}), finished {results.get('updated', '')}"
              + (f" after {secs / 60:.1f} min of run time" if secs else "") + f"; status {results.get('status')}.", "",
              f"Machine: {machine}" + (f" — {note}" if note else "") + ". Speedups are ratios of medians against "
-             f"baseline runs timed between the same configurations; absolute times are not comparable across machines.", ""]
+             "baseline runs timed between the same configurations; absolute times are not comparable across machines.", ""]
     return "\n".join(lines + section(results, level=3, details=False))
 
 
