@@ -373,10 +373,11 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, model_dir, loaded
     straight = json.loads((tmp_path / "b" / RESULTS_FILE).read_text())
     assert resumed["status"] == straight["status"] == "complete"
     assert _stable(resumed) == _stable(straight)
-    strip = lambda md: re.sub(r"\d+(\.\d+)?( ms| s|×|%)", "#", md)  # noqa: E731  (timings aside)
     a, b = ((tmp_path / d / REPORT_FILE).read_text() for d in ("a", "b"))
     assert [line for line in a.splitlines() if "PSNR (dB)" in line] == [line for line in b.splitlines() if "PSNR (dB)" in line]
-    assert len(strip(a).splitlines()) == len(strip(b).splitlines())
+    # same sections and rows; sentences that depend on timing noise (which rows tie) may differ
+    headings = lambda md: [line for line in md.splitlines() if line.startswith("#")]  # noqa: E731
+    assert headings(a) == headings(b) and config_rows(a).keys() == config_rows(b).keys()
 
 
 def test_cli_ablate_stops_with_one_line_and_resumes(tmp_path, model_dir, small_grid, capsys):
