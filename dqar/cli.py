@@ -155,6 +155,7 @@ def cmd_bench(args) -> int:
     from .io import atomic_write_json, atomic_write_text
     from .models import load_model, random_dit_xl2
 
+    _set_threads(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.model == "random-dit-xl2":
@@ -186,6 +187,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--quick", action="store_true", help="batch sizes 1 2, 10 steps: a smoke run")
     p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
