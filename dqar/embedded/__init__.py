@@ -44,8 +44,8 @@ def load_embedded_transformer(device="cpu", dtype=torch.float32, folder=None):
     from diffusers import DiTTransformer2DModel
 
     try:
-        model = DiTTransformer2DModel.from_pretrained(
-            str(sub), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        model = DiTTransformer2DModel.from_pretrained(  # low_cpu_mem_usage=False: no "install accelerate" advice
+            str(sub), local_files_only=True, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False
         )
     except (OSError, ValueError) as exc:
         raise DqarError(f"cannot load the embedded DiT from {sub} ({exc})",
