@@ -84,7 +84,8 @@ def markdown(result: dict) -> str:
     lines = [f"## {SECTION}", "",
              f"Embedded model, DDIM {s['steps']}, CFG {s['cfg']}, {result['samples']} samples ({s['samples_per_class']} per class), "
              f"seed {s['seed']}; PSNR/SSIM paired against the no-reuse baseline from the same noise; class accuracy and FD "
-             f"(embedded classifier features vs the Fashion-MNIST test split). Regenerate: `dqar fidelity --section engine`.", "",
+             f"(embedded classifier features vs the Fashion-MNIST test split). Regenerate: "
+             f"`dqar fidelity --section engine --samples {result['samples']}` (the recorded run took {result['seconds'] / 60:.0f} min).", "",
              "| configuration | reuse % | FLOPs skipped % | PSNR dB | SSIM | INT8 rel. error | class acc % | FD |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -27,6 +27,7 @@ def test_findings_are_computed_from_the_rows():
     assert "INT8 costs at most 1.50 dB (tensor scales worst)" in text
     assert "35.0% of FLOPs skipped" in text and "at 30.00 dB" in text
     assert "2 of 4 configurations keep class accuracy within 1 point" in text
-    result = {"settings": {"steps": 50, "cfg": 4.0, "samples_per_class": 1, "seed": 0}, "samples": 10, "rows": rows}
+    result = {"settings": {"steps": 50, "cfg": 4.0, "samples_per_class": 1, "seed": 0}, "samples": 10, "seconds": 90.0, "rows": rows}
     md = markdown(result)
+    assert "`dqar fidelity --section engine --samples 10` (the recorded run took 2 min)" in md
     assert "| refresh 2, INT8 per tensor | 40.0 | 10.0 | 38.50 |" in md
