@@ -76,7 +76,7 @@ class ReuseConfig:
     cfg_share: str = "none"  # CFG-branch sharing of attn1 outputs: none | cond_to_uncond | uncond_to_cond
     cfg_share_from: float = 0.5  # sharing applies from this fraction of the evaluations on, in [0, 1]
     policy: str = ""  # a learned reuse policy (safetensors, `dqar policy train`): an eligible layer reuses where it predicts a small error
-    policy_threshold: float = 0.005  # policy: largest predicted relative perturbation a reuse injects into the block's residual stream, in [0, 1] (higher: more reuse)
+    policy_threshold: float = 0.007  # policy: largest predicted relative perturbation a reuse injects into the block's residual stream, in [0, 1] (higher: more reuse)
     policy_budget: float = 1.0  # policy: at most this fraction of the layers reuse in one evaluation (lowest predicted error first), in [0, 1]
 
     def __post_init__(self) -> None:
