@@ -57,3 +57,17 @@ def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
     assert result["failed"] == {"broken_case@1": "RuntimeError: no compiler here", "broken_case@2": "RuntimeError: no compiler here"}
     assert {r["case"] for r in result["rows"]} == {"noreuse_eager"} and seen == [1, 2]
     assert "Not timed: broken_case@1 failed in warm-up — RuntimeError: no compiler here" in bench.render_table(result)
+
+
+def test_gpu_session_script_parses_and_names_existing_commands():
+    """benchmarks/gpu_session.sh runs only on a GPU machine; here: its syntax and the modules it calls."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for module in ("dqar.embedded.train", "dqar.embedded.check", "dqar.cli"):
+        assert f"-m {module}" in text and importlib.util.find_spec(module) is not None
+    assert text.count("timeout ") >= 4  # every stage bounded
