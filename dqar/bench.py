@@ -19,7 +19,7 @@ from .config import ReuseConfig, preset
 from .errors import DqarError
 from .plan import Plan
 from .sampling import make_scheduler, sample
-from .timing import interleaved, median
+from .timing import interleaved, median, warm_up
 
 BLOCK_PRESET = "block_reuse"
 
@@ -150,30 +150,16 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
     for batch in s.batch_sizes:
         runs, stats = cases_for(loaded, batch, s)
         with tqdm(total=len(runs) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
-            for name, error in _warm_up(runs, s.warmup, on_step=lambda _: bar.update(1)).items():
+            for name, error in warm_up(runs, s.warmup, on_step=lambda _: bar.update(1)).items():
                 failed[f"{name}@{batch}"] = error
                 del runs[name]
                 bar.update(s.repeats)
-            times = interleaved(runs, device, s.repeats, warmup=0, on_step=lambda _: bar.update(1))
+            times = interleaved(runs, device, s.repeats, on_step=lambda _: bar.update(1))
         rows.extend(_rows(batch, times, stats))
         result["rows"] = [asdict(r) for r in rows]
         if on_batch:
             on_batch(result)
     return result
-
-
-def _warm_up(runs: dict[str, Callable], warmup: int, on_step: Callable[[str], None]) -> dict[str, str]:
-    """Run each case `warmup` times (compilation happens here); name → error for the cases that raised."""
-    errors = {}
-    for name, fn in runs.items():
-        for _ in range(warmup):
-            try:
-                fn()
-            except Exception as exc:  # a backend that cannot run here (e.g. no compiler): report, keep the rest
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                break
-            on_step(name)
-    return errors
 
 
 def _rows(batch: int, times: dict[str, list[float]], stats: dict[str, Callable]) -> list[BenchRow]:

@@ -27,14 +27,25 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1,
-                on_step: Callable[[str], None] | None = None) -> dict[str, list[float]]:
-    """Warm every case up, then time them round-robin so machine drift hits all cases alike."""
+def warm_up(cases: dict[str, Callable[[], object]], warmup: int = 1,
+            on_step: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Run each case `warmup` times (compilation happens here); name → one-line error for the cases that raised."""
+    errors = {}
     for name, fn in cases.items():
         for _ in range(warmup):
-            fn()
-        if on_step:
-            on_step(f"warm-up {name}")
+            try:
+                fn()
+            except Exception as exc:  # a backend that cannot run here (e.g. no compiler): report it, keep the rest
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                break
+            if on_step:
+                on_step(f"warm-up {name}")
+    return errors
+
+
+def interleaved(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                on_step: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Time warmed-up cases round-robin so machine drift hits all cases alike."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
