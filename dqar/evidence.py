@@ -258,31 +258,16 @@ FAMILY_LABELS = {"static": "static schedule", "gate": "online gate", "calibrated
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from .plots import fidelity_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import save_png
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    markers = {"static": "o", "gate": "s", "calibrated": "^", "cfg_share": "D"}
-    for fam, marker in markers.items():
+    series = []
+    for fam, marker in {"static": "o", "gate": "s", "calibrated": "^", "cfg_share": "D"}.items():
         rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["attention_skipped"])
-        x = [100 * r["attention_skipped"] for r in rows]
-        for ax, key in zip(axes, ("psnr_db", "fd")):
-            ax.plot(x, [r[key] for r in rows], marker=marker, linestyle="-" if fam in ("static", "calibrated") else "none",
-                    label=FAMILY_LABELS[fam])
-    axes[0].axhline(32, color="grey", linestyle=":", linewidth=1)
-    axes[1].axhline(result["baseline"]["fd"], color="grey", linestyle=":", linewidth=1, label="no reuse")
-    axes[0].set(xlabel="attention work skipped (%)", ylabel="PSNR vs no reuse (dB)", title="fidelity to the baseline")
-    axes[1].set(xlabel="attention work skipped (%)", ylabel="FD to Fashion-MNIST test (classifier features)", title="distribution")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path, tight=False)
-    plt.close(fig)
+        series.append({"label": FAMILY_LABELS[fam], "x": [100 * r["attention_skipped"] for r in rows],
+                       "psnr": [r["psnr_db"] for r in rows], "fd": [r["fd"] for r in rows],
+                       "style": {"marker": marker, "linestyle": "-" if fam in ("static", "calibrated") else "none"}})
+    fidelity_panels(series, result["baseline"]["fd"], "attention work skipped (%)",
+                    "FD to Fashion-MNIST test (classifier features)", path, psnr_line=32)
 
 
 def _fmt_target(name: str, t: dict) -> str:

@@ -24,6 +24,30 @@ def save_png(fig, path: Path, tight: bool = True) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def fidelity_panels(series: list[dict], baseline_fd: float, xlabel: str, fd_ylabel: str, path: Path,
+                    psnr_line: float | None = None) -> None:
+    """Two panels over `xlabel` — PSNR vs no reuse, and FD with the no-reuse FD as a line — one curve per series.
+
+    A series is {"label", "x", "psnr", "fd", "style"} (`style`: matplotlib plot keywords).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for sr in series:
+        for ax, ys in zip(axes, (sr["psnr"], sr["fd"])):
+            ax.plot(sr["x"], ys, label=sr["label"], **sr["style"])
+    if psnr_line is not None:
+        axes[0].axhline(psnr_line, color="grey", linestyle=":", linewidth=1)
+    axes[1].axhline(baseline_fd, color="grey", linestyle=":", linewidth=1, label="no reuse")
+    axes[0].set(xlabel=xlabel, ylabel="PSNR vs no reuse (dB)", title="fidelity to the baseline")
+    axes[1].set(xlabel=xlabel, ylabel=fd_ylabel, title="distribution")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path, tight=False)
+    plt.close(fig)
+
+
 def _measured(records: list[dict]) -> list[dict]:
     """Configurations with reuse and peer rows, each measured once (copies of identical configurations left out)."""
     return [r for r in records if (r["config"]["reuse"]["enabled"] or r.get("peer")) and r.get("same_as") is None]

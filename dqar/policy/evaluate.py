@@ -252,29 +252,17 @@ def verdict(rows: list[dict], targets) -> dict:
 
 # ----- writing -----------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from ..plots import fidelity_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..plots import save_png
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = []
     markers = {"policy": "*", "policy_plan": "P", "gate_snr": "s", "gate_entropy": "D", "calibrated": "^", "static": "o"}
     for fam, marker in markers.items():
         rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["reuse"])
-        for ax, key in zip(axes, ("psnr_db", "fd")):
-            ax.plot([100 * r["reuse"] for r in rows], [r[key] for r in rows], marker=marker, linestyle="-" if fam != "static" else "none",
-                    label=FAMILIES[fam], markersize=9 if fam == "policy" else 6)
-    axes[1].axhline(result["baseline"]["fd"], color="grey", linestyle=":", linewidth=1, label="no reuse")
-    axes[0].set(xlabel="reuse (% of evaluation x layer cells)", ylabel="PSNR vs no reuse (dB)", title="fidelity to the baseline")
-    axes[1].set(xlabel="reuse (% of evaluation x layer cells)", ylabel="FD to Fashion-MNIST test", title="distribution")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path, tight=False)
-    plt.close(fig)
+        series.append({"label": FAMILIES[fam], "x": [100 * r["reuse"] for r in rows],
+                       "psnr": [r["psnr_db"] for r in rows], "fd": [r["fd"] for r in rows],
+                       "style": {"marker": marker, "linestyle": "-" if fam != "static" else "none",
+                                 "markersize": 9 if fam == "policy" else 6}})
+    fidelity_panels(series, result["baseline"]["fd"], "reuse (% of evaluation x layer cells)", "FD to Fashion-MNIST test", path)
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
