@@ -218,3 +218,49 @@ def test_quality_check_random_weights_sample_a_different_model():
     rand = check_samples(per_class=1, steps=3, random_weights=True)
     assert rand["weights"] == "random"
     assert not torch.allclose(trained["images"], rand["images"], atol=1e-2)
+
+
+@needs_shipped
+def test_quality_check_scores_a_training_folder_with_the_shipped_classifier(tmp_path):
+    """A training run writes only the DiT; the check judges it with the shipped classifier and says so."""
+    import shutil
+
+    from dqar.embedded.check import check_samples
+
+    for sub in ("transformer", "scheduler"):
+        shutil.copytree(emb.EMBEDDED_DIR / sub, tmp_path / sub)
+    copied = check_samples(per_class=1, steps=3, folder=tmp_path)
+    shipped = check_samples(per_class=1, steps=3)
+    assert copied["scored_by"] == shipped["scored_by"] == str(emb.EMBEDDED_DIR)
+    assert torch.equal(copied["images"], shipped["images"])
+    assert copied["fd_to_test_split"] == shipped["fd_to_test_split"]
+
+
+@needs_data
+def test_training_cli_learning_rate_acts_and_is_logged(tmp_path):
+    from safetensors.torch import load_file
+
+    from dqar.embedded.train import main
+
+    def run(name, lr):
+        out = tmp_path / name
+        args = ["--out", str(out), "--steps", "3", "--batch-size", "4", "--limit", "64", "--lr", lr,
+                "--warmup-steps", "1", "--device", "cpu", "--no-progress"]
+        assert main(args) == 0
+        log = json.loads((out / "train_log.json").read_text())
+        return log, load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    log_lo, w_lo = run("lo", "1e-4")
+    log_hi, w_hi = run("hi", "1e-3")
+    assert log_lo["train_config"]["lr"] == 1e-4 and log_hi["train_config"]["lr"] == 1e-3
+    assert log_hi["train_config"]["warmup_steps"] == 1 and "--lr 1e-3" in log_hi["command"]
+    assert any(not torch.allclose(w_lo[k], w_hi[k]) for k in w_lo)
+
+
+@pytest.mark.parametrize("flag", [["--lr", "0"], ["--lr", "nan"], ["--warmup-steps", "-1"], ["--batch-size", "0"]])
+def test_training_cli_refuses_bad_optimiser_settings(tmp_path, capsys, flag):
+    from dqar.embedded.train import main
+
+    assert main(["--out", str(tmp_path), "--steps", "1", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "fix the flag" in err and len(err.strip().splitlines()) == 1

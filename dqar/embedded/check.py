@@ -9,13 +9,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from ..errors import DqarError
 from ..metrics import class_accuracy, fd_to_reference
-from . import NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load_embedded_transformer
+from . import EMBEDDED_DIR, NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load_embedded_transformer
 from . import load_reference_stats
+from .classifier import STATS_FILE
 
 
 def random_weights_like(transformer, seed: int = 0):
@@ -25,6 +27,16 @@ def random_weights_like(transformer, seed: int = 0):
     torch.manual_seed(seed)
     model = DiTTransformer2DModel.from_config(transformer.config)
     return model.to(transformer.device).eval().requires_grad_(False)
+
+
+def scorer_folder(folder):
+    """Where the judge (classifier + reference statistics) comes from: `folder` when it holds both, else the shipped one.
+
+    A training run writes only the DiT, so a freshly trained folder is scored by the shipped classifier.
+    """
+    if folder is not None and (Path(folder) / "classifier.safetensors").is_file() and (Path(folder) / STATS_FILE).is_file():
+        return Path(folder)
+    return EMBEDDED_DIR
 
 
 def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: int = 0, folder=None,
@@ -44,7 +56,8 @@ def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: 
     start = time.perf_counter()
     out = sample(transformer, labels, scheduler=scheduler, steps=steps, cfg=cfg, seed=seed)
     seconds = time.perf_counter() - start
-    classifier = load_classifier(folder=folder)
+    judge = scorer_folder(folder)
+    classifier = load_classifier(folder=judge)
     images = out.images.float().cpu()  # (N, 1, 28, 28) in [0, 1]
     return {
         "samples": len(labels),
@@ -54,7 +67,8 @@ def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: 
         "device": str(transformer.device),
         "weights": "random" if random_weights else "trained",
         "class_accuracy": round(class_accuracy(images, labels, classifier), 4),
-        "fd_to_test_split": round(fd_to_reference(images, classifier, load_reference_stats(folder=folder)), 3),
+        "fd_to_test_split": round(fd_to_reference(images, classifier, load_reference_stats(folder=judge)), 3),
+        "scored_by": str(judge),
         "sampling_seconds": round(seconds, 1),
         "images": images,
         "labels": labels,
@@ -70,7 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--random-weights", action="store_true", help="sample the architecture with random weights (reference FD)")
-    p.add_argument("--folder", default=None, help="weights folder (default: the shipped one)")
+    p.add_argument("--folder", default=None, help="DiT weights folder, e.g. a training run's --out (default: the shipped one); "
+                   "scored by its own classifier when it has one, else by the shipped classifier")
     p.add_argument("--grid", default=None, help="write a PNG grid, one column per class")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))

@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="number of optimisation steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps, help="linear learning-rate warmup")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N; random draws stay on the CPU generator")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's)")
@@ -352,13 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bad_flag(args) -> str | None:
+    """The first out-of-range optimiser flag, described; None when all are valid."""
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        return f"--lr {args.lr} is not a positive number"
+    if args.warmup_steps < 0:
+        return f"--warmup-steps {args.warmup_steps} is negative"
+    if args.batch_size < 1:
+        return f"--batch-size {args.batch_size} is below 1"
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
+    bad = _bad_flag(args)
+    if bad:
+        print(f"error: {bad}; fix the flag", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps)
     command = "python -m dqar.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         log = train_embedded(
-            args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+            args.out, minutes=args.minutes, steps=args.steps, train_config=cfg,
             data_dir=args.data, limit=args.limit, progress=not args.no_progress, resume=args.resume,
             keep_checkpoint=args.keep_checkpoint, command=command, device=resolve_device(args.device),
         )
