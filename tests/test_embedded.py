@@ -263,4 +263,4 @@ def test_training_cli_refuses_bad_optimiser_settings(tmp_path, capsys, flag):
 
     assert main(["--out", str(tmp_path), "--steps", "1", *flag]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "fix the flag" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {flag[0]} ") and "; pass " in err and len(err.strip().splitlines()) == 1

@@ -357,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _bad_flag(args) -> str | None:
     """The first out-of-range optimiser flag, described; None when all are valid."""
     if not (args.lr > 0 and math.isfinite(args.lr)):
-        return f"--lr {args.lr} is not a positive number"
+        return f"--lr {args.lr} is not a positive number; pass a rate such as --lr 1e-3"
     if args.warmup_steps < 0:
-        return f"--warmup-steps {args.warmup_steps} is negative"
+        return f"--warmup-steps {args.warmup_steps} is negative; pass 0 or more"
     if args.batch_size < 1:
-        return f"--batch-size {args.batch_size} is below 1"
+        return f"--batch-size {args.batch_size} is below 1; pass a batch such as --batch-size 64"
     return None
 
 
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     bad = _bad_flag(args)
     if bad:
-        print(f"error: {bad}; fix the flag", file=sys.stderr)
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps)
     command = "python -m dqar.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
