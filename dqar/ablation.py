@@ -38,7 +38,7 @@ import torch
 from . import grid as G
 from . import memory
 from .config import RunConfig, preset
-from .errors import DqarError
+from .errors import DqarError, first_line
 from .io import atomic_write_json
 
 RESULTS_FILE = "ablation_results.json"
@@ -439,8 +439,7 @@ def start_peer(entry: G.Entry, loaded, labels, ref: Reference) -> PeerRow:
         with P.count_calls(blocks) as counts:
             row.counted = row.generate()
     except Exception as exc:  # foreign library code on a model it may not support: report, do not abort the study
-        text = str(exc).strip().splitlines()
-        raise PeerNotRun(f"{type(exc).__name__} while applying or running it: {text[0] if text else ''}") from None
+        raise PeerNotRun(f"{type(exc).__name__} while applying or running it: {first_line(exc)}") from None
     settings = P.to_dict(entry.peer)
     row.summary = {
         "method": settings.pop("method"),

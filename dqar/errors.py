@@ -8,3 +8,9 @@ class DqarError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} — {fix}" if fix else problem)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line reports."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""

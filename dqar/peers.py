@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 
 from .config import _choice, _in_range, _int_at_least, _suggest
-from .errors import DqarError
+from .errors import DqarError, first_line
 
 CONTEXT_NAME = "dqar"  # the diffusers cache context every generation runs in (CFG is one batched forward)
 COUNTED = ("block", "attn1", "ff")  # what `count_calls` counts
@@ -220,7 +220,7 @@ class CacheDit:
         try:
             import cache_dit
         except Exception as exc:  # an optional package: any import failure means "not run"
-            raise DqarError(f"cache-dit does not import ({type(exc).__name__}: {_first_line(exc)})",
+            raise DqarError(f"cache-dit does not import ({type(exc).__name__}: {first_line(exc)})",
                             "install its dependencies, or drop the cache_dit peer") from None
         cfg = cache_dit.DBCacheConfig(
             Fn_compute_blocks=self.fn_compute_blocks, Bn_compute_blocks=self.bn_compute_blocks,
@@ -369,11 +369,6 @@ def _set_pair(obj, name: str) -> None:
     if not ok or value[0] >= value[1]:
         raise DqarError(f"{obj.method}.{name} = {value!r} is invalid", "use two integers [lo, hi] with lo < hi")
     object.__setattr__(obj, name, tuple(value))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
 
 
 # ----- counting ------------------------------------------------------------------------------------

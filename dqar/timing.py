@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .device import synchronize
+from .errors import first_line
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -36,7 +37,7 @@ def warm_up(cases: dict[str, Callable[[], object]], warmup: int = 1,
             try:
                 fn()
             except Exception as exc:  # a backend that cannot run here (e.g. no compiler): report it, keep the rest
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                errors[name] = f"{type(exc).__name__}: {first_line(exc)}"[:300]
                 break
             if on_step:
                 on_step(f"warm-up {name}")

@@ -163,3 +163,11 @@ def _write_doc() -> None:
 
 if __name__ == "__main__":
     _write_doc()
+
+
+def test_first_line_of_an_exception_message():
+    from dqar.errors import first_line
+
+    assert first_line(RuntimeError("no kernel\nstack detail")) == "no kernel"
+    assert first_line(RuntimeError("\n  padded\nmore")) == "padded"
+    assert first_line(RuntimeError()) == ""

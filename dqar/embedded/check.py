@@ -17,7 +17,7 @@ from ..errors import DqarError
 from ..metrics import class_accuracy, fd_to_reference
 from . import EMBEDDED_DIR, NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load_embedded_transformer
 from . import load_reference_stats
-from .classifier import STATS_FILE
+from .classifier import STATS_FILE, WEIGHTS_FILE
 
 
 def random_weights_like(transformer, seed: int = 0):
@@ -34,7 +34,7 @@ def scorer_folder(folder):
 
     A training run writes only the DiT, so a freshly trained folder is scored by the shipped classifier.
     """
-    if folder is not None and (Path(folder) / "classifier.safetensors").is_file() and (Path(folder) / STATS_FILE).is_file():
+    if folder is not None and (Path(folder) / WEIGHTS_FILE).is_file() and (Path(folder) / STATS_FILE).is_file():
         return Path(folder)
     return EMBEDDED_DIR
 
