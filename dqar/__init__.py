@@ -1,6 +1,6 @@
 """dqar: Dynamic and Quantization-Aware Attention Reuse for Diffusion Transformers."""
-from .config import PRESETS, ReuseConfig, RunConfig, SampleConfig, load_toml, preset
-from .errors import DqarError
+from dqar.engine.config import PRESETS, ReuseConfig, RunConfig, SampleConfig, load_toml, preset
+from dqar.errors import DqarError
 
 __version__ = "0.1.0"
 
@@ -8,7 +8,7 @@ __all__ = ["DqarError", "PRESETS", "ReuseConfig", "RunConfig", "SampleConfig", "
 
 
 def enable(model, config=None, **kwargs):
-    """Attach attention reuse to a `DiTPipeline` or `DiTTransformer2DModel`; returns a handle (see dqar.api.enable)."""
-    from .api import enable as _enable
+    """Attach attention reuse to a `DiTPipeline` or `DiTTransformer2DModel`; returns a handle (see dqar.engine.api.enable)."""
+    from dqar.engine.api import enable as _enable
 
     return _enable(model, config, **kwargs)

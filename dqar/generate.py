@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .api import enable
-from .config import RunConfig
-from .sampling import SampleOutput, make_scheduler, sample
-from .stats import ReuseStats
+from dqar.engine.api import enable
+from dqar.engine.config import RunConfig
+from dqar.sampling import SampleOutput, make_scheduler, sample
+from dqar.engine.stats import ReuseStats
 
 
 @dataclass(frozen=True)

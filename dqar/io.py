@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DqarError
+from dqar.errors import DqarError
 
 
 def _atomic(path: Path, write) -> None:

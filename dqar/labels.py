@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import DqarError
+from dqar.errors import DqarError
 
 # The eight ImageNet classes of the seed ablation report: golden retriever, otter, elephant, cliff,
 # macaw, balloon, arctic fox, ice cream.

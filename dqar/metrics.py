@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import DqarError
+from dqar.errors import DqarError
 
 PSNR_CAP_DB = 100.0  # finite stand-in for +inf (identical images) in means and reports
 SSIM_WINDOW = 11  # Gaussian window size (Wang et al. 2004)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from .errors import DqarError
+from dqar.errors import DqarError
 
 # DiT's scheduler (facebook/DiT-XL-2-256): linear betas 1e-4..0.02 over 1000 steps, no sample clipping.
 DIT_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -109,7 +109,7 @@ def load_model(model: str | os.PathLike | None = None, *, device="cpu", dtype: t
 
 def _load_embedded(device, dtype) -> LoadedModel:
     try:
-        from .embedded import CLASS_NAMES, EMBEDDED_DIR
+        from dqar.embedded import CLASS_NAMES, EMBEDDED_DIR
     except ImportError as exc:
         raise DqarError(f"the embedded model is unavailable ({exc})", "reinstall dqar, or pass --model /path/to/folder") from None
     if not Path(EMBEDDED_DIR, "transformer").is_dir():

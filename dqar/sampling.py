@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .errors import DqarError
+from dqar.errors import DqarError
 
 SCHEDULERS = ("ddim", "dpm")
 

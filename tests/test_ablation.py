@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dqar import grid as G
-from dqar import report as R
-from dqar.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, Evaluator, run_ablation
+from dqar.studies import grid as G
+from dqar.reporting import findings as F
+from dqar.reporting import report as R
+from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, Evaluator, run_ablation
 from dqar.cli import main as cli_main
 from dqar.embedded.classifier import FashionCNN
 from dqar.errors import DqarError
@@ -89,7 +90,7 @@ def parse_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
 
 def number(cell: str) -> tuple[float, float] | None:
     """(value in JSON units, tolerance) of a table cell, None for '—'."""
-    if cell == R.DASH:
+    if cell == F.DASH:
         return None
     m = re.fullmatch(r"([+-]?\d+(?:\.(\d+))?)\s*(ms|s|×|%)?", cell)
     assert m, f"unparseable cell {cell!r}"
@@ -137,7 +138,7 @@ def assert_claims_match_tables(md: str) -> None:
     """
     rows = config_rows(md)
     val = lambda name, col: number(rows[name][col])[0] if number(rows[name][col]) else None  # noqa: E731
-    cands = [n for n, r in rows.items() if r.get("Reuse %", R.DASH) != R.DASH and "same configuration" not in r["Notes"]]
+    cands = [n for n, r in rows.items() if r.get("Reuse %", F.DASH) != F.DASH and "same configuration" not in r["Notes"]]
     base_acc = {n: val(n, "Class acc") for n, r in rows.items() if "reference baseline" in r["Notes"] and "Class acc" in r}
 
     def acc_drop(n):
@@ -147,14 +148,14 @@ def assert_claims_match_tables(md: str) -> None:
 
     def within(n, slack):  # slack > 0: loose, < 0: strict
         d = acc_drop(n)
-        return val(n, "PSNR (dB)") >= R.PSNR_BOUND_DB - slack and (d is None or d <= R.ACC_DROP_BOUND + 10 * slack)
+        return val(n, "PSNR (dB)") >= F.PSNR_BOUND_DB - slack and (d is None or d <= F.ACC_DROP_BOUND + 10 * slack)
 
     def meets(n, slack):
         fd = val(n, "ΔFD") if "ΔFD" in rows[n] else None
-        quality = fd <= R.TARGET_FD_LOSS + slack if fd is not None else within(n, slack)
+        quality = fd <= F.TARGET_FD_LOSS + slack if fd is not None else within(n, slack)
         mem = val(n, "Mem saved")
-        fast = val(n, "Speedup") >= R.TARGET_SPEEDUP - slack
-        return (fast or (mem is not None and mem >= R.TARGET_MEMORY - slack / 10)) and quality
+        fast = val(n, "Speedup") >= F.TARGET_SPEEDUP - slack
+        return (fast or (mem is not None and mem >= F.TARGET_MEMORY - slack / 10)) and quality
 
     loose, strict = 0.0051, -0.0051
     summary = dict((r[0], r[1]) for head, rs in parse_tables(md) if head == ["Metric", "Value"] for r in rs)
@@ -169,7 +170,7 @@ def assert_claims_match_tables(md: str) -> None:
     best = max(val(n, "Speedup") for n in cands)
     assert number(summary["**Best Speedup**"].split()[0])[0] == best
     fastest_ok = next(v for k, v in summary.items() if k.startswith("**Fastest within fidelity bound**"))
-    if fastest_ok == R.DASH:
+    if fastest_ok == F.DASH:
         assert not any(within(n, strict) for n in cands)
     else:
         name = re.search(r"`([^`]+)`", fastest_ok).group(1)

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler, DiTPipeline
 
 import dqar
-from dqar.config import ReuseConfig
+from dqar.engine.config import ReuseConfig
 from dqar.models import DIT_SCHEDULER_CONFIG
 from dqar.sampling import sample
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dqar.bench import BenchSettings
+from dqar.studies.bench import BenchSettings
 from dqar.cli import main
 from dqar.errors import DqarError
 from dqar.models import save_pipeline_folder
@@ -35,7 +35,7 @@ def test_bench_settings_refuse_bad_values(kw):
 
 def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
     """A case that raises in warm-up is listed under "failed"; the others are timed; each batch is handed on."""
-    import dqar.bench as bench
+    import dqar.studies.bench as bench
     from dqar.models import load_model
 
     def broken():

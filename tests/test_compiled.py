@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import dqar
-from dqar.config import ReuseConfig
+from dqar.engine.config import ReuseConfig
 from dqar.errors import DqarError
 
 from conftest import make_tiny_transformer

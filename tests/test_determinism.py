@@ -15,10 +15,10 @@ import torch
 
 import dqar
 from dqar.cli import main as cli_main
-from dqar.config import RunConfig, SampleConfig, preset, with_overrides
+from dqar.engine.config import RunConfig, SampleConfig, preset, with_overrides
 from dqar.generate import generate
 from dqar.models import load_model, save_pipeline_folder
-from dqar.plan import build_plan
+from dqar.engine.plan import build_plan
 from dqar.sampling import make_scheduler, sample
 
 from conftest import make_tiny_transformer

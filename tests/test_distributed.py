@@ -1,4 +1,4 @@
-"""dqar.distributed: 2 gloo ranks under torchrun match one process bit for bit; resume; bad input."""
+"""dqar.studies.distributed: 2 gloo ranks under torchrun match one process bit for bit; resume; bad input."""
 import os
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import pytest
 
 import dqar.generate
 from dqar.cli import main as cli_main
-from dqar.config import RunConfig, SampleConfig
-from dqar.distributed import (FidSampleJob, Rank, generate_shard, labels_for, merge_shards, part_path, rank_indices,
+from dqar.engine.config import RunConfig, SampleConfig
+from dqar.studies.distributed import (FidSampleJob, Rank, generate_shard, labels_for, merge_shards, part_path, rank_indices,
                               rank_parts, run_job, shard_dir)
 from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder
@@ -72,7 +72,7 @@ def test_single_process_output_format(single):
 
 def test_torchrun_two_ranks_then_resume_match_one_process(model_dir, single, tmp_path):
     out = tmp_path / "d.npz"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dqar.distributed",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dqar.cli", "fid-sample",
            "--model", str(model_dir), "--num-samples", str(N), "--batch-size", str(BATCH), "--steps", str(STEPS),
            "--cfg", "4", "--seed", "5", "--out", str(out), "--device", "cpu", "--keep-shards", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

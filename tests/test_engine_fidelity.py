@@ -1,5 +1,5 @@
 """The engine fidelity section: its findings follow the numbers in its table."""
-from dqar.engine_fidelity import engine_cases, findings, markdown
+from dqar.studies.engine_fidelity import engine_cases, findings, markdown
 
 
 def _row(name, reuse, psnr, acc, flops=0.1, group="refresh"):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from dqar.cli import main
-from dqar.config import ReuseConfig
-from dqar.evidence import (Case, DynamicSettings, default_cases, replace_section, run_dynamic, static_frontier,
+from dqar.engine.config import ReuseConfig
+from dqar.reporting.documents import replace_section
+from dqar.studies.evidence import (Case, DynamicSettings, default_cases, run_dynamic, static_frontier,
                            static_psnr_at, static_skip_at, targets, write_dynamic)
-from dqar.plan import load_plan
+from dqar.engine.plan import load_plan
 
 
 def test_replace_section_keeps_other_sections():

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dqar.plots
+import dqar.reporting.plots
 
-from dqar.ablation import REPORT_FILE, RESULTS_FILE
+from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE
 from dqar.cli import main as cli_main
-from dqar.distributed import part_path, rank_parts, read_part, shard_dir
+from dqar.studies.distributed import part_path, rank_parts, read_part, shard_dir
 from dqar.models import save_pipeline_folder
 
 from conftest import make_tiny_transformer
@@ -98,7 +98,7 @@ def _check_left_behind(out: Path) -> int:
 
 
 def test_ablate_killed_then_resumed_equals_uninterrupted(tmp_path, model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(dqar.plots, "write_all", lambda results, out: None)  # figures: seconds, and not compared here
+    monkeypatch.setattr(dqar.reporting.plots, "write_all", lambda results, out: None)  # figures: seconds, and not compared here
     (tmp_path / "grid.toml").write_text(GRID)
     args = ["ablate", "--model", str(model_dir), "--config", str(tmp_path / "grid.toml"), "--repeats", "1", "--quiet"]
     killed = tmp_path / "killed"

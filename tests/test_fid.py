@@ -1,4 +1,4 @@
-"""dqar.fid and `dqar fid`: embedded-classifier FD offline, a TorchScript extractor in Inception's place, bad input."""
+"""dqar.studies.fid and `dqar fid`: embedded-classifier FD offline, a TorchScript extractor in Inception's place, bad input."""
 import json
 
 import numpy as np
@@ -9,7 +9,7 @@ import dqar.embedded as emb
 from dqar.cli import main as cli_main
 from dqar.embedded import classifier as clf_mod
 from dqar.embedded.data import load_split
-from dqar.fid import INCEPTION_URL, fid_embedded, fid_inception, open_samples
+from dqar.studies.fid import INCEPTION_URL, fid_embedded, fid_inception, open_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 SHIPPED = (emb.EMBEDDED_DIR / "classifier.safetensors").is_file() and (emb.EMBEDDED_DIR / clf_mod.STATS_FILE).is_file()

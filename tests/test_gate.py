@@ -9,14 +9,14 @@ from diffusers import DDIMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dqar
-from dqar.calibrate import derive_plan, estimated_error, record_trace
-from dqar.config import ReuseConfig, RunConfig, SampleConfig
+from dqar.tuning.calibrate import derive_plan, estimated_error, record_trace
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
-from dqar.flops import attention_flops, dit_shape
+from dqar.engine.flops import attention_flops, dit_shape
 from dqar.generate import generate
 from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel
-from dqar.plan import build_plan, load_plan, max_run_staleness, save_plan
-from dqar.signals import (alpha_bar_at, attention_with_entropy, dit_alphas_cumprod, predicted_x0, prediction_snr,
+from dqar.engine.plan import build_plan, load_plan, max_run_staleness, save_plan
+from dqar.engine.signals import (alpha_bar_at, attention_with_entropy, dit_alphas_cumprod, predicted_x0, prediction_snr,
                           scheduler_snr, subsample_rows)
 
 from conftest import make_tiny_transformer
@@ -98,7 +98,7 @@ def test_trace_records_every_signal(model):
 
 
 def _trace_decider():
-    from dqar.calibrate import TraceDecider
+    from dqar.tuning.calibrate import TraceDecider
 
     return TraceDecider(entropy_rows=4)
 
@@ -225,7 +225,7 @@ def tiny_loaded():
 def test_calibrate_save_sample_reproduces_the_plan_without_syncs(tmp_path):
     from test_reuse import NoSync
 
-    from dqar.calibrate import calibrate
+    from dqar.tuning.calibrate import calibrate
 
     loaded = tiny_loaded()
     run = RunConfig(sample=SampleConfig(steps=8, cfg=4.0, seed=5))

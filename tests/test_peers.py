@@ -1,4 +1,4 @@
-"""Peers (dqar.peers) on a tiny random DiT: each really skips counted calls, changes the output, detaches exactly,
+"""Peers (dqar.studies.peers) on a tiny random DiT: each really skips counted calls, changes the output, detaches exactly,
 resets per generation; bad input is one line; peer rows in dqar ablate, the Compared-to section and its doc."""
 import copy
 import importlib.util
@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqar import compared as C
-from dqar import grid as G
-from dqar import peers as P
-from dqar.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, run_ablation
+from dqar.reporting import compared as C
+from dqar.studies import grid as G
+from dqar.studies import peers as P
+from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, run_ablation
 from dqar.cli import main as cli_main
 from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder

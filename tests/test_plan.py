@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from dqar.config import SCHEDULES, ReuseConfig
+from dqar.engine.config import SCHEDULES, ReuseConfig
 from dqar.errors import DqarError
-from dqar.plan import Plan, build_plan, load_plan, max_run_staleness, save_plan
+from dqar.engine.plan import Plan, build_plan, load_plan, max_run_staleness, save_plan
 
 E, L = 30, 8
 

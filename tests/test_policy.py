@@ -6,12 +6,16 @@ import pytest
 import torch
 
 import dqar
-from dqar.config import ReuseConfig
+from dqar.engine.config import ReuseConfig
 from dqar.errors import DqarError
-from dqar.plan import build_plan, max_run_staleness
-from dqar.policy import FEATURES, PolicyCheckpoint, PolicyNet, load_policy, save_policy
-from dqar.policy.collect import CollectSettings, collect_traces, load_traces, save_traces
-from dqar.policy.train import TrainSettings, train_policy
+from dqar.engine.plan import build_plan, max_run_staleness
+from dqar.engine.features import FEATURES
+from dqar.engine.policy_net import PolicyCheckpoint
+from dqar.engine.policy_net import PolicyNet
+from dqar.engine.policy_net import load_policy
+from dqar.engine.policy_net import save_policy
+from dqar.tuning.collect import CollectSettings, collect_traces, load_traces, save_traces
+from dqar.tuning.train import TrainSettings, train_policy
 
 from conftest import make_tiny_transformer
 from test_gate import CountSyncs, tiny_loaded
@@ -91,7 +95,7 @@ def test_policy_makes_at_most_one_host_sync_per_evaluation(trained, tmp_path):
 
 
 def test_threshold_and_budget_move_decisions(model, tmp_path):
-    from dqar.policy.decider import PolicyDecider
+    from dqar.engine.policy import PolicyDecider
 
     path = saved(_ramp_policy(), tmp_path)
     counts = []
@@ -105,7 +109,7 @@ def test_threshold_and_budget_move_decisions(model, tmp_path):
         per_eval.append(max(stats.per_evaluation_reused))
         assert max(stats.per_evaluation_reused) <= int(budget * 4)
     assert per_eval == sorted(per_eval, reverse=True) and per_eval[0] > per_eval[1]
-    assert isinstance(dqar.api.make_decider(ReuseConfig(policy=path)), PolicyDecider)
+    assert isinstance(dqar.engine.api.make_decider(ReuseConfig(policy=path)), PolicyDecider)
 
 
 def _ramp_policy() -> PolicyCheckpoint:
@@ -205,10 +209,10 @@ def test_cli_train_writes_checkpoint_and_report(traces, tmp_path, capsys):
 
 
 def test_distilled_plan_repeats_the_policy_without_syncs(tmp_path):
-    from dqar.config import RunConfig, SampleConfig
+    from dqar.engine.config import RunConfig, SampleConfig
     from dqar.generate import generate
-    from dqar.plan import load_plan, save_plan
-    from dqar.policy.distill import distill_plan
+    from dqar.engine.plan import load_plan, save_plan
+    from dqar.tuning.distill import distill_plan
 
     loaded = tiny_loaded()
     reuse = ReuseConfig(**SCHEDULE, policy=saved(_ramp_policy_for(3), tmp_path), policy_threshold=0.2)
@@ -230,7 +234,7 @@ def _ramp_policy_for(num_layers: int) -> PolicyCheckpoint:
 
 
 def test_knob_search_and_verdict():
-    from dqar.policy.evaluate import Knob, search, verdict
+    from dqar.studies.policy_eval import Knob, search, verdict
 
     knob = Knob("policy", 1e-4, 1.0, "log", lambda v: ReuseConfig(policy_threshold=v), str)
     reuse_of = lambda cfg: min(1.0, 0.1 * (4 + np.log10(cfg.policy_threshold)) ** 1.5)  # noqa: E731  monotone in the knob
@@ -254,8 +258,8 @@ def test_cli_distill_without_a_policy_is_a_usage_error(tmp_path, capsys):
 
 
 def test_shipped_policy_loads_and_is_small():
-    from dqar.policy.evaluate import shipped_policy
-    from dqar.policy.model import num_parameters
+    from dqar.studies.policy_eval import shipped_policy
+    from dqar.engine.policy_net import num_parameters
 
     path = shipped_policy()
     ckpt = load_policy(path)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dqar import metrics
-from dqar.config import SCHEDULES, ReuseConfig
-from dqar.plan import Plan, build_plan, max_run_staleness
+from dqar.engine.config import SCHEDULES, ReuseConfig
+from dqar.engine.plan import Plan, build_plan, max_run_staleness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 fractions = st.floats(0.0, 1.0, allow_nan=False)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dqar.errors import DqarError
-from dqar.quant import dequantize, error_bound, is_finite, nbytes, quantize
+from dqar.engine.quant import dequantize, error_bound, is_finite, nbytes, quantize
 
 MODES = ["tensor", "channel", "head", "token"]
 

@@ -8,9 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dqar
-from dqar.config import ReuseConfig
+from dqar.engine.config import ReuseConfig
 from dqar.errors import DqarError
-from dqar.plan import build_plan
+from dqar.engine.plan import build_plan
 
 from conftest import make_tiny_transformer
 
@@ -203,7 +203,7 @@ def _poison(handle, layer):
 
 @pytest.mark.parametrize("guard", [True, False])
 def test_nonfinite_cache_recomputes_with_guard_and_is_counted_without(model, guard, monkeypatch):
-    from dqar.cache import LayerCache
+    from dqar.engine.cache import LayerCache
 
     cfg = ReuseConfig(schedule="constant", cache_dtype="model", nonfinite_guard=guard)
     ref_h = dqar.enable(model, cfg)

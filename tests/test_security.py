@@ -14,20 +14,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dqar import grid as G
-from dqar.ablation import AblationOptions, run_ablation
+from dqar.studies import grid as G
+from dqar.studies.ablation import AblationOptions, run_ablation
 from dqar.cli import main as cli_main
-from dqar.config import ReuseConfig, RunConfig, SampleConfig
-from dqar.distributed import read_part
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
+from dqar.studies.distributed import read_part
 from dqar.embedded.classifier import load_stats
 from dqar.embedded.train import STATE_FILE, EmbeddedModelConfig, train_embedded
 from dqar.errors import DqarError
-from dqar.fid import load_reference, read_labels
+from dqar.studies.fid import load_reference, read_labels
 from dqar.generate import generate
 from dqar.models import WEIGHTS, load_model, save_pipeline_folder
-from dqar.plan import build_plan
-from dqar.policy import load_policy
-from dqar.policy.collect import load_traces
+from dqar.engine.plan import build_plan
+from dqar.engine.policy_net import load_policy
+from dqar.tuning.collect import load_traces
 
 from conftest import make_tiny_transformer
 

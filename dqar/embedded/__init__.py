@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DqarError
-from .classifier import STATS_FILE, load_stats
-from .classifier import load_classifier as _load_classifier_from
-from .data import CLASS_NAMES, NUM_CLASSES
+from dqar.errors import DqarError
+from dqar.embedded.classifier import STATS_FILE, load_stats
+from dqar.embedded.classifier import load_classifier as _load_classifier_from
+from dqar.embedded.data import CLASS_NAMES, NUM_CLASSES
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "weights"
 NULL_CLASS_ID = NUM_CLASSES  # = num_embeds_ada_norm, as DiTPipeline uses it for the unconditional branch

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DqarError
-from ..metrics import class_accuracy, fd_to_reference
-from . import EMBEDDED_DIR, NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load_embedded_transformer
-from . import load_reference_stats
-from .classifier import STATS_FILE, WEIGHTS_FILE
+from dqar.errors import DqarError
+from dqar.metrics import class_accuracy, fd_to_reference
+from dqar.embedded import EMBEDDED_DIR, NUM_CLASSES, load_classifier, load_embedded_scheduler_config, load_embedded_transformer
+from dqar.embedded import load_reference_stats
+from dqar.embedded.classifier import STATS_FILE, WEIGHTS_FILE
 
 
 def random_weights_like(transformer, seed: int = 0):
@@ -45,8 +45,8 @@ def check_samples(per_class: int = 10, steps: int = 50, cfg: float = 4.0, seed: 
 
     `random_weights`: sample the same architecture with random weights instead (the FD to beat).
     """
-    from ..device import resolve_device
-    from ..sampling import make_scheduler, sample
+    from dqar.device import resolve_device
+    from dqar.sampling import make_scheduler, sample
 
     transformer = load_embedded_transformer(device=resolve_device(device), folder=folder)
     if random_weights:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.grid:
-        from ..images import save_grid, to_uint8
+        from dqar.images import save_grid, to_uint8
 
         images = result["images"]  # (10 * per_class, 1, 28, 28), class-major
         by_column = images.view(NUM_CLASSES, args.per_class, *images.shape[1:]).transpose(0, 1).reshape(images.shape)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DqarError
-from ..io import atomic_write_bytes, atomic_write_json
-from .data import NUM_CLASSES, load_split
+from dqar.errors import DqarError
+from dqar.io import atomic_write_bytes, atomic_write_json
+from dqar.embedded.data import NUM_CLASSES, load_split
 
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DqarError
+from dqar.errors import DqarError
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import resolve_device
-from ..errors import DqarError
-from ..io import atomic_write_json, atomic_write_text
-from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, load_split
+from dqar.device import resolve_device
+from dqar.errors import DqarError
+from dqar.io import atomic_write_json, atomic_write_text
+from dqar.embedded.data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, load_split
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"

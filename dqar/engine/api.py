@@ -1,0 +1,96 @@
+"""Python API: `handle = dqar.enable(pipe_or_transformer, config)`, `handle.stats`, `handle.disable()`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dqar.engine.config import ReuseConfig, RunConfig, preset
+from dqar.errors import DqarError
+from dqar.engine.plan import Plan
+from dqar.engine.reuse import ReuseEngine, make_decider
+from dqar.engine.stats import ReuseStats
+
+
+def _resolve_config(config: ReuseConfig | RunConfig | str | None) -> ReuseConfig:
+    if config is None:
+        return preset("full_dqar")
+    if isinstance(config, str):
+        return preset(config)
+    if isinstance(config, RunConfig):
+        return config.reuse
+    if isinstance(config, ReuseConfig):
+        return config
+    raise DqarError(f"cannot use a {type(config).__name__} as a reuse config", "pass a preset name, ReuseConfig or RunConfig")
+
+
+def _split(model: Any) -> tuple[torch.nn.Module, Any]:
+    """(transformer, scheduler or None) from a pipeline or a bare transformer."""
+    if hasattr(model, "transformer") and hasattr(model, "scheduler"):
+        return model.transformer, model.scheduler
+    if isinstance(model, torch.nn.Module):
+        return model, None
+    raise DqarError(f"cannot enable reuse on a {type(model).__name__}", "pass a diffusers DiTPipeline or DiTTransformer2DModel")
+
+
+class ReuseHandle:
+    """A live attachment. Inside a stock `DiTPipeline` call, each new `set_timesteps` starts a fresh generation."""
+
+    def __init__(self, model: Any, config: ReuseConfig | RunConfig | str | None = None, *, plan: Plan | None = None, decider=None,
+                 key: dict | None = None, executor: str = "patch"):
+        transformer, scheduler = _split(model)
+        self.config = _resolve_config(config)
+        self._engine = ReuseEngine(transformer, self.config, decider or make_decider(self.config, key, plan), scheduler, executor)
+
+    # sampler hook contract ----------------------------------------------------------------
+    def begin_generation(self, num_evaluations: int | None = None, scheduler: Any = None, guided: bool | None = None) -> None:
+        """Start a generation; with only a scheduler, its `timesteps` give the number of evaluations.
+
+        `guided`: whether each forward batches [conditional; unconditional] rows (None: the engine looks once).
+        """
+        if num_evaluations is None:
+            if scheduler is None or getattr(scheduler, "timesteps", None) is None:
+                raise DqarError("begin_generation needs num_evaluations or a scheduler with timesteps set", "pass num_evaluations=steps")
+            num_evaluations = len(scheduler.timesteps)
+        self._engine.begin_generation(num_evaluations, scheduler, guided)
+
+    def end_generation(self) -> ReuseStats | None:
+        return self._engine.end_generation()
+
+    # user surface --------------------------------------------------------------------------
+    @property
+    def stats(self) -> ReuseStats | None:
+        """Stats of the last finished generation (or of the one in progress)."""
+        if self._engine.state is not None and self._engine.state.evaluation >= 0:
+            return self._engine.end_generation()
+        return self._engine.last_stats
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the current generation, when decisions come from a plan."""
+        return getattr(self._engine.decider, "plan", None)
+
+    @property
+    def engine(self) -> ReuseEngine:
+        return self._engine
+
+    def disable(self) -> None:
+        """Detach: the model computes exactly as before."""
+        self._engine.detach()
+
+    def __enter__(self) -> "ReuseHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._engine.attached:
+            self.disable()
+
+
+def enable(model: Any, config: ReuseConfig | RunConfig | str | None = None, **kwargs) -> ReuseHandle:
+    """Attach reuse to a `DiTPipeline` or `DiTTransformer2DModel`; default config is the `full_dqar` preset.
+
+    `executor="patch"` (default) wraps each block's `attn1` (or the block) and works with every option;
+    `"fused"` runs DiT blocks as pure functions with the decision outside; `"compiled"` additionally
+    compiles them with `torch.compile` — a bounded set of graphs shared by all blocks and evaluations.
+    """
+    return ReuseHandle(model, config, **kwargs)

@@ -1,0 +1,73 @@
+"""The fused block path: each block's forward replaced by a host-side branch over pure block functions.
+
+With `compile=True` every function in `dqar.engine.block` becomes one `torch.compile` graph
+shared by all blocks (a bounded set of graphs: compute / reuse, model dtype / INT8), so
+per-evaluation decisions never trigger recompilation. Decisions come from the engine's
+host-side row, exactly as on the patched-`attn1` path.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dqar.engine import block as B
+from dqar.errors import DqarError
+from dqar.engine.quant import QTensor
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The block functions, compiled or not."""
+
+    compute: Callable
+    compute_q: Callable
+    reuse: Callable
+    reuse_q: Callable
+    whole: Callable
+    whole_q: Callable
+    skip: Callable
+    skip_q: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def make_kernels(compile: bool, mode: str | None = None) -> Kernels:
+    """Wrap each block function with `torch.compile` (static shapes) when `compile` is set; shared by all handles."""
+    names = ("compute", "compute_q", "reuse", "reuse_q", "whole", "whole_q", "skip", "skip_q")
+    wrap = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if compile else (lambda f: f)
+    return Kernels(**{n: wrap(getattr(B, n)) for n in names})
+
+
+def check_supported(cfg, blocks) -> None:
+    if cfg.target == "kv":
+        raise DqarError("the fused/compiled path caches attention or block outputs, not K/V", "use target = 'attention' or compile=False")
+    for blk in blocks:
+        B.check_block(blk)
+
+
+def fused_forward(engine, layer: int, blk, kernels: Kernels, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                  encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+    """Drop-in `BasicTransformerBlock.forward` for DiT blocks; (B, T, C) → (B, T, C)."""
+    st = engine.state
+    h, cfg = hidden_states, engine.cfg
+    int8 = cfg.cache_dtype == "int8"
+    if st.row[layer] and st.cache.has(layer):
+        st.executed[st.evaluation, layer] = True
+        (cached,) = st.cache.slots[layer]
+        if cfg.granularity == "block":
+            return kernels.skip_q(h, cached.values, cached.scale) if int8 else kernels.skip(h, cached)
+        if int8:
+            return kernels.reuse_q(blk, h, timestep, class_labels, cached.values, cached.scale)
+        return kernels.reuse(blk, h, timestep, class_labels, cached)
+    full, full_q = (kernels.whole, kernels.whole_q) if cfg.granularity == "block" else (kernels.compute, kernels.compute_q)
+    if not st.store[layer]:
+        return full(blk, h, timestep, class_labels)[0]
+    if int8:
+        out, values, scale = full_q(blk, h, timestep, class_labels, cfg.quant_mode)
+        st.cache.put_encoded(layer, (QTensor(values=values, scale=scale, dtype=h.dtype, mode=cfg.quant_mode),))
+        return out
+    out, cached = full(blk, h, timestep, class_labels)
+    st.cache.put_encoded(layer, (cached,))
+    return out

@@ -1,0 +1,203 @@
+"""Layer schedules → a boolean reuse plan `[evaluation, layer]`, plain data in and out.
+
+A plan says, for every model evaluation and every transformer layer, whether the
+layer reuses its cached output (True) or computes (False). Schedules decide which
+layers are *eligible*; the refresh interval and the staleness cap decide when an
+eligible layer still recomputes. The engine executes the plan exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dqar.engine.config import ReuseConfig
+from dqar.errors import DqarError
+
+PLAN_FORMAT = "dqar-plan/1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Reuse decisions: `mask[e, l]` is True where layer `l` reuses at evaluation `e`."""
+
+    mask: np.ndarray  # (E, L) bool
+    key: dict[str, Any] = field(default_factory=dict)  # what the plan is for: model, sampler, steps
+
+    def __post_init__(self) -> None:
+        mask = np.asarray(self.mask, dtype=bool)
+        if mask.ndim != 2 or 0 in mask.shape:
+            raise DqarError(f"a plan must be 2-D [evaluation, layer] with at least one of each, got shape {mask.shape}",
+                            "regenerate the plan")
+        mask.setflags(write=False)
+        object.__setattr__(self, "mask", mask)
+
+    @property
+    def num_evaluations(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def reuse_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def rows(self) -> list[tuple[bool, ...]]:
+        """Host-side decision rows, one tuple of layer flags per evaluation."""
+        return [tuple(bool(v) for v in row) for row in self.mask]
+
+    def to_json(self) -> str:
+        rows = ["".join("R" if v else "." for v in row) for row in self.mask]
+        return json.dumps({"format": PLAN_FORMAT, "key": self.key, "rows": rows}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            data = json.loads(text)
+            if data.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+            rows = data["rows"]
+            width = {len(r) for r in rows}
+            if len(width) > 1 or any(set(r) - {"R", "."} for r in rows):
+                raise ValueError("rows must be equally long strings of 'R' and '.'")
+            mask = np.array([[c == "R" for c in r] for r in rows], dtype=bool).reshape(len(rows), -1)
+            return cls(mask=mask, key=dict(data.get("key", {})))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DqarError(f"{source} is not a valid dqar plan ({exc})", "regenerate it with `dqar calibrate` or dqar.engine.plan.save_plan") from None
+
+    def __str__(self) -> str:
+        header = f"plan {self.num_evaluations} evaluations x {self.num_layers} layers, reuse {100 * self.reuse_fraction:.1f}%  (R reuse, . compute)"
+        lines = [f"{e:4d} " + "".join("R" if v else "." for v in row) for e, row in enumerate(self.mask)]
+        return "\n".join([header, *lines])
+
+    def check_key(self, **expected: Any) -> None:
+        """Refuse to run where the plan was made for another model, sampler or step count."""
+        for name, value in expected.items():
+            have = self.key.get(name)
+            if have is not None and value is not None and have != value:
+                raise DqarError(f"plan was made for {name}={have!r} but this run has {name}={value!r}", f"recalibrate for this {name} or use a matching plan")
+
+    def check_shape(self, num_evaluations: int, num_layers: int) -> None:
+        if self.mask.shape != (num_evaluations, num_layers):
+            raise DqarError(
+                f"plan has shape {self.mask.shape} but this run needs ({num_evaluations} evaluations, {num_layers} layers)",
+                "build or calibrate a plan for this model and step count",
+            )
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    """Write a plan as JSON, atomically."""
+    from dqar.io import atomic_write_text
+
+    atomic_write_text(Path(path), plan.to_json())
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan JSON file (never executes code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DqarError(f"plan file '{path}' does not exist", "pass the path of a plan written by `dqar calibrate`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # a binary file (e.g. a pickle) is not a plan
+        raise DqarError(f"plan file '{path}' is not a valid dqar plan (not UTF-8 text: {type(exc).__name__})",
+                        "regenerate it with `dqar calibrate` or dqar.engine.plan.save_plan") from None
+    return Plan.from_json(text, source=f"plan file '{path}'")
+
+
+def schedule_fraction(cfg: ReuseConfig, progress: float) -> float:
+    """Fraction in [0, 1] of the eligible-layer range at `progress` ∈ [0, 1] of the reuse window."""
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "linear":
+        return p
+    if cfg.schedule == "linear_reverse":
+        return 1.0 - p
+    if cfg.schedule == "exponential":
+        return math.expm1(cfg.exp_rate * p) / math.expm1(cfg.exp_rate)
+    if cfg.schedule == "step":
+        return min(math.floor(p * cfg.step_stages), cfg.step_stages - 1) / max(cfg.step_stages - 1, 1)
+    raise DqarError(f"schedule '{cfg.schedule}' has no fraction", "use a named schedule")
+
+
+def eligible_layers(cfg: ReuseConfig, progress: float, num_layers: int) -> list[int]:
+    """Layers allowed to reuse at this point: shallow layers first, more layers as the fraction grows."""
+    if cfg.schedule == "custom":
+        bad = [i for i in cfg.custom_layers if i >= num_layers]
+        if bad:
+            raise DqarError(f"custom_layers {bad} do not exist in a {num_layers}-layer model", f"use indices in [0, {num_layers - 1}]")
+        return sorted(set(cfg.custom_layers))
+    most = round(cfg.layer_frac * num_layers)
+    if most == 0:
+        return []
+    count = 1 + round(schedule_fraction(cfg, progress) * (most - 1))
+    return list(range(count))
+
+
+def reuse_window(cfg: ReuseConfig, num_evaluations: int) -> tuple[int, int]:
+    """[start, stop) of evaluations where reuse may happen; evaluation 0 always computes."""
+    start = max(1, math.ceil(cfg.warmup_frac * num_evaluations))
+    stop = num_evaluations - math.floor(cfg.cooldown_frac * num_evaluations)
+    return start, max(start, stop)
+
+
+def build_plan(cfg: ReuseConfig, num_evaluations: int, num_layers: int, key: dict[str, Any] | None = None) -> Plan:
+    """Turn a schedule config into a plan; with `plan_file` set, load and check that plan instead."""
+    if num_evaluations < 1 or num_layers < 1:
+        raise DqarError(f"cannot plan {num_evaluations} evaluations x {num_layers} layers", "use at least one step and one layer")
+    if cfg.plan_file:
+        plan = load_plan(cfg.plan_file)
+        plan.check_key(**(key or {}))
+        plan.check_shape(num_evaluations, num_layers)
+        return plan
+    mask = np.zeros((num_evaluations, num_layers), dtype=bool)
+    if cfg.enabled:
+        eligible = eligibility(cfg, num_evaluations, num_layers)
+        mask = apply_refresh(eligible, cfg.refresh_interval, cfg.max_staleness)
+    return Plan(mask=mask, key=dict(key or {}))
+
+
+def eligibility(cfg: ReuseConfig, num_evaluations: int, num_layers: int) -> np.ndarray:
+    """(E, L) bool: where the schedule, warmup and cooldown allow reuse at all (before refresh and staleness)."""
+    start, stop = reuse_window(cfg, num_evaluations)
+    eligible = np.zeros((num_evaluations, num_layers), dtype=bool)  # (E, L)
+    span = max(stop - start - 1, 1)
+    for e in range(start, stop):
+        eligible[e, eligible_layers(cfg, (e - start) / span, num_layers)] = True
+    return eligible
+
+
+def apply_refresh(eligible: np.ndarray, refresh_interval: int, max_staleness: int) -> np.ndarray:
+    """Within eligible cells, recompute once every `refresh_interval` evaluations and never exceed `max_staleness`.
+
+    Staleness of a reused output = evaluations since it was computed. Evaluation 0 always computes.
+    """
+    limit = staleness_limit(refresh_interval, max_staleness)
+    mask = np.zeros_like(eligible, dtype=bool)
+    staleness = np.zeros(eligible.shape[1], dtype=np.int64)  # (L,) evaluations since last compute, at the next one
+    for e in range(eligible.shape[0]):
+        reuse = eligible[e] & (staleness + 1 <= limit) & (e > 0)
+        mask[e] = reuse
+        staleness = np.where(reuse, staleness + 1, 0)
+    return mask
+
+
+def staleness_limit(refresh_interval: int, max_staleness: int) -> int:
+    """The most consecutive evaluations a layer may reuse one computed output."""
+    return min(refresh_interval - 1, max_staleness)
+
+
+def max_run_staleness(mask: np.ndarray) -> int:
+    """The largest staleness any reuse in `mask` would have (0 when nothing is reused)."""
+    worst, run = 0, np.zeros(mask.shape[1], dtype=np.int64)
+    for row in mask:
+        run = np.where(row, run + 1, 0)
+        worst = max(worst, int(run.max(initial=0)))
+    return worst

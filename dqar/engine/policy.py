@@ -1,0 +1,133 @@
+"""`PolicyDecider`: reuse decisions from a learned policy while sampling, one host read per evaluation.
+
+At the start of an evaluation, for every layer the schedule and the staleness cap allow to
+reuse, the features (`dqar.engine.features`) are built on the device from the engine's signals,
+the MLP predicts the relative error of reusing the cached attention output, and layers whose
+prediction is at most `policy_threshold` reuse (at most `policy_budget` of the layers, lowest
+prediction first). The flags come back in one read, counted in `signals.host_syncs`. Warmup,
+cooldown, the layer schedule and `min(refresh_interval - 1, max_staleness)` act as for the gate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from dqar.engine.config import ReuseConfig
+from dqar.errors import DqarError
+from dqar.engine.gate import read_flags
+from dqar.engine.plan import eligibility, staleness_limit
+from dqar.engine.signals import Needs, SignalRecorder
+from dqar.engine.features import MISSING_CHANGE, feature_matrix, latest_vector, log_threshold, step_fraction
+from dqar.engine.policy_net import PolicyCheckpoint, load_policy
+
+
+def policy_needs(ckpt: PolicyCheckpoint) -> Needs:
+    """The signals the policy's features are built from (entropy subsample as in training)."""
+    return Needs(entropy=True, change=True, snr=("scheduler", "prediction"), state_norm=True,
+                 entropy_rows=int(ckpt.meta.get("entropy_rows", 16)))
+
+
+def keep_lowest(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """(L,) bool: the at most `k` allowed entries with the lowest scores, on the device (no host read)."""
+    masked = torch.where(allowed, scores, torch.full_like(scores, math.inf))  # (L,)
+    order = torch.argsort(masked, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return allowed & (ranks < k)
+
+
+class PolicyDecider:
+    """Per-evaluation decisions from a learned reuse policy; at most one host sync per evaluation."""
+
+    def __init__(self, cfg: ReuseConfig, key: dict[str, Any] | None = None, checkpoint: PolicyCheckpoint | None = None):
+        self.cfg = cfg
+        self.key = dict(key or {})
+        self.checkpoint = checkpoint if checkpoint is not None else load_policy(cfg.policy)
+        self.needs = policy_needs(self.checkpoint)
+        self._on_device: dict[torch.device, PolicyCheckpoint] = {}
+        self.signals: SignalRecorder | None = None
+        self.decisions = np.zeros((0, 0), dtype=bool)  # (E, L) rows decided in the current generation
+        self.predictions: list[torch.Tensor] = []  # (L,) predicted log error per deciding evaluation, on the device
+
+    def _check(self, num_layers: int) -> None:
+        meta = self.checkpoint.meta
+        trained = meta.get("num_layers")
+        if trained is not None and int(trained) != num_layers:
+            raise DqarError(f"the policy was trained for a {trained}-layer model but this one has {num_layers} layers",
+                            "train a policy for this model with `dqar policy collect` and `dqar policy train`")
+        model, have = meta.get("model"), self.key.get("model")
+        if model is not None and have is not None and model != have:
+            raise DqarError(f"the policy was trained for model {model!r} but this run uses {have!r}",
+                            "train a policy for this model with `dqar policy collect` and `dqar policy train`")
+
+    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None, signals: SignalRecorder | None = None) -> None:
+        if signals is None:
+            raise DqarError("the policy needs the engine's signal recorder", "attach it with dqar.enable(model, config)")
+        self._check(num_layers)
+        self.signals = signals
+        e, l = num_evaluations, num_layers
+        self.eligible = eligibility(self.cfg, e, l) if self.cfg.enabled else np.zeros((e, l), dtype=bool)  # (E, L)
+        self.eligible[0] = False  # evaluation 0 always computes
+        self.limit = staleness_limit(self.cfg.refresh_interval, self.cfg.max_staleness)
+        later = np.flip(np.cumsum(np.flip(self.eligible, 0), 0), 0) > 0  # (E, L) eligible at this or a later evaluation
+        # keep every computed output while a later evaluation may reuse it: the cache always holds the last computed
+        # output, so the change measured on each compute spans a known number of evaluations
+        self._store = [tuple(r) for r in np.concatenate([later[1:], np.zeros((1, l), dtype=bool)]).tolist()]
+        self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations reused since the cached output was computed
+        self.last = np.full(l, -1, dtype=np.int64)  # (L,) evaluation of the last compute
+        self.gap = np.ones(l, dtype=np.int64)  # (L,) evaluations spanned by the last measured change
+        self.decisions = np.zeros((e, l), dtype=bool)
+        self.predictions = []
+        self.num_evaluations = e
+        self.k = int(math.floor(self.cfg.policy_budget * l + 1e-9))
+
+    def _model(self, device: torch.device) -> PolicyCheckpoint:
+        if device not in self._on_device:
+            self._on_device[device] = self.checkpoint.to(device)  # once per device
+        return self._on_device[device]
+
+    def predict(self, evaluation: int) -> torch.Tensor:
+        """(L,) predicted log relative error of reusing each layer now, on the device."""
+        sig = self.signals
+        dev = sig.device
+        zero = torch.zeros((), device=dev)
+        one = torch.ones((), device=dev)
+        feats = feature_matrix(
+            entropy=latest_vector(sig.entropy_last, 1.0, dev),
+            change=latest_vector(sig.change_last, MISSING_CHANGE, dev),
+            gap=torch.as_tensor(self.gap, dtype=torch.float32).to(dev),
+            snr_scheduler=sig.snr.get("scheduler", zero),
+            snr_prediction=sig.snr.get("prediction", one),
+            x_rms=sig.x_norm if sig.x_norm is not None else one,
+            step_fraction=torch.full((), step_fraction(evaluation, self.num_evaluations), device=dev),
+            ages=torch.as_tensor(self.staleness + 1, dtype=torch.float32).to(dev),
+            num_layers=len(self.staleness),
+        )  # (L, F)
+        return self._model(dev).predict(feats)  # (L,)
+
+    def flags(self, evaluation: int, candidate: np.ndarray) -> torch.Tensor:
+        """(L,) bool on the device: candidates whose predicted error is within the threshold, within the budget."""
+        pred = self.predict(evaluation)
+        self.predictions.append(pred)
+        allowed = torch.as_tensor(candidate).to(pred.device) & (pred <= log_threshold(self.cfg.policy_threshold))
+        if self.k < len(candidate):
+            allowed = keep_lowest(pred, allowed, self.k)
+        return allowed
+
+    def row(self, evaluation: int) -> tuple[bool, ...]:
+        candidate = self.eligible[evaluation] & (self.staleness < self.limit)  # (L,)
+        if candidate.any():
+            candidate = candidate & read_flags(self.flags(evaluation, candidate))
+            self.signals.host_syncs += 1
+        computing = ~candidate
+        self.gap = np.where(computing & (self.last >= 0), evaluation - self.last, self.gap)
+        self.last = np.where(computing, evaluation, self.last)
+        self.staleness = np.where(candidate, self.staleness + 1, 0)
+        self.decisions[evaluation] = candidate
+        return tuple(candidate.tolist())
+
+    def store_row(self, evaluation: int) -> tuple[bool, ...]:
+        return self._store[evaluation]

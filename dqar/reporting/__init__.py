@@ -1,0 +1,1 @@
+"""Reports from result dicts: findings, Markdown, figures and document sections; imports no study."""

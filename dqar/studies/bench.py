@@ -1,0 +1,199 @@
+"""`dqar bench`: stock pipeline vs dqar's no-reuse path (eager, compiled) vs presets, in one process.
+
+Every case draws the same labels and noise; all cases of one batch size are warmed up,
+then timed round-robin over the repeats; medians and ratios are reported. Ratios are
+what travels between machines; absolute times are only meaningful on a quiet device.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dqar.engine.api import enable
+from dqar.engine.config import ReuseConfig, preset
+from dqar.errors import DqarError
+from dqar.engine.plan import Plan
+from dqar.sampling import make_scheduler, sample
+from dqar.studies.timing import interleaved, median, warm_up
+
+BLOCK_PRESET = "block_reuse"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What `dqar bench` measures."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # images per generation (CFG doubles the rows)
+    steps: int = 50
+    cfg: float = 4.0
+    repeats: int = 3
+    warmup: int = 1
+    presets: tuple[str, ...] = ("full_dqar", "quant_cache_only", BLOCK_PRESET)
+    compile: bool = True  # include compiled rows
+    stock: bool = True  # include diffusers' DiTPipeline where the model allows it
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise DqarError(f"batch sizes {self.batch_sizes} are invalid", "use positive integers, e.g. --batch-sizes 1 8 32")
+        if self.repeats < 3:
+            raise DqarError(f"repeats = {self.repeats} is too few for a median", "use --repeats 3 or more")
+        if self.steps < 1:
+            raise DqarError(f"steps = {self.steps} is invalid", "use steps >= 1")
+        for p in self.presets:
+            preset(p)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    case: str
+    batch: int
+    median_s: float  # seconds per generation of `batch` images
+    per_sample_s: float
+    times_s: list[float] = field(default_factory=list)
+    vs_reference: float | None = None  # reference time / this time (speedup)
+    vs_compiled_noreuse: float | None = None
+    reuse_fraction: float | None = None
+
+
+def stock_supported(loaded) -> str | None:
+    """Why diffusers' DiTPipeline cannot run this model, or None when it can."""
+    if loaded.vae is None:
+        return "no VAE (DiTPipeline always decodes)"
+    if loaded.null_class != 1000:
+        return f"{loaded.num_classes} classes (DiTPipeline hard-codes null class 1000)"
+    return None
+
+
+def _labels(loaded, batch: int) -> list[int]:
+    return [(7 * i) % loaded.num_classes for i in range(batch)]
+
+
+def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: str, plan: Plan | None = None) -> tuple[Callable, Callable]:
+    """A closure running one generation (attaching reuse for its duration), and one returning its last stats."""
+    scheduler = make_scheduler("ddim", loaded.scheduler_config)
+    kwargs = dict(scheduler=scheduler, steps=s.steps, cfg=s.cfg, vae=loaded.vae, null_class=loaded.null_class)
+    last = []
+
+    def run():
+        gens = [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]
+        if cfg is None:
+            return sample(loaded.transformer, labels, generator=gens, **kwargs)
+        with enable(loaded.transformer, cfg, executor=executor, plan=plan) as handle:
+            out = sample(loaded.transformer, labels, generator=gens, reuse=handle, **kwargs)
+            last[:] = [handle.stats]
+        return out
+
+    return run, (lambda: last[0] if last else None)
+
+
+def distilled_plan(loaded, labels, s: BenchSettings, cfg: ReuseConfig) -> Plan:
+    """Run the dynamic decider once (eager) and freeze the decisions it took into a plan for the compiled path."""
+    gens = [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]
+    scheduler = make_scheduler("ddim", loaded.scheduler_config)
+    with enable(loaded.transformer, cfg) as handle:
+        sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, vae=loaded.vae,
+               null_class=loaded.null_class, generator=gens, reuse=handle)
+        return Plan(mask=np.array(handle.stats.reuse_mask, dtype=bool))
+
+
+def _stock_case(loaded, labels, s: BenchSettings) -> Callable:
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline(transformer=loaded.transformer, vae=loaded.vae, scheduler=make_scheduler("ddim", loaded.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    gen = lambda: [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]  # noqa: E731
+    return lambda: pipe(labels, num_inference_steps=s.steps, guidance_scale=s.cfg, generator=gen(), output_type="pt")
+
+
+def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """Name → generation closure for one batch size, and name → stats getter."""
+    labels = _labels(loaded, batch)
+    runs, stats = {}, {}
+    if s.stock and stock_supported(loaded) is None:
+        runs["stock_pipeline_eager"] = _stock_case(loaded, labels, s)
+    off = ReuseConfig(enabled=False)
+    runs["noreuse_eager"], stats["noreuse_eager"] = _case(loaded, labels, s, None, "patch")
+    if s.compile:
+        runs["noreuse_compiled"], stats["noreuse_compiled"] = _case(loaded, labels, s, off, "compiled")
+    for name in s.presets:
+        cfg = preset(name)
+        runs[f"{name}_eager"], stats[f"{name}_eager"] = _case(loaded, labels, s, cfg, "patch")
+        if s.compile and cfg.cfg_share == "none":  # CFG sharing runs on the patch executor only
+            plan = None
+            if cfg.gate:  # the gate's decisions, taken once eagerly, become a plan: zero syncs, compiled
+                plan, cfg = distilled_plan(loaded, labels, s, cfg), replace(cfg, gate=False)
+            runs[f"{name}_compiled"], stats[f"{name}_compiled"] = _case(loaded, labels, s, cfg, "compiled", plan)
+            if cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
+                model_cfg = replace(cfg, cache_dtype="model")
+                runs[f"{name}_compiled_modeldtype"], stats[f"{name}_compiled_modeldtype"] = _case(loaded, labels, s, model_cfg, "compiled", plan)
+    return runs, stats
+
+
+def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = True,
+              on_batch: Callable[[dict], None] | None = None) -> dict:
+    """Time every case at every batch size; returns a JSON-ready dict.
+
+    A case that raises during its warm-up is dropped from the timing and listed under "failed"
+    with its error, so one broken backend does not cost the other rows. `on_batch` receives the
+    result so far after each batch size (the CLI writes it, so a killed run keeps finished batches).
+    """
+    rows: list[BenchRow] = []
+    failed: dict[str, str] = {}
+    result = {"settings": asdict(s), "model": loaded.name, "device": _device_name(device), "dtype": str(loaded.transformer.dtype),
+              "torch": torch.__version__, "stock_pipeline": stock_supported(loaded) or "included", "rows": [], "failed": failed}
+    for batch in s.batch_sizes:
+        runs, stats = cases_for(loaded, batch, s)
+        with tqdm(total=len(runs) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
+            for name, error in warm_up(runs, s.warmup, on_step=lambda _: bar.update(1)).items():
+                failed[f"{name}@{batch}"] = error
+                del runs[name]
+                bar.update(s.repeats)
+            times = interleaved(runs, device, s.repeats, on_step=lambda _: bar.update(1))
+        rows.extend(_rows(batch, times, stats))
+        result["rows"] = [asdict(r) for r in rows]
+        if on_batch:
+            on_batch(result)
+    return result
+
+
+def _rows(batch: int, times: dict[str, list[float]], stats: dict[str, Callable]) -> list[BenchRow]:
+    med = {name: median(ts) for name, ts in times.items()}
+    reference = med.get("stock_pipeline_eager", med.get("noreuse_eager"))
+    compiled = med.get("noreuse_compiled")
+    out = []
+    for name, m in med.items():
+        st = stats[name]() if name in stats else None
+        out.append(BenchRow(case=name, batch=batch, median_s=m, per_sample_s=m / batch, times_s=times[name],
+                            vs_reference=(reference / m) if reference else None, vs_compiled_noreuse=(compiled / m) if compiled else None,
+                            reuse_fraction=st.reuse_fraction if st is not None else None))
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def render_table(result: dict) -> str:
+    """Markdown table of a bench result."""
+    ref = "stock DiTPipeline (eager)" if result["stock_pipeline"] == "included" else "dqar no-reuse eager"
+    lines = [f"model {result['model']} · {result['device']} · {result['dtype']} · torch {result['torch']} · "
+             f"DDIM {result['settings']['steps']} · CFG {result['settings']['cfg']} · median of {result['settings']['repeats']}",
+             "", f"| batch | case | s / sample | speedup vs {ref} | vs compiled no-reuse | reuse % |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        vc = f"{r['vs_compiled_noreuse']:.2f}×" if r["vs_compiled_noreuse"] else "–"
+        ru = f"{100 * r['reuse_fraction']:.1f}" if r["reuse_fraction"] is not None else "–"
+        vr = f"{r['vs_reference']:.2f}×" if r["vs_reference"] else "–"
+        lines.append(f"| {r['batch']} | {r['case']} | {r['per_sample_s']:.4f} | {vr} | {vc} | {ru} |")
+    for case, error in result.get("failed", {}).items():
+        lines.append(f"\nNot timed: {case} failed in warm-up — {error}")
+    if result["stock_pipeline"] != "included":
+        lines += ["", f"Stock DiTPipeline not timed: {result['stock_pipeline']}; dqar's no-reuse loop is bit-identical to it (tests/test_sampling.py)."]
+    return "\n".join(lines)

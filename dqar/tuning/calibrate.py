@@ -1,0 +1,143 @@
+"""Calibrated plans: record signals in one full-compute pass, then pick the cheapest cells to reuse.
+
+`record_trace` samples a few images with every layer computed and every output stored, and
+records, per (evaluation, layer), the relative change of the cached output against the
+previous evaluation, the attention entropy, and the SNR of each evaluation. `derive_plan`
+turns the changes into a plan: reusing layer l at evaluation e from the output computed at
+evaluation s costs (by the triangle inequality) at most `Σ_{i=s+1..e} change[i, l]`; cells
+are added greedily by smallest added cost — a reuse run only extends from a computed value
+and never exceeds `max_staleness` — until a target reuse fraction or an error budget is hit.
+Sampling with the saved plan (`ReuseConfig(plan_file=...)`) makes no host syncs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from dqar.engine.api import enable
+from dqar.engine.config import RunConfig
+from dqar.errors import DqarError
+from dqar.engine.plan import Plan
+from dqar.engine.signals import Needs, SignalRecorder, Trace
+
+
+class TraceDecider:
+    """Compute every layer, store every output, record every signal."""
+
+    def __init__(self, entropy_rows: int = 16):
+        self.needs = Needs(entropy=True, change=True, snr=("scheduler", "prediction"), entropy_rows=entropy_rows, record=True)
+        self.signals: SignalRecorder | None = None
+
+    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None, signals: SignalRecorder | None = None) -> None:
+        self.signals = signals
+        self._compute = (False,) * num_layers
+        self._store = (True,) * num_layers
+
+    def row(self, evaluation: int) -> tuple[bool, ...]:
+        return self._compute
+
+    def store_row(self, evaluation: int) -> tuple[bool, ...]:
+        return self._store
+
+
+def record_trace(loaded, labels: Sequence[int], run: RunConfig, *, entropy_rows: int | None = None, progress: bool = False) -> Trace:
+    """Signals of one full-compute generation of `labels` under `run`'s sampling settings."""
+    from dqar.sampling import make_scheduler, sample
+
+    s = run.sample
+    cfg = replace(run.reuse, enabled=True, gate=False, plan_file="", cfg_share="none", cache_dtype="model")
+    decider = TraceDecider(entropy_rows or cfg.entropy_rows)
+    scheduler = make_scheduler(s.sampler, loaded.scheduler_config)
+    with enable(loaded.transformer, cfg, decider=decider) as handle:
+        sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, seed=s.seed, eta=s.eta,
+               vae=loaded.vae, null_class=loaded.null_class, reuse=handle, progress=progress)
+    return decider.signals.trace()
+
+
+# ----- plan derivation --------------------------------------------------------------------------
+def _column_costs(change: np.ndarray, col: np.ndarray, limit: int, budget: float, first: int) -> np.ndarray:
+    """Added estimated error of reusing each cell of one layer's column (inf where not allowed): (E,)."""
+    e_count = len(col)
+    costs = np.full(e_count, np.inf)
+    known = np.isfinite(change)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(known, change, 0.0))])  # csum[i] = Σ change[:i]
+    for e in range(first, e_count):
+        if col[e] or not known[e]:
+            continue
+        s = e - 1
+        while s >= 0 and col[s]:
+            s -= 1  # the computed evaluation that would feed the run
+        r = 0
+        while e + 1 + r < e_count and col[e + 1 + r]:
+            r += 1
+        if s < 0 or (e - 1 - s) + 1 + r > limit:
+            continue
+        own = csum[e + 1] - csum[s + 1]  # error of this cell
+        worst = csum[e + 1 + r] - csum[s + 1]  # error of the run's last cell after the merge
+        if worst > budget:
+            continue
+        costs[e] = own * (1 + r)  # this cell, plus `own` added to each of the r cells after it
+    return costs
+
+
+def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, error_budget: float | None = None,
+                max_staleness: int = 3, first_evaluation: int = 1, key: dict[str, Any] | None = None) -> Plan:
+    """Greedy plan from per-(evaluation, layer) relative changes (E, L); NaN cells are never reused.
+
+    Stops at `target_fraction` of all cells, or when no cell fits `error_budget` (the largest
+    estimated relative error any reused cell may carry), whichever comes first.
+    """
+    if target_fraction is None and error_budget is None:
+        raise DqarError("a calibrated plan needs a target reuse fraction or an error budget", "pass --target 0.5 or --budget 0.1")
+    if target_fraction is not None and not 0.0 <= target_fraction <= 1.0:
+        raise DqarError(f"target fraction {target_fraction} is out of range", "use a number in [0, 1]")
+    if error_budget is not None and not error_budget >= 0:
+        raise DqarError(f"error budget {error_budget} is invalid", "use a number >= 0")
+    if not isinstance(max_staleness, int) or max_staleness < 1:
+        raise DqarError(f"max_staleness = {max_staleness!r} is invalid for a plan", "use an integer >= 1")
+    change = np.asarray(change, dtype=np.float64)
+    e_count, l_count = change.shape
+    c = np.where(np.isfinite(change), change, np.nan)
+    budget = np.inf if error_budget is None else float(error_budget)
+    goal = e_count * l_count if target_fraction is None else int(round(target_fraction * e_count * l_count))
+    mask = np.zeros((e_count, l_count), dtype=bool)
+    costs = np.stack([_column_costs(c[:, l], mask[:, l], max_staleness, budget, first_evaluation) for l in range(l_count)], axis=1)
+    for _ in range(goal):
+        flat = int(np.argmin(costs))
+        e, l = divmod(flat, l_count)
+        if not np.isfinite(costs[e, l]):
+            break
+        mask[e, l] = True
+        costs[:, l] = _column_costs(c[:, l], mask[:, l], max_staleness, budget, first_evaluation)
+    return Plan(mask=mask, key=dict(key or {}))
+
+
+def estimated_error(change: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Estimated relative error of each reused cell (0 where computed): (E, L)."""
+    change = np.nan_to_num(np.asarray(change, dtype=np.float64), nan=0.0)
+    err = np.zeros_like(change)
+    acc = np.zeros(change.shape[1])
+    for e in range(change.shape[0]):
+        acc = np.where(mask[e], acc + change[e], 0.0)
+        err[e] = acc
+    return err
+
+
+@dataclass(frozen=True)
+class Calibration:
+    plan: Plan
+    trace: Trace
+
+
+def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction: float | None = None,
+              error_budget: float | None = None, max_staleness: int | None = None, progress: bool = False) -> Calibration:
+    """Record a trace of `labels` under `run` and derive a plan keyed by model, sampler and steps."""
+    from dqar.generate import plan_key
+
+    trace = record_trace(loaded, labels, run, progress=progress)
+    plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget,
+                       max_staleness=run.reuse.max_staleness if max_staleness is None else max_staleness,
+                       key=plan_key(loaded.name, run))
+    return Calibration(plan=plan, trace=trace)
