@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dqar
 from dqar.tuning.calibrate import derive_plan, estimated_error, record_trace
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
+from dqar.engine.decider import TracingDecider
 from dqar.errors import DqarError
 from dqar.engine.flops import attention_flops, dit_shape
 from dqar.generate import generate
@@ -98,9 +99,7 @@ def test_trace_records_every_signal(model):
 
 
 def _trace_decider():
-    from dqar.tuning.calibrate import TraceDecider
-
-    return TraceDecider(entropy_rows=4)
+    return TracingDecider(entropy_rows=4)
 
 
 # ----- the online gate ----------------------------------------------------------------------------

@@ -6,10 +6,22 @@ from typing import Any
 import torch
 
 from dqar.engine.config import ReuseConfig, RunConfig, preset
+from dqar.engine.decider import Decider, PlanDecider
+from dqar.engine.gate import GateDecider
+from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
-from dqar.engine.reuse import ReuseEngine, make_decider
+from dqar.engine.reuse import ReuseEngine
 from dqar.engine.stats import ReuseStats
+
+
+def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
+    """The decider a config asks for: a learned policy, the online gate (`gate = true`), else a plan (schedule, file or given)."""
+    if cfg.policy and plan is None:
+        return PolicyDecider(cfg, key)
+    if cfg.gate and plan is None:
+        return GateDecider(cfg)
+    return PlanDecider(cfg, key, plan)
 
 
 def _resolve_config(config: ReuseConfig | RunConfig | str | None) -> ReuseConfig:

@@ -9,14 +9,11 @@ exactly the schedule's plan.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from dqar.engine.config import ReuseConfig
-from dqar.errors import DqarError
-from dqar.engine.plan import eligibility, staleness_limit
+from dqar.engine.decider import EligibleDecider
 from dqar.engine.signals import Needs, SignalRecorder
 
 WORD_BITS = 62  # flags per int64 word read back with one `.item()`
@@ -41,37 +38,14 @@ def read_flags(flags: torch.Tensor) -> np.ndarray:
     return np.array([(word >> i) & 1 for i in range(n)], dtype=bool)
 
 
-class GateDecider:
+class GateDecider(EligibleDecider):
     """Per-evaluation decisions from the online gate; at most one host sync per evaluation."""
 
+    name = "the gate"
+
     def __init__(self, cfg: ReuseConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.needs = Needs(entropy=True, snr=(cfg.snr_source,), entropy_rows=cfg.entropy_rows)
-        self.signals: SignalRecorder | None = None
-        self.decisions = np.zeros((0, 0), dtype=bool)  # (E, L) rows decided in the current generation
 
-    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None, signals: SignalRecorder | None = None) -> None:
-        if signals is None:
-            raise DqarError("the gate needs the engine's signal recorder", "attach it with dqar.enable(model, config)")
-        self.signals = signals
-        e, l = num_evaluations, num_layers
-        self.eligible = eligibility(self.cfg, e, l) if self.cfg.enabled else np.zeros((e, l), dtype=bool)  # (E, L)
-        self.eligible[0] = False  # evaluation 0 always computes
-        self.limit = staleness_limit(self.cfg.refresh_interval, self.cfg.max_staleness)
-        # store a computed output whenever the next evaluation may reuse it
-        self._store = [tuple(r) for r in np.concatenate([self.eligible[1:], np.zeros((1, l), dtype=bool)]).tolist()]
-        self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations since the cached output was computed
-        self.decisions = np.zeros((e, l), dtype=bool)
-
-    def row(self, evaluation: int) -> tuple[bool, ...]:
-        candidate = self.eligible[evaluation] & (self.staleness < self.limit)  # (L,)
-        if candidate.any():
-            flags = gate_flags(self.signals, self.cfg, self.signals.device)
-            candidate = candidate & read_flags(flags)
-            self.signals.host_syncs += 1
-        self.staleness = np.where(candidate, self.staleness + 1, 0)
-        self.decisions[evaluation] = candidate
-        return tuple(candidate.tolist())
-
-    def store_row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._store[evaluation]
+    def accept(self, evaluation: int, candidate: np.ndarray) -> np.ndarray:
+        return read_flags(gate_flags(self.signals, self.cfg, self.signals.device))

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from dqar.engine.config import ReuseConfig
+from dqar.engine.decider import DeciderContext, EligibleDecider
 from dqar.errors import DqarError
 from dqar.engine.gate import read_flags
-from dqar.engine.plan import eligibility, staleness_limit
-from dqar.engine.signals import Needs, SignalRecorder
+from dqar.engine.signals import Needs
 from dqar.engine.features import MISSING_CHANGE, feature_matrix, latest_vector, log_threshold, step_fraction
 from dqar.engine.policy_net import PolicyCheckpoint, load_policy
 
@@ -39,17 +39,20 @@ def keep_lowest(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Te
     return allowed & (ranks < k)
 
 
-class PolicyDecider:
+class PolicyDecider(EligibleDecider):
     """Per-evaluation decisions from a learned reuse policy; at most one host sync per evaluation."""
 
+    # keep every computed output while a later evaluation may reuse it: the cache always holds the last computed
+    # output, so the change measured on each compute spans a known number of evaluations
+    keep_for_later = True
+    name = "the policy"
+
     def __init__(self, cfg: ReuseConfig, key: dict[str, Any] | None = None, checkpoint: PolicyCheckpoint | None = None):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.key = dict(key or {})
         self.checkpoint = checkpoint if checkpoint is not None else load_policy(cfg.policy)
         self.needs = policy_needs(self.checkpoint)
         self._on_device: dict[torch.device, PolicyCheckpoint] = {}
-        self.signals: SignalRecorder | None = None
-        self.decisions = np.zeros((0, 0), dtype=bool)  # (E, L) rows decided in the current generation
         self.predictions: list[torch.Tensor] = []  # (L,) predicted log error per deciding evaluation, on the device
 
     def _check(self, num_layers: int) -> None:
@@ -63,25 +66,14 @@ class PolicyDecider:
             raise DqarError(f"the policy was trained for model {model!r} but this run uses {have!r}",
                             "train a policy for this model with `dqar policy collect` and `dqar policy train`")
 
-    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None, signals: SignalRecorder | None = None) -> None:
-        if signals is None:
-            raise DqarError("the policy needs the engine's signal recorder", "attach it with dqar.enable(model, config)")
-        self._check(num_layers)
-        self.signals = signals
-        e, l = num_evaluations, num_layers
-        self.eligible = eligibility(self.cfg, e, l) if self.cfg.enabled else np.zeros((e, l), dtype=bool)  # (E, L)
-        self.eligible[0] = False  # evaluation 0 always computes
-        self.limit = staleness_limit(self.cfg.refresh_interval, self.cfg.max_staleness)
-        later = np.flip(np.cumsum(np.flip(self.eligible, 0), 0), 0) > 0  # (E, L) eligible at this or a later evaluation
-        # keep every computed output while a later evaluation may reuse it: the cache always holds the last computed
-        # output, so the change measured on each compute spans a known number of evaluations
-        self._store = [tuple(r) for r in np.concatenate([later[1:], np.zeros((1, l), dtype=bool)]).tolist()]
-        self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations reused since the cached output was computed
+    def begin(self, ctx: DeciderContext) -> None:
+        self._check(ctx.num_layers)
+        super().begin(ctx)
+        l = ctx.num_layers
         self.last = np.full(l, -1, dtype=np.int64)  # (L,) evaluation of the last compute
         self.gap = np.ones(l, dtype=np.int64)  # (L,) evaluations spanned by the last measured change
-        self.decisions = np.zeros((e, l), dtype=bool)
         self.predictions = []
-        self.num_evaluations = e
+        self.num_evaluations = ctx.num_evaluations
         self.k = int(math.floor(self.cfg.policy_budget * l + 1e-9))
 
     def _model(self, device: torch.device) -> PolicyCheckpoint:
@@ -117,17 +109,10 @@ class PolicyDecider:
             allowed = keep_lowest(pred, allowed, self.k)
         return allowed
 
-    def row(self, evaluation: int) -> tuple[bool, ...]:
-        candidate = self.eligible[evaluation] & (self.staleness < self.limit)  # (L,)
-        if candidate.any():
-            candidate = candidate & read_flags(self.flags(evaluation, candidate))
-            self.signals.host_syncs += 1
-        computing = ~candidate
+    def accept(self, evaluation: int, candidate: np.ndarray) -> np.ndarray:
+        return read_flags(self.flags(evaluation, candidate))
+
+    def decided(self, evaluation: int, reuse: np.ndarray) -> None:
+        computing = ~reuse
         self.gap = np.where(computing & (self.last >= 0), evaluation - self.last, self.gap)
         self.last = np.where(computing, evaluation, self.last)
-        self.staleness = np.where(candidate, self.staleness + 1, 0)
-        self.decisions[evaluation] = candidate
-        return tuple(candidate.tolist())
-
-    def store_row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._store[evaluation]

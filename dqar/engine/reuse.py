@@ -12,7 +12,7 @@ import warnings
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,73 +20,14 @@ import torch.nn.functional as F
 
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.config import ReuseConfig
+from dqar.engine.decider import Decider, DeciderContext
 from dqar.errors import DqarError
 from dqar.engine.flops import attention_flops, dit_shape, forward_flops, skipped_flops
-from dqar.engine.plan import Plan, build_plan
 from dqar.engine.signals import Needs, SignalRecorder, attention_with_entropy, is_plain_attention, normalized_entropy, relative_change
 from dqar.engine.stats import ReuseStats, summarize
 
 _ATTACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 EXECUTORS = ("patch", "fused", "compiled")
-
-
-class Decider(Protocol):
-    """Chooses, per evaluation, which layers reuse and which computed outputs must be stored.
-
-    A decider may declare `needs` (a `dqar.engine.signals.Needs`): the engine then measures those
-    signals and passes its `SignalRecorder` as `begin(..., signals=)`. `row(e)` is called once
-    at the start of evaluation e; it may read the signals back at most once (counting it in
-    `signals.host_syncs`).
-    """
-
-    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any) -> None: ...
-
-    def row(self, evaluation: int) -> tuple[bool, ...]: ...
-
-    def store_row(self, evaluation: int) -> tuple[bool, ...]: ...
-
-
-class PlanDecider:
-    """Decisions read from a plan built once per (evaluations, layers) and kept."""
-
-    def __init__(self, cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None):
-        self.cfg = cfg
-        self.key = dict(key or {})
-        self.fixed = plan
-        self.plans: dict[tuple[int, int], tuple[Plan, list, list]] = {}
-        self.plan: Plan | None = None
-        self._rows: list[tuple[bool, ...]] = []
-        self._store: list[tuple[bool, ...]] = []
-
-    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None) -> None:
-        shape = (num_evaluations, num_layers)
-        if shape not in self.plans:
-            plan = self.fixed or build_plan(self.cfg, num_evaluations, num_layers, {**self.key, "steps": num_evaluations})
-            plan.check_shape(num_evaluations, num_layers)
-            rows = plan.rows()
-            # store a computed output only if the next evaluation reuses it (reuse runs are contiguous)
-            store = rows[1:] + [tuple(False for _ in range(num_layers))]
-            self.plans[shape] = (plan, rows, store)
-        self.plan, self._rows, self._store = self.plans[shape]
-
-    def row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._rows[evaluation]
-
-    def store_row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._store[evaluation]
-
-
-def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
-    """The decider a config asks for: a learned policy, the online gate (`gate = true`), else a plan (schedule, file or given)."""
-    if cfg.policy and plan is None:
-        from dqar.engine.policy import PolicyDecider
-
-        return PolicyDecider(cfg, key)
-    if cfg.gate and plan is None:
-        from dqar.engine.gate import GateDecider
-
-        return GateDecider(cfg)
-    return PlanDecider(cfg, key, plan)
 
 
 @dataclass
@@ -114,7 +55,7 @@ class GenerationState:
 class ReuseEngine:
     """Attach reuse to a diffusers `DiTTransformer2DModel`; detach restores it exactly."""
 
-    def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider | None = None, scheduler: Any = None,
+    def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider, scheduler: Any = None,
                  executor: str = "patch"):
         if transformer in _ATTACHED:
             raise DqarError("reuse is already attached to this transformer", "call handle.disable() before enabling it again")
@@ -122,7 +63,7 @@ class ReuseEngine:
             raise DqarError(f"{type(transformer).__name__} has no transformer_blocks", "pass a diffusers DiTTransformer2DModel or DiTPipeline")
         self.transformer = transformer
         self.cfg = cfg
-        self.decider = decider or make_decider(cfg)
+        self.decider = decider
         self.scheduler = scheduler  # optional: a pipeline's scheduler, to detect new generations
         self.blocks = list(transformer.transformer_blocks)
         if executor not in EXECUTORS:
@@ -204,10 +145,7 @@ class ReuseEngine:
             raise DqarError(f"a generation needs at least one model evaluation, got {num_evaluations}", "use steps >= 1")
         num_layers = len(self.blocks)
         signals = SignalRecorder(self.needs, num_evaluations, num_layers, scheduler) if self.needs.any else None
-        if signals is None:
-            self.decider.begin(num_evaluations, num_layers, scheduler)
-        else:
-            self.decider.begin(num_evaluations, num_layers, scheduler, signals=signals)
+        self.decider.begin(DeciderContext(num_evaluations, num_layers, scheduler, signals))
         share_from = -1
         if self.cfg.enabled and self.cfg.cfg_share != "none":
             share_from = math.ceil(self.cfg.cfg_share_from * num_evaluations)

@@ -20,26 +20,8 @@ from dqar.engine.api import enable
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
-from dqar.engine.signals import Needs, SignalRecorder, Trace
-
-
-class TraceDecider:
-    """Compute every layer, store every output, record every signal."""
-
-    def __init__(self, entropy_rows: int = 16):
-        self.needs = Needs(entropy=True, change=True, snr=("scheduler", "prediction"), entropy_rows=entropy_rows, record=True)
-        self.signals: SignalRecorder | None = None
-
-    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None, signals: SignalRecorder | None = None) -> None:
-        self.signals = signals
-        self._compute = (False,) * num_layers
-        self._store = (True,) * num_layers
-
-    def row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._compute
-
-    def store_row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._store
+from dqar.engine.decider import TracingDecider
+from dqar.engine.signals import Trace
 
 
 def record_trace(loaded, labels: Sequence[int], run: RunConfig, *, entropy_rows: int | None = None, progress: bool = False) -> Trace:
@@ -48,7 +30,7 @@ def record_trace(loaded, labels: Sequence[int], run: RunConfig, *, entropy_rows:
 
     s = run.sample
     cfg = replace(run.reuse, enabled=True, gate=False, plan_file="", cfg_share="none", cache_dtype="model")
-    decider = TraceDecider(entropy_rows or cfg.entropy_rows)
+    decider = TracingDecider(entropy_rows or cfg.entropy_rows)
     scheduler = make_scheduler(s.sampler, loaded.scheduler_config)
     with enable(loaded.transformer, cfg, decider=decider) as handle:
         sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, seed=s.seed, eta=s.eta,

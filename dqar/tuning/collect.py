@@ -28,7 +28,8 @@ import torch
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
-from dqar.engine.signals import Needs, SignalRecorder, Trace, relative_change
+from dqar.engine.decider import TracingDecider
+from dqar.engine.signals import Trace, relative_change
 from dqar.engine.features import FEATURES, MISSING_CHANGE, feature_matrix
 
 TRACES_FORMAT = "dqar-policy-traces/1"
@@ -106,29 +107,6 @@ def load_traces(path: str | Path) -> PolicyTraces:
 
 
 # ----- one full-compute generation ---------------------------------------------------------------
-class CollectDecider:
-    """Compute every layer, store every output, record every signal and each evaluation's input RMS."""
-
-    def __init__(self, entropy_rows: int):
-        self.needs = Needs(entropy=True, change=True, snr=("scheduler", "prediction"), entropy_rows=entropy_rows,
-                           record=True, state_norm=True)
-        self.signals: SignalRecorder | None = None
-        self.x_rms: list[torch.Tensor] = []
-
-    def begin(self, num_evaluations: int, num_layers: int, scheduler: Any = None, signals: SignalRecorder | None = None) -> None:
-        self.signals = signals
-        self.x_rms = []
-        self._compute = (False,) * num_layers
-        self._store = (True,) * num_layers
-
-    def row(self, evaluation: int) -> tuple[bool, ...]:
-        self.x_rms.append(self.signals.x_norm)  # () on the device; set by the engine before this call
-        return self._compute
-
-    def store_row(self, evaluation: int) -> tuple[bool, ...]:
-        return self._store
-
-
 class ReuseErrors:
     """Hooks on every block: what reusing an earlier `attn1` output would change, measured on the device.
 
@@ -207,7 +185,7 @@ def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, en
     from dqar.sampling import make_scheduler, sample
 
     s = run.sample
-    decider = CollectDecider(entropy_rows)
+    decider = TracingDecider(entropy_rows, input_rms=True)
     scheduler = make_scheduler(s.sampler, loaded.scheduler_config)
     hooks = ReuseErrors(list(loaded.transformer.transformer_blocks), max_age)
     try:
