@@ -1,7 +1,17 @@
-"""Shared fixtures: tiny seeded random DiT models for fast CPU tests."""
+"""Shared test helpers: tiny seeded random models, a stand-in denoising loop, host-sync guards, the data slice.
+
+Test modules import these with `from conftest import ...` (tests/ is on sys.path under pytest's rootdir
+conftest); no test module imports another.
+"""
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+E = 12  # evaluations of `drive`
 
 
 def make_tiny_transformer(
@@ -44,3 +54,84 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A random KL autoencoder: 16x16 RGB <-> 4x8x8 latents (one downsampling)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+
+
+def tiny_loaded():
+    """A 3-layer random pixel-space DiT as `dqar.models.load_model` returns it (1000 classes, no VAE)."""
+    from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel
+
+    return LoadedModel(transformer=make_tiny_transformer(num_layers=3), vae=None, scheduler_config=dict(DIT_SCHEDULER_CONFIG),
+                       num_classes=1000, null_class=1000, name="tiny", pixel_space=True, class_names=None)
+
+
+def make_pipe() -> DiTPipeline:
+    """A stock diffusers DiTPipeline around a tiny DiT and VAE (16x16 RGB images)."""
+    from dqar.models import DIT_SCHEDULER_CONFIG
+
+    scheduler = DDIMScheduler.from_config(DIT_SCHEDULER_CONFIG)
+    return DiTPipeline(transformer=make_tiny_transformer(), vae=make_tiny_vae(), scheduler=scheduler)
+
+
+def pipe_images(pipe, steps=10, seed=0):
+    """Images (N, H, W, C) of classes 1 and 2 from `pipe`, CFG 4, seeded."""
+    out = pipe([1, 2], num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return out.images
+
+
+def drive(model, handle=None, evaluations=E, seed=0, guard=None):
+    """A stand-in denoising loop: E evaluations on slowly drifting inputs; returns the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, 8, 8, generator=g)  # (2N, C, H, W) with CFG
+    labels = torch.tensor([3, 7, 1000, 1000])
+    if handle is not None:
+        handle.begin_generation(evaluations)
+    outs = []
+    with torch.no_grad(), (guard or contextlib.nullcontext()):
+        for e in range(evaluations):
+            t = torch.full((4,), 999 - 80 * e)
+            out = model(x, timestep=t, class_labels=labels).sample  # (2N, 2C, H, W)
+            outs.append(out)
+            x = x - 0.05 * out[:, :4]
+    if handle is not None:
+        handle.end_generation()
+    return outs
+
+
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts device→host scalar reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.on_sync(func)
+        return func(*args, **(kwargs or {}))
+
+    def on_sync(self, func) -> None:
+        self.count += 1
+
+
+class NoSync(CountSyncs):
+    """Fails on the first device→host scalar read."""
+
+    def on_sync(self, func) -> None:
+        raise AssertionError(f"host sync: {func}")

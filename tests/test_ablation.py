@@ -17,7 +17,7 @@ from dqar.embedded.classifier import FashionCNN
 from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder
 
-from conftest import make_tiny_transformer
+from conftest import make_tiny_transformer, make_tiny_vae
 
 SMALL_GRID = """
 [study]
@@ -430,8 +430,6 @@ def test_claims_agree_with_tables_on_random_doctored_results(quick_run):
 
 def test_latent_imagenet_shaped_model_uses_the_seed_labels(tmp_path):
     """A 1000-class latent DiT with a VAE: the seed report's eight classes (named), RGB images, no classifier."""
-    from test_sampling import make_tiny_vae
-
     folder = save_pipeline_folder(tmp_path / "latent", make_tiny_transformer(num_layers=4), make_tiny_vae())
     grid = tmp_path / "main.toml"
     grid.write_text("[sample]\nsteps = 4\n")

@@ -1,27 +1,14 @@
 """The Python API inside a stock DiTPipeline: step information from the forward inputs, reset per call."""
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiTPipeline
 
 import dqar
 from dqar.engine.config import ReuseConfig
-from dqar.models import DIT_SCHEDULER_CONFIG
 from dqar.sampling import sample
 
-from conftest import make_tiny_transformer
-from test_sampling import make_tiny_vae
+from conftest import make_pipe, pipe_images
 
 CFG = ReuseConfig(schedule="constant", cache_dtype="int8", warmup_frac=0.2)
-
-
-def pipe_images(pipe, steps=10, seed=0):
-    out = pipe([1, 2], num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed), output_type="np")
-    return out.images
-
-
-def make_pipe():
-    scheduler = DDIMScheduler.from_config(DIT_SCHEDULER_CONFIG)
-    return DiTPipeline(transformer=make_tiny_transformer(), vae=make_tiny_vae(), scheduler=scheduler)
 
 
 def test_enable_on_a_stock_pipeline_reuses_and_resets_between_calls():

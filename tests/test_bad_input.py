@@ -59,7 +59,34 @@ CASES = [
     ("fid without Inception weights", "fid --samples {tmp}/images.npz --ref {tmp}/ref.npz", "inception"),
     ("policy checkpoint missing", "sample --model {model} --config {tmp}/policy_missing.toml", "policy"),
     ("policy checkpoint not safetensors", "sample --model {model} --config {tmp}/policy_pickle.toml", "policy"),
+    ("bench zero threads", "bench --model {model} --threads 0 --out {tmp}/b", "--threads"),
+    ("bench unwritable output", "bench --model {model} --out {tmp}/afile/b", "cannot write"),
+    ("ablate zero threads", "ablate --model {model} --threads 0 --out {tmp}/abl", "--threads"),
+    ("ablate zero steps", "ablate --model {model} --steps 0 --out {tmp}/abl", "--steps"),
+    ("ablate unwritable output", "ablate --model {model} --out {tmp}/afile/abl", "cannot write"),
+    ("calibrate negative budget", "calibrate --model {model} --budget -1 --out {tmp}/p.json", "budget"),
+    ("calibrate zero samples", "calibrate --model {model} --target 0.5 --samples 0 --out {tmp}/p.json", "--samples"),
+    ("calibrate zero staleness", "calibrate --model {model} --target 0.5 --max-staleness 0 --out {tmp}/p.json", "max_staleness"),
+    ("calibrate unwritable plan", "calibrate --model {model} --target 0.5 --out {tmp}/afile/p.json", "cannot write"),
+    ("fid-sample not an .npz", "fid-sample --model {model} --num-samples 4 --out {tmp}/s.png", ".npz"),
+    ("fid unwritable JSON", "fid --samples {tmp}/images.npz --embedded --json-out {tmp}/afile/o.json", "cannot write"),
+    ("compared without results", "compared --results {tmp}/nowhere --doc {tmp}/C.md", "no ablation results"),
+    ("fidelity zero samples", "fidelity --section engine --samples 0 --out {tmp}/f", "--samples"),
+    ("fidelity zero threads", "fidelity --section dynamic --threads 0 --out {tmp}/f", "--threads"),
+    ("fidelity unwritable output", "fidelity --section dynamic --out {tmp}/afile/f", "cannot write"),
+    ("policy collect zero generations", "policy collect --model {model} --generations 0 --out {tmp}/t.npz", "generations"),
+    ("policy collect negative validation", "policy collect --model {model} --validate -1 --out {tmp}/t.npz", "--validate"),
+    ("policy train zero epochs", "policy train --traces {tmp}/none.npz --epochs 0", "epochs"),
+    ("policy train missing traces", "policy train --traces {tmp}/none.npz --out {tmp}/p.safetensors", "does not exist"),
+    ("policy distill without a policy", "policy distill --model {model} --out {tmp}/p.json", "needs a policy"),
+    ("policy distill missing policy", "policy distill --model {model} --policy {tmp}/none.safetensors --out {tmp}/p.json",
+     "does not exist"),
+    ("policy evaluate target out of range", "policy evaluate --targets 1.5 --out {tmp}/f", "targets"),
+    ("policy evaluate missing policy", "policy evaluate --policy {tmp}/none.safetensors --out {tmp}/f", "does not exist"),
 ]
+# Cases whose problem only the loaded model can show (its classes, its files); every other case fails before any work.
+NEED_THE_MODEL = {"unknown class id", "negative class id", "unknown class name", "missing model folder", "hub id offline",
+                  "truncated safetensors", "pickle weights only"}
 
 
 def _write(path: Path, text: str) -> Path:
@@ -125,6 +152,36 @@ def test_bad_input_is_one_line_exit_2(case, argv, expect, env, capsys, monkeypat
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert expect.lower() in lines[0].lower(), lines[0]
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+
+@pytest.mark.parametrize("case,argv,expect", [c for c in CASES if c[0] not in NEED_THE_MODEL],
+                         ids=[c[0] for c in CASES if c[0] not in NEED_THE_MODEL])
+def test_bad_arguments_fail_before_any_model_is_loaded(case, argv, expect, env, capsys, monkeypatch):
+    """Every loader that starts work raises if called: the one-line error must come first."""
+    import torch
+
+    import dqar.embedded
+    import dqar.models
+
+    for module, name in ((dqar.models, "load_model"), (dqar.models, "random_dit_xl2"), (dqar.embedded, "load_classifier"),
+                         (torch.jit, "load")):
+        monkeypatch.setattr(module, name, _no_work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, err = run_case(argv, env, capsys)
+    assert rc == 2 and expect.lower() in err.lower(), err
+
+
+def test_the_model_cases_do_reach_the_loader(env, capsys, monkeypatch):
+    """The guard above is live: a valid command calls the patched loader."""
+    import dqar.models
+
+    monkeypatch.setattr(dqar.models, "load_model", _no_work)
+    with pytest.raises(AssertionError, match="work started"):
+        run_case("sample --model {model} --steps 2 --out {tmp}/ok", env, capsys)
 
 
 def test_reliability_doc_lists_every_case():

@@ -7,8 +7,7 @@ import dqar
 from dqar.engine.config import ReuseConfig
 from dqar.errors import DqarError
 
-from conftest import make_tiny_transformer
-from test_reuse import NoSync, drive
+from conftest import NoSync, drive, make_tiny_transformer
 
 CONFIGS = {
     "off": ReuseConfig(enabled=False),

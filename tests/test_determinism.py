@@ -21,8 +21,7 @@ from dqar.models import load_model, save_pipeline_folder
 from dqar.engine.plan import build_plan
 from dqar.sampling import make_scheduler, sample
 
-from conftest import make_tiny_transformer
-from test_sampling import make_tiny_vae
+from conftest import make_tiny_transformer, make_tiny_vae
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the subprocess runs one thread too
 

@@ -14,8 +14,7 @@ from dqar.studies.distributed import (FidSampleJob, Rank, generate_shard, labels
 from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder
 
-from conftest import make_tiny_transformer
-from test_sampling import make_tiny_vae
+from conftest import make_tiny_transformer, make_tiny_vae
 
 N, BATCH, STEPS = 7, 2, 3  # 7 samples: both ranks end on a short batch
 RUN = RunConfig(sample=SampleConfig(steps=STEPS, cfg=4.0, seed=5))

@@ -24,8 +24,7 @@ from dqar.cli import main as cli_main
 from dqar.studies.distributed import part_path, rank_parts, read_part, shard_dir
 from dqar.models import save_pipeline_folder
 
-from conftest import make_tiny_transformer
-from test_sampling import make_tiny_vae
+from conftest import make_tiny_transformer, make_tiny_vae
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the subprocess runs one thread too: same bits
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dqar
 from dqar.tuning.calibrate import derive_plan, estimated_error, record_trace
@@ -15,28 +14,14 @@ from dqar.engine.decider import TracingDecider
 from dqar.errors import DqarError
 from dqar.engine.flops import attention_flops, dit_shape
 from dqar.generate import generate
-from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel
+from dqar.models import DIT_SCHEDULER_CONFIG
 from dqar.engine.plan import build_plan, load_plan, max_run_staleness, save_plan
 from dqar.engine.signals import (alpha_bar_at, attention_with_entropy, dit_alphas_cumprod, predicted_x0, prediction_snr,
                           scheduler_snr, subsample_rows)
 
-from conftest import make_tiny_transformer
-from test_reuse import E, drive
+from conftest import E, CountSyncs, NoSync, drive, make_pipe, make_tiny_transformer, pipe_images, tiny_loaded
 
 OPEN = dict(gate=True, schedule="constant", warmup_frac=0.1, entropy_tau=1.0, snr_min=0.0, snr_max=1e9)
-
-
-class CountSyncs(TorchDispatchMode):
-    """Counts device→host scalar reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +201,7 @@ def test_derive_plan_hits_the_target_and_respects_staleness():
         derive_plan(change)
 
 
-def tiny_loaded():
-    return LoadedModel(transformer=make_tiny_transformer(num_layers=3), vae=None, scheduler_config=dict(DIT_SCHEDULER_CONFIG),
-                       num_classes=1000, null_class=1000, name="tiny", pixel_space=True, class_names=None)
-
-
 def test_calibrate_save_sample_reproduces_the_plan_without_syncs(tmp_path):
-    from test_reuse import NoSync
-
     from dqar.tuning.calibrate import calibrate
 
     loaded = tiny_loaded()
@@ -294,8 +272,6 @@ def test_cfg_sharing_inside_whole_block_reuse(model):
 
 
 def test_gate_and_sharing_inside_a_stock_pipeline():
-    from test_api import make_pipe, pipe_images
-
     pipe = make_pipe()
     ref = pipe_images(pipe)
     with dqar.enable(pipe, ReuseConfig(**{**OPEN, "cfg_share": "cond_to_uncond"})) as h:

@@ -10,8 +10,7 @@ from dqar import models
 from dqar.errors import DqarError
 from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel, load_model, random_dit_xl2, save_pipeline_folder
 
-from conftest import make_tiny_transformer
-from test_sampling import make_tiny_vae
+from conftest import make_tiny_transformer, make_tiny_vae
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,7 @@ from dqar.engine.policy_net import save_policy
 from dqar.tuning.collect import CollectSettings, collect_traces, load_traces, save_traces
 from dqar.tuning.train import TrainSettings, train_policy
 
-from conftest import make_tiny_transformer
-from test_gate import CountSyncs, tiny_loaded
-from test_reuse import E, drive
+from conftest import E, CountSyncs, drive, make_tiny_transformer, tiny_loaded
 
 SCHEDULE = dict(schedule="constant", warmup_frac=0.1, refresh_interval=4, max_staleness=3)
 

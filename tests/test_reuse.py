@@ -1,39 +1,16 @@
 """The reuse engine: it executes the plan, reads back the stored form, detaches exactly, syncs never."""
-import contextlib
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dqar
 from dqar.engine.config import ReuseConfig
 from dqar.errors import DqarError
 from dqar.engine.plan import build_plan
 
-from conftest import make_tiny_transformer
-
-E = 12
-
-
-def drive(model, handle=None, evaluations=E, seed=0, guard=None):
-    """A stand-in denoising loop: E evaluations on slowly drifting inputs; returns the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 4, 8, 8, generator=g)  # (2N, C, H, W) with CFG
-    labels = torch.tensor([3, 7, 1000, 1000])
-    if handle is not None:
-        handle.begin_generation(evaluations)
-    outs = []
-    with torch.no_grad(), (guard or contextlib.nullcontext()):
-        for e in range(evaluations):
-            t = torch.full((4,), 999 - 80 * e)
-            out = model(x, timestep=t, class_labels=labels).sample  # (2N, 2C, H, W)
-            outs.append(out)
-            x = x - 0.05 * out[:, :4]
-    if handle is not None:
-        handle.end_generation()
-    return outs
+from conftest import E, NoSync, drive, make_tiny_transformer
 
 
 @pytest.fixture
@@ -158,13 +135,6 @@ def test_stats_count_flops_and_bytes(model):
     assert 0 < s.flops_skipped < s.flops_total
     assert s.cache_bytes_peak == 4 * (4 * 16 * 32 * 4)  # 4 layers x (B=4, T=16, C=32) fp32
     assert s.host_syncs == 0
-
-
-class NoSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            raise AssertionError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("preset", ["scheduling_only", "quant_cache_only", "full_dqar"])

@@ -2,29 +2,15 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTPipeline
+from diffusers import DiTPipeline
 
 from dqar.errors import DqarError
 from dqar.models import DIT_SCHEDULER_CONFIG
 from dqar.sampling import SampleOutput, make_scheduler, sample
 
-from conftest import make_tiny_transformer
+from conftest import make_tiny_transformer, make_tiny_vae
 
 STEPS = 4
-
-
-def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A random KL autoencoder: 16x16 RGB <-> 4x8x8 latents (one downsampling)."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
 
 
 @pytest.fixture(scope="module")

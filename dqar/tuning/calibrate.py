@@ -64,13 +64,8 @@ def _column_costs(change: np.ndarray, col: np.ndarray, limit: int, budget: float
     return costs
 
 
-def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, error_budget: float | None = None,
-                max_staleness: int = 3, first_evaluation: int = 1, key: dict[str, Any] | None = None) -> Plan:
-    """Greedy plan from per-(evaluation, layer) relative changes (E, L); NaN cells are never reused.
-
-    Stops at `target_fraction` of all cells, or when no cell fits `error_budget` (the largest
-    estimated relative error any reused cell may carry), whichever comes first.
-    """
+def check_goal(target_fraction: float | None, error_budget: float | None, max_staleness: int) -> None:
+    """Refuse a plan goal that cannot be met, before any trace is recorded."""
     if target_fraction is None and error_budget is None:
         raise DqarError("a calibrated plan needs a target reuse fraction or an error budget", "pass --target 0.5 or --budget 0.1")
     if target_fraction is not None and not 0.0 <= target_fraction <= 1.0:
@@ -79,6 +74,16 @@ def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, err
         raise DqarError(f"error budget {error_budget} is invalid", "use a number >= 0")
     if not isinstance(max_staleness, int) or max_staleness < 1:
         raise DqarError(f"max_staleness = {max_staleness!r} is invalid for a plan", "use an integer >= 1")
+
+
+def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, error_budget: float | None = None,
+                max_staleness: int = 3, first_evaluation: int = 1, key: dict[str, Any] | None = None) -> Plan:
+    """Greedy plan from per-(evaluation, layer) relative changes (E, L); NaN cells are never reused.
+
+    Stops at `target_fraction` of all cells, or when no cell fits `error_budget` (the largest
+    estimated relative error any reused cell may carry), whichever comes first.
+    """
+    check_goal(target_fraction, error_budget, max_staleness)
     change = np.asarray(change, dtype=np.float64)
     e_count, l_count = change.shape
     c = np.where(np.isfinite(change), change, np.nan)
@@ -118,8 +123,9 @@ def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction:
     """Record a trace of `labels` under `run` and derive a plan keyed by model, sampler and steps."""
     from dqar.generate import plan_key
 
+    staleness = run.reuse.max_staleness if max_staleness is None else max_staleness
+    check_goal(target_fraction, error_budget, staleness)
     trace = record_trace(loaded, labels, run, progress=progress)
     plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget,
-                       max_staleness=run.reuse.max_staleness if max_staleness is None else max_staleness,
-                       key=plan_key(loaded.name, run))
+                       max_staleness=staleness, key=plan_key(loaded.name, run))
     return Calibration(plan=plan, trace=trace)

@@ -10,6 +10,12 @@ from dqar.errors import DqarError
 from dqar.engine.plan import Plan
 
 
+def check_distillable(run: RunConfig) -> None:
+    """A run config that names a policy (checked before any model is loaded)."""
+    if not run.reuse.policy:
+        raise DqarError("distilling needs a policy", "set policy = \"path/to/policy.safetensors\" in [reuse] or pass --policy")
+
+
 def distill_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool = False) -> Plan:
     """Sample `labels` under `run` (whose reuse config names a policy) and return the executed decisions as a plan.
 
@@ -18,8 +24,7 @@ def distill_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool =
     """
     from dqar.generate import generate, plan_key
 
-    if not run.reuse.policy:
-        raise DqarError("distilling needs a policy", "set policy = \"path/to/policy.safetensors\" in [reuse] or pass --policy")
+    check_distillable(run)
     gen = generate(loaded, labels, run, progress=progress)
     mask = np.array(gen.stats.reuse_mask, dtype=bool)  # (E, L)
     return Plan(mask=mask, key={**plan_key(loaded.name, run), "distilled_from": run.reuse.policy,

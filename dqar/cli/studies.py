@@ -1,0 +1,128 @@
+"""`dqar bench`, `dqar ablate`, `dqar compared`, `dqar fidelity`: the studies, each written to its files."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from dqar.cli.common import at_least, device_dtype, model_args, quiet_arg, set_threads, threads_arg, writable_file, writable_folder
+
+
+def cmd_bench(args) -> int:
+    from dqar import models
+    from dqar.io import atomic_write_json, atomic_write_text
+    from dqar.studies.bench import BenchSettings, render_table, run_bench
+
+    set_threads(args.threads)
+    quick = dict(batch_sizes=(1, 2), steps=10) if args.quick else {}
+    given = {k: v for k, v in (("batch_sizes", tuple(args.batch_sizes or ())), ("steps", args.steps), ("repeats", args.repeats)) if v}
+    settings = BenchSettings(**{**quick, **given, "compile": not args.no_compile, "presets": tuple(args.presets)})
+    out = writable_folder(args.out)
+    device, dtype = device_dtype(args)
+    if args.model == "random-dit-xl2":
+        loaded = models.random_dit_xl2(device, dtype, with_vae=True)
+    else:
+        loaded = models.load_model(args.model, device=device, dtype=dtype)
+
+    def write(result: dict) -> None:  # after every batch size: a killed run keeps what it finished
+        atomic_write_json(out / "bench.json", result)
+        atomic_write_text(out / "bench.md", render_table(result) + "\n")
+
+    result = run_bench(loaded, device, settings, progress=not args.quiet, on_batch=write)
+    print(render_table(result))
+    return 0
+
+
+def bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time stock DiTPipeline, dqar no-reuse (eager, compiled) and presets")
+    model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per generation (default 1 8 32)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case, >= 3 (default 3)")
+    p.add_argument("--presets", nargs="+", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--quick", action="store_true", help="batch sizes 1 2, 10 steps: a smoke run")
+    p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
+    threads_arg(p)
+    quiet_arg(p, "no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_ablate(args) -> int:
+    from dqar.studies.ablation import REPORT_FILE, AblationOptions, run_ablation
+
+    at_least("--threads", args.threads, 1)
+    at_least("--steps", args.steps, 1)
+    opts = AblationOptions(model=args.model, out=writable_folder(args.out), quick=args.quick, resume=args.resume, config=args.config,
+                           device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
+                           stop_after=args.stop_after, steps=args.steps, threads=args.threads,
+                           command=shlex.join(["dqar", *args.argv]))
+    done = run_ablation(opts)  # reads the grid and any previous results before it loads the model
+    report = Path(args.out) / REPORT_FILE
+    if done.interrupted:
+        sys.stderr.write(f"dqar ablate: interrupted after {done.completed} of {done.total} configurations; "
+                         f"partial report in {report} — rerun with --resume to finish\n")
+        return 130
+    skipped = "".join(f"; not run: {n['name']} ({n['reason']})" for n in done.not_run)
+    print(f"ablation: {done.completed} of {done.total} configurations ({done.ran} this run) in {done.seconds:.0f}s; report: {report}{skipped}")
+    return 0
+
+
+def ablate_parser(sub) -> None:
+    p = sub.add_parser("ablate", help="ablation study: presets and sweeps against a baseline, with a report")
+    model_args(p)
+    p.add_argument("--out", default="results/ablation", help="output folder (default results/ablation)")
+    p.add_argument("--quick", action="store_true", help="the small shipped grid (quick.toml) instead of default.toml")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out, skipping finished configurations")
+    p.add_argument("--config", default=None, help="a grid TOML file replacing the shipped one (format: dqar/grids/default.toml)")
+    threads_arg(p, "CPU threads while timing (default 1: stable timings); ignored on GPU")
+    quiet_arg(p, "no progress bars")
+    p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
+    p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_compared(args) -> int:
+    from dqar.reporting.compared import write_document
+
+    doc = write_document(args.results, writable_file(args.doc), note=args.note)
+    print(f"wrote the measured 'Compared to' section of {doc} from {Path(args.results)}")
+    return 0
+
+
+def compared_parser(sub) -> None:
+    p = sub.add_parser("compared", help="write the measured peers-vs-dqar section of docs/COMPARED.md from a dqar ablate run")
+    p.add_argument("--results", default="results/ablation", help="the --out folder of a finished dqar ablate run with peers")
+    p.add_argument("--doc", default="docs/COMPARED.md", help="the Markdown file whose generated section is replaced")
+    p.add_argument("--note", default="", help="a note on the machine, printed next to its description")
+    p.set_defaults(func=cmd_compared)
+
+
+def cmd_fidelity(args) -> int:
+    set_threads(args.threads)
+    writable_folder(args.out)
+    if args.section == "dynamic":
+        from dqar.studies.evidence import run_section
+
+        return run_section(args)  # checks its settings before it samples
+    from dqar.studies.engine_fidelity import EngineSettings, run_engine, write_engine
+
+    at_least("--samples", args.samples, 1)
+    settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out)
+    doc = write_engine(run_engine(settings, progress=not args.quiet), settings.out_dir)
+    print(f"wrote section 'Engine' of {doc}")
+    return 0
+
+
+def fidelity_parser(sub) -> None:
+    from dqar.studies.evidence import add_arguments
+
+    p = sub.add_parser("fidelity", help="fidelity evidence on the embedded model, written to docs/FIDELITY.md")
+    p.add_argument("--section", required=True, choices=["dynamic", "engine"],
+                   help="dynamic: static schedules vs gate vs calibrated plans vs CFG sharing; engine: presets, refresh intervals, "
+                        "cache formats and granularity (--samples is the total, spread over the 10 classes)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_fidelity)
