@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from torch.utils._python_dispatch import TorchDispatchMode
 
 E = 12  # evaluations of `drive`
+FASHION_MNIST = Path(__file__).parent / "data" / "fashion-mnist"  # 256 training and 500 test images (README.md there)
 
 
 def make_tiny_transformer(

@@ -11,20 +11,8 @@ from dqar.embedded import data
 from dqar.embedded.train import STATE_FILE, EmbeddedModelConfig, train_embedded
 from dqar.errors import DqarError
 
-HAVE_DATA = data.DEFAULT_DATA_DIR.is_dir()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="dataset-fashion-mnist is not installed")
+from conftest import FASHION_MNIST
 
-
-def _shipped() -> bool:
-    """True once a finished training run and the classifier are in the weights folder."""
-    try:
-        log = json.loads((emb.EMBEDDED_DIR / "train_log.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(log.get("finished")) and (emb.EMBEDDED_DIR / "classifier.json").is_file()
-
-
-needs_shipped = pytest.mark.skipif(not _shipped(), reason="embedded weights not trained yet")
 TINY = EmbeddedModelConfig(num_layers=2, heads=2, head_dim=16)
 
 
@@ -35,9 +23,8 @@ def _offline(monkeypatch):
 
 # ---------- data ----------
 
-@needs_data
 def test_load_split_shapes_and_range():
-    x, y = data.load_split("test", limit=100)
+    x, y = data.load_split("test", data_dir=FASHION_MNIST, limit=100)
     assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (100,) and y.dtype == torch.int64
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
@@ -56,9 +43,8 @@ def test_missing_dataset_names_the_fix(tmp_path):
 
 # ---------- DiT training ----------
 
-@needs_data
 def test_train_embedded_saves_loadable_diffusers_layout(tmp_path):
-    log = train_embedded(tmp_path, steps=3, limit=256, batch_size=4, progress=False)
+    log = train_embedded(tmp_path, steps=3, limit=256, batch_size=4, progress=False, data_dir=FASHION_MNIST)
     assert log["steps"] == 3 and log["finished"] and np.isfinite(log["final_loss"])
     assert log["device"] == "cpu"
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
@@ -78,9 +64,8 @@ def test_train_embedded_saves_loadable_diffusers_layout(tmp_path):
     assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
 
 
-@needs_data
 def test_training_is_seeded_and_resumable(tmp_path):
-    kw = dict(limit=64, batch_size=4, progress=False, model_config=TINY)
+    kw = dict(limit=64, batch_size=4, progress=False, model_config=TINY, data_dir=FASHION_MNIST)
     straight = train_embedded(tmp_path / "a", steps=4, **kw)
     train_embedded(tmp_path / "b", steps=2, keep_checkpoint=True, **kw)
     assert (tmp_path / "b" / STATE_FILE).is_file()
@@ -103,12 +88,10 @@ def test_training_cli_refuses_an_unknown_device(tmp_path, capsys):
 def test_training_needs_a_stopping_rule_and_a_checkpoint_to_resume(tmp_path):
     with pytest.raises(DqarError):
         train_embedded(tmp_path, progress=False)
-    if HAVE_DATA:
-        with pytest.raises(DqarError):
-            train_embedded(tmp_path, steps=1, limit=8, resume=True, progress=False, model_config=TINY)
+    with pytest.raises(DqarError):
+        train_embedded(tmp_path, steps=1, limit=8, resume=True, progress=False, model_config=TINY, data_dir=FASHION_MNIST)
 
 
-@needs_data
 def test_labels_are_dropped_outside_the_model():
     """Eval-mode label embeddings never drop labels; the null id is the last embedding row."""
     model = TINY.build()
@@ -119,9 +102,9 @@ def test_labels_are_dropped_outside_the_model():
 
 # ---------- classifier ----------
 
-@needs_data
 def test_train_classifier_writes_weights_config_and_stats(tmp_path):
-    info = clf_mod.train_classifier(tmp_path, steps=4, limit=256, test_limit=64, batch_size=32, progress=False)
+    info = clf_mod.train_classifier(tmp_path, steps=4, limit=256, test_limit=64, batch_size=32, progress=False,
+                                    data_dir=FASHION_MNIST)
     assert 0.0 <= info["test_accuracy"] <= 1.0 and info["test_images"] == 64
     model = emb.load_classifier(folder=tmp_path)
     assert not model.training
@@ -149,7 +132,6 @@ def test_loaders_on_missing_folder_name_the_training_command(tmp_path):
 
 # ---------- shipped weights ----------
 
-@needs_shipped
 def test_shipped_files_load_offline_and_fit_the_size_budget():
     files = [p for p in emb.EMBEDDED_DIR.rglob("*") if p.is_file() and p.name != STATE_FILE]
     assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
@@ -159,7 +141,6 @@ def test_shipped_files_load_offline_and_fit_the_size_budget():
     assert log["finished"] and log["steps"] > 0
 
 
-@needs_shipped
 def test_shipped_classifier_and_reference_stats():
     info = json.loads((emb.EMBEDDED_DIR / "classifier.json").read_text())
     assert info["test_accuracy"] >= 0.90
@@ -179,7 +160,6 @@ CHECKSUM_LATENT_EVERY_157TH = [-1.012635, 0.936168, 0.368776, -1.006173, 0.96804
                                -0.986822, -1.054634, -0.904939, 0.639042, -1.066557]
 
 
-@needs_shipped
 def test_shipped_model_reproduces_stored_generation_checksum():
     from dqar.sampling import make_scheduler, sample
 
@@ -196,7 +176,6 @@ def test_shipped_model_reproduces_stored_generation_checksum():
 
 # ---------- quality check ----------
 
-@needs_shipped
 def test_quality_check_cli_scores_samples_and_draws_one_column_per_class(tmp_path, capsys):
     from PIL import Image
 
@@ -210,7 +189,6 @@ def test_quality_check_cli_scores_samples_and_draws_one_column_per_class(tmp_pat
     assert main(["--per-class", "1", "--device", "tpu9"]) == 2
 
 
-@needs_shipped
 def test_quality_check_random_weights_sample_a_different_model():
     from dqar.embedded.check import check_samples
 
@@ -220,7 +198,6 @@ def test_quality_check_random_weights_sample_a_different_model():
     assert not torch.allclose(trained["images"], rand["images"], atol=1e-2)
 
 
-@needs_shipped
 def test_quality_check_scores_a_training_folder_with_the_shipped_classifier(tmp_path):
     """A training run writes only the DiT; the check judges it with the shipped classifier and says so."""
     import shutil
@@ -236,7 +213,6 @@ def test_quality_check_scores_a_training_folder_with_the_shipped_classifier(tmp_
     assert copied["fd_to_test_split"] == shipped["fd_to_test_split"]
 
 
-@needs_data
 def test_training_cli_learning_rate_acts_and_is_logged(tmp_path):
     from safetensors.torch import load_file
 
@@ -244,7 +220,7 @@ def test_training_cli_learning_rate_acts_and_is_logged(tmp_path):
 
     def run(name, lr):
         out = tmp_path / name
-        args = ["--out", str(out), "--steps", "3", "--batch-size", "4", "--limit", "64", "--lr", lr,
+        args = ["--out", str(out), "--data", str(FASHION_MNIST), "--steps", "3", "--batch-size", "4", "--limit", "64", "--lr", lr,
                 "--warmup-steps", "1", "--device", "cpu", "--no-progress"]
         assert main(args) == 0
         log = json.loads((out / "train_log.json").read_text())

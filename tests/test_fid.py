@@ -11,8 +11,9 @@ from dqar.embedded import classifier as clf_mod
 from dqar.embedded.data import load_split
 from dqar.studies.fid import INCEPTION_URL, fid_embedded, fid_inception, open_samples
 
+from conftest import FASHION_MNIST
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-SHIPPED = (emb.EMBEDDED_DIR / "classifier.safetensors").is_file() and (emb.EMBEDDED_DIR / clf_mod.STATS_FILE).is_file()
 
 
 def write_npz(path, arr, **extra):
@@ -29,7 +30,7 @@ def to_hwc_uint8(x):
 def clf_dir(tmp_path_factory):
     """A briefly trained classifier and the reference statistics of 64 real test images."""
     folder = tmp_path_factory.mktemp("clf")
-    clf_mod.train_classifier(folder, steps=4, limit=256, test_limit=64, batch_size=32, progress=False)
+    clf_mod.train_classifier(folder, steps=4, limit=256, test_limit=64, batch_size=32, progress=False, data_dir=FASHION_MNIST)
     return folder
 
 
@@ -68,7 +69,7 @@ def test_streamed_batches_equal_the_array(tmp_path):
 
 
 def test_embedded_fd_ranks_real_images_below_noise(clf_dir, tmp_path):
-    x, y = load_split("test", limit=64)
+    x, y = load_split("test", data_dir=FASHION_MNIST, limit=64)
     real = write_npz(tmp_path / "real.npz", to_hwc_uint8(x), labels=y.numpy())
     noise = write_npz(tmp_path / "noise.npz", np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8))
     r = fid_embedded(real, folder=clf_dir)
@@ -78,9 +79,8 @@ def test_embedded_fd_ranks_real_images_below_noise(clf_dir, tmp_path):
     assert 0 <= r.class_accuracy <= 1 and n.class_accuracy is None
 
 
-@pytest.mark.skipif(not SHIPPED, reason="the embedded classifier and its statistics are not shipped yet")
 def test_shipped_classifier_scores_real_test_images_near_zero(tmp_path):
-    x, _ = load_split("test", limit=500)
+    x, _ = load_split("test", data_dir=FASHION_MNIST, limit=500)
     real = fid_embedded(write_npz(tmp_path / "real.npz", to_hwc_uint8(x)))
     noise = fid_embedded(write_npz(tmp_path / "noise.npz", np.random.default_rng(0).integers(0, 256, (500, 28, 28, 1), dtype=np.uint8)))
     assert real.fid < 0.1 * noise.fid and real.reference == "embedded:fashion-mnist-test"

@@ -1,4 +1,8 @@
-"""Fashion-MNIST from Debian's `dataset-fashion-mnist` package, read with numpy + gzip."""
+"""Fashion-MNIST in its gzipped IDX files, read with numpy + gzip.
+
+By default from Debian's `dataset-fashion-mnist` package; any folder with the same four files works
+(`data_dir=`, `--data`), e.g. the slice the tests ship in tests/data/fashion-mnist.
+"""
 from __future__ import annotations
 
 import functools
