@@ -1,13 +1,17 @@
-"""One generation with a run config: scheduler + reuse handle + sampler, composed."""
+"""One generation with a run config: scheduler + reuse handle + sampler, composed.
+
+Every study, the calibrator, policy collection and bench sample through `generate`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from dqar.engine.api import enable
 from dqar.engine.config import RunConfig
-from dqar.sampling import SampleOutput, make_scheduler, sample
+from dqar.engine.plan import Plan
 from dqar.engine.stats import ReuseStats
+from dqar.sampling import SampleOutput, make_scheduler, sample
 
 
 @dataclass(frozen=True)
@@ -21,18 +25,24 @@ def plan_key(model_name: str, run: RunConfig) -> dict:
     return {"model": model_name, "sampler": run.sample.sampler, "steps": run.sample.steps}
 
 
-def generate(loaded, labels: Sequence[int], run: RunConfig, *, progress: bool = False, generator=None) -> Generation:
+def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = None, plan: Plan | None = None,
+             executor: str | None = None, progress: bool = False, generator=None) -> Generation:
     """Sample `labels` from a loaded model under `run`; reuse is attached only for this call.
 
-    `generator`: one `torch.Generator` per label, replacing the default seeds `run.sample.seed + i`.
+    `decider`, `plan`, `executor`: what `dqar.enable` takes; None means what `run.reuse` asks for
+    (its decider and plan, the default executor). Reuse is attached when `run.reuse` is enabled or
+    any of the three is given (a disabled config under the compiled executor is the compiled
+    no-reuse path). `generator`: one `torch.Generator` per label, replacing the default seeds
+    `run.sample.seed + i`.
     """
     scheduler = make_scheduler(run.sample.sampler, loaded.scheduler_config)
     s = run.sample
     seeding = {"seed": s.seed} if generator is None else {"generator": generator}
     kwargs = dict(scheduler=scheduler, steps=s.steps, cfg=s.cfg, eta=s.eta, vae=loaded.vae,
                   null_class=loaded.null_class, progress=progress, **seeding)
-    if not run.reuse.enabled:
+    given = {k: v for k, v in (("decider", decider), ("plan", plan), ("executor", executor)) if v is not None}
+    if not run.reuse.enabled and not given:
         return Generation(sample(loaded.transformer, labels, **kwargs), None)
-    with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run)) as handle:
+    with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), **given) as handle:
         out = sample(loaded.transformer, labels, reuse=handle, **kwargs)
         return Generation(out, handle.stats)

@@ -1,6 +1,7 @@
 """Class labels: defaults per model and parsing of user input (ids or names)."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 from dqar.errors import DqarError
@@ -13,6 +14,14 @@ IMAGENET_SHOWCASE = (207, 360, 387, 974, 88, 417, 279, 928)
 def default_labels(num_classes: int) -> list[int]:
     """The seed report's eight classes for ImageNet-sized models, else one sample per class."""
     return list(IMAGENET_SHOWCASE) if num_classes >= 1000 else list(range(num_classes))
+
+
+def cycle_labels(classes: int | Sequence[int], count: int, *, start: int = 0, stride: int = 1) -> list[int]:
+    """`count` labels cycling over `classes` (an int n: classes 0..n-1): label i = classes[(start + stride·i) mod len]."""
+    pool = range(int(classes)) if isinstance(classes, numbers.Integral) else list(classes)
+    if not pool:
+        raise DqarError("no classes to cycle over", "pass at least one class id")
+    return [int(pool[(start + stride * i) % len(pool)]) for i in range(count)]
 
 
 def parse_labels(values: Sequence[str], num_classes: int, class_names: Sequence[str] | None = None) -> list[int]:

@@ -1,4 +1,4 @@
-"""Offline image-quality metrics: paired (PSNR, SSIM, max error) and Fréchet distance on classifier features.
+"""Offline image-quality metrics: paired (PSNR, SSIM, max error), Fréchet distance on classifier features, Pareto fronts.
 
 Images are torch tensors in [0, 1], shape (N, C, H, W). Paired metrics compare sample i of `a`
 with sample i of `b` and average over samples.
@@ -165,3 +165,10 @@ def fd_between(a: torch.Tensor, b: torch.Tensor, classifier, batch_size: int = 5
     mu1, s1 = feature_stats(classifier_features(a, classifier, batch_size))
     mu2, s2 = feature_stats(classifier_features(b, classifier, batch_size))
     return frechet_distance(mu1, s1, mu2, s2)
+
+
+def pareto_front(points) -> list[int]:
+    """Indices of the points (x, y) not dominated when both x and y are better higher, sorted by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])

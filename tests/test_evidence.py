@@ -7,8 +7,8 @@ import pytest
 from dqar.cli import main
 from dqar.engine.config import ReuseConfig
 from dqar.reporting.documents import replace_section
-from dqar.studies.evidence import (Case, DynamicSettings, default_cases, run_dynamic, static_frontier,
-                           static_psnr_at, static_skip_at, targets, write_dynamic)
+from dqar.studies.core import frontier, x_at, y_at
+from dqar.studies.evidence import Case, DynamicSettings, default_cases, run_dynamic, targets, write_dynamic
 from dqar.engine.plan import load_plan
 
 
@@ -26,10 +26,10 @@ def row(family, skip, db, acc=0.9):
 
 def test_frontier_and_targets():
     static = [row("static", 0.2, 40), row("static", 0.4, 30), row("static", 0.35, 28), row("static", 0.5, 25)]
-    f = static_frontier(static)
+    f = frontier(static, "attention_skipped")
     assert f[0].tolist() == [0.2, 0.4, 0.5]  # the dominated point is dropped
-    assert static_psnr_at(f, 0.3) == pytest.approx(35) and np.isnan(static_psnr_at(f, 0.6))
-    assert static_skip_at(f, 35) == pytest.approx(0.3) and np.isnan(static_skip_at(f, 20))
+    assert y_at(f, 0.3) == pytest.approx(35) and np.isnan(y_at(f, 0.6))
+    assert x_at(f, 35) == pytest.approx(0.3) and np.isnan(x_at(f, 20))
     rows = [*static, row("gate", 0.3, 35.5), row("calibrated", 0.5, 33, acc=0.9), row("cfg_share", 0.45, 20)]
     t = targets({"class_accuracy": 0.9}, rows)
     assert not t["gate"]["met"] and t["gate"]["best_psnr_gain_db"][0] == pytest.approx(0.5)

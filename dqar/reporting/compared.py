@@ -177,7 +177,7 @@ def _close(ranked: list[dict], noise: float) -> str:
 
 def _front(rs: list[dict]) -> list[str]:
     """Names of the rows no other row beats in both speedup and PSNR, slowest first."""
-    from dqar.reporting.plots import pareto_front
+    from dqar.metrics import pareto_front
 
     return [rs[i]["name"] for i in pareto_front([(R.speedup(r), R.psnr(r)) for r in rs])]
 

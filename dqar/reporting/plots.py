@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 from dqar.io import atomic_write_bytes
+from dqar.metrics import pareto_front
 from dqar.reporting.findings import PSNR_BOUND_DB, TARGET_SPEEDUP
 
 PARETO_FILE = "pareto.png"
@@ -66,13 +67,6 @@ def has_pareto(records: list[dict]) -> bool:
 
 def has_heatmap(records: list[dict]) -> bool:
     return any(r.get("reuse") for r in _measured(records))
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated in (x up, y up), sorted by x."""
-    front = [i for i, (x, y) in enumerate(points)
-             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
-    return sorted(front, key=lambda i: points[i][0])
 
 
 def pareto(records: list[dict], path: Path) -> None:

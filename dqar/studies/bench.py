@@ -10,16 +10,17 @@ import platform
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from dqar.engine.api import enable
-from dqar.engine.config import ReuseConfig, preset
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
-from dqar.sampling import make_scheduler, sample
+from dqar.generate import generate
+from dqar.labels import cycle_labels
+from dqar.sampling import make_scheduler
 from dqar.studies.timing import interleaved, median, warm_up
+from dqar.tuning.distill import executed_plan
 
 BLOCK_PRESET = "block_reuse"
 
@@ -71,35 +72,30 @@ def stock_supported(loaded) -> str | None:
 
 
 def _labels(loaded, batch: int) -> list[int]:
-    return [(7 * i) % loaded.num_classes for i in range(batch)]
+    return cycle_labels(loaded.num_classes, batch, stride=7)
 
 
-def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: str, plan: Plan | None = None) -> tuple[Callable, Callable]:
-    """A closure running one generation (attaching reuse for its duration), and one returning its last stats."""
-    scheduler = make_scheduler("ddim", loaded.scheduler_config)
-    kwargs = dict(scheduler=scheduler, steps=s.steps, cfg=s.cfg, vae=loaded.vae, null_class=loaded.null_class)
+def _run(s: BenchSettings, cfg: ReuseConfig) -> RunConfig:
+    return RunConfig(reuse=cfg, sample=SampleConfig(steps=s.steps, cfg=s.cfg, sampler="ddim", seed=s.seed))
+
+
+def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: str | None = None,
+          plan: Plan | None = None) -> tuple[Callable, Callable]:
+    """A closure running one generation (`cfg` None: nothing attached), and one returning its last stats."""
+    run = _run(s, cfg or ReuseConfig(enabled=False))
     last = []
 
-    def run():
-        gens = [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]
-        if cfg is None:
-            return sample(loaded.transformer, labels, generator=gens, **kwargs)
-        with enable(loaded.transformer, cfg, executor=executor, plan=plan) as handle:
-            out = sample(loaded.transformer, labels, generator=gens, reuse=handle, **kwargs)
-            last[:] = [handle.stats]
-        return out
+    def one():
+        gen = generate(loaded, labels, run, executor=executor, plan=plan)
+        last[:] = [gen.stats]
+        return gen
 
-    return run, (lambda: last[0] if last else None)
+    return one, (lambda: last[0] if last else None)
 
 
 def distilled_plan(loaded, labels, s: BenchSettings, cfg: ReuseConfig) -> Plan:
     """Run the dynamic decider once (eager) and freeze the decisions it took into a plan for the compiled path."""
-    gens = [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]
-    scheduler = make_scheduler("ddim", loaded.scheduler_config)
-    with enable(loaded.transformer, cfg) as handle:
-        sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, vae=loaded.vae,
-               null_class=loaded.null_class, generator=gens, reuse=handle)
-        return Plan(mask=np.array(handle.stats.reuse_mask, dtype=bool))
+    return executed_plan(loaded, labels, _run(s, cfg))
 
 
 def _stock_case(loaded, labels, s: BenchSettings) -> Callable:
@@ -118,7 +114,7 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
     if s.stock and stock_supported(loaded) is None:
         runs["stock_pipeline_eager"] = _stock_case(loaded, labels, s)
     off = ReuseConfig(enabled=False)
-    runs["noreuse_eager"], stats["noreuse_eager"] = _case(loaded, labels, s, None, "patch")
+    runs["noreuse_eager"], stats["noreuse_eager"] = _case(loaded, labels, s, None)
     if s.compile:
         runs["noreuse_compiled"], stats["noreuse_compiled"] = _case(loaded, labels, s, off, "compiled")
     for name in s.presets:

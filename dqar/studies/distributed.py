@@ -40,6 +40,7 @@ import torch
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.io import atomic_write_json, atomic_write_npz
+from dqar.labels import cycle_labels
 
 MANIFEST = "job.json"
 BARRIER_TIMEOUT = timedelta(hours=12)  # a resumed rank may wait long for the others at the merge barrier
@@ -99,7 +100,7 @@ def check_job(job: FidSampleJob) -> None:
 
 def labels_for(num_samples: int, classes: list[int]) -> np.ndarray:
     """Label of index i = classes[i % len(classes)], int64 (N,)."""
-    return np.asarray(classes, dtype=np.int64)[np.arange(num_samples) % len(classes)]
+    return np.asarray(cycle_labels(classes, num_samples), dtype=np.int64)
 
 
 def rank_indices(num_samples: int, rank: int, world: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from dqar.engine.config import QUANT_MODES, PRESETS, ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.errors import DqarError
+from dqar.studies.core import Study, baseline_row, embedded_classifier, make_reference, study_row
 
 SECTION = "Engine"
 
@@ -46,28 +47,23 @@ def engine_cases() -> list[tuple[str, str, ReuseConfig]]:
     return cases
 
 
+COLUMNS = ("reuse", "flops_skipped", "psnr_db", "ssim", "quant_error", "class_accuracy", "fd")
+
+
 def run_engine(settings: EngineSettings = EngineSettings(), progress: bool = True) -> dict:
     """Generate the baseline and every case on the embedded model; returns a JSON-ready dict."""
-    from dqar.embedded import load_classifier, load_reference_stats
-    from dqar.generate import generate
-    from dqar.metrics import class_accuracy, fd_to_reference, psnr, ssim
     from dqar.models import load_model
 
     loaded = load_model(None)
     labels = [c for c in range(loaded.num_classes) for _ in range(settings.samples_per_class)]
     sample = SampleConfig(steps=settings.steps, cfg=settings.cfg, seed=settings.seed)
-    classifier, stats = load_classifier(), load_reference_stats()
+    evaluator = embedded_classifier()
     start = time.perf_counter()
-    base = generate(loaded, labels, RunConfig(reuse=ReuseConfig(enabled=False), sample=sample)).output.images
-    rows = [{"group": "baseline", "name": "baseline (no reuse)", "reuse": 0.0, "flops_skipped": 0.0, "psnr_db": None, "ssim": None,
-             "quant_error": None, "class_accuracy": class_accuracy(base, labels, classifier), "fd": fd_to_reference(base, classifier, stats)}]
+    study = Study(loaded, make_reference(loaded, labels, RunConfig(sample=sample), evaluator))
+    rows = [baseline_row({"group": "baseline", "name": "baseline (no reuse)"}, COLUMNS, study.reference, self_paired=False)]
     for group, name, cfg in tqdm(engine_cases(), desc="engine fidelity", disable=not progress):
-        gen = generate(loaded, labels, RunConfig(reuse=cfg, sample=sample))
-        img, s = gen.output.images, gen.stats
-        rows.append({"group": group, "name": name, "reuse": s.reuse_fraction, "flops_skipped": s.flops_skipped_fraction,
-                     "psnr_db": psnr(img, base), "ssim": ssim(img, base), "quant_error": s.quant_error,
-                     "class_accuracy": class_accuracy(img, labels, classifier), "fd": fd_to_reference(img, classifier, stats),
-                     "config": asdict(cfg)})
+        gen, scores = study.measure(RunConfig(reuse=cfg, sample=sample))
+        rows.append(study_row({"group": group, "name": name}, COLUMNS, gen.stats, scores, config=asdict(cfg)))
     return {"settings": asdict(settings), "samples": len(labels), "torch": torch.__version__,
             "seconds": time.perf_counter() - start, "rows": rows}
 

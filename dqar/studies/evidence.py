@@ -21,9 +21,12 @@ import numpy as np
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
+from dqar.generate import plan_key
+from dqar.labels import cycle_labels
+from dqar.studies.core import (SEED_OFFSET, Study, baseline_row, embedded_classifier, frontier, make_reference, other_seeds,
+                               study_row, x_at, y_at)
 
 SECTION = "Dynamic reuse"
-CALIBRATION_SEED_OFFSET = 1000
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class DynamicSettings:
     cfg: float = 4.0
     sampler: str = "ddim"
     seed: int = 0  # sample i uses seed + i
-    calib_samples: int = 10  # calibration images (seeds offset by CALIBRATION_SEED_OFFSET)
+    calib_samples: int = 10  # calibration images (seeds offset by dqar.studies.core.SEED_OFFSET)
     out_dir: str = "docs"
     model: str | None = None  # None: the embedded model
 
@@ -79,56 +82,25 @@ def default_cases() -> list[Case]:
 
 
 # ----- measurement -----------------------------------------------------------------------------
-@dataclass
-class _Context:
-    loaded: Any
-    labels: list[int]
-    run: RunConfig
-    reference: Any  # baseline images (N, C, H, W)
-    classifier: Any
-    ref_stats: dict
-    trace: Any
-    plan_dir: Path
+COLUMNS = ("reuse", "attention_skipped", "flops_skipped", "cfg_shared", "host_syncs_per_evaluation", "psnr_db", "ssim",
+           "class_accuracy", "fd")
 
 
-def _metrics(ctx: _Context, images) -> dict:
-    from dqar.metrics import class_accuracy, fd_to_reference, psnr, ssim
-
-    return {
-        "psnr_db": psnr(images, ctx.reference),
-        "ssim": ssim(images, ctx.reference),
-        "class_accuracy": class_accuracy(images, ctx.labels, ctx.classifier),
-        "fd": fd_to_reference(images, ctx.classifier, ctx.ref_stats),
-    }
-
-
-def _case_run(ctx: _Context, case: Case, index: int) -> RunConfig:
+def _case_run(study: Study, run: RunConfig, trace, case: Case, index: int) -> RunConfig:
     """The run of a case; calibrated cases get their plan from the shared trace, saved as JSON."""
     from dqar.tuning.calibrate import derive_plan
-    from dqar.generate import plan_key
-    from dqar.engine.plan import save_plan
 
     reuse = case.reuse
     if case.calibration:
-        plan = derive_plan(ctx.trace.change, key=plan_key(ctx.loaded.name, ctx.run), **case.calibration)
-        path = ctx.plan_dir / f"plan_{index:02d}.json"
-        save_plan(plan, path)
-        reuse = replace(reuse, plan_file=str(path))
-    return replace(ctx.run, reuse=reuse)
+        plan = derive_plan(trace.change, key=plan_key(study.loaded.name, run), **case.calibration)
+        reuse = replace(reuse, plan_file=study.save_plan(plan, f"plan_{index:02d}"))
+    return replace(run, reuse=reuse)
 
 
-def measure_case(ctx: _Context, case: Case, index: int) -> dict:
-    from dqar.generate import generate
-
-    gen = generate(ctx.loaded, ctx.labels, _case_run(ctx, case, index))
-    s = gen.stats
-    return {
-        "family": case.family, "name": case.name,
-        "reuse": s.reuse_fraction, "attention_skipped": s.attention_skipped_fraction, "flops_skipped": s.flops_skipped_fraction,
-        "cfg_shared": s.cfg_shared, "host_syncs_per_evaluation": s.host_syncs / s.evaluations,
-        **_metrics(ctx, gen.output.images),
-        "config": asdict(case.reuse), "calibration": case.calibration or None,
-    }
+def measure_case(study: Study, run: RunConfig, trace, case: Case, index: int) -> dict:
+    gen, scores = study.measure(_case_run(study, run, trace, case, index))
+    return study_row({"family": case.family, "name": case.name}, COLUMNS, gen.stats, scores,
+                     config=asdict(case.reuse), calibration=case.calibration or None)
 
 
 def _train_steps(loaded) -> int | None:
@@ -150,30 +122,25 @@ def run_dynamic(settings: DynamicSettings = DynamicSettings(), cases: list[Case]
     from tqdm.auto import tqdm
 
     from dqar.tuning.calibrate import record_trace
-    from dqar.embedded import load_classifier, load_reference_stats
-    from dqar.generate import generate
     from dqar.models import load_model
 
     cases = default_cases() if cases is None else cases
     loaded = load_model(settings.model)
-    labels = [i % loaded.num_classes for i in range(settings.samples)]
+    labels = cycle_labels(loaded.num_classes, settings.samples)
     sample = SampleConfig(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, seed=settings.seed)
     run = RunConfig(reuse=ReuseConfig(enabled=False), sample=sample)
     with tqdm(total=len(cases) + 2, desc="dynamic reuse", disable=not progress) as bar:
-        reference = generate(loaded, labels, run).output.images
+        reference = make_reference(loaded, labels, run, embedded_classifier())
         bar.update(1)
-        calib_run = replace(run, sample=replace(sample, seed=settings.seed + CALIBRATION_SEED_OFFSET))
-        calib_labels = [i % loaded.num_classes for i in range(settings.calib_samples)]
-        trace = record_trace(loaded, calib_labels, calib_run)
+        trace = record_trace(loaded, cycle_labels(loaded.num_classes, settings.calib_samples), other_seeds(run))
         bar.update(1)
         with tempfile.TemporaryDirectory() as tmp:
-            ctx = _Context(loaded, labels, run, reference, load_classifier(), load_reference_stats(), trace, Path(tmp))
-            baseline = {"family": "baseline", "name": "no reuse", "reuse": 0.0, "attention_skipped": 0.0, "flops_skipped": 0.0,
-                        "cfg_shared": 0, "host_syncs_per_evaluation": 0.0, **_metrics(ctx, reference)}
+            study = Study(loaded, reference, Path(tmp))
+            baseline = baseline_row({"family": "baseline", "name": "no reuse"}, COLUMNS, reference)
             rows = []
             for i, case in enumerate(cases):
                 bar.set_postfix_str(case.name[:40])
-                rows.append(measure_case(ctx, case, i))
+                rows.append(measure_case(study, run, trace, case, i))
                 bar.update(1)
     return {
         "settings": asdict(settings), "model": loaded.name, "train_steps": _train_steps(loaded),
@@ -200,43 +167,15 @@ def signal_summary(trace) -> dict:
     }
 
 
-def static_frontier(static: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Pareto frontier of the static schedules: attention skipped (ascending) and PSNR (descending)."""
-    pts = sorted(((r["attention_skipped"], r["psnr_db"]) for r in static), key=lambda p: (-p[0], -p[1]))
-    frontier, best = [], -np.inf
-    for skip, db in pts:  # from most reuse down: keep a point only if it beats every point with more reuse
-        if db > best:
-            frontier.append((skip, db))
-            best = db
-    frontier.reverse()
-    return np.array([p[0] for p in frontier]), np.array([p[1] for p in frontier])
-
-
-def static_psnr_at(frontier, skip: float) -> float:
-    """Static PSNR at `skip`, interpolated on the frontier; below its least reuse, its best PSNR; NaN beyond its most."""
-    x, y = frontier
-    if len(x) == 0 or skip > x[-1] + 1e-9:
-        return float("nan")
-    return float(np.interp(skip, x, y))
-
-
-def static_skip_at(frontier, psnr_db: float) -> float:
-    """Static reuse reaching `psnr_db`, interpolated; above the frontier's best PSNR, its least reuse; NaN below its worst."""
-    x, y = frontier
-    if len(x) == 0 or psnr_db < y[-1] - 1e-9:
-        return float("nan")
-    return float(np.interp(psnr_db, y[::-1], x[::-1]))
-
-
 def targets(baseline: dict, rows: list[dict]) -> dict:
     """The issue's targets, computed from the rows."""
-    frontier = static_frontier([r for r in rows if r["family"] == "static"])
+    static = frontier([r for r in rows if r["family"] == "static"], "attention_skipped")
     out: dict[str, Any] = {}
     for fam in ("gate", "calibrated", "cfg_share"):
         best_gain, best_extra = None, None
         for r in (r for r in rows if r["family"] == fam):
-            gain = r["psnr_db"] - static_psnr_at(frontier, r["attention_skipped"])
-            extra = r["attention_skipped"] - static_skip_at(frontier, r["psnr_db"])
+            gain = r["psnr_db"] - y_at(static, r["attention_skipped"])
+            extra = r["attention_skipped"] - x_at(static, r["psnr_db"])
             if np.isfinite(gain) and (best_gain is None or gain > best_gain[0]):
                 best_gain = (gain, r["name"])
             if np.isfinite(extra) and (best_extra is None or extra > best_extra[0]):
@@ -289,7 +228,7 @@ def markdown(result: dict, plot_name: str) -> str:
         f"{s['sampler'].upper()} {s['steps']} steps, CFG {s['cfg']}. Every row is compared with the no-reuse run of the same "
         f"seeds (paired PSNR/SSIM), the embedded classifier (class accuracy) and the Fashion-MNIST test split (FD on classifier "
         f"features; no reuse: **{b['fd']:.2f}**, class accuracy **{100 * b['class_accuracy']:.1f}%**). Calibrated plans come from "
-        f"one full-compute trace of {s['calib_samples']} other samples (seeds + {CALIBRATION_SEED_OFFSET}), greedy on the "
+        f"one full-compute trace of {s['calib_samples']} other samples (seeds + {SEED_OFFSET}), greedy on the "
         "accumulated relative change of each layer's attention output (staleness cap per row). *Reuse* counts reused "
         "(evaluation, layer) cells; *attention skipped* adds half of every CFG-shared cell (attn1 on half the rows).",
         "",

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 
-from dqar.studies.timing import peak_memory, reset_peak_memory
-
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -46,6 +44,18 @@ def _vm(key: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak allocated device bytes since the last reset (CUDA), else None."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def reset(device: torch.device) -> None:

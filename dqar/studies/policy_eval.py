@@ -18,12 +18,15 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
+from dqar.generate import generate, plan_key
+from dqar.labels import cycle_labels
+from dqar.studies.core import Study, baseline_row, embedded_classifier, frontier, make_reference, study_row, y_at
 
 SECTION = "Learned policy"
 DYNAMIC = dict(schedule="constant", warmup_frac=0.0, refresh_interval=4, max_staleness=3)  # shared by policy, gate, plans
@@ -138,39 +141,18 @@ def static_choices(steps: int, layers: int, target: float) -> list[tuple[str, Re
 
 
 # ----- measurement ---------------------------------------------------------------------------------
-@dataclass
-class _Study:
-    loaded: Any
-    settings: EvaluateSettings
-    labels: list[int]
-    reference: Any
-    classifier: Any
-    ref_stats: dict
-    plan_dir: Path
+COLUMNS = ("reuse", "attention_skipped", "host_syncs_per_evaluation", "psnr_db", "ssim", "class_accuracy", "fd")
 
 
-def _metrics(study: _Study, images) -> dict:
-    from dqar.metrics import class_accuracy, fd_to_reference, psnr, ssim
-
-    return {"psnr_db": psnr(images, study.reference), "ssim": ssim(images, study.reference),
-            "class_accuracy": class_accuracy(images, study.labels, study.classifier),
-            "fd": fd_to_reference(images, study.classifier, study.ref_stats)}
-
-
-def measure(study: _Study, family: str, name: str, reuse: ReuseConfig, target: float, extra: dict | None = None) -> dict:
-    from dqar.generate import generate
-
-    gen = generate(study.loaded, study.labels, study.settings.run(study.settings.seed, reuse))
-    s = gen.stats
-    return {"family": family, "name": name, "target": target, "reuse": s.reuse_fraction, "attention_skipped": s.reuse_fraction,
-            "host_syncs_per_evaluation": s.host_syncs / s.evaluations, **_metrics(study, gen.output.images),
-            "config": asdict(reuse), **(extra or {})}
+def measure(study: Study, settings: EvaluateSettings, family: str, name: str, reuse: ReuseConfig, target: float,
+            extra: dict | None = None) -> dict:
+    gen, scores = study.measure(settings.run(settings.seed, reuse))
+    return study_row({"family": family, "name": name, "target": target}, COLUMNS, gen.stats, scores,
+                     config=asdict(reuse), **(extra or {}))
 
 
 def probe_reuse(loaded, settings: EvaluateSettings) -> Callable[[ReuseConfig], float]:
-    from dqar.generate import generate
-
-    labels = [i % loaded.num_classes for i in range(settings.probe_samples)]
+    labels = cycle_labels(loaded.num_classes, settings.probe_samples)
     return lambda reuse: generate(loaded, labels, settings.run(settings.probe_seed, reuse)).stats.reuse_fraction
 
 
@@ -179,10 +161,7 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     from tqdm.auto import tqdm
 
     from dqar.tuning.calibrate import derive_plan, record_trace
-    from dqar.embedded import load_classifier, load_reference_stats
-    from dqar.generate import generate, plan_key
     from dqar.models import load_model
-    from dqar.engine.plan import save_plan
     from dqar.tuning.distill import distill_plan
     from dqar.engine.policy_net import load_policy
 
@@ -190,41 +169,38 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     ckpt = load_policy(policy)  # fail early
     loaded = load_model(settings.model)
     layers = len(loaded.transformer.transformer_blocks)
-    labels = [i % loaded.num_classes for i in range(settings.samples)]
+    labels = cycle_labels(loaded.num_classes, settings.samples)
     n_static = 2
     total = 2 + len(settings.targets) * (len(knobs(policy)) * (1 + settings.probe_iterations) + 2 + n_static)
     rows: list[dict] = []
     with tqdm(total=total, desc="policy study", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
-        reference = generate(loaded, labels, settings.run(settings.seed)).output.images
+        study = Study(loaded, make_reference(loaded, labels, settings.run(settings.seed), embedded_classifier()), Path(tmp))
         bar.update(1)
-        study = _Study(loaded, settings, labels, reference, load_classifier(), load_reference_stats(), Path(tmp))
-        calib_labels = [i % loaded.num_classes for i in range(settings.calib_samples)]
+        calib_labels = cycle_labels(loaded.num_classes, settings.calib_samples)
         trace = record_trace(loaded, calib_labels, settings.run(settings.calib_seed, ReuseConfig(**DYNAMIC)))
         bar.update(1)
-        baseline = {"family": "baseline", "name": "no reuse", "reuse": 0.0, **_metrics(study, reference)}
+        baseline = baseline_row({"family": "baseline", "name": "no reuse"}, COLUMNS, study.reference)
         reuse_of = probe_reuse(loaded, settings)
         for target in settings.targets:
             for knob in knobs(policy):
                 bar.set_postfix_str(f"{knob.family} @ {target:.0%}")
                 value, probe = search(knob, target, lambda cfg: (bar.update(1), reuse_of(cfg))[1], settings.probe_iterations)
-                rows.append(measure(study, knob.family, knob.label(value), knob.make(value), target,
+                rows.append(measure(study, settings, knob.family, knob.label(value), knob.make(value), target,
                                     {"knob": value, "probe_reuse": probe}))
                 bar.update(1)
                 if knob.family == "policy":
                     plan = distill_plan(loaded, calib_labels, settings.run(settings.calib_seed, knob.make(value)))
-                    path = study.plan_dir / f"distilled_{round(100 * target)}.json"
-                    save_plan(plan, path)
-                    rows.append(measure(study, "policy_plan", f"{knob.label(value)}, decisions on the calibration samples",
-                                        ReuseConfig(plan_file=str(path)), target, {"knob": value}))
+                    path = study.save_plan(plan, f"distilled_{round(100 * target)}")
+                    rows.append(measure(study, settings, "policy_plan", f"{knob.label(value)}, decisions on the calibration samples",
+                                        ReuseConfig(plan_file=path), target, {"knob": value}))
                     bar.update(1)
             key = plan_key(loaded.name, settings.run(settings.seed))
             plan = derive_plan(trace.change, target_fraction=target, max_staleness=DYNAMIC["max_staleness"], key=key)
-            path = study.plan_dir / f"plan_{round(100 * target)}.json"
-            save_plan(plan, path)
-            rows.append(measure(study, "calibrated", f"target {target:.0%}", ReuseConfig(plan_file=str(path)), target))
+            path = study.save_plan(plan, f"plan_{round(100 * target)}")
+            rows.append(measure(study, settings, "calibrated", f"target {target:.0%}", ReuseConfig(plan_file=path), target))
             bar.update(1)
             for name, cfg, _ in static_choices(settings.steps, layers, target):
-                rows.append(measure(study, "static", name, cfg, target))
+                rows.append(measure(study, settings, "static", name, cfg, target))
                 bar.update(1)
     return {"settings": asdict(settings), "policy": policy, "policy_meta": ckpt.meta, "model": loaded.name,
             "baseline": baseline, "rows": rows, "verdict": verdict(rows, settings.targets)}
@@ -233,9 +209,7 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
 # ----- analysis --------------------------------------------------------------------------------------
 def psnr_at(rows: list[dict], target: float) -> float:
     """A family's PSNR at `target` reuse, interpolated on its Pareto frontier (NaN beyond its most reuse)."""
-    from dqar.studies.evidence import static_frontier, static_psnr_at
-
-    return static_psnr_at(static_frontier(rows), target)
+    return y_at(frontier(rows, "reuse"), target)
 
 
 def verdict(rows: list[dict], targets) -> dict:

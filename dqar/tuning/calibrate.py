@@ -16,26 +16,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dqar.engine.api import enable
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace
+from dqar.generate import generate, plan_key
 
 
 def record_trace(loaded, labels: Sequence[int], run: RunConfig, *, entropy_rows: int | None = None, progress: bool = False) -> Trace:
     """Signals of one full-compute generation of `labels` under `run`'s sampling settings."""
-    from dqar.sampling import make_scheduler, sample
-
-    s = run.sample
     cfg = replace(run.reuse, enabled=True, gate=False, plan_file="", cfg_share="none", cache_dtype="model")
     decider = TracingDecider(entropy_rows or cfg.entropy_rows)
-    scheduler = make_scheduler(s.sampler, loaded.scheduler_config)
-    with enable(loaded.transformer, cfg, decider=decider) as handle:
-        sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, seed=s.seed, eta=s.eta,
-               vae=loaded.vae, null_class=loaded.null_class, reuse=handle, progress=progress)
-    return decider.signals.trace()
+    generate(loaded, labels, replace(run, reuse=cfg), decider=decider, progress=progress)
+    return decider.trace()
 
 
 # ----- plan derivation --------------------------------------------------------------------------
@@ -121,8 +115,6 @@ class Calibration:
 def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction: float | None = None,
               error_budget: float | None = None, max_staleness: int | None = None, progress: bool = False) -> Calibration:
     """Record a trace of `labels` under `run` and derive a plan keyed by model, sampler and steps."""
-    from dqar.generate import plan_key
-
     staleness = run.reuse.max_staleness if max_staleness is None else max_staleness
     check_goal(target_fraction, error_budget, staleness)
     trace = record_trace(loaded, labels, run, progress=progress)

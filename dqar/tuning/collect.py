@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +31,9 @@ from dqar.errors import DqarError
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace, relative_change
 from dqar.engine.features import FEATURES, MISSING_CHANGE, feature_matrix
+from dqar.engine.plan import Plan
+from dqar.generate import generate
+from dqar.labels import cycle_labels
 
 TRACES_FORMAT = "dqar-policy-traces/1"
 LABEL = ("relative residual-stream perturbation of reusing attn1's output from `age` evaluations earlier: "
@@ -181,21 +184,14 @@ class FullCompute:
 
 def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, entropy_rows: int) -> FullCompute:
     """Sample `labels` with every layer computed, recording features and output errors."""
-    from dqar.engine.api import enable
-    from dqar.sampling import make_scheduler, sample
-
-    s = run.sample
     decider = TracingDecider(entropy_rows, input_rms=True)
-    scheduler = make_scheduler(s.sampler, loaded.scheduler_config)
     hooks = ReuseErrors(list(loaded.transformer.transformer_blocks), max_age)
     try:
-        with enable(loaded.transformer, ReuseConfig(), decider=decider) as handle:
-            out = sample(loaded.transformer, labels, scheduler=scheduler, steps=s.steps, cfg=s.cfg, seed=s.seed, eta=s.eta,
-                         vae=loaded.vae, null_class=loaded.null_class, reuse=handle)
+        out = generate(loaded, labels, replace(run, reuse=ReuseConfig()), decider=decider).output
     finally:
         hooks.remove()
     x_rms = torch.stack([v.float().reshape(()) for v in decider.x_rms]).cpu().numpy().astype(np.float64)
-    return FullCompute(decider.signals.trace(), x_rms, hooks.host("change"), hooks.host("label"), out.images)
+    return FullCompute(decider.trace(), x_rms, hooks.host("change"), hooks.host("label"), out.images)
 
 
 def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndarray]:
@@ -223,7 +219,8 @@ def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndar
 
 
 def generation_labels(g: int, batch: int, num_classes: int) -> list[int]:
-    return [(g * batch + i) % num_classes for i in range(batch)]
+    """Generation g's labels: the classes cycled on from sample g * batch."""
+    return cycle_labels(num_classes, batch, start=g * batch)
 
 
 def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progress: bool = True) -> PolicyTraces:
@@ -279,11 +276,7 @@ def validate_proxy(loaded, settings: CollectSettings, check: ValidateSettings = 
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
-    from dqar.engine.api import enable
-    from dqar.engine.plan import Plan
-    from dqar.sampling import make_scheduler, sample
-
-    labels = [i % loaded.num_classes for i in range(check.samples)]
+    labels = cycle_labels(loaded.num_classes, check.samples)
     run = settings.run(check.seed)
     base = full_compute(loaded, labels, run, settings.max_age, settings.entropy_rows)
     e_count, l_count, _ = base.errors.shape
@@ -294,10 +287,7 @@ def validate_proxy(loaded, settings: CollectSettings, check: ValidateSettings = 
         mask[e - a + 1 : e + 1, l] = True
         proxy = float(sum(base.errors[e - a + j, l, j - 1] for j in range(1, a + 1)))
         change = float(sum(base.change[e - a + j, l, j - 1] for j in range(1, a + 1)))
-        s = run.sample
-        with enable(loaded.transformer, ReuseConfig(), plan=Plan(mask)) as handle:
-            out = sample(loaded.transformer, labels, scheduler=make_scheduler(s.sampler, loaded.scheduler_config), steps=s.steps,
-                         cfg=s.cfg, seed=s.seed, vae=loaded.vae, null_class=loaded.null_class, reuse=handle)
+        out = generate(loaded, labels, run, plan=Plan(mask)).output
         ref = base.images.double()
         final = float((out.images.double() - ref).norm() / ref.norm().clamp_min(1e-12))
         rows.append({"evaluation": e, "layer": l, "cells": a, "label_sum": proxy, "change_sum": change, "final_relative_error": final})

@@ -1,4 +1,4 @@
-"""Distilling a learned policy into a plan: the decisions it takes on a few samples, frozen for zero host syncs."""
+"""Distilling a dynamic decider into a plan: the decisions it takes on a few samples, frozen for zero host syncs."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,6 +8,7 @@ import numpy as np
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
+from dqar.generate import generate, plan_key
 
 
 def check_distillable(run: RunConfig) -> None:
@@ -16,17 +17,18 @@ def check_distillable(run: RunConfig) -> None:
         raise DqarError("distilling needs a policy", "set policy = \"path/to/policy.safetensors\" in [reuse] or pass --policy")
 
 
-def distill_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool = False) -> Plan:
-    """Sample `labels` under `run` (whose reuse config names a policy) and return the executed decisions as a plan.
+def executed_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool = False) -> Plan:
+    """Sample `labels` under `run` and return the decisions its decider executed (gate, policy or plan) as a plan.
 
-    The plan is keyed by model, sampler and steps like a calibrated plan; sampling with it
-    (`plan_file = ...`) makes no host syncs and no policy evaluations.
+    The plan is keyed by model, sampler and steps like a calibrated plan; sampling with it makes no
+    host syncs and evaluates neither gate nor policy.
     """
-    from dqar.generate import generate, plan_key
-
-    check_distillable(run)
     gen = generate(loaded, labels, run, progress=progress)
-    mask = np.array(gen.stats.reuse_mask, dtype=bool)  # (E, L)
-    return Plan(mask=mask, key={**plan_key(loaded.name, run), "distilled_from": run.reuse.policy,
-                                "policy_threshold": run.reuse.policy_threshold})
+    return Plan(mask=np.array(gen.stats.reuse_mask, dtype=bool), key=plan_key(loaded.name, run))  # mask (E, L)
 
+
+def distill_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool = False) -> Plan:
+    """The executed decisions of the policy `run`'s reuse config names, as a plan (`plan_file = ...`) naming that policy."""
+    check_distillable(run)
+    plan = executed_plan(loaded, labels, run, progress)
+    return Plan(mask=plan.mask, key={**plan.key, "distilled_from": run.reuse.policy, "policy_threshold": run.reuse.policy_threshold})
