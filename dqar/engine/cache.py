@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dqar.engine.quant import QTensor, dequantize, nbytes, quantize
+from dqar.engine.quant import QTensor, dequantize, encode, nbytes
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,18 @@ class LayerCache:
 
     def put(self, layer: int, *tensors: torch.Tensor) -> None:
         """Store `tensors` for `layer`, replacing what was there."""
-        self.put_encoded(layer, tuple(self._encode(t, p) for t, p in zip(tensors, self.policies)))
+        encoded = [self._encode(t, p) for t, p in zip(tensors, self.policies)]
+        errors = [err for _, err in encoded if err is not None]
+        self.put_encoded(layer, tuple(v for v, _ in encoded), torch.stack(errors) if errors else None)
 
     def put_encoded(self, layer: int, entry: Entry, error: torch.Tensor | None = None) -> None:
-        """Store values already in their stored form (e.g. quantized inside a compiled graph)."""
+        """Store values already in their stored form (e.g. quantized by `quant.encode` inside a compiled graph).
+
+        `error`: the round-trip error of each INT8 tensor of the entry, () or (n,), on the device.
+        """
         if error is not None:
-            self.error_sum = error if self.error_sum is None else self.error_sum + error
-            self.error_count += 1
+            self.error_sum = error.sum() if self.error_sum is None else self.error_sum + error.sum()
+            self.error_count += error.numel()
         self.finite[layer] = _all_finite(entry)
         old = self.slots[layer]
         self.bytes_now += sum(nbytes(v) for v in entry) - (sum(nbytes(v) for v in old) if old else 0)
@@ -64,23 +69,20 @@ class LayerCache:
     def nonfinite_count(self) -> int:
         return 0 if self.nonfinite_reused is None else int(self.nonfinite_reused)
 
+    def stored(self, layer: int) -> Entry:
+        """What `layer` holds, in its stored form (INT8 entries as `QTensor`)."""
+        return self.slots[layer]
+
     def get(self, layer: int) -> tuple[torch.Tensor, ...]:
         """The stored tensors of `layer`, dequantized from what is actually stored."""
         return tuple(dequantize(v) if isinstance(v, QTensor) else v for v in self.slots[layer])
 
-    def _encode(self, x: torch.Tensor, policy: StorePolicy) -> torch.Tensor | QTensor:
+    def _encode(self, x: torch.Tensor, policy: StorePolicy) -> tuple[torch.Tensor | QTensor, torch.Tensor | None]:
+        """The stored form of `x` and its round-trip error (None when not INT8 or not tracked)."""
         if not policy.int8:
-            return x.detach()
-        q = quantize(x, policy.mode, policy.num_heads)
-        if self.track_error:
-            self._track(x, q)
-        return q
-
-    def _track(self, x: torch.Tensor, q: QTensor) -> None:
-        ref = x.detach().float()
-        err = (dequantize(q).float() - ref).norm() / ref.norm().clamp_min(1e-12)  # () relative L2, stays on device
-        self.error_sum = err if self.error_sum is None else self.error_sum + err
-        self.error_count += 1
+            return x.detach(), None
+        values, scale, error = encode(x, policy.mode, policy.num_heads, self.track_error)
+        return QTensor(values=values, scale=scale, dtype=x.dtype, mode=policy.mode), error
 
     def mean_error(self) -> float | None:
         """Mean relative L2 round-trip error of INT8 stores (one host read, after a generation)."""

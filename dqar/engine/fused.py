@@ -49,25 +49,29 @@ def check_supported(cfg, blocks) -> None:
 
 def fused_forward(engine, layer: int, blk, kernels: Kernels, hidden_states, attention_mask=None, encoder_hidden_states=None,
                   encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
-    """Drop-in `BasicTransformerBlock.forward` for DiT blocks; (B, T, C) → (B, T, C)."""
+    """Drop-in `BasicTransformerBlock.forward` for DiT blocks; (B, T, C) → (B, T, C).
+
+    Stores and reads through the engine's `LayerCache` as the patched path does: INT8 values, scales and the
+    round-trip error come out of the compute graph and enter `put_encoded`; a reuse reads `cache.stored`.
+    """
     st = engine.state
-    h, cfg = hidden_states, engine.cfg
-    int8 = cfg.cache_dtype == "int8"
-    if st.row[layer] and st.cache.has(layer):
+    h, cache, block_level = hidden_states, st.cache, engine.cfg.granularity == "block"
+    if st.row[layer] and cache.has(layer):
         st.executed[st.evaluation, layer] = True
-        (cached,) = st.cache.slots[layer]
-        if cfg.granularity == "block":
-            return kernels.skip_q(h, cached.values, cached.scale) if int8 else kernels.skip(h, cached)
-        if int8:
-            return kernels.reuse_q(blk, h, timestep, class_labels, cached.values, cached.scale)
-        return kernels.reuse(blk, h, timestep, class_labels, cached)
-    full, full_q = (kernels.whole, kernels.whole_q) if cfg.granularity == "block" else (kernels.compute, kernels.compute_q)
+        (cached,) = cache.stored(layer)
+        if isinstance(cached, QTensor):
+            if block_level:
+                return kernels.skip_q(h, cached.values, cached.scale, cached.mode)
+            return kernels.reuse_q(blk, h, timestep, class_labels, cached.values, cached.scale, cached.mode)
+        return kernels.skip(h, cached) if block_level else kernels.reuse(blk, h, timestep, class_labels, cached)
+    full, full_q = (kernels.whole, kernels.whole_q) if block_level else (kernels.compute, kernels.compute_q)
     if not st.store[layer]:
         return full(blk, h, timestep, class_labels)[0]
-    if int8:
-        out, values, scale = full_q(blk, h, timestep, class_labels, cfg.quant_mode)
-        st.cache.put_encoded(layer, (QTensor(values=values, scale=scale, dtype=h.dtype, mode=cfg.quant_mode),))
+    (policy,) = cache.policies
+    if not policy.int8:
+        out, cached = full(blk, h, timestep, class_labels)
+        cache.put(layer, cached)
         return out
-    out, cached = full(blk, h, timestep, class_labels)
-    st.cache.put_encoded(layer, (cached,))
+    out, values, scale, error = full_q(blk, h, timestep, class_labels, policy.mode, policy.num_heads, cache.track_error)
+    cache.put_encoded(layer, (QTensor(values=values, scale=scale, dtype=h.dtype, mode=policy.mode),), error)
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dqar.engine.config import QUANT_MODES
+from dqar.engine.signals import relative_change
 from dqar.errors import DqarError
 
 QMAX = 127
@@ -48,27 +49,48 @@ def _absmax(x: torch.Tensor, mode: str, num_heads: int) -> torch.Tensor:
     raise DqarError(f"unknown quant mode '{mode}'", f"choose one of: {', '.join(QUANT_MODES)}")
 
 
+def quantize_values(x: torch.Tensor, mode: str, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 values and float32 scales of `x` (..., C): traceable, so compiled graphs quantize with the same rule."""
+    amax = _absmax(x, mode, num_heads)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)  # NaN/Inf stay non-finite
+    src = x.detach().float()
+    if mode == "head":
+        src = src.unflatten(-1, (num_heads, -1))  # (..., H, D)
+    return torch.clamp(torch.round(src / scale), -QMAX, QMAX).to(torch.int8), scale
+
+
 def quantize(x: torch.Tensor, mode: str = "tensor", num_heads: int = 1, check: bool = False) -> QTensor:
     """Quantize `x` (..., C) to INT8 with scales per `mode`; 'head' splits C into `num_heads` groups."""
     if mode == "head" and (num_heads < 1 or x.shape[-1] % num_heads):
         raise DqarError(f"cannot split {x.shape[-1]} channels into {num_heads} heads", "use a head count that divides the channel count")
-    amax = _absmax(x, mode, num_heads)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)  # NaN/Inf stay non-finite
+    values, scale = quantize_values(x, mode, num_heads)
     if check and not bool(torch.isfinite(scale).all()):
         raise DqarError("cannot quantize a tensor holding NaN or Inf", "recompute the value instead of caching it")
-    src = x.detach().float()
-    if mode == "head":
-        src = src.unflatten(-1, (num_heads, -1))  # (..., H, D)
-    values = torch.clamp(torch.round(src / scale), -QMAX, QMAX).to(torch.int8)
     return QTensor(values=values, scale=scale, dtype=x.dtype, mode=mode)
+
+
+def dequantize_values(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, mode: str) -> torch.Tensor:
+    """INT8 values × float32 scales → `dtype`, a 'head' layout (..., H, D) flattened back to (..., C); traceable."""
+    x = values.float() * scale
+    if mode == "head":
+        x = x.flatten(-2)  # (..., H, D) -> (..., C)
+    return x.to(dtype)
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
     """Back to the original dtype and shape."""
-    x = q.values.float() * q.scale
-    if q.mode == "head":
-        x = x.flatten(-2)  # (..., H, D) -> (..., C)
-    return x.to(q.dtype)
+    return dequantize_values(q.values, q.scale, q.dtype, q.mode)
+
+
+def round_trip_error(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, mode: str) -> torch.Tensor:
+    """Relative L2 error of storing `x` as (`values`, `scale`): () float32 on the device; traceable."""
+    return relative_change(dequantize_values(values, scale, x.dtype, mode), x.detach())
+
+
+def encode(x: torch.Tensor, mode: str, num_heads: int, track: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a cache stores for `x`: INT8 values, float32 scales and, when `track`, the round-trip error; traceable."""
+    values, scale = quantize_values(x, mode, num_heads)
+    return values, scale, (round_trip_error(x, values, scale, mode) if track else None)
 
 
 def is_finite(q: QTensor) -> torch.Tensor:

@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
 from dqar.errors import DqarError
 from dqar.engine.flops import attention_flops, dit_shape, forward_flops, skipped_flops
-from dqar.engine.signals import Needs, SignalRecorder, attention_with_entropy, is_plain_attention, normalized_entropy, relative_change
+from dqar.engine.attention import attend
+from dqar.engine.signals import Needs, SignalRecorder, attention_entropy, attention_with_entropy, is_plain_attention, relative_change
 from dqar.engine.stats import ReuseStats, summarize
 
 _ATTACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -291,7 +291,6 @@ class ReuseEngine:
     def _kv_forward(self, layer: int, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs) -> torch.Tensor:
         """Self-attention with fresh Q against cached (or fresh) K and V; same math as diffusers' SDPA processor."""
         st = self.state
-        b, t, _ = hidden_states.shape
         q = attn.to_q(hidden_states)  # (B, T, C)
         if st.row[layer] and st.cache.has(layer):
             st.executed[st.evaluation, layer] = True
@@ -303,13 +302,8 @@ class ReuseEngine:
             if st.store[layer]:
                 st.cache.put(layer, k, v)
             if st.signals is not None and st.signals.needs.entropy:
-                q4, k4 = (x.view(b, t, attn.heads, -1).transpose(1, 2) for x in (q, k))  # (B, H, T, D)
-                st.signals.put_entropy(layer, normalized_entropy(q4.index_select(2, st.signals.rows(t, q.device)), k4, q4.shape[-1] ** -0.5))
-        heads = attn.heads
-        q, k, v = (x.view(b, t, heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (B, H, T, D)
-        o = o.transpose(1, 2).reshape(b, t, -1).to(q.dtype)  # (B, T, C)
-        return attn.to_out[1](attn.to_out[0](o))
+                st.signals.put_entropy(layer, attention_entropy(attn, q, k, st.signals.rows(q.shape[1], q.device)))
+        return attend(attn, q, k, v)
 
     # ----- stats ---------------------------------------------------------------------------
     def _nonfinite_reused(self, st: GenerationState) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from dqar.engine.attention import attend, project, split_heads
 from dqar.errors import DqarError
 
 ENTROPY_EPS = 1e-12
@@ -123,15 +123,16 @@ def is_plain_attention(attn: torch.nn.Module) -> bool:
     )
 
 
+def attention_entropy(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Normalized entropy of the attention map of projected Q, K (B, T, C) over the query `rows`: ()."""
+    q4, k4 = split_heads(q, attn.heads), split_heads(k, attn.heads)  # (B, H, T, D)
+    return normalized_entropy(q4.index_select(2, rows), k4, q4.shape[-1] ** -0.5)
+
+
 def attention_with_entropy(attn: torch.nn.Module, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of `x` (B, T, C) with diffusers' SDPA math, and the entropy of the `rows` subsample."""
-    b, t, _ = x.shape
-    heads = attn.heads
-    q, k, v = (proj(x).view(b, t, heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))  # (B, H, T, D)
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (B, H, T, D)
-    o = o.transpose(1, 2).reshape(b, t, -1).to(q.dtype)  # (B, T, C)
-    out = attn.to_out[1](attn.to_out[0](o))
-    return out, normalized_entropy(q.index_select(2, rows), k, q.shape[-1] ** -0.5)
+    q, k, v = project(attn, x)  # (B, T, C) each
+    return attend(attn, q, k, v), attention_entropy(attn, q, k, rows)
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
