@@ -142,8 +142,3 @@ def class_labels(classes: Sequence[str] | None, loaded) -> list[int]:
     from dqar.labels import default_labels, parse_labels
 
     return parse_labels(classes, loaded.num_classes, loaded.class_names) if classes else default_labels(loaded.num_classes)
-
-
-def cycled(classes: Sequence[int], n: int) -> list[int]:
-    """`n` labels cycling over `classes`."""
-    return [classes[i % len(classes)] for i in range(n)]

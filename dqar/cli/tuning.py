@@ -5,8 +5,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dqar.cli.common import (Parser, at_least, check_reuse_files, class_labels, cycled, load, model_args, quiet_arg, run_config,
+from dqar.cli.common import (Parser, at_least, check_reuse_files, class_labels, load, model_args, quiet_arg, run_config,
                              sampling_args, set_threads, threads_arg, writable_file, writable_folder)
+from dqar.labels import cycle_labels
 
 
 def cmd_calibrate(args) -> int:
@@ -21,7 +22,7 @@ def cmd_calibrate(args) -> int:
     if args.trace:
         writable_file(args.trace)
     loaded = load(args)
-    labels = cycled(class_labels(args.classes, loaded), args.samples)
+    labels = cycle_labels(class_labels(args.classes, loaded), args.samples)
     cal = calibrate(loaded, labels, run, target_fraction=args.target, error_budget=args.budget,
                     max_staleness=args.max_staleness, progress=not args.quiet)
     save_plan(cal.plan, args.out)
@@ -114,7 +115,7 @@ def cmd_policy_distill(args) -> int:
     at_least("--samples", args.samples, 1)
     writable_file(args.out)
     loaded = load(args)
-    plan = distill_plan(loaded, cycled(class_labels(args.classes, loaded), args.samples), run, progress=not args.quiet)
+    plan = distill_plan(loaded, cycle_labels(class_labels(args.classes, loaded), args.samples), run, progress=not args.quiet)
     save_plan(plan, args.out)
     print(f"wrote plan {args.out}: reuse {100 * plan.reuse_fraction:.1f}% of {plan.num_evaluations} evaluations x "
           f"{plan.num_layers} layers, decided by {run.reuse.policy} at threshold {run.reuse.policy_threshold} "
