@@ -47,9 +47,10 @@ def check_supported(cfg, blocks) -> None:
         B.check_block(blk)
 
 
-def fused_forward(engine, layer: int, blk, kernels: Kernels, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                  encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
-    """Drop-in `BasicTransformerBlock.forward` for DiT blocks; (B, T, C) → (B, T, C).
+def fused_forward(engine, layer: int, blk, kernels: Kernels, original: Callable, hidden_states, attention_mask=None,
+                  encoder_hidden_states=None, encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                  added_cond_kwargs=None):
+    """Drop-in `BasicTransformerBlock.forward` for DiT blocks; (B, T, C) → (B, T, C); `original` is not called.
 
     Stores and reads through the engine's `LayerCache` as the patched path does: INT8 values, scales and the
     round-trip error come out of the compute graph and enter `put_encoded`; a reuse reads `cache.stored`.

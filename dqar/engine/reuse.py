@@ -1,32 +1,34 @@
-"""The reuse engine: patches each block's `attn1` (or the whole block), executes host-side decisions.
+"""The reuse engine: diffusers hooks on each block's `attn1` (or the whole block) execute host-side decisions.
 
-Decisions are taken once per model evaluation by a *decider* (a plan, later a gate or a
-policy) and read from a host tuple inside each layer: no device→host reads on the plan
-path. All state lives in `ReuseEngine` and its per-generation `GenerationState`; the
-patched modules only get their `forward` replaced, and `detach` puts it back.
+Decisions are taken once per model evaluation by a *decider* (`dqar.engine.decider`: a plan,
+the gate, a policy) and read from a host tuple inside each layer: no device→host reads on the
+plan path. All state lives in `ReuseEngine` and its per-generation `GenerationState`; the
+modules only get named hooks in their diffusers `HookRegistry` (`dqar.engine.hooks`), and
+`detach` removes them, leaving other libraries' hooks in place.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 import math
-import weakref
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from dqar.engine import forwards
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
-from dqar.errors import DqarError
 from dqar.engine.flops import attention_flops, dit_shape, forward_flops, skipped_flops
-from dqar.engine.attention import attend
-from dqar.engine.signals import Needs, SignalRecorder, attention_entropy, attention_with_entropy, is_plain_attention, relative_change
+from dqar.engine.fused import check_supported, fused_forward, make_kernels
+from dqar.engine.hooks import (ATTENTION_HOOK, BLOCK_HOOK, EVALUATION_HOOK, EvaluationHook, LayerHook, add_hook, has_hook,
+                               refresh_child_registries, remove_hook)
+from dqar.engine.signals import Needs, SignalRecorder, is_plain_attention
 from dqar.engine.stats import ReuseStats, summarize
+from dqar.errors import DqarError
 
-_ATTACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 EXECUTORS = ("patch", "fused", "compiled")
 
 
@@ -50,6 +52,7 @@ class GenerationState:
     guided: bool | None = None  # the batch is [conditional; unconditional] (None: look at the labels once)
     sharing: bool = False  # attn1 computes one CFG half in the current evaluation
     shared: np.ndarray | None = None  # (E, L) bool: attn1 computed on one half and copied to the other
+    x_t: torch.Tensor | None = None  # the current evaluation's input, while its signals are measured
 
 
 class ReuseEngine:
@@ -57,7 +60,7 @@ class ReuseEngine:
 
     def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider, scheduler: Any = None,
                  executor: str = "patch"):
-        if transformer in _ATTACHED:
+        if has_hook(transformer, EVALUATION_HOOK):
             raise DqarError("reuse is already attached to this transformer", "call handle.disable() before enabling it again")
         if not hasattr(transformer, "transformer_blocks"):
             raise DqarError(f"{type(transformer).__name__} has no transformer_blocks", "pass a diffusers DiTTransformer2DModel or DiTPipeline")
@@ -68,71 +71,54 @@ class ReuseEngine:
         self.blocks = list(transformer.transformer_blocks)
         if executor not in EXECUTORS:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTORS)}")
-        self.executor = executor  # "patch": wrap attn1 / block; "fused"/"compiled": pure block functions (dqar.engine.fused)
+        self.executor = executor  # "patch": hook attn1 / block; "fused"/"compiled": pure block functions (dqar.engine.fused)
         self.needs: Needs = getattr(self.decider, "needs", None) or Needs()
         if executor != "patch" and (self.needs.any or cfg.cfg_share != "none"):
             raise DqarError(f"the gate, signal traces and cfg_share run on the 'patch' executor, not '{executor}'", "use executor = 'patch'")
         if self.needs.entropy and not all(is_plain_attention(b.attn1) for b in self.blocks):
             raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
+        if executor != "patch":
+            check_supported(cfg, self.blocks)
         self.state: GenerationState | None = None
         self.last_stats: ReuseStats | None = None
-        self._patched: list[tuple[torch.nn.Module, Any]] = []
-        self._hook = None
-        self._post_hook = None
+        self._hooked: list[tuple[torch.nn.Module, str, bool]] = []  # (module, hook name, registry created by dqar)
         self._attach()
 
     # ----- attach / detach -------------------------------------------------------------
-    def _attach(self) -> None:
+    def _layer_forwards(self):
+        """(module, hook name, forward(original, *args, **kwargs)) for every module the executor takes over."""
         if self.executor != "patch":
-            self._attach_fused()
-            return
+            kernels = make_kernels(compile=self.executor == "compiled")
+            return [(b, BLOCK_HOOK, functools.partial(fused_forward, self, i, b, kernels)) for i, b in enumerate(self.blocks)]
         inner = self.needs.entropy or self.cfg.cfg_share != "none"  # attn1 must measure or share inside whole blocks
+        out = []
         for layer, block in enumerate(self.blocks):
             if self.cfg.granularity == "block":
-                self._patch(block, functools.partial(self._block_forward, layer, block.forward))
+                out.append((block, BLOCK_HOOK, functools.partial(forwards.block, self, layer)))
                 if inner:
-                    self._patch(block.attn1, functools.partial(self._attn_compute, layer, block.attn1, block.attn1.forward))
-            elif self.cfg.target == "kv":
-                self._patch(block.attn1, functools.partial(self._kv_forward, layer, block.attn1))
+                    out.append((block.attn1, ATTENTION_HOOK, functools.partial(forwards.attention_compute, self, layer, block.attn1)))
             else:
-                self._patch(block.attn1, functools.partial(self._attn_forward, layer, block.attn1, block.attn1.forward))
-        self._hook = self.transformer.register_forward_pre_hook(self._on_evaluation, with_kwargs=True)
-        if self.needs.snr or self.needs.record:
-            self._post_hook = self.transformer.register_forward_hook(self._after_evaluation, with_kwargs=True)
-        _ATTACHED.add(self.transformer)
+                forward = forwards.kv if self.cfg.target == "kv" else forwards.attention
+                out.append((block.attn1, ATTENTION_HOOK, functools.partial(forward, self, layer, block.attn1)))
+        return out
 
-    def _attach_fused(self) -> None:
-        from dqar.engine.fused import check_supported, fused_forward, make_kernels
-
-        check_supported(self.cfg, self.blocks)
-        kernels = make_kernels(compile=self.executor == "compiled")
-        for layer, block in enumerate(self.blocks):
-            self._patch(block, functools.partial(fused_forward, self, layer, block, kernels))
-        self._hook = self.transformer.register_forward_pre_hook(self._on_evaluation, with_kwargs=True)
-        _ATTACHED.add(self.transformer)
-
-    def _patch(self, module: torch.nn.Module, forward: Callable) -> None:
-        self._patched.append((module, module.__dict__.get("forward")))
-        module.forward = forward
+    def _attach(self) -> None:
+        self._hooked.append((self.transformer, EVALUATION_HOOK, add_hook(self.transformer, EVALUATION_HOOK, EvaluationHook(self))))
+        for module, name, forward in self._layer_forwards():
+            self._hooked.append((module, name, add_hook(module, name, LayerHook(forward))))
+        refresh_child_registries(self.transformer)
 
     def detach(self) -> None:
-        """Restore every patched module and remove the evaluation hook."""
-        for module, previous in reversed(self._patched):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self._patched.clear()
-        for hook in (self._hook, self._post_hook):
-            if hook is not None:
-                hook.remove()
-        self._hook = self._post_hook = None
-        _ATTACHED.discard(self.transformer)
+        """Remove dqar's hooks (other hooks stay); a module nothing else hooks is exactly as before."""
+        for module, name, created in reversed(self._hooked):
+            remove_hook(module, name, created)
+        self._hooked.clear()
+        refresh_child_registries(self.transformer)
         self.state = None
 
     @property
     def attached(self) -> bool:
-        return self._hook is not None
+        return bool(self._hooked)
 
     # ----- generation lifecycle ----------------------------------------------------------
     def begin_generation(self, num_evaluations: int, scheduler: Any = None, guided: bool | None = None) -> None:
@@ -177,8 +163,8 @@ class ReuseEngine:
             return (key, value)
         return (main,)
 
-    def _on_evaluation(self, module, args, kwargs) -> None:
-        """Forward pre-hook: one transformer call is one model evaluation."""
+    def on_evaluation(self, args: tuple, kwargs: dict) -> None:
+        """Before each transformer forward: one call is one model evaluation."""
         self._maybe_autobegin()
         st = self.state
         st.evaluation += 1
@@ -194,6 +180,7 @@ class ReuseEngine:
         if st.signals is not None:
             timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             st.signals.begin_evaluation(e, timestep, hidden.device, hidden)
+            st.x_t = hidden
         st.sharing = 0 <= st.share_from <= e and self._is_guided(st, args, kwargs, hidden.shape[0])
         st.row = self.decider.row(e)
         st.store = self.decider.store_row(e)
@@ -229,13 +216,18 @@ class ReuseEngine:
                 st.host_syncs += 1
         return st.guided
 
-    def _after_evaluation(self, module, args, kwargs, output) -> None:
-        """Forward post-hook: signals of the evaluation's output (prediction SNR), on the device."""
+    def after_evaluation(self, output: Any) -> None:
+        """After each transformer forward: signals of the evaluation's output (prediction SNR), on the device."""
         st = self.state
         if st is not None and st.signals is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
             sample = output[0] if isinstance(output, tuple) else output.sample
-            st.signals.end_evaluation(hidden, sample)
+            st.signals.end_evaluation(st.x_t, sample)  # x_t: (B, C, H, W)
+            st.x_t = None
+
+    def reset(self) -> None:
+        """The registry's reset (`reset_stateful_hooks`): end the generation in progress and drop its state."""
+        self.end_generation()
+        self.state = None
 
     def _maybe_autobegin(self) -> None:
         """Inside a stock pipeline: a new `scheduler.timesteps` object means a new generation."""
@@ -246,64 +238,6 @@ class ReuseEngine:
             self.begin_generation(len(sched.timesteps), sched)  # guided: read from the labels when sharing needs it
         elif self.state is None:
             raise DqarError("no generation has begun", "sample with dqar.sampling.sample(..., reuse=handle) or call handle.begin_generation(steps)")
-
-    # ----- patched forwards (hot path) -----------------------------------------------------
-    def _attn_forward(self, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        st = self.state
-        if st.row[layer] and st.cache.has(layer):
-            st.executed[st.evaluation, layer] = True
-            return st.cache.get(layer)[0]  # (B, T, C)
-        out = self._attn_compute(layer, attn, original, hidden_states, *args, **kwargs)  # (B, T, C)
-        if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-            st.signals.put_change(layer, relative_change(out, st.cache.get(layer)[0]))
-        if st.store[layer]:
-            st.cache.put(layer, out)
-        return out
-
-    def _attn_compute(self, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """attn1 computed: on one CFG half when sharing (copied to the other), measuring entropy when needed."""
-        st = self.state
-        x = hidden_states  # (B, T, C)
-        if st.sharing:
-            half = x.shape[0] // 2
-            x = x[:half] if self.cfg.cfg_share == "cond_to_uncond" else x[half:]  # (B/2, T, C)
-            st.shared[st.evaluation, layer] = True
-        sig = st.signals
-        if sig is not None and sig.needs.entropy:
-            out, entropy = attention_with_entropy(attn, x, sig.rows(x.shape[1], x.device))
-            sig.put_entropy(layer, entropy)
-        else:
-            out = original(x, *args, **kwargs)
-        return torch.cat([out, out]) if st.sharing else out
-
-    def _block_forward(self, layer: int, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        st = self.state
-        if st.row[layer] and st.cache.has(layer):
-            st.executed[st.evaluation, layer] = True
-            return hidden_states + st.cache.get(layer)[0]  # (B, T, C) residual of attention + MLP
-        out = original(hidden_states, *args, **kwargs)
-        if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-            st.signals.put_change(layer, relative_change(out - hidden_states, st.cache.get(layer)[0]))
-        if st.store[layer]:
-            st.cache.put(layer, out - hidden_states)
-        return out
-
-    def _kv_forward(self, layer: int, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs) -> torch.Tensor:
-        """Self-attention with fresh Q against cached (or fresh) K and V; same math as diffusers' SDPA processor."""
-        st = self.state
-        q = attn.to_q(hidden_states)  # (B, T, C)
-        if st.row[layer] and st.cache.has(layer):
-            st.executed[st.evaluation, layer] = True
-            k, v = st.cache.get(layer)
-        else:
-            k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, T, C) each
-            if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-                st.signals.put_change(layer, relative_change(v, st.cache.get(layer)[1]))
-            if st.store[layer]:
-                st.cache.put(layer, k, v)
-            if st.signals is not None and st.signals.needs.entropy:
-                st.signals.put_entropy(layer, attention_entropy(attn, q, k, st.signals.rows(q.shape[1], q.device)))
-        return attend(attn, q, k, v)
 
     # ----- stats ---------------------------------------------------------------------------
     def _nonfinite_reused(self, st: GenerationState) -> int:
