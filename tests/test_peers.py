@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler
 from dqar.reporting import compared as C
 from dqar.studies import grid as G
 from dqar.studies import peers as P
+from dqar.studies.core import SEED_OFFSET
 from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, run_ablation
 from dqar.cli import main as cli_main
 from dqar.errors import DqarError
@@ -58,7 +59,7 @@ def base(tiny, single_thread):
 
 def attached(tiny, peer):
     model = copy.deepcopy(tiny)
-    return model, P.attach(peer, model, STEPS, calibrate=lambda: draw(model, seed=1000))
+    return model, P.attach(peer, model, STEPS, calibrate=lambda: draw(model, seed=SEED_OFFSET))
 
 
 def generation(model, a, seed=0):
