@@ -108,6 +108,10 @@ def cmd_fidelity(args) -> int:
         from dqar.studies.evidence import run_section
 
         return run_section(args)  # checks its settings before it samples
+    if args.section == "forecast":
+        from dqar.studies.forecast_section import run_section as run_forecast_section
+
+        return run_forecast_section(args)  # checks its settings before it samples
     from dqar.studies.engine_fidelity import EngineSettings, run_engine, write_engine
 
     at_least("--samples", args.samples, 1)
@@ -118,11 +122,14 @@ def cmd_fidelity(args) -> int:
 
 
 def fidelity_parser(sub) -> None:
+    from dqar.studies import forecast_section
     from dqar.studies.evidence import add_arguments
 
     p = sub.add_parser("fidelity", help="fidelity evidence on the embedded model, written to docs/FIDELITY.md")
-    p.add_argument("--section", required=True, choices=["dynamic", "engine"],
+    p.add_argument("--section", required=True, choices=["dynamic", "engine", "forecast"],
                    help="dynamic: static schedules vs gate vs calibrated plans vs CFG sharing; engine: presets, refresh intervals, "
-                        "cache formats and granularity (--samples is the total, spread over the 10 classes)")
+                        "cache formats and granularity (--samples is the total, spread over the 10 classes); forecast: "
+                        "forecast order x granularity x refresh, INT8 history, peers at matched shares, DPM-Solver++ axes")
     add_arguments(p)
+    forecast_section.add_arguments(p)
     p.set_defaults(func=cmd_fidelity)
