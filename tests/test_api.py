@@ -6,7 +6,7 @@ import dqar
 from dqar.engine.config import ReuseConfig
 from dqar.sampling import sample
 
-from conftest import make_pipe, pipe_images
+from conftest import NoSync, make_pipe, pipe_images
 
 CFG = ReuseConfig(schedule="constant", cache_dtype="int8", warmup_frac=0.2)
 
@@ -27,6 +27,20 @@ def test_enable_on_a_stock_pipeline_reuses_and_resets_between_calls():
     assert handle.stats.evaluations == 6 and other_steps.shape == ref.shape
     handle.disable()
     assert np.array_equal(pipe_images(pipe), ref)
+
+
+def test_stats_are_summarized_once_per_generation():
+    """After a pipeline call (no end_generation there) the first read summarizes; every later read is that object."""
+    pipe = make_pipe()
+    with dqar.enable(pipe, CFG) as handle:
+        pipe_images(pipe)
+        first = handle.stats
+        with NoSync():  # the INT8 error is read back once, by the first read only
+            again = handle.stats
+        assert again is first and first.quant_error > 0
+        pipe_images(pipe)
+        assert handle.stats is not first and handle.stats is handle.stats
+        assert handle.stats.reuse_mask == first.reuse_mask
 
 
 def test_pipeline_and_dqar_sampler_agree_under_reuse():

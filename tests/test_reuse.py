@@ -62,6 +62,23 @@ def test_state_resets_between_generations(model):
     assert h.stats.reuse_mask == s1.reuse_mask
 
 
+def test_stats_are_computed_once_and_summarize_a_generation_in_progress(model):
+    h = dqar.enable(model, ReuseConfig(schedule="constant", cache_dtype="int8"))
+    drive(model, h)  # ends the generation
+    ended = h.stats
+    with NoSync():
+        assert h.stats is ended and h.end_generation() is ended
+    h.begin_generation(E)
+    assert h.stats is ended  # nothing ran in the new generation yet
+    with torch.no_grad():
+        x, labels = torch.randn(4, 4, 8, 8), torch.tensor([3, 7, 1000, 1000])
+        for e in range(5):
+            model(x, timestep=torch.full((4,), 999 - 80 * e), class_labels=labels)
+    partial = h.stats
+    assert partial.evaluations == 5 and partial.reuse_mask == ended.reuse_mask[:5]
+    h.disable()
+
+
 def test_int8_cache_is_what_is_read_back(model):
     outs = {}
     for dtype in ("model", "int8"):

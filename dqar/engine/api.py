@@ -72,10 +72,8 @@ class ReuseHandle:
     # user surface --------------------------------------------------------------------------
     @property
     def stats(self) -> ReuseStats | None:
-        """Stats of the last finished generation (or of the one in progress)."""
-        if self._engine.state is not None and self._engine.state.evaluation >= 0:
-            return self._engine.end_generation()
-        return self._engine.last_stats
+        """Stats of the last finished generation, computed once (or what ran so far of the one in progress)."""
+        return self._engine.stats
 
     @property
     def plan(self) -> Plan | None:

@@ -53,6 +53,8 @@ class GenerationState:
     sharing: bool = False  # attn1 computes one CFG half in the current evaluation
     shared: np.ndarray | None = None  # (E, L) bool: attn1 computed on one half and copied to the other
     x_t: torch.Tensor | None = None  # the current evaluation's input, while its signals are measured
+    finished: int = 0  # evaluations whose forward has returned
+    stats: ReuseStats | None = None  # the summary, once the generation has ended
 
 
 class ReuseEngine:
@@ -148,10 +150,21 @@ class ReuseEngine:
         )
 
     def end_generation(self) -> ReuseStats | None:
-        """Summarize the generation that just ran (one host read for the INT8 error)."""
-        if self.state is not None and self.state.evaluation >= 0:
-            self.last_stats = self._summarize(self.state)
+        """Summarize the generation that just ran, once (one host read for the INT8 error); later calls return the same."""
+        st = self.state
+        if st is not None and st.evaluation >= 0:
+            if st.stats is None:
+                st.stats = self._summarize(st)
+            self.last_stats = st.stats
         return self.last_stats
+
+    @property
+    def stats(self) -> ReuseStats | None:
+        """The generation's stats: summarized once when it has ended (or run all its evaluations); in progress, what ran so far."""
+        st = self.state
+        if st is None or st.evaluation < 0 or st.stats is not None or st.finished == st.num_evaluations:
+            return self.end_generation()
+        return self._summarize(st)
 
     def _policies(self) -> tuple[StorePolicy, ...]:
         heads = self.blocks[0].attn1.heads
@@ -168,6 +181,7 @@ class ReuseEngine:
         self._maybe_autobegin()
         st = self.state
         st.evaluation += 1
+        st.stats = None  # more evaluations in this generation: summarize again at its end
         e = st.evaluation
         if e >= st.num_evaluations:
             raise DqarError(
@@ -219,7 +233,10 @@ class ReuseEngine:
     def after_evaluation(self, output: Any) -> None:
         """After each transformer forward: signals of the evaluation's output (prediction SNR), on the device."""
         st = self.state
-        if st is not None and st.signals is not None:
+        if st is None:
+            return
+        st.finished = st.evaluation + 1
+        if st.signals is not None:
             sample = output[0] if isinstance(output, tuple) else output.sample
             st.signals.end_evaluation(st.x_t, sample)  # x_t: (B, C, H, W)
             st.x_t = None
