@@ -1,0 +1,254 @@
+"""Forecast reuse on the embedded model → docs/FIDELITY.md ("Forecast").
+
+`dqar fidelity --section forecast` samples a fixed set of labels without reuse and under every
+configuration: forecast order 0 (copy), 1 and 2 × attention and block granularity × refresh
+interval, the INT8 history against the model-dtype one, `full_dqar`, and the peers run through
+their own packages. Each run counts the `attn1` and `ff` forwards that really ran (as the peers'
+rows do), so "work skipped" means the same for dqar and for peers. At three matched shares of
+skipped `attn1` + `ff` work, dqar's best block-forecast plan and diffusers' TaylorSeerCache at its
+best setting are both chosen on probe seeds (other noise) and then scored on the evaluated seeds.
+A DPM-Solver++ part compares the two forecast axes. Every verdict is computed from the rows.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
+from dqar.engine.flops import attention_flops, dit_shape, mlp_flops
+from dqar.generate import generate
+from dqar.labels import cycle_labels
+from dqar.studies import peers as P
+from dqar.studies.core import Study, baseline_row, embedded_evaluator, make_reference, other_seeds, study_row
+
+SECTION = "Forecast"
+SHARES = (0.45, 0.60, 0.70)  # matched shares of skipped attn1 + ff work
+SHARE_TOLERANCE = 0.035
+COLUMNS = ("reuse", "flops_skipped", "quant_error", "psnr_db", "ssim", "class_accuracy", "fd")
+
+
+@dataclass(frozen=True)
+class ForecastSettings:
+    """What the forecast study measures."""
+
+    samples: int = 100  # evaluated images, labels cycling over the classes
+    probe_samples: int = 20  # images on other seeds that choose the matched-share settings
+    steps: int = 50
+    cfg: float = 4.0
+    seed: int = 0  # sample i uses seed + i
+    dpm_steps: int = 20  # the DPM-Solver++ part (0: skip it)
+    peers: bool = True  # run the peers (TaylorSeer tuning, FirstBlockCache, MagCache, PAB, cache-dit)
+    out_dir: str = "docs"
+    model: str | None = None  # None: the embedded model
+
+
+# ----- configurations ----------------------------------------------------------------------------
+def forecast_config(order: int, granularity: str, refresh: int, warmup: int, steps: int, **extra) -> ReuseConfig:
+    """Every layer eligible after `warmup` evaluations, the last evaluation computed, a refresh every `refresh`."""
+    return ReuseConfig(schedule="constant", granularity=granularity, forecast_order=order, refresh_interval=refresh,
+                       max_staleness=max(refresh - 1, 1), warmup_frac=warmup / steps, cooldown_frac=1 / steps, **extra)
+
+
+def grid_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
+    """Order 0/1/2 × attention/block granularity × refresh 2–5, model-dtype cache, two warm-up evaluations."""
+    cases = []
+    for gran, refresh, order in itertools.product(("attention", "block"), (2, 3, 4, 5), (0, 1, 2)):
+        name = f"{gran}, order {order}, refresh {refresh}"
+        cases.append((name, {"order": order, "granularity": gran, "refresh": refresh},
+                      forecast_config(order, gran, refresh, 2, steps)))
+    return cases
+
+
+def extra_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
+    """INT8 history beside model dtype under one plan and order, and the full_dqar preset."""
+    out = []
+    for refresh in (3, 5):
+        for dtype in ("model", "int8"):
+            cfg = forecast_config(2, "block", refresh, 2, steps, cache_dtype=dtype, quant_mode="token")
+            out.append((f"block, order 2, refresh {refresh}, {dtype} cache", {"cache": dtype, "refresh": refresh}, cfg))
+    out.append(("full_dqar preset", {"preset": "full_dqar"}, preset("full_dqar")))
+    return out
+
+
+def dqar_share_candidates(steps: int) -> list[tuple[str, ReuseConfig]]:
+    """Block-forecast plans dqar may pick at a matched share (warm-up, refresh, order)."""
+    out = []
+    for order, warmup, refresh in itertools.product((1, 2), (2, 3, 5), (2, 3, 4, 5)):
+        out.append((f"block, order {order}, warm-up {warmup}, refresh {refresh}",
+                    forecast_config(order, "block", refresh, warmup, steps)))
+    return out
+
+
+def taylorseer_candidates() -> list[P.TaylorSeer]:
+    """diffusers TaylorSeerCache settings (orders 1 and 2, warm-up and interval) on attn1 and ff."""
+    return [P.TaylorSeer(max_order=o, disable_cache_before_step=w, cache_interval=k)
+            for o, w, k in itertools.product((1, 2), (2, 3, 5), (2, 3, 4, 5))]
+
+
+def default_peers() -> list[Any]:
+    return [P.FirstBlockCache(), P.FirstBlockCache(threshold=0.02), P.MagCache(), P.PAB(), P.CacheDit()]
+
+
+# ----- measurement -------------------------------------------------------------------------------
+def work_weights(loaded) -> tuple[float, float]:
+    """FLOPs of one attn1 call and one ff call (one sample row) of this model."""
+    cfg = loaded.transformer.config
+    shape = dit_shape(cfg, cfg.sample_size, cfg.sample_size)
+    return float(attention_flops(shape)), float(mlp_flops(shape))
+
+
+def skipped_share(counts: dict, base: dict, weights: tuple[float, float]) -> float:
+    """Share of the baseline's attn1 + ff work that did not run."""
+    wa, wf = weights
+    done = counts["attn1"] * wa + counts["ff"] * wf
+    return 1.0 - done / (base["attn1"] * wa + base["ff"] * wf)
+
+
+@dataclass
+class _Context:
+    """One sampling setting: the model, its reference, counted baseline calls and the plan folder."""
+
+    study: Study
+    run: RunConfig
+    base_counts: dict
+    weights: tuple[float, float]
+
+
+def _context(loaded, labels, run: RunConfig, evaluator, plan_dir: Path) -> _Context:
+    with P.count_calls(list(loaded.transformer.transformer_blocks)) as counts:
+        ref = make_reference(loaded, labels, run, evaluator)
+    return _Context(Study(loaded, ref, plan_dir), run, dict(counts), work_weights(loaded))
+
+
+def measure_dqar(ctx: _Context, name: str, reuse: ReuseConfig, head: dict) -> dict:
+    """One dqar configuration: counted, scored against the reference."""
+    run = replace(ctx.run, reuse=reuse)
+    with P.count_calls(list(ctx.study.loaded.transformer.transformer_blocks)) as counts:
+        gen, scores = ctx.study.measure(run)
+    return study_row({"method": "dqar", "name": name, **head}, COLUMNS, gen.stats, scores,
+                     work_skipped=skipped_share(counts, ctx.base_counts, ctx.weights), config=asdict(reuse))
+
+
+def measure_peer(ctx: _Context, peer: Any) -> dict:
+    """One peer on its own copy of the transformer: counted, scored like a dqar row ('not run' with the reason)."""
+    from dqar.errors import first_line
+    from dqar.studies.core import score
+
+    settings = P.to_dict(peer)
+    head = {"method": settings.pop("method"), "name": f"{peer.title} " + ", ".join(f"{k}={v}" for k, v in settings.items()
+                                                                                     if k != "targets")}
+    reason = P.unavailable(peer)
+    if reason:
+        return {**head, "not_run": reason}
+    loaded = replace(ctx.study.loaded, transformer=copy.deepcopy(ctx.study.loaded.transformer))
+    blocks = list(loaded.transformer.transformer_blocks)
+    steps = ctx.run.sample.steps
+    try:
+        attached = P.attach(peer, loaded.transformer, steps,
+                            calibrate=lambda: generate(loaded, ctx.study.labels, other_seeds(ctx.run)))
+        with P.count_calls(blocks) as counts, attached.generation():
+            gen = generate(loaded, ctx.study.labels, ctx.run)
+        attached.detach()
+    except Exception as exc:  # foreign code on a model it may not support: a row that says why
+        return {**head, "not_run": f"{type(exc).__name__}: {first_line(exc)}"}
+    scores = score(gen.output.images, ctx.study.reference)
+    return study_row(head, COLUMNS, None, scores, work_skipped=skipped_share(counts, ctx.base_counts, ctx.weights),
+                     settings=settings, package=attached.package)
+
+
+def _best_near(rows: Sequence[dict], share: float) -> dict | None:
+    near = [r for r in rows if "psnr_db" in r and abs(r["work_skipped"] - share) <= SHARE_TOLERANCE]
+    return max(near, key=lambda r: r["psnr_db"]) if near else None
+
+
+def matched_shares(probe: _Context, ctx: _Context, tick: Callable[[str], None], with_peers: bool) -> list[dict]:
+    """At each share: dqar's and TaylorSeer's best setting on the probe seeds, both scored on the evaluated seeds."""
+    dq, ts = [], []
+    for name, cfg in dqar_share_candidates(ctx.run.sample.steps):
+        tick(f"probe: {name}")
+        dq.append(measure_dqar(probe, name, cfg, {}))
+    for peer in taylorseer_candidates() if with_peers else []:
+        tick("probe: TaylorSeerCache")
+        ts.append(measure_peer(probe, peer))
+    out = []
+    for share in SHARES:
+        pick_d, pick_t = _best_near(dq, share), _best_near(ts, share)
+        row = {"share": share, "dqar_probe": pick_d, "taylorseer_probe": pick_t, "dqar": None, "taylorseer": None}
+        if pick_d is not None:
+            row["dqar"] = measure_dqar(ctx, pick_d["name"], ReuseConfig(**_reuse_kwargs(pick_d["config"])), {})
+        if pick_t is not None:
+            s = pick_t["settings"]
+            row["taylorseer"] = measure_peer(ctx, P.TaylorSeer(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}))
+        out.append(row)
+    return out
+
+
+def _reuse_kwargs(config: dict) -> dict:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+
+
+# ----- the study ---------------------------------------------------------------------------------
+def _sample(settings: ForecastSettings, sampler: str, steps: int) -> SampleConfig:
+    return SampleConfig(steps=steps, cfg=settings.cfg, sampler=sampler, seed=settings.seed)
+
+
+def dpm_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
+    """DPM-Solver++: orders 1 and 2 on both forecast axes, at two refresh intervals."""
+    out = []
+    for refresh, order, axis in itertools.product((2, 3), (1, 2), ("evaluation", "timestep")):
+        cfg = forecast_config(order, "block", refresh, 2, steps, forecast_axis=axis)
+        out.append((f"block, order {order}, refresh {refresh}, {axis} axis", {"order": order, "refresh": refresh, "axis": axis}, cfg))
+    return out
+
+
+def run_forecast(settings: ForecastSettings = ForecastSettings(), progress: bool = True) -> dict:
+    """Measure every configuration and peer; returns a JSON-ready dict (nothing written)."""
+    from tqdm.auto import tqdm
+
+    from dqar.models import load_model
+
+    loaded = load_model(settings.model)
+    evaluator = embedded_evaluator(loaded)
+    labels = cycle_labels(loaded.num_classes, settings.samples)
+    probe_labels = cycle_labels(loaded.num_classes, settings.probe_samples)
+    ddim = RunConfig(reuse=preset("baseline"), sample=_sample(settings, "ddim", settings.steps))
+    grid, extra = grid_cases(settings.steps), extra_cases(settings.steps)
+    dpm = dpm_cases(settings.dpm_steps) if settings.dpm_steps else []
+    peers = default_peers() if settings.peers else []
+    total = 3 + len(grid) + len(extra) + len(peers) + len(dpm) + len(dqar_share_candidates(settings.steps)) \
+        + (len(taylorseer_candidates()) if settings.peers else 0) + 2 * len(SHARES)
+    with tqdm(total=total, desc="forecast", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
+        def tick(what: str) -> None:
+            bar.set_postfix_str(what[:40])
+            bar.update(1)
+
+        ctx = _context(loaded, labels, ddim, evaluator, Path(tmp))
+        tick("reference")
+        probe = _context(loaded, probe_labels, other_seeds(ddim), None, Path(tmp))
+        tick("probe reference")
+        rows = []
+        for name, head, cfg in grid + extra:
+            tick(name)
+            rows.append(measure_dqar(ctx, name, cfg, head))
+        peer_rows = []
+        for peer in peers:
+            tick(peer.title)
+            peer_rows.append(measure_peer(ctx, peer))
+        matched = matched_shares(probe, ctx, tick, settings.peers)
+        dpm_rows, dpm_base = [], None
+        if dpm:
+            dctx = _context(loaded, labels, replace(ddim, sample=_sample(settings, "dpm", settings.dpm_steps)), evaluator, Path(tmp))
+            tick("DPM-Solver++ reference")
+            dpm_base = baseline_row({"method": "baseline", "name": "no reuse"}, COLUMNS, dctx.study.reference)
+            for name, head, cfg in dpm:
+                tick(name)
+                dpm_rows.append(measure_dqar(dctx, name, cfg, head))
+    return {
+        "settings": asdict(settings), "model": loaded.name, "evaluator": evaluator.description if evaluator else None,
+        "baseline": baseline_row({"method": "baseline", "name": "no reuse"}, COLUMNS, ctx.study.reference),
+        "rows": rows, "peers": peer_rows, "matched": matched, "dpm_baseline": dpm_base, "dpm_rows": dpm_rows,
+    }
