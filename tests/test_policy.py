@@ -62,14 +62,16 @@ def run(model, cfg, guard=None):
 
 
 # ----- the decider ---------------------------------------------------------------------------------
-def test_always_reuse_policy_is_the_static_plan_bit_for_bit(model, tmp_path):
+@pytest.mark.parametrize("forecast_order", [0, 2])
+def test_always_reuse_policy_is_the_static_plan_bit_for_bit(model, tmp_path, forecast_order):
     for cache in ("model", "int8"):
-        cfg = ReuseConfig(**SCHEDULE, cache_dtype=cache)
+        cfg = ReuseConfig(**SCHEDULE, cache_dtype=cache, forecast_order=forecast_order)
         plan_outs, plan_stats = run(model, cfg)
         outs, stats = run(model, replace(cfg, policy=saved(constant_policy(-9.0), tmp_path), policy_threshold=0.5))
         assert np.array_equal(np.array(stats.reuse_mask, bool), build_plan(cfg, E, 4).mask) and stats.reused > 0
         assert stats.reuse_mask == plan_stats.reuse_mask
         assert all(torch.equal(a, b) for a, b in zip(outs, plan_outs)), cache
+        assert stats.forecasts == plan_stats.forecasts == (stats.reused if forecast_order else 0)
 
 
 def test_always_compute_policy_is_the_baseline_bit_for_bit(model, tmp_path):

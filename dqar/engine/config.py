@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dqar.engine.forecast import FORECAST_AXES, FORECAST_ORDERS
 from dqar.errors import DqarError
 
 if sys.version_info >= (3, 11):
@@ -78,6 +79,8 @@ class ReuseConfig:
     policy: str = ""  # a learned reuse policy (safetensors, `dqar policy train`): an eligible layer reuses where it predicts a small error
     policy_threshold: float = 0.007  # policy: largest predicted relative perturbation a reuse injects into the block's residual stream, in [0, 1] (higher: more reuse)
     policy_budget: float = 1.0  # policy: at most this fraction of the layers reuse in one evaluation (lowest predicted error first), in [0, 1]
+    forecast_order: int = 0  # a reuse returns: 0 a copy of the last computed output; 1 / 2 its linear / quadratic extrapolation
+    forecast_axis: str = "evaluation"  # extrapolate over the evaluation index or over the scheduler's timesteps ("timestep")
 
     def __post_init__(self) -> None:
         _choice("target", self.target, TARGETS)
@@ -110,6 +113,13 @@ class ReuseConfig:
         if self.policy and (self.target != "attention" or self.granularity != "attention"):
             raise DqarError("a learned policy predicts the error of a reused attention output",
                             "use target = 'attention' and granularity = 'attention' with policy")
+        if not isinstance(self.forecast_order, int) or isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
+            raise DqarError(f"forecast_order = {self.forecast_order!r} is not supported",
+                            "use 0 (copy the last computed output), 1 (linear) or 2 (quadratic extrapolation)")
+        _choice("forecast_axis", self.forecast_axis, FORECAST_AXES)
+        if self.forecast_order and self.target == "kv":
+            raise DqarError("forecast_order extrapolates cached attention or block outputs, not K/V",
+                            "use target = 'attention' or forecast_order = 0")
         if self.cfg_share != "none" and self.target == "kv":
             raise DqarError("cfg_share needs target = 'attention'", "set target = 'attention' or cfg_share = 'none'")
         if self.kv_mixed and self.target != "kv":

@@ -72,8 +72,9 @@ class PlanDecider:
         if shape not in self.plans:
             plan = self.fixed or build_plan(self.cfg, *shape, {**self.key, "steps": ctx.num_evaluations})
             plan.check_shape(*shape)
-            # a reuse run only extends from a computed output, so "the next evaluation reuses" is enough for a copy
-            self.plans[shape] = (plan, plan.rows(), store_rows(plan.mask, keep_for_later=False))
+            # a copy reads one computed output, and a reuse run only extends from one: "the next evaluation reuses" is enough
+            # for it; a forecast reads the layer's last computed outputs, so each is kept while the layer reuses later
+            self.plans[shape] = (plan, plan.rows(), store_rows(plan.mask, keep_for_later=self.cfg.forecast_order > 0))
         self.plan, self._rows, self._store = self.plans[shape]
 
     def row(self, evaluation: int) -> tuple[bool, ...]:
@@ -89,7 +90,7 @@ class EligibleDecider(ABC):
     A subclass accepts some of the candidates with one host read per evaluation that has any (`accept`).
     """
 
-    keep_for_later = False  # store every computed output while a later evaluation may reuse it
+    keep_for_later = False  # store every computed output while a later evaluation may reuse it (always so for forecasts)
     name = "this decider"
 
     def __init__(self, cfg: ReuseConfig):
@@ -105,7 +106,7 @@ class EligibleDecider(ABC):
         self.eligible = eligibility(self.cfg, e, l) if self.cfg.enabled else np.zeros((e, l), dtype=bool)  # (E, L)
         self.eligible[0] = False  # evaluation 0 always computes
         self.limit = staleness_limit(self.cfg.refresh_interval, self.cfg.max_staleness)
-        self._store = store_rows(self.eligible, self.keep_for_later)
+        self._store = store_rows(self.eligible, self.keep_for_later or self.cfg.forecast_order > 0)
         self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations reused since the cached output was computed
         self.decisions = np.zeros((e, l), dtype=bool)
 

@@ -15,11 +15,11 @@ from dqar.engine.signals import attention_entropy, attention_with_entropy, relat
 
 
 def attention(engine, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """`attn1`: the cached output where the row says reuse, else computed (and stored where the store row says)."""
+    """`attn1`: the cached output (or its forecast) where the row says reuse, else computed (and stored where the store row says)."""
     st = engine.state
     if st.row[layer] and st.cache.has(layer):
         st.executed[st.evaluation, layer] = True
-        return st.cache.get(layer)[0]  # (B, T, C)
+        return st.cache.read(layer)  # (B, T, C) a copy or a forecast
     out = attention_compute(engine, layer, attn, original, hidden_states, *args, **kwargs)  # (B, T, C)
     if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
         st.signals.put_change(layer, relative_change(out, st.cache.get(layer)[0]))
@@ -50,7 +50,7 @@ def block(engine, layer: int, original: Callable, hidden_states: torch.Tensor, *
     st = engine.state
     if st.row[layer] and st.cache.has(layer):
         st.executed[st.evaluation, layer] = True
-        return hidden_states + st.cache.get(layer)[0]  # (B, T, C) residual of attention + MLP
+        return hidden_states + st.cache.read(layer)  # (B, T, C) residual of attention + MLP, a copy or a forecast
     out = original(hidden_states, *args, **kwargs)
     if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
         st.signals.put_change(layer, relative_change(out - hidden_states, st.cache.get(layer)[0]))

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from dqar.engine import block as B
+from dqar.engine.cache import split_stored
 from dqar.errors import DqarError
 from dqar.engine.quant import QTensor
 
@@ -26,16 +27,18 @@ class Kernels:
     compute_q: Callable
     reuse: Callable
     reuse_q: Callable
+    reuse_forecast: Callable
     whole: Callable
     whole_q: Callable
     skip: Callable
     skip_q: Callable
+    skip_forecast: Callable
 
 
 @functools.lru_cache(maxsize=None)
 def make_kernels(compile: bool, mode: str | None = None) -> Kernels:
     """Wrap each block function with `torch.compile` (static shapes) when `compile` is set; shared by all handles."""
-    names = ("compute", "compute_q", "reuse", "reuse_q", "whole", "whole_q", "skip", "skip_q")
+    names = ("compute", "compute_q", "reuse", "reuse_q", "reuse_forecast", "whole", "whole_q", "skip", "skip_q", "skip_forecast")
     wrap = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if compile else (lambda f: f)
     return Kernels(**{n: wrap(getattr(B, n)) for n in names})
 
@@ -53,13 +56,22 @@ def fused_forward(engine, layer: int, blk, kernels: Kernels, original: Callable,
     """Drop-in `BasicTransformerBlock.forward` for DiT blocks; (B, T, C) → (B, T, C); `original` is not called.
 
     Stores and reads through the engine's `LayerCache` as the patched path does: INT8 values, scales and the
-    round-trip error come out of the compute graph and enter `put_encoded`; a reuse reads `cache.stored`.
+    round-trip error come out of the compute graph and enter `put_encoded`; a reuse reads `cache.stored` with the
+    cache's host-side `weights` (a copy, or a forecast from the layer's history).
     """
     st = engine.state
     h, cache, block_level = hidden_states, st.cache, engine.cfg.granularity == "block"
     if st.row[layer] and cache.has(layer):
         st.executed[st.evaluation, layer] = True
-        (cached,) = cache.stored(layer)
+        w = cache.weights(layer)
+        stored = [entry[0] for entry in cache.stored(layer, len(w))]
+        if len(w) > 1:  # a forecast: weights enter the graph as a tensor, so new values never recompile
+            values, scales, mode = split_stored(stored)
+            weights = cache.weights_on(w, h.device)
+            if block_level:
+                return kernels.skip_forecast(h, values, scales, mode, weights)
+            return kernels.reuse_forecast(blk, h, timestep, class_labels, values, scales, mode, weights)
+        (cached,) = stored
         if isinstance(cached, QTensor):
             if block_level:
                 return kernels.skip_q(h, cached.values, cached.scale, cached.mode)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dqar.engine import forwards
+from dqar.engine import forecast, forwards
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
@@ -53,6 +53,7 @@ class GenerationState:
     sharing: bool = False  # attn1 computes one CFG half in the current evaluation
     shared: np.ndarray | None = None  # (E, L) bool: attn1 computed on one half and copied to the other
     x_t: torch.Tensor | None = None  # the current evaluation's input, while its signals are measured
+    positions: np.ndarray | None = None  # (E,) where each evaluation lies on the forecast axis (host)
     finished: int = 0  # evaluations whose forward has returned
     stats: ReuseStats | None = None  # the summary, once the generation has ended
 
@@ -139,15 +140,23 @@ class ReuseEngine:
             share_from = math.ceil(self.cfg.cfg_share_from * num_evaluations)
         self.state = GenerationState(
             num_evaluations=num_evaluations,
-            cache=LayerCache(num_layers, self._policies(), self.cfg.track_quant_error),
+            cache=LayerCache(num_layers, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order),
             executed=np.zeros((num_evaluations, num_layers), dtype=bool),
             rows_per_eval=[],
             timesteps_ref=getattr(scheduler, "timesteps", None),
+            positions=self._positions(num_evaluations, scheduler),
             signals=signals,
             share_from=share_from,
             guided=guided,
             shared=np.zeros((num_evaluations, num_layers), dtype=bool),
         )
+
+    def _positions(self, num_evaluations: int, scheduler: Any) -> np.ndarray:
+        """(E,) forecast-axis positions, from the scheduler's timesteps (read once per generation) for axis 'timestep'."""
+        timesteps = getattr(scheduler, "timesteps", None)
+        if self.cfg.forecast_order == 0 or self.cfg.forecast_axis != "timestep" or timesteps is None:
+            return forecast.positions("evaluation", num_evaluations)
+        return forecast.positions("timestep", num_evaluations, torch.as_tensor(timesteps).detach().cpu().double().numpy())
 
     def end_generation(self) -> ReuseStats | None:
         """Summarize the generation that just ran, once (one host read for the INT8 error); later calls return the same."""
@@ -190,6 +199,7 @@ class ReuseEngine:
             )
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
         st.rows_per_eval.append(hidden.shape[0])
+        st.cache.at(float(st.positions[e]))
         st.shape = (hidden.shape[-2], hidden.shape[-1])
         if st.signals is not None:
             timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -283,5 +293,7 @@ class ReuseEngine:
             host_syncs=syncs,
             nonfinite_recomputes=st.nonfinite,
             nonfinite_reused=self._nonfinite_reused(st),
+            forecasts=st.cache.forecasts,
+            cache_entries_peak=st.cache.entries_peak,
             cfg_shared=int(shared.sum()),
         )

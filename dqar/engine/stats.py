@@ -26,6 +26,8 @@ class ReuseStats:
     nonfinite_recomputes: int = 0  # nonfinite_guard on: planned reuses that recomputed because the cache held NaN/Inf
     nonfinite_reused: int = 0  # nonfinite_guard off: reuses of cache entries holding NaN/Inf (counted, warned)
     cfg_shared: int = 0  # layer-evaluations whose attn1 ran on one CFG half and was copied to the other
+    forecasts: int = 0  # reuses that extrapolated from two or more computed outputs (forecast_order >= 1); the rest copied
+    cache_entries_peak: int = 0  # most stored outputs held at once, every entry of every layer's history counted
 
     @property
     def attention_skipped_fraction(self) -> float:
