@@ -35,14 +35,14 @@ def cmd_bench(args) -> int:
 
 
 def bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time stock DiTPipeline, dqar no-reuse (eager, compiled) and presets")
+    p = sub.add_parser("bench", help="time the stock model (eager, torch.compile), dqar no-reuse (eager, compiled) and presets, with intervals")
     model_args(p)
     p.set_defaults(model=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per generation (default 1 8 32)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case, >= 3 (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case, >= 3 (default 5)")
     p.add_argument("--presets", nargs="+", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (stock_compiled and dqar's compiled executor)")
     p.add_argument("--quick", action="store_true", help="batch sizes 1 2, 10 steps: a smoke run")
     p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
     threads_arg(p)
@@ -57,7 +57,7 @@ def cmd_ablate(args) -> int:
     at_least("--steps", args.steps, 1)
     opts = AblationOptions(model=args.model, out=writable_folder(args.out), quick=args.quick, resume=args.resume, config=args.config,
                            device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
-                           stop_after=args.stop_after, steps=args.steps, threads=args.threads,
+                           stop_after=args.stop_after, steps=args.steps, threads=args.threads, executor=args.executor,
                            command=shlex.join(["dqar", *args.argv]))
     done = run_ablation(opts)  # reads the grid and any previous results before it loads the model
     report = Path(args.out) / REPORT_FILE
@@ -82,6 +82,8 @@ def ablate_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
+    p.add_argument("--executor", choices=["auto", "patch"], default="auto",
+                   help="auto (default): time each configuration compiled where the engine supports it, else eager; patch: eager everywhere")
     p.set_defaults(func=cmd_ablate)
 
 

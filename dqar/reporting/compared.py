@@ -36,7 +36,7 @@ def rows(results: dict) -> list[dict]:
     """The compared rows, dqar first (main presets, then the study's best within the bound), then peers."""
     records = results.get("records", [])
     dqar = [r for r in records if r["role"] == "main" and not R.is_baseline(r) and r.get("same_as") is None]
-    best = R.findings(results).best_within
+    best = R.findings(results).recommended
     if best is not None and best["name"] not in {r["name"] for r in dqar}:
         dqar.append(best)
     return dqar + [r for r in records if R.is_peer(r)]
@@ -60,6 +60,8 @@ def _pct(v: float | None) -> str:
 
 COLUMNS: tuple[tuple[str, Callable[[dict], str], str], ...] = (
     ("Speedup", lambda r: R.f_x(R.speedup(r)), ""),
+    ("95% CI", lambda r: R.f_ci(R.ci(r)), ""),
+    ("Executor", lambda r: R.get(r, "measurements", "executor") or R.DASH, ""),
     ("Attn computed", lambda r: _pct(computed(r)[0]), ""),
     ("MLP computed", lambda r: _pct(computed(r)[1]), ""),
     ("PSNR (dB)", lambda r: R.f_num(R.psnr(r), 2), ""),
@@ -73,7 +75,9 @@ COLUMNS: tuple[tuple[str, Callable[[dict], str], str], ...] = (
 def _notes(r: dict, best_name: str | None, main_names: set[str]) -> str:
     out = []
     if not R.is_peer(r) and r["name"] not in main_names and r["name"] == best_name:
-        out.append("fastest dqar configuration of the study within the fidelity bound")
+        out.append("the study's recommended dqar configuration")
+    if R.implausible(r):
+        out.append("implausible: interval above its FLOP ceiling")
     if not R.within_bound(r):
         out.append("outside fidelity bound")
     if R.is_peer(r) and r["peer"].get("copy_identical") is False:
@@ -90,7 +94,7 @@ def table(results: dict, rs: list[dict]) -> list[str]:
             "fd": any(R.get(r, "fidelity", "fd") is not None for r in rs)}
     cols = [c for c in COLUMNS if have[c[2]]]
     head = ["Method", "Package", "Settings"] + [c[0] for c in cols] + ["Notes"]
-    best = R.findings(results).best_within
+    best = R.findings(results).recommended
     main = {r["name"] for r in results.get("records", []) if r["role"] == "main"}
     version = results["environment"]["dqar"]
     lines = [R.md_row(head), R.md_row(["---"] * len(head))]
@@ -102,7 +106,11 @@ def table(results: dict, rs: list[dict]) -> list[str]:
 
 # ----- conclusions ----------------------------------------------------------------------------------
 def _brief(r: dict) -> str:
-    return f"`{r['name']}` ({R.f_x(R.speedup(r))}, PSNR {R.f_num(R.psnr(r), 2)} dB)"
+    return f"`{r['name']}` ({R.f_x_ci(r)}, PSNR {R.f_num(R.psnr(r), 2)} dB)"
+
+
+def _who(r: dict) -> str:
+    return "a peer" if R.is_peer(r) else "dqar"
 
 
 def _work(r: dict) -> float | None:
@@ -110,41 +118,44 @@ def _work(r: dict) -> float | None:
     return None if a is None or f is None else (a + f) / 2
 
 
+def _fastest(rows: list[dict], what: str) -> str:
+    """The fastest of `rows` when its interval separates from the others', else those not distinguishable from it."""
+    lead = R.leaders(rows)
+    if not lead:
+        return f"{what}: no plausible row."
+    if len(lead) == 1:
+        return f"{what}: {_brief(lead[0])}, {_who(lead[0])}."
+    return f"{what}: not distinguishable on this machine — " + ", ".join(f"{_brief(r)} ({_who(r)})" for r in lead) + "."
+
+
 def comparisons(results: dict, rs: list[dict]) -> list[str]:
-    """Findings computed from the compared rows: each sentence states a comparison of their numbers."""
+    """Findings computed from the compared rows: each sentence states a comparison of their numbers and intervals."""
     f = R.findings(results)
-    noise = f.noise if f.noise is not None else 0.0
     peers = [r for r in rs if R.is_peer(r)]
     dqar = [r for r in rs if not R.is_peer(r)]
     out = []
     if not rs:
         return out
-    ok = sorted((r for r in rs if R.within_bound(r)), key=lambda r: (R.speedup(r), R.psnr(r)), reverse=True)
-    if ok:
-        out.append(f"Fastest within the fidelity bound ({R.bound_text(f)}): {_brief(ok[0])}, "
-                   f"{'a peer' if R.is_peer(ok[0]) else 'dqar'}{_close(ok, noise)}.")
-    else:
-        out.append(f"No compared method stayed within the fidelity bound ({R.bound_text(f)}).")
-    fastest = sorted(rs, key=R.speedup, reverse=True)
-    out.append(f"Fastest overall: {_brief(fastest[0])}, {'within' if R.within_bound(fastest[0]) else 'outside'} "
-               f"the fidelity bound{_close(fastest, noise)}.")
-    quick = [r for r in rs if R.speedup(r) > 1.0 + noise]
+    ok = [r for r in rs if R.within_bound(r)]
+    out.append(_fastest(ok, f"Fastest within the fidelity bound ({R.bound_text(f)})") if ok
+               else f"No compared method stayed within the fidelity bound ({R.bound_text(f)}).")
+    out.append(_fastest(rs, "Fastest overall"))
+    quick = [r for r in rs if R.faster_than_baseline(r) and not R.implausible(r)]
     if quick:
         fine = max(quick, key=lambda r: (R.psnr(r), R.speedup(r)))
-        out.append(f"Best PSNR among the methods faster than the baseline by more than the timing noise "
-                   f"(speedup > {1.0 + noise:.2f}×): {_brief(fine)}.")
+        out.append(f"Best PSNR among the methods distinguishably faster than the baseline: {_brief(fine)}.")
     else:
-        out.append(f"No compared method was faster than the baseline by more than the timing noise ({R.f_pct(noise)}).")
+        out.append("No compared method was distinguishably faster than the baseline on this machine.")
     for p in peers if dqar else []:
         near = min(dqar, key=lambda r: (abs(R.speedup(r) - R.speedup(p)), -R.psnr(r)))
-        gap = abs(R.speedup(near) - R.speedup(p))
         diff = R.psnr(near) - R.psnr(p)
         who = f"dqar's `{near['name']}` by {R.f_num(abs(diff), 2)} dB" if diff > 0 else (
             f"the peer by {R.f_num(abs(diff), 2)} dB" if diff < 0 else "neither")
-        speed = (f"speeds differ by {gap:.2f}×, within the timing noise" if gap <= noise
-                 else f"speeds differ by {gap:.2f}×, more than the timing noise ({R.f_pct(noise)})")
+        speed = (f"`{near['name']}` is faster" if R.separated(near, p) else "the peer is faster" if R.separated(p, near)
+                 else "their speeds are not distinguishable on this machine")
         out.append(f"{_brief(p)} against the dqar row nearest in speed, {_brief(near)}: {speed}; higher PSNR: {who}.")
-    out.append("Pareto-optimal in (speedup, PSNR) among these rows: " + ", ".join(f"`{n}`" for n in _front(rs)) + ".")
+    out.append("Pareto-optimal in (speedup, PSNR) on the point estimates among these rows: "
+               + ", ".join(f"`{n}`" for n in _front(rs)) + ".")
     work = [r for r in rs if _work(r) is not None]
     if work:
         least = min(work, key=_work)
@@ -165,14 +176,6 @@ def _baseline_text(results: dict) -> str:
     if R.get(base, "fidelity", "fd") is not None:
         bits.append(f"FD {R.f_num(base['fidelity']['fd'], 2)}")
     return f" The baseline (`{base['name']}`, no reuse): " + ", ".join(bits) + "; PSNR/SSIM are paired against its images."
-
-
-def _close(ranked: list[dict], noise: float) -> str:
-    """A clause naming the rows whose speedup is within the timing noise of the first one's, if any."""
-    close = [r for r in ranked[1:] if R.speedup(ranked[0]) - R.speedup(r) <= noise]
-    if not close:
-        return ""
-    return f"; within the timing noise ({R.f_pct(noise)}) of it: " + ", ".join(_brief(r) for r in close)
 
 
 def _front(rs: list[dict]) -> list[str]:
@@ -197,7 +200,7 @@ def section(results: dict, level: int = 2, details: bool = True) -> list[str]:
     lines = [f"{h} {SECTION}", "",
              f"Peer caching methods run through their own packages on the same model, labels, seeds and sampler "
              f"({R.sample_text(s)}), each on a fresh copy of the transformer with its state reset before every generation, "
-             f"timed between the same re-timed baseline runs as every configuration. **Attn / MLP computed**: `attn1` / `ff` "
+             f"timed in one block with the baseline among them (the same rounds). **Attn / MLP computed**: `attn1` / `ff` "
              f"forwards that ran, as a share of the baseline's — counted with forward hooks for peers, read from the "
              f"executed reuse mask for dqar." + _baseline_text(results), ""]
     lines += table(results, rs)
@@ -234,7 +237,8 @@ def document(results: dict, note: str = "") -> str:
              f"diffusers {env['diffusers']}), finished {results.get('updated', '')}"
              + (f" after {secs / 60:.1f} min of run time" if secs else "") + f"; status {results.get('status')}.", "",
              f"Machine: {machine}" + (f" — {note}" if note else "") + ". Speedups are ratios of medians against "
-             "baseline runs timed between the same configurations; absolute times are not comparable across machines.", ""]
+             "the baseline's runs timed in the same rounds, with simultaneous 95% bootstrap intervals; absolute times are not "
+             "comparable across machines.", ""]
     return "\n".join(lines + section(results, level=3, details=False))
 
 

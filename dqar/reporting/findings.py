@@ -2,20 +2,23 @@
 
 Nothing here measures anything: `findings` derives every claim (fastest, within bound, target
 met or missed, recommendation) from the records; `dqar.reporting.report` and
-`dqar.reporting.compared` only phrase them.
+`dqar.reporting.compared` only phrase them. Claims about speed compare intervals, never bare
+ratios: a configuration is "faster" than another only when its simultaneous interval's lower end
+lies above the other's upper end (dqar.studies.records.with_simultaneous); otherwise the two are
+not distinguishable on this machine. A record flagged implausible (its interval above its FLOP
+ceiling) is never fastest, best or recommended.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
 # Fidelity bound for "usable" configurations, and the method's targets.
 PSNR_BOUND_DB = 30.0  # paired PSNR against the baseline's images, at least
-ACC_DROP_BOUND = 1.0  # class-accuracy drop in percentage points, at most
-TARGET_SPEEDUP = 1.25  # >= 25% faster ...
+ACC_DROP_BOUND = 1.0  # class-accuracy drop in percentage points, at most (the drop the accuracy's Wilson interval allows)
+TARGET_SPEEDUP = 1.25  # >= 25% faster (the speedup interval's lower end) ...
 TARGET_MEMORY = 0.20  # ... or >= 20% less peak memory ...
-TARGET_FD_LOSS = 1.0  # ... with <= 1 FD(ID) loss
+TARGET_FD_LOSS = 1.0  # ... with <= 1 FD(ID) loss (the ΔFD interval's upper end)
 DASH = "—"
 
 
@@ -33,6 +36,12 @@ def speedup(r: dict) -> float:
     return r["measurements"]["speedup"]
 
 
+def ci(r: dict) -> list[float] | None:
+    """The interval claims compare: the simultaneous one where the study computed it, else the record's own."""
+    m = r["measurements"]
+    return m.get("speedup_sim_ci") or m.get("speedup_ci")
+
+
 def psnr(r: dict) -> float:
     return r["fidelity"]["psnr_db"]
 
@@ -46,23 +55,82 @@ def is_peer(r: dict) -> bool:
     return bool(r.get("peer"))
 
 
+def implausible(r: dict) -> bool:
+    return bool(get(r, "measurements", "implausible"))
+
+
+def faster_than_baseline(r: dict) -> bool:
+    c = ci(r)
+    return c is not None and c[0] > 1.0
+
+
+def slower_than_baseline(r: dict) -> bool:
+    c = ci(r)
+    return c is not None and c[1] < 1.0
+
+
+def separated(a: dict, b: dict) -> bool:
+    """`a` is distinguishably faster than `b`: a's interval lies wholly above b's."""
+    ca, cb = ci(a), ci(b)
+    return ca is not None and cb is not None and ca[0] > cb[1]
+
+
+def leaders(rows) -> tuple:
+    """The rows not distinguishably slower than the one with the highest speedup (that one first); () for none."""
+    rows = [r for r in rows if not implausible(r)]
+    if not rows:
+        return ()
+    top = max(rows, key=speedup)
+    return (top, *sorted((r for r in rows if r is not top and not separated(top, r)), key=speedup, reverse=True))
+
+
+def fastest_of(rows) -> dict | None:
+    """The row distinguishably faster than every other plausible row, or None."""
+    lead = leaders(rows)
+    return lead[0] if len(lead) == 1 else None
+
+
+def accuracy_drop_allowed(r: dict) -> float | None:
+    """The smallest class-accuracy drop (points) the accuracy's Wilson interval allows; the drop itself without one."""
+    acc_ci, base = get(r, "fidelity", "class_accuracy_ci"), get(r, "fidelity", "baseline_class_accuracy")
+    if acc_ci is not None and base is not None:
+        return 100.0 * (base - acc_ci[1])
+    return get(r, "fidelity", "accuracy_drop_points")
+
+
 def within_bound(r: dict) -> bool:
-    """PSNR >= 30 dB and, where a classifier exists, class-accuracy drop <= 1 point."""
-    drop = get(r, "fidelity", "accuracy_drop_points")
+    """PSNR >= 30 dB and, where a classifier exists, no class-accuracy drop above 1 point that its interval rules in."""
+    drop = accuracy_drop_allowed(r)
     return psnr(r) >= PSNR_BOUND_DB and (drop is None or drop <= ACC_DROP_BOUND + 1e-9)
 
 
-def target_quality_ok(r: dict) -> bool:
-    """The target's quality side: FD loss <= 1 where FD exists, else the PSNR/accuracy bound."""
-    fd_delta = get(r, "fidelity", "fd_delta")
-    return fd_delta <= TARGET_FD_LOSS if fd_delta is not None else within_bound(r)
+def target_quality_ok(r: dict, fd_study: bool = False) -> bool:
+    """The target's quality side: ΔFD's interval at most 1 where FD was measured; without a classifier the fidelity bound.
+
+    `fd_study`: the study has a classifier, so a record without FD (too few images) has not shown it.
+    """
+    fd_ci, fd_delta = get(r, "fidelity", "fd_delta_ci"), get(r, "fidelity", "fd_delta")
+    if fd_ci is not None:
+        return fd_ci[1] <= TARGET_FD_LOSS
+    if fd_delta is not None:
+        return fd_delta <= TARGET_FD_LOSS
+    return not fd_study and within_bound(r)
 
 
-def meets_target(r: dict) -> bool:
-    mem = get(r, "measurements", "memory_reduction")
-    fast = speedup(r) >= TARGET_SPEEDUP
-    lean = mem is not None and mem >= TARGET_MEMORY
-    return (fast or lean) and target_quality_ok(r)
+def speed_side(r: dict) -> bool:
+    """The target's speed side: the speedup interval's lower end >= 1.25, or >= 20% less peak memory."""
+    mem, c = get(r, "measurements", "memory_reduction"), ci(r)
+    return (c is not None and c[0] >= TARGET_SPEEDUP) or (mem is not None and mem >= TARGET_MEMORY)
+
+
+def meets_target(r: dict, fd_study: bool = False) -> bool:
+    return not implausible(r) and speed_side(r) and target_quality_ok(r, fd_study)
+
+
+def verified(r: dict, results: dict) -> bool:
+    """Whether `r`'s fidelity comes from the study's fidelity run (what a recommendation or the target needs)."""
+    need = get(results, "study", "fidelity_samples")
+    return need is None or (get(r, "fidelity", "samples") or 0) >= need
 
 
 # ----- findings -----------------------------------------------------------------------------------
@@ -71,17 +139,21 @@ class Findings:
     """Every claim the report makes, computed from the records."""
 
     candidates: tuple  # configurations with reuse, each measured once
-    best_speedup: dict | None
+    flagged: tuple  # candidates whose interval lies above their FLOP ceiling
+    leaders: tuple  # plausible candidates not distinguishably slower than the highest speedup (it first)
+    fastest: dict | None  # the one candidate distinguishably faster than all others, if any
     best_reuse: dict | None
     best_memory: dict | None
-    best_within: dict | None  # fastest configuration within the fidelity bound
-    best_within_target_quality: dict | None  # fastest with the target's quality side satisfied
+    within_leaders: tuple  # the same among candidates within the fidelity bound
+    best_within: dict | None  # distinguishably fastest within the bound, if any
+    best_within_target_quality: dict | None  # highest speedup with the target's quality side satisfied
     best_memory_target_quality: dict | None
-    recommended: dict | None  # best_within when it is faster than the baseline, else None
+    recommended: dict | None
+    recommended_from: tuple  # the front the recommendation was picked from (most faithful of them)
     target_met_by: tuple
     fd_available: bool
     accuracy_available: bool
-    noise: float | None  # median relative spread (max-min)/median of the baseline timings
+    comparisons: int  # k: the simultaneous intervals each hold at 1 - 0.05 / k
 
 
 def argmax(rows, key: Callable[[dict], float | None]) -> dict | None:
@@ -89,34 +161,54 @@ def argmax(rows, key: Callable[[dict], float | None]) -> dict | None:
     return max(rows, key=key) if rows else None
 
 
-def timing_noise(records: list[dict]) -> float | None:
-    spreads = []
-    for r in records:
-        t = r["measurements"]["baseline_times_s"]
-        if len(t) >= 2:
-            spreads.append((max(t) - min(t)) / statistics.median(t))
-    return statistics.median(spreads) if spreads else None
+def recommendation_front(results: dict, cands, require_verified: bool = True) -> tuple:
+    """Within-bound plausible candidates distinguishably faster than the baseline and not distinguishable from the
+    fastest of them, most faithful first; `require_verified`: only those with the study's fidelity run."""
+    ok = [r for r in cands if within_bound(r) and not implausible(r) and faster_than_baseline(r)
+          and (verified(r, results) or not require_verified)]
+    return tuple(sorted(leaders(ok), key=lambda r: (psnr(r), speedup(r)), reverse=True))
+
+
+def claim_candidates(results: dict) -> list[dict]:
+    """The records a claim could rest on, which need the fidelity run: the main dqar rows, the recommendation's front, and
+    the configurations meeting the target's speed side; in that order."""
+    records = results.get("records", [])
+    cands = [r for r in records if not is_peer(r) and r.get("same_as") is None]
+    main = [r for r in cands if r["role"] == "main"]
+    reuse = [r for r in cands if not is_baseline(r)]
+    fast = sorted((r for r in reuse if speed_side(r) and not implausible(r) and psnr(r) >= PSNR_BOUND_DB), key=speedup, reverse=True)
+    out = []
+    for r in [*main, *recommendation_front(results, reuse, require_verified=False), *fast]:
+        if all(r is not o for o in out):
+            out.append(r)
+    return out
 
 
 def findings(results: dict) -> Findings:
     records = results.get("records", [])
+    fd_study = bool(get(results, "study", "classifier"))
     cands = tuple(r for r in records if not is_baseline(r) and not is_peer(r) and r.get("same_as") is None)
-    within = [r for r in cands if within_bound(r)]
-    quality = [r for r in cands if target_quality_ok(r)]
-    best_within = argmax(within, speedup)
+    plausible = [r for r in cands if not implausible(r)]
+    within = [r for r in plausible if within_bound(r)]
+    quality = [r for r in plausible if target_quality_ok(r, fd_study)]
+    front = recommendation_front(results, cands)
     return Findings(
         candidates=cands,
-        best_speedup=argmax(cands, speedup),
+        flagged=tuple(r for r in cands if implausible(r)),
+        leaders=leaders(plausible),
+        fastest=fastest_of(plausible),
         best_reuse=argmax(cands, lambda r: get(r, "reuse", "reuse_fraction")),
         best_memory=argmax(cands, lambda r: get(r, "measurements", "memory_reduction")),
-        best_within=best_within,
+        within_leaders=leaders(within),
+        best_within=fastest_of(within),
         best_within_target_quality=argmax(quality, speedup),
         best_memory_target_quality=argmax(quality, lambda r: get(r, "measurements", "memory_reduction")),
-        recommended=best_within if best_within is not None and speedup(best_within) > 1.0 else None,
-        target_met_by=tuple(sorted((r for r in cands if meets_target(r)), key=speedup, reverse=True)),
+        recommended=front[0] if front else None,
+        recommended_from=front,
+        target_met_by=tuple(sorted((r for r in cands if meets_target(r, fd_study) and verified(r, results)), key=speedup, reverse=True)),
         fd_available=any(get(r, "fidelity", "fd_delta") is not None for r in cands),
         accuracy_available=any(get(r, "fidelity", "accuracy_drop_points") is not None for r in cands),
-        noise=timing_noise(records),
+        comparisons=max([get(r, "measurements", "comparisons") or 0 for r in records] + [0]),
     )
 
 
@@ -152,6 +244,16 @@ def f_mb(v: float | None) -> str:
     return DASH if v is None else f"{v / 2**20:.1f}"
 
 
+def f_ci(c: list[float] | None, digits: int = 2, scale: float = 1.0) -> str:
+    """An interval as "[low, high]"."""
+    return DASH if c is None else f"[{_r(scale * c[0], digits):.{digits}f}, {_r(scale * c[1], digits):.{digits}f}]"
+
+
+def f_x_ci(r: dict) -> str:
+    """"1.10× [1.05, 1.15]": a speedup with the interval claims compare."""
+    return f"{f_x(speedup(r))} {f_ci(ci(r))}" if ci(r) else f_x(speedup(r))
+
+
 @dataclass(frozen=True)
 class Column:
     header: str
@@ -162,6 +264,9 @@ class Column:
 COLUMNS = (
     Column("Time/Sample", lambda r: f_time(r["measurements"]["time_per_sample_s"])),
     Column("Speedup", lambda r: f_x(speedup(r))),
+    Column("95% CI", lambda r: f_ci(ci(r))),
+    Column("FLOP ceiling", lambda r: f_x(get(r, "measurements", "flops_ceiling"))),
+    Column("Executor", lambda r: get(r, "measurements", "executor") or DASH),
     Column("Reuse %", lambda r: f_pct(get(r, "reuse", "reuse_fraction"))),
     Column("Attn skipped", lambda r: f_pct(get(r, "reuse", "attention_skipped_fraction")), "cfg"),
     Column("FLOPs skipped", lambda r: f_pct(get(r, "reuse", "flops_skipped_fraction"))),
@@ -172,9 +277,12 @@ COLUMNS = (
     Column("PSNR (dB)", lambda r: f_num(psnr(r), 2)),
     Column("SSIM", lambda r: f_num(get(r, "fidelity", "ssim"), 4), "ssim"),
     Column("Max abs", lambda r: f_num(r["fidelity"]["max_abs"], 4)),
+    Column("Images", lambda r: str(get(r, "fidelity", "samples") or DASH)),
     Column("Class acc", lambda r: f_pct(get(r, "fidelity", "class_accuracy")), "accuracy"),
+    Column("Acc 95% CI", lambda r: f_ci(get(r, "fidelity", "class_accuracy_ci"), 1, 100.0), "accuracy"),
     Column("FD", lambda r: f_num(get(r, "fidelity", "fd"), 2), "fd"),
     Column("ΔFD", lambda r: f_signed(get(r, "fidelity", "fd_delta")), "fd"),
+    Column("ΔFD 95% CI", lambda r: f_ci(get(r, "fidelity", "fd_delta_ci")), "fd"),
 )
 
 
@@ -250,8 +358,10 @@ def notes_for(f: Findings, records: list[dict]) -> Callable[[dict], str]:
         src = r.get("same_as") or r["name"]
         if f.recommended is not None and src == f.recommended["name"]:
             out.append("recommended")
-        if f.best_speedup is not None and src == f.best_speedup["name"]:
+        if f.fastest is not None and src == f.fastest["name"]:
             out.append("fastest")
+        if implausible(r):
+            out.append(f"implausible: interval above its FLOP ceiling {f_x(r['measurements']['flops_ceiling'])}")
         if not is_baseline(r) and r["fidelity"].get("identical"):
             out.append("images identical to baseline")
         elif not is_baseline(r) and not within_bound(r):
@@ -265,7 +375,7 @@ def notes_for(f: Findings, records: list[dict]) -> Callable[[dict], str]:
 
 # ----- sentences (each phrases a computed finding) -------------------------------------------------------
 def _summary(r: dict) -> str:
-    bits = [f"{f_x(speedup(r))}", f"reuse {f_pct(get(r, 'reuse', 'reuse_fraction'))}", f"PSNR {f_num(psnr(r), 2)} dB"]
+    bits = [f_x_ci(r), f"reuse {f_pct(get(r, 'reuse', 'reuse_fraction'))}", f"PSNR {f_num(psnr(r), 2)} dB"]
     drop = get(r, "fidelity", "accuracy_drop_points")
     if drop is not None:
         bits.append(f"class-accuracy drop {_r(drop, 1):.1f} points" if _r(drop, 1) >= 0 else f"class accuracy up {-drop:.1f} points")

@@ -74,13 +74,21 @@ def pareto(records: list[dict], path: Path) -> None:
     plt = _pyplot()
     rows = _measured(records)
     pts = [(r["measurements"]["speedup"], r["fidelity"]["psnr_db"]) for r in rows]
+    cis = [r["measurements"].get("speedup_sim_ci") or r["measurements"].get("speedup_ci") for r in rows]
     fig, ax = plt.subplots(figsize=(8.5, 5.5), layout="constrained")
     groups = sorted({_group(r) for r in rows}, key=lambda g: (g != "main", g == "peers", g))
     cmap, markers = plt.get_cmap("tab20"), "o^sDvP*Xh<>p"
     for k, g in enumerate(groups):
-        sel = [p for p, r in zip(pts, rows) if _group(r) == g]
-        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=55 if g == "main" else 28, color=cmap(k % 20),
+        sel = [(p, c) for p, c, r in zip(pts, cis, rows) if _group(r) == g]
+        ax.scatter([p[0] for p, _ in sel], [p[1] for p, _ in sel], s=55 if g == "main" else 28, color=cmap(k % 20),
                    marker=markers[k % len(markers)], label=g, zorder=3)
+        for p, c in sel:  # the interval the report's claims compare
+            if c is not None:
+                ax.plot(c, [p[1], p[1]], color=cmap(k % 20), lw=1, alpha=0.6, zorder=2)
+    flagged = [p for p, r in zip(pts, rows) if r["measurements"].get("implausible")]
+    if flagged:
+        ax.scatter([p[0] for p in flagged], [p[1] for p in flagged], s=140, facecolors="none", edgecolors="tab:red",
+                   lw=1.2, zorder=4, label="implausible (above FLOP ceiling)")
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="black", lw=1, zorder=2, label="Pareto front")
     for i in front:
@@ -88,11 +96,11 @@ def pareto(records: list[dict], path: Path) -> None:
     ax.axhline(PSNR_BOUND_DB, color="grey", ls="--", lw=0.8)
     ax.axvline(1.0, color="grey", ls=":", lw=0.8)
     ax.axvline(TARGET_SPEEDUP, color="tab:red", ls="--", lw=0.8)
-    ax.set_xlabel("speedup vs baseline (×, medians of bracketed runs)")
+    ax.set_xlabel("speedup vs baseline (×, ratio of medians; bars: simultaneous 95% intervals)")
     ax.set_ylabel("PSNR vs baseline images (dB, capped at 100)")
     ax.set_title(f"speed vs fidelity — dashed: PSNR {PSNR_BOUND_DB:.0f} dB bound, {TARGET_SPEEDUP}× target")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    xs = [p[0] for p in pts] + [1.0, TARGET_SPEEDUP]
+    xs = [p[0] for p in pts] + [x for c in cis if c for x in c] + [1.0, TARGET_SPEEDUP]
     ax.set_xlim(min(xs) - 0.05, max(xs) + 0.25)  # room for the labels of the right-most points
     ax.grid(alpha=0.3)
     save_png(fig, path)

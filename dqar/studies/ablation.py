@@ -1,24 +1,28 @@
-"""`dqar ablate`: run every configuration of a grid against a baseline timed in the same process.
+"""`dqar ablate`: every configuration of a grid against a baseline timed in the same rounds, with intervals.
 
 Protocol (written into the report's methodology):
 - every configuration draws the same labels and the same initial noise (sample i: seed + i);
-- for each sampling setting, one untimed warm-up generation of the baseline runs first; its images
-  are the reference of every paired fidelity metric at that setting;
-- on GPU each configuration also runs once untimed first (kernel selection, compilation);
-- each configuration is timed `repeats` times between two baseline runs (B C C C B); the trailing
-  B is the next configuration's leading B, so the baseline is re-timed between every two
-  configurations and drift of a shared machine is tracked; the speedup is median(bracketing
-  baseline runs) / median(configuration runs);
+- configurations are timed in blocks (the main comparison, each sweep, the peers; dqar.studies.blocks),
+  each on the fastest executor that runs it here, diagnostics off; the baseline of every sampling
+  setting of a block is a case of the block, so the baseline and the configurations are timed in the
+  same rounds; one untimed warm-up per case, then `repeats` rounds (dqar.studies.timing); on CPU
+  the clock is the sampling thread's CPU time (one torch thread), wall time beside it;
+- speedup = median(baseline runs) / median(configuration runs), with a paired bootstrap interval
+  (dqar.studies.intervals); quantization error, finite checks and host-sync counts come from an
+  untimed run with diagnostics on;
+- fidelity: paired metrics and class accuracy on the timing batch for every configuration, and a
+  larger untimed fidelity run (FD) for the main configurations and the finalists a recommendation or
+  the target rests on (dqar.studies.ablation_fidelity);
 - a configuration whose resolved config equals one already measured reuses that measurement;
 - a peer (dqar.studies.peers) runs on a fresh deep copy of the transformer: untimed, one counted baseline
   generation on the copy, the peer applied (MagCache calibrated first, on seeds offset like calibrated
-  plans), one counted generation with the peer (its images and counts are reported); then it is timed
-  like any configuration, its state reset before every generation. A peer whose package is missing
-  or that fails while being applied is reported as not run, with the reason.
+  plans), one counted generation with the peer, then it is timed in the peers block, its state reset
+  before every generation. A peer whose package is missing or that fails while being applied is
+  reported as not run, with the reason.
 
-Results are written atomically after every configuration (JSON and report; figures at the end); `resume`
-skips configurations already complete (same name and config hash); Ctrl-C leaves a valid
-partial report.
+Results are written atomically after every block and every fidelity run (JSON and report; figures at
+the end); `resume` skips configurations already complete (same name and config hash) and fidelity runs
+already made; Ctrl-C leaves a valid partial report.
 """
 from __future__ import annotations
 
@@ -31,17 +35,19 @@ import torch
 
 from dqar.engine.plan import build_plan, save_plan
 from dqar.errors import DqarError
-from dqar.generate import generate
 from dqar.io import atomic_write_json, atomic_write_text
 from dqar.labels import default_labels
 from dqar.reporting import plots, report
 from dqar.reporting.documents import RESULTS_FILE, RESULTS_FORMAT, load_results
 from dqar.reporting.plots import HEATMAP_FILE, PARETO_FILE
+from dqar.studies import ablation_fidelity as AF
+from dqar.studies import blocks as B
 from dqar.studies import grid as G
 from dqar.studies import records as REC
-from dqar.studies.core import Evaluator, Reference, baseline_run, embedded_evaluator, make_reference, other_seeds, score
+from dqar.studies.core import Evaluator, embedded_evaluator, other_seeds, reference_of
 from dqar.studies.peer_rows import PeerNotRun, start_peer
-from dqar.studies.timing import bracketed, cpu_threads, warms_each
+from dqar.studies.timing import clock_for, cpu_threads, order_method
+from dqar.studies.verify import verify
 
 __all__ = ["REPORT_FILE", "RESULTS_FILE", "AblationOptions", "Evaluator", "Outcome", "run_ablation"]
 
@@ -62,10 +68,16 @@ class AblationOptions:
     dtype: str = "auto"
     progress: bool = True
     repeats: int | None = None  # tests only: override the grid's repeats (may be < 3)
-    stop_after: int | None = None  # tests only: interrupt after this many configurations of this run
+    stop_after: int | None = None  # tests only: interrupt once this many configurations of this run are complete
     steps: int | None = None  # override the grid's shared step count ([sample] steps)
     threads: int | None = None  # CPU intra-op threads while timing (default 1); ignored on GPU
     command: str | None = None  # the command line that started the study, recorded in the results
+    executor: str = "auto"  # "auto": compiled wherever the engine supports a configuration; "patch": eager everywhere
+    fidelity_samples_per_label: int | None = None  # override the grid's (tests)
+
+    def __post_init__(self) -> None:
+        if self.executor not in B.EXECUTOR_PREFERENCES:
+            raise DqarError(f"unknown executor choice '{self.executor}'", f"use one of: {', '.join(B.EXECUTOR_PREFERENCES)}")
 
 
 @dataclass(frozen=True)
@@ -115,13 +127,18 @@ class _State:
     t0: float = 0.0  # perf_counter at the start of this call
     done: dict = field(default_factory=dict)  # (name, hash) -> record
     by_hash: dict = field(default_factory=dict)  # hash -> record measured first
-    refs: dict = field(default_factory=dict)  # SampleConfig -> Reference
-    lead: tuple | None = None  # (SampleConfig, seconds, peak) of the last timed run, when it was a baseline
+    refs: dict = field(default_factory=dict)  # SampleConfig -> Reference (the timing batch)
+    executors: dict = field(default_factory=dict)  # SampleConfig -> the baseline's executor
+
+
+def _records(st: _State, entries: Sequence[G.Entry]) -> list[dict]:
+    return [st.done[(e.name, e.config_hash)] for e in entries if (e.name, e.config_hash) in st.done]
 
 
 def _write(out: Path, st: _State, entries: Sequence[G.Entry], status: str, figures: bool = False) -> None:
     """Figures (when asked: they take seconds), then the results JSON, then the report, each written atomically."""
-    records = [st.done[(e.name, e.config_hash)] for e in entries if (e.name, e.config_hash) in st.done]
+    records = _records(st, entries)
+    REC.with_simultaneous(records)
     res = st.results
     res.update(status=status, updated=REC.now(), completed=len(records), total=len(entries), records=records,
                not_run=[st.not_run[k] for k in ((e.name, e.config_hash) for e in entries) if k in st.not_run],
@@ -165,46 +182,109 @@ def _resume_into(st: _State, old: dict, entries: Sequence[G.Entry]) -> None:
                 st.by_hash.setdefault(rec["config_hash"], rec)
 
 
-def _run_entry(entry: G.Entry, base: G.Entry, st: _State, ctx: dict, bars: "_Bars") -> dict:
-    """Measure one configuration (or copy an identical one) and save its images; returns its record."""
+# ----- one block -------------------------------------------------------------------------------
+def _baseline(s, timed: list[G.Entry], st: _State, ctx: dict) -> B.Case:
+    """The warmed-up baseline case of sampling setting `s` (the baseline entry itself when the block measures it)."""
+    loaded, labels = ctx["loaded"], ctx["labels"]
+    own = next((e for e in timed if e.is_baseline and e.run.sample == s), None)
+    if own is not None:
+        case = B.entry_case(loaded, labels, own, ctx["executor"])
+    else:
+        case = B.baseline_case(loaded, labels, s, st.executors.get(s) or B.baseline_executor(loaded, s, ctx["executor"]))
+    B.warm(case, loaded, labels)
+    ctx["bars"].tick()
+    st.executors.setdefault(s, case.executor)
+    if s not in st.refs:
+        st.refs[s] = reference_of(case.warm, labels, ctx["evaluator"])
+    return case
+
+
+def _member(e: G.Entry, st: _State, ctx: dict) -> B.Case:
+    """A configuration's case, prepared (plan calibrated, peer applied) and warmed up, with its diagnostics run."""
+    loaded, labels, bars = ctx["loaded"], ctx["labels"], ctx["bars"]
+    if e.peer is not None:
+        case = B.peer_case(e, start_peer(e, loaded, labels, st.refs[e.run.sample]))
+    else:
+        case = B.entry_case(loaded, labels, calibrated(e, loaded, labels, ctx["out"]) if e.calibration else e, ctx["executor"])
+    B.warm(case, loaded, labels)
+    bars.tick()
+    if B.diagnose(case, loaded, labels):
+        bars.tick()
+    return case
+
+
+def _cases(timed: list[G.Entry], st: _State, ctx: dict) -> tuple[list[B.Case], dict, dict]:
+    """(member cases, setting → baseline case, setting → eager baseline case), all warmed up; peers that cannot run left out."""
+    bases = {}
+    for e in timed:
+        if e.run.sample not in bases:
+            bases[e.run.sample] = _baseline(e.run.sample, timed, st, ctx)
+    members = []
+    for e in timed:
+        if e.is_baseline:
+            members.append(bases[e.run.sample])
+            continue
+        try:
+            members.append(_member(e, st, ctx))
+        except PeerNotRun as exc:
+            st.not_run[(e.name, e.config_hash)] = {"name": e.name, "method": e.peer.method, "reason": str(exc)}
+    eager = {}
+    for c in members:
+        if c.executor != "compiled" and bases[c.sample].executor == "compiled" and c.sample not in eager:
+            eager[c.sample] = B.baseline_case(ctx["loaded"], ctx["labels"], c.sample, "patch")
+            B.warm(eager[c.sample], ctx["loaded"], ctx["labels"])
+            ctx["bars"].tick()
+    return members, bases, eager
+
+
+def _record(case: B.Case, bases: dict, eager: dict, st: _State, ctx: dict, block: str) -> dict:
+    """A measured case's record; its images are saved."""
     from dqar.images import save_samples
 
-    out, loaded, labels, evaluator = ctx["out"], ctx["loaded"], ctx["labels"], ctx["evaluator"]
-    if entry.config_hash in st.by_hash:
-        source = st.by_hash[entry.config_hash]
-        REC.copy_images(out / "images" / source["slug"], out / "images" / entry.slug)
-        return REC.copy_record(entry, base, source)
-    if entry.calibration:
-        st.lead = None  # other work ran since the last baseline timing
-        entry = calibrated(entry, loaded, labels, out)
-    if entry.run.sample not in st.refs:
-        st.lead = None
-        st.refs[entry.run.sample] = make_reference(loaded, labels, entry.run, evaluator)
-    ref: Reference = st.refs[entry.run.sample]
-    peer = None
-    if entry.peer is not None:
-        st.lead = None  # untimed work runs first, and the copy must exist during both bracketing baselines
-        peer = start_peer(entry, loaded, labels, ref)
-    lead = st.lead[1:] if st.lead is not None and st.lead[0] == entry.run.sample else None
-    bars.start(entry, lead is not None)
-    make = peer.generate if peer else (lambda: generate(loaded, labels, entry.run))
-    base_run = baseline_run(entry.run)
-    timed_base = None if entry.is_baseline else (lambda: generate(loaded, labels, base_run))
-    try:
-        measurements, shown, trail = bracketed(make, timed_base, ctx["repeats"], ctx["device"], len(labels), tick=bars.tick,
-                                               warm=ref.generation if entry.is_baseline else peer.counted if peer else None,
-                                               lead=lead)
-    finally:
-        if peer is not None:
-            peer.attached.detach()
-    st.lead = (entry.run.sample, *trail) if peer is None else None
-    images = shown.output.images
-    save_samples(images, labels, out / "images" / entry.slug, scale=1 if images.shape[-1] >= 128 else 4)
-    rec = REC.make_record(entry, base, measurements, shown.stats, score(images, ref), ctx["env"], peer.summary if peer else None)
-    st.by_hash[entry.config_hash] = rec
-    return rec
+    e, labels, s = case.entry, ctx["labels"], case.sample
+    base = bases[s]
+    eb = eager.get(s) if case.executor != "compiled" else None
+    stats = case.stats
+    m = REC.measurements(case.runs, base.runs, len(labels), executor=case.executor, note=case.note, baseline_executor=base.executor,
+                         flops_skipped=stats.flops_skipped_fraction if stats is not None else None,
+                         eager_base=eb.runs if eb is not None else None, is_baseline=e.is_baseline)
+    m["block"] = block
+    images = case.warm.output.images
+    save_samples(images, labels, ctx["out"] / "images" / e.slug, scale=1 if images.shape[-1] >= 128 else 4)
+    return REC.make_record(e, G.baseline_of(ctx["entries"], e), m, stats, AF.fidelity(images, st.refs[s]), ctx["env"],
+                           case.peer.summary if case.peer is not None else None)
 
 
+def _run_block(block: B.Block, st: _State, ctx: dict) -> list[dict]:
+    """Measure the block's unfinished configurations (copy those identical to one measured); their records, in order."""
+    todo = [e for e in block.entries if (e.name, e.config_hash) not in st.done and (e.name, e.config_hash) not in st.not_run]
+    seen, timed, copies = set(st.by_hash), [], []
+    for e in todo:
+        (copies if e.config_hash in seen else timed).append(e)
+        seen.add(e.config_hash)
+    recs = {}
+    if timed:
+        bars = ctx["bars"]
+        bars.start(block.name, 2 * len(timed) + 1)
+        members, bases, eager = _cases(timed, st, ctx)
+        try:
+            cases = list({c.name: c for c in [*bases.values(), *members, *eager.values()]}.values())
+            bars.expect(len(cases) * ctx["repeats"])
+            B.time_block(cases, ctx["clock"], ctx["repeats"], ctx["device"], on_step=lambda _: bars.tick())
+        finally:
+            for c in members:
+                if c.peer is not None:
+                    c.peer.attached.detach()
+        for c in members:
+            recs[c.entry.name] = st.by_hash[c.entry.config_hash] = _record(c, bases, eager, st, ctx, block.name)
+    for e in copies:
+        source = st.by_hash[e.config_hash]
+        REC.copy_images(ctx["out"] / "images" / source["slug"], ctx["out"] / "images" / e.slug)
+        recs[e.name] = REC.copy_record(e, G.baseline_of(ctx["entries"], e), source)
+    return [recs[e.name] for e in todo if e.name in recs]
+
+
+# ----- the run ---------------------------------------------------------------------------------
 def _setup(opts: AblationOptions, loaded):
     """(study, previous results or None, loaded model)."""
     from dqar.device import resolve_device, resolve_dtype
@@ -212,6 +292,8 @@ def _setup(opts: AblationOptions, loaded):
     study = G.load_grid(opts.config or G.builtin_grid(opts.quick), repeats=opts.repeats)
     if opts.steps is not None:
         study = G.with_sample(study, steps=opts.steps)
+    if opts.fidelity_samples_per_label is not None:
+        study = replace(study, fidelity_samples_per_label=opts.fidelity_samples_per_label)
     old = load_results(Path(opts.out))
     if old is not None and not opts.resume:
         raise DqarError(f"{Path(opts.out) / RESULTS_FILE} already holds {len(old['records'])} finished configurations",
@@ -225,89 +307,105 @@ def _setup(opts: AblationOptions, loaded):
 
 
 def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | None | str = "auto",
-                 on_record: Callable[[dict], None] | None = None) -> Outcome:
-    """Run (or resume) a study; returns what was done. `loaded`/`evaluator` may be injected (tests)."""
+                 on_record: Callable[[dict], None] | None = None, clock=None) -> Outcome:
+    """Run (or resume) a study; returns what was done. `loaded`, `evaluator` and the timing `clock` may be injected (tests)."""
     t0 = time.perf_counter()
     study, old, loaded = _setup(opts, loaded)
     device = loaded.transformer.device
     with cpu_threads(device, opts.threads):
-        return _run(opts, study, old, loaded, device, evaluator, on_record, t0)
+        return _run(opts, study, old, loaded, device, evaluator, on_record, clock or clock_for(device), t0)
 
 
-def _run(opts, study, old, loaded, device, evaluator, on_record, t0) -> Outcome:
+def _methods(study: G.Study, clock, evaluator, samples: int, chunks: int) -> dict:
+    return {"timing_method": order_method(study.repeats), "clock": clock.name, "clock_method": clock.description,
+            "executor_choice": None, "executor_method": B.EXECUTOR_METHOD,
+            "fidelity_samples": samples * chunks, "fd_min_samples": AF.fd_min_samples(evaluator),
+            "fidelity_runs_method": AF.method(evaluator, samples, chunks)}
+
+
+def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> Outcome:
     out = Path(opts.out)
     if evaluator == "auto":
         evaluator = embedded_evaluator(loaded)
     labels = study_labels(loaded.num_classes, study.samples_per_label)
+    chunks = -(-study.fidelity_samples_per_label // study.samples_per_label)
+    AF.check_seeds(study.sample.seed, len(labels), chunks)
     entries = G.expand(study)
     check_plans(entries, loaded.transformer.config.num_layers)
     env = REC.environment(loaded, device, loaded.transformer.dtype)
+    methods = _methods(study, clock, evaluator, len(labels), chunks)
+    methods["executor_choice"] = opts.executor
     st = _State(results={"format": RESULTS_FORMAT, "created": REC.now(), "command": opts.command, "environment": env,
-                         "study": REC.study_block(study, labels, REC.class_names(loaded, labels), evaluator, device, entries)},
+                         "study": REC.study_block(study, labels, REC.class_names(loaded, labels), evaluator, device, entries, methods)},
                 t0=t0)
     if old is not None:
-        REC.check_resumable(old, env, labels, study.repeats, out)
+        REC.check_resumable(old, env, labels, study.repeats, out,
+                            {k: methods[k] for k in ("clock", "executor_choice", "fidelity_samples")})
         _resume_into(st, old, entries)
         st.seconds_before = float(old.get("run_seconds") or 0.0)
         st.results["command"] = old.get("command") or opts.command
-    ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats,
-           "device": device, "env": env}
+    bars = _Bars(len(entries), len(st.done), opts.progress)
+    ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats, "device": device,
+           "env": env, "entries": entries, "executor": opts.executor, "clock": clock, "bars": bars, "chunks": chunks}
     ran, interrupted = 0, False
-    bars = _Bars(len(entries), len(st.done), study.repeats, opts.progress, warms_each(device))
+    write = lambda status="partial": _write(out, st, entries, status)  # noqa: E731
     try:
-        _write(out, st, entries, "partial")
-        for entry in [e for e in entries if (e.name, e.config_hash) not in st.done]:
-            try:
-                rec = _run_entry(entry, G.baseline_of(entries, entry), st, ctx, bars)
-            except PeerNotRun as exc:
-                st.lead = None
-                st.not_run[(entry.name, entry.config_hash)] = {"name": entry.name, "method": entry.peer.method, "reason": str(exc)}
-                bars.finish()
-                _write(out, st, entries, "partial")
-                continue
-            st.done[(entry.name, entry.config_hash)] = rec
-            ran += 1
-            bars.finish()
-            _write(out, st, entries, "partial")
-            if on_record is not None:
-                on_record(rec)
+        write()
+        for block in B.plan_blocks(entries):
+            for rec in _run_block(block, st, ctx):
+                st.done[(rec["name"], rec["config_hash"])] = rec
+                ran += 1
+                bars.finish(1)
+                if on_record is not None:
+                    on_record(rec)
+            write()
             if opts.stop_after is not None and ran >= opts.stop_after and len(st.done) + len(st.not_run) < len(entries):
                 raise KeyboardInterrupt
+        verify(st.results, ctx, st.done, write)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bars.close()
     finished = len(st.done) + len(st.not_run)
-    _write(out, st, entries, "complete" if finished == len(entries) else "partial", figures=True)
+    complete = finished == len(entries) and not interrupted
+    _write(out, st, entries, "complete" if complete else "partial", figures=True)
     return Outcome(st.results, out, finished, len(entries), ran, interrupted, time.perf_counter() - t0,
                    tuple(st.results["not_run"]))
 
 
 class _Bars:
-    """An overall progress bar over configurations and one per configuration over its runs."""
+    """An overall progress bar over configurations and one per block over its runs."""
 
-    def __init__(self, total: int, done: int, repeats: int, enabled: bool, warm_each: bool):
+    def __init__(self, total: int, done: int, enabled: bool):
         from tqdm.auto import tqdm
 
-        self._tqdm, self.enabled, self.repeats, self.warm_each = tqdm, enabled, repeats, warm_each
+        self._tqdm, self.enabled = tqdm, enabled
         self.overall = tqdm(total=total, initial=done, desc="ablation", unit="config", disable=not enabled, position=0)
         self.inner = None
 
-    def start(self, entry: G.Entry, have_lead: bool) -> None:
-        runs = self.repeats if entry.is_baseline else int(self.warm_each) + self.repeats + 2
-        self.inner = self._tqdm(total=runs, desc=entry.name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
+    def start(self, name: str, runs: int) -> None:
+        self.close_inner()
+        self.inner = self._tqdm(total=runs, desc=name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
+
+    def expect(self, more: int) -> None:
+        """The runs still to come: the bar's total becomes what ran so far plus `more`."""
+        if self.inner is not None:
+            self.inner.total = self.inner.n + more
+            self.inner.refresh()
 
     def tick(self) -> None:
         if self.inner is not None:
             self.inner.update(1)
 
-    def finish(self) -> None:
+    def finish(self, configs: int) -> None:
+        self.close_inner()
+        self.overall.update(configs)
+
+    def close_inner(self) -> None:
         if self.inner is not None:
             self.inner.close()
             self.inner = None
-        self.overall.update(1)
 
     def close(self) -> None:
-        if self.inner is not None:
-            self.inner.close()
+        self.close_inner()
         self.overall.close()

@@ -1,11 +1,15 @@
-"""`dqar bench`: stock pipeline vs dqar's no-reuse path (eager, compiled) vs presets, in one process.
+"""`dqar bench`: the stock transformer (eager and under torch.compile) vs dqar's no-reuse path vs presets, in one process.
 
-Every case draws the same labels and noise; all cases of one batch size are warmed up,
-then timed round-robin over the repeats; medians and ratios are reported. Ratios are
-what travels between machines; absolute times are only meaningful on a quiet device.
+Every case draws the same labels and noise; all cases of one batch size are warmed up once, then
+timed round-robin over the repeats on the device's clock (dqar.studies.timing: the sampling thread's
+CPU time on CPU, CUDA events on GPU, wall time beside); every ratio is a ratio of medians with a
+paired bootstrap interval (dqar.studies.intervals), against the stock eager and the stock compiled
+model. Timed runs have diagnostics off. Ratios are what travels between machines; absolute times are
+only meaningful on a quiet device.
 """
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -19,10 +23,13 @@ from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.sampling import make_scheduler
-from dqar.studies.timing import interleaved, median, warm_up
+from dqar.studies.blocks import timed_run
+from dqar.studies.intervals import ratio_ci
+from dqar.studies.timing import clock_for, median, round_robin, seconds, walls, warm_up
 from dqar.tuning.distill import executed_plan
 
 BLOCK_PRESET = "block_reuse"
+STOCK_EAGER, STOCK_COMPILED = "stock_eager", "stock_compiled"
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # images per generation (CFG doubles the rows)
     steps: int = 50
     cfg: float = 4.0
-    repeats: int = 3
+    repeats: int = 5
     warmup: int = 1
     presets: tuple[str, ...] = ("full_dqar", "quant_cache_only", BLOCK_PRESET)
     compile: bool = True  # include compiled rows
@@ -54,11 +61,14 @@ class BenchSettings:
 class BenchRow:
     case: str
     batch: int
-    median_s: float  # seconds per generation of `batch` images
+    median_s: float  # seconds per generation of `batch` images, on the clock
     per_sample_s: float
-    times_s: list[float] = field(default_factory=list)
-    vs_reference: float | None = None  # reference time / this time (speedup)
-    vs_compiled_noreuse: float | None = None
+    times_s: list[float] = field(default_factory=list)  # round 1, 2, ...
+    wall_times_s: list[float] = field(default_factory=list)
+    vs_stock_eager: float | None = None  # stock eager time / this time (speedup)
+    vs_stock_eager_ci: list[float] | None = None
+    vs_stock_compiled: float | None = None
+    vs_stock_compiled_ci: list[float] | None = None
     reuse_fraction: float | None = None
 
 
@@ -76,7 +86,7 @@ def _labels(loaded, batch: int) -> list[int]:
 
 
 def _run(s: BenchSettings, cfg: ReuseConfig) -> RunConfig:
-    return RunConfig(reuse=cfg, sample=SampleConfig(steps=s.steps, cfg=s.cfg, sampler="ddim", seed=s.seed))
+    return timed_run(RunConfig(reuse=cfg, sample=SampleConfig(steps=s.steps, cfg=s.cfg, sampler="ddim", seed=s.seed)))
 
 
 def _case(loaded, labels, s: BenchSettings, cfg: ReuseConfig | None, executor: str | None = None,
@@ -98,21 +108,38 @@ def distilled_plan(loaded, labels, s: BenchSettings, cfg: ReuseConfig) -> Plan:
     return executed_plan(loaded, labels, _run(s, cfg))
 
 
-def _stock_case(loaded, labels, s: BenchSettings) -> Callable:
+def _pipeline_case(loaded, labels, s: BenchSettings, transformer) -> Callable:
     from diffusers import DiTPipeline
 
-    pipe = DiTPipeline(transformer=loaded.transformer, vae=loaded.vae, scheduler=make_scheduler("ddim", loaded.scheduler_config))
+    pipe = DiTPipeline(transformer=transformer, vae=loaded.vae, scheduler=make_scheduler("ddim", loaded.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     gen = lambda: [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]  # noqa: E731
     return lambda: pipe(labels, num_inference_steps=s.steps, guidance_scale=s.cfg, generator=gen(), output_type="pt")
+
+
+def _stock_case(loaded, labels, s: BenchSettings, transformer) -> Callable:
+    """The stock model, nothing of dqar attached: diffusers' DiTPipeline where it runs the model, else dqar's no-reuse
+    loop (bit-identical to it, tests/test_sampling.py) around `transformer`."""
+    if s.stock and stock_supported(loaded) is None:
+        return _pipeline_case(loaded, labels, s, transformer)
+    model = replace(loaded, transformer=transformer)
+    run = _run(s, ReuseConfig(enabled=False))
+    return lambda: generate(model, labels, run)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_transformer(transformer):
+    """The whole transformer under torch.compile, in the mode and dtype of dqar's compiled executor (default mode, static shapes)."""
+    return torch.compile(transformer, dynamic=False)
 
 
 def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable], dict[str, Callable]]:
     """Name → generation closure for one batch size, and name → stats getter."""
     labels = _labels(loaded, batch)
     runs, stats = {}, {}
-    if s.stock and stock_supported(loaded) is None:
-        runs["stock_pipeline_eager"] = _stock_case(loaded, labels, s)
+    runs[STOCK_EAGER] = _stock_case(loaded, labels, s, loaded.transformer)
+    if s.compile:
+        runs[STOCK_COMPILED] = _stock_case(loaded, labels, s, compiled_transformer(loaded.transformer))
     off = ReuseConfig(enabled=False)
     runs["noreuse_eager"], stats["noreuse_eager"] = _case(loaded, labels, s, None)
     if s.compile:
@@ -132,41 +159,47 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
 
 
 def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = True,
-              on_batch: Callable[[dict], None] | None = None) -> dict:
+              on_batch: Callable[[dict], None] | None = None, clock=None) -> dict:
     """Time every case at every batch size; returns a JSON-ready dict.
 
     A case that raises during its warm-up is dropped from the timing and listed under "failed"
     with its error, so one broken backend does not cost the other rows. `on_batch` receives the
     result so far after each batch size (the CLI writes it, so a killed run keeps finished batches).
+    `clock`: the timing clock (default: the device's; tests inject one).
     """
+    clock = clock or clock_for(device)
     rows: list[BenchRow] = []
     failed: dict[str, str] = {}
     result = {"settings": asdict(s), "model": loaded.name, "device": _device_name(device), "dtype": str(loaded.transformer.dtype),
-              "torch": torch.__version__, "stock_pipeline": stock_supported(loaded) or "included", "rows": [], "failed": failed}
+              "torch": torch.__version__, "clock": clock.name, "clock_method": clock.description,
+              "stock": "DiTPipeline" if s.stock and stock_supported(loaded) is None else
+              f"dqar's no-reuse loop around the stock transformer ({stock_supported(loaded) if s.stock else 'stock pipeline off'})",
+              "rows": [], "failed": failed}
     for batch in s.batch_sizes:
         runs, stats = cases_for(loaded, batch, s)
         with tqdm(total=len(runs) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
-            for name, error in warm_up(runs, s.warmup, on_step=lambda _: bar.update(1)).items():
+            for name, error in warm_up(runs, s.warmup, on_step=lambda _: bar.update(1))[1].items():
                 failed[f"{name}@{batch}"] = error
                 del runs[name]
                 bar.update(s.repeats)
-            times = interleaved(runs, device, s.repeats, on_step=lambda _: bar.update(1))
-        rows.extend(_rows(batch, times, stats))
+            timed = round_robin(runs, clock, s.repeats, on_step=lambda _: bar.update(1))
+        rows.extend(_rows(batch, timed, stats))
         result["rows"] = [asdict(r) for r in rows]
         if on_batch:
             on_batch(result)
     return result
 
 
-def _rows(batch: int, times: dict[str, list[float]], stats: dict[str, Callable]) -> list[BenchRow]:
-    med = {name: median(ts) for name, ts in times.items()}
-    reference = med.get("stock_pipeline_eager", med.get("noreuse_eager"))
-    compiled = med.get("noreuse_compiled")
+def _rows(batch: int, timed: dict, stats: dict[str, Callable]) -> list[BenchRow]:
+    times = {name: seconds(runs) for name, runs in timed.items()}
+    refs = {ref: times.get(ref) for ref in (STOCK_EAGER, STOCK_COMPILED)}
     out = []
-    for name, m in med.items():
+    for name, ts in times.items():
         st = stats[name]() if name in stats else None
-        out.append(BenchRow(case=name, batch=batch, median_s=m, per_sample_s=m / batch, times_s=times[name],
-                            vs_reference=(reference / m) if reference else None, vs_compiled_noreuse=(compiled / m) if compiled else None,
+        ratio = {ref: (median(t) / median(ts), ratio_ci(t, ts)) if t else (None, None) for ref, t in refs.items()}
+        out.append(BenchRow(case=name, batch=batch, median_s=median(ts), per_sample_s=median(ts) / batch, times_s=ts,
+                            wall_times_s=walls(timed[name]), vs_stock_eager=ratio[STOCK_EAGER][0], vs_stock_eager_ci=ratio[STOCK_EAGER][1],
+                            vs_stock_compiled=ratio[STOCK_COMPILED][0], vs_stock_compiled_ci=ratio[STOCK_COMPILED][1],
                             reuse_fraction=st.reuse_fraction if st is not None else None))
     return out
 
@@ -177,19 +210,24 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _ratio(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.2f}×"
+
+
 def render_table(result: dict) -> str:
     """Markdown table of a bench result."""
-    ref = "stock DiTPipeline (eager)" if result["stock_pipeline"] == "included" else "dqar no-reuse eager"
+    st = result["settings"]
     lines = [f"model {result['model']} · {result['device']} · {result['dtype']} · torch {result['torch']} · "
-             f"DDIM {result['settings']['steps']} · CFG {result['settings']['cfg']} · median of {result['settings']['repeats']}",
-             "", f"| batch | case | s / sample | speedup vs {ref} | vs compiled no-reuse | reuse % |", "|---|---|---|---|---|---|"]
+             f"DDIM {st['steps']} · CFG {st['cfg']} · median of {st['repeats']} rounds · clock: {result.get('clock_method', '')}",
+             "", f"Stock: {result.get('stock', '')}. Ratios: stock time / case time, with 95% paired-bootstrap intervals "
+             "(an interval that contains 1.00 is no difference on this machine).",
+             "", "| batch | case | s / sample | vs stock eager | vs stock compiled | reuse % |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        vc = f"{r['vs_compiled_noreuse']:.2f}×" if r["vs_compiled_noreuse"] else "–"
         ru = f"{100 * r['reuse_fraction']:.1f}" if r["reuse_fraction"] is not None else "–"
-        vr = f"{r['vs_reference']:.2f}×" if r["vs_reference"] else "–"
-        lines.append(f"| {r['batch']} | {r['case']} | {r['per_sample_s']:.4f} | {vr} | {vc} | {ru} |")
+        lines.append(f"| {r['batch']} | {r['case']} | {r['per_sample_s']:.4f} | {_ratio(r['vs_stock_eager'], r['vs_stock_eager_ci'])} "
+                     f"| {_ratio(r['vs_stock_compiled'], r['vs_stock_compiled_ci'])} | {ru} |")
     for case, error in result.get("failed", {}).items():
         lines.append(f"\nNot timed: {case} failed in warm-up — {error}")
-    if result["stock_pipeline"] != "included":
-        lines += ["", f"Stock DiTPipeline not timed: {result['stock_pipeline']}; dqar's no-reuse loop is bit-identical to it (tests/test_sampling.py)."]
     return "\n".join(lines)

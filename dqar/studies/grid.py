@@ -52,7 +52,8 @@ else:  # pragma: no cover
 
 BASELINE = "baseline"
 MIN_REPEATS = 3
-STUDY_KEYS = {"repeats", "samples_per_label", "main"}
+STUDY_KEYS = {"repeats", "samples_per_label", "main", "fidelity_samples_per_label"}
+FIDELITY_SAMPLES_PER_LABEL = 20  # images per label of the untimed fidelity runs (dqar.studies.ablation_fidelity)
 SWEEP_KEYS = {"name", "base", "vary", "points"}
 TOP_KEYS = {"study", "sample", "sweep", "peer"}
 SLUG_MAX = 120  # characters of a configuration folder name before a hash suffix
@@ -70,6 +71,7 @@ class Study:
     source: str  # where the grid came from
     text_hash: str  # sha256 of the grid text (first 16 hex digits)
     peers: tuple[tuple[dict, Any], ...] = ()  # (the grid's table, its peer config from dqar.studies.peers)
+    fidelity_samples_per_label: int = FIDELITY_SAMPLES_PER_LABEL  # images per label of the fidelity runs
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ def parse_grid(data: dict, source: str = "grid", text: str = "", repeats: int | 
     per_label = study.get("samples_per_label", 1)
     if not isinstance(per_label, int) or isinstance(per_label, bool) or per_label < 1:
         raise DqarError(f"{source}: samples_per_label = {per_label!r}", "use an integer >= 1")
+    fidelity = study.get("fidelity_samples_per_label", FIDELITY_SAMPLES_PER_LABEL)
+    if not isinstance(fidelity, int) or isinstance(fidelity, bool) or fidelity < per_label:
+        raise DqarError(f"{source}: fidelity_samples_per_label = {fidelity!r}", f"use an integer >= samples_per_label ({per_label})")
     main = tuple(study.get("main", tuple(PRESETS)))
     for name in main:
         preset(name)
@@ -164,7 +169,7 @@ def parse_grid(data: dict, source: str = "grid", text: str = "", repeats: int | 
     if not isinstance(sweeps, list):
         raise DqarError(f"{source}: 'sweep' must be an array of tables", "write each sweep as [[sweep]]")
     digest = hashlib.sha256((text or json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
-    out = Study(n_rep, per_label, main, sample, tuple(sweeps), source, digest, _peers(data.get("peer", []), source))
+    out = Study(n_rep, per_label, main, sample, tuple(sweeps), source, digest, _peers(data.get("peer", []), source), fidelity)
     expand(out)  # validate every sweep point now, not hours into a run
     return out
 

@@ -12,15 +12,23 @@ import torch
 from dqar.errors import DqarError
 from dqar.studies import grid as G
 from dqar.studies import memory
+from dqar.studies import intervals as I
 from dqar.studies.core import SEED_OFFSET, Evaluator
-from dqar.studies.timing import bracketed_method
+from dqar.studies.timing import Run, median, relative_range, seconds, walls
 
 # Names of the seed report's eight ImageNet classes (dqar.labels.IMAGENET_SHOWCASE).
 IMAGENET_SHOWCASE_NAMES = {207: "golden retriever", 360: "otter", 387: "elephant", 974: "cliff",
                            88: "macaw", 417: "balloon", 279: "arctic fox", 928: "ice cream"}
 FIDELITY_METHOD = (
-    "paired against the baseline's images at the same sampling setting (same seeds): PSNR (mean over images, "
-    "each capped at 100 dB), SSIM (Gaussian 11/1.5), max absolute pixel difference; images in [0, 1]"
+    "paired against the baseline's images at the same sampling setting (same seeds, the baseline on its timed executor): "
+    "PSNR (mean over images, each capped at 100 dB), SSIM (Gaussian 11/1.5), max absolute pixel difference; images in [0, 1]"
+)
+STATISTICS_METHOD = (
+    f"{I.METHOD}; the FLOP ceiling of a configuration is 1 / (1 − its share of FLOPs skipped); a speedup whose "
+    "interval's lower end lies above the ceiling by more than the measured noise (the relative range of its "
+    "baseline's repeats) is flagged implausible and never named fastest, best or recommended; claims that pick or "
+    "rank configurations ('faster', 'fastest', 'recommended', 'not distinguishable') compare simultaneous intervals "
+    "(Bonferroni over the study's k speedups: each at 1 − 0.05 / k)"
 )
 CALIBRATION_METHOD = (
     "configurations with calibrate.* settings get a plan from dqar.tuning.calibrate.calibrate before timing (untimed), "
@@ -81,8 +89,9 @@ def environment(loaded, device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def study_block(study: G.Study, labels, names, evaluator: Evaluator | None, device, entries: Sequence[G.Entry]) -> dict:
-    """The results' "study" entry: what was planned and how it is measured."""
+def study_block(study: G.Study, labels, names, evaluator: Evaluator | None, device, entries: Sequence[G.Entry],
+                methods: dict) -> dict:
+    """The results' "study" entry: what was planned and how it is measured (`methods`: the timing and fidelity texts)."""
     return {
         "grid": study.source,
         "grid_hash": study.text_hash,
@@ -94,7 +103,8 @@ def study_block(study: G.Study, labels, names, evaluator: Evaluator | None, devi
         "seed": study.sample.seed,
         "seeds": [study.sample.seed, study.sample.seed + len(labels) - 1],
         "sample": dict(study.sample.__dict__),
-        "timing_method": bracketed_method(study.repeats, device),
+        **methods,
+        "statistics_method": STATISTICS_METHOD,
         "memory_method": memory.method(device),
         "fidelity_method": FIDELITY_METHOD,
         "classifier": evaluator.description if evaluator else None,
@@ -104,8 +114,8 @@ def study_block(study: G.Study, labels, names, evaluator: Evaluator | None, devi
     }
 
 
-def check_resumable(old: dict, env: dict, labels: list[int], repeats: int, out: Path) -> None:
-    """Refuse to mix measurements from another model, device, dtype, label set or repeat count."""
+def check_resumable(old: dict, env: dict, labels: list[int], repeats: int, out: Path, same: dict) -> None:
+    """Refuse to mix measurements from another model, device, dtype, label set, repeat count or `same` study settings."""
     have_env = old.get("environment", {})
     for key in ("model", "model_fingerprint", "device", "dtype", "torch", "diffusers"):
         if have_env.get(key) != env.get(key):
@@ -114,9 +124,77 @@ def check_resumable(old: dict, env: dict, labels: list[int], repeats: int, out: 
     study = old.get("study", {})
     if study.get("labels") != labels or study.get("repeats") != repeats:
         raise DqarError(f"the results in {out} used other labels or repeats", "resume with the same grid, or choose another --out")
+    for key, value in same.items():
+        if study.get(key) != value:
+            raise DqarError(f"the results in {out} were measured with {key} = {study.get(key)!r}, this run has {value!r}",
+                            "resume with the same settings, or choose another --out")
 
 
 # ----- one configuration -----------------------------------------------------------------------------
+def measurements(own: list[Run], base: list[Run], samples: int, *, executor: str, note: str | None, baseline_executor: str,
+                 flops_skipped: float | None, eager_base: list[Run] | None = None, is_baseline: bool = False) -> dict:
+    """Timings of one configuration and of the baseline timed in the same rounds, their ratio with its interval, the FLOP ceiling.
+
+    `own`, `base`: the runs of round 1, 2, ...; `eager_base`: the eager baseline's, for an eagerly run configuration.
+    """
+    t, b = seconds(own), seconds(base)
+    med, base_med = median(t), median(b)
+    ci = [1.0, 1.0] if is_baseline else I.ratio_ci(b, t)
+    noise = relative_range(b)
+    ceiling = 1.0 / (1.0 - flops_skipped) if flops_skipped is not None and flops_skipped < 1.0 else None
+    peak, base_peak = _max_or_none(r.peak for r in own), _max_or_none(r.peak for r in base)
+    out = {
+        "executor": executor,
+        "executor_note": note,
+        "baseline_executor": baseline_executor,
+        "repeats": len(t),
+        "times_s": t,
+        "wall_times_s": walls(own),
+        "baseline_times_s": b,
+        "baseline_wall_times_s": walls(base),
+        "median_s": med,
+        "baseline_median_s": base_med,
+        "time_per_sample_s": med / samples,
+        "baseline_time_per_sample_s": base_med / samples,
+        "speedup": 1.0 if is_baseline else base_med / med,
+        "speedup_ci": ci,
+        "wall_speedup": 1.0 if is_baseline else median(walls(base)) / median(walls(own)),
+        "wall_speedup_ci": [1.0, 1.0] if is_baseline else I.ratio_ci(walls(base), walls(own)),
+        "noise": noise,
+        "flops_ceiling": ceiling,
+        "implausible": bool(ceiling is not None and ci is not None and ci[0] > ceiling * (1.0 + (noise or 0.0))),
+        "speedup_vs_eager": None,
+        "speedup_vs_eager_ci": None,
+        "peak_memory_bytes": peak,
+        "baseline_peak_memory_bytes": base_peak,
+        "memory_reduction": (1.0 - peak / base_peak) if peak and base_peak else None,
+        "deterministic": all(r.kept for r in own),
+    }
+    if eager_base:
+        eb = seconds(eager_base)
+        out.update(speedup_vs_eager=median(eb) / med, speedup_vs_eager_ci=I.ratio_ci(eb, t))
+    return out
+
+
+def with_simultaneous(records: list[dict]) -> None:
+    """Give every record's measurements its simultaneous interval: Bonferroni over the study's distinct speedups."""
+    k = sum(1 for r in records if r.get("same_as") is None and not _is_baseline(r))
+    level = I.simultaneous_level(k)
+    for r in records:
+        m = r["measurements"]
+        m["comparisons"] = k
+        m["speedup_sim_ci"] = [1.0, 1.0] if _is_baseline(r) else I.ratio_ci(m["baseline_times_s"], m["times_s"], level)
+
+
+def _is_baseline(r: dict) -> bool:
+    return not r["config"]["reuse"]["enabled"] and not r.get("peer")
+
+
+def _max_or_none(values) -> int | None:
+    values = list(values)
+    return None if not values or None in values else max(values)
+
+
 def _reuse_dict(stats) -> dict | None:
     if stats is None:
         return None

@@ -1,9 +1,17 @@
-"""Honest timing: warm-up first, interleaved or bracketed repeats, medians; CUDA events on GPU, wall clock on CPU."""
+"""Honest timing: one clock per device, one warm-up per case, repeats interleaved round-robin across the cases.
+
+CPU: the CPU time of the sampling thread (`time.thread_time`); with one torch thread every kernel runs
+in that thread, so time the scheduler gives to other processes is not counted. Wall time is read beside
+it. With more torch threads the process's CPU time is the clock (work, not latency). CUDA: events
+around each generation, wall time beside. A clock is an object with `name`, `description` and
+`measure(fn) -> (result, Timing)`; tests inject their own.
+"""
 from __future__ import annotations
 
 import contextlib
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -12,64 +20,132 @@ from dqar.device import synchronize
 from dqar.errors import first_line
 from dqar.studies import memory
 
-BRACKETED_METHOD = (
-    "one untimed warm-up generation of the baseline per sampling setting (its images are the fidelity reference); "
-    "{each}per configuration, {repeats} timed generations between two timed baseline generations (B C×{repeats} B; "
-    "the trailing B is the next configuration's leading B, so the baseline is re-timed between every two "
-    "configurations); time = median of the configuration's runs; speedup = median(its two bracketing baseline "
-    "runs) / median(its runs); a baseline entry is {repeats} timed baseline runs; clock: {clock}"
-)
-CLOCK_CUDA = "CUDA events around each generation, torch.cuda.synchronize before reading"
-CLOCK_CPU = "time.perf_counter around each generation"
+CLOCK_THREAD = "CPU time of the sampling thread (time.thread_time, one torch thread); wall time (time.perf_counter) beside it"
+CLOCK_PROCESS = "CPU time of the process (time.process_time, {threads} torch threads: work, not latency); wall time beside it"
+CLOCK_CUDA = "CUDA events around each generation (read after the end event synchronizes); wall time beside it"
+ORDER = ("per block (the main comparison, each sweep, the peers), one untimed warm-up generation of every case "
+         "(compilation happens there), then {repeats} rounds; each round times every case of the block once — its "
+         "configurations and the baseline of each sampling setting among them — starting one case later than the round before")
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call of `fn`, device work included."""
-    if device.type == "cuda":
+@dataclass(frozen=True)
+class Timing:
+    """One timed call: `seconds` on the device's clock, `wall` beside it."""
+
+    seconds: float
+    wall: float
+
+
+class ThreadClock:
+    """CPU time of the calling thread (one torch thread) or of the process (more threads), with wall time."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self.name = "thread_time" if threads == 1 else "process_time"
+        self.description = CLOCK_THREAD if threads == 1 else CLOCK_PROCESS.format(threads=threads)
+        self._cpu = time.thread_time if threads == 1 else time.process_time
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, Timing]:
+        w0, c0 = time.perf_counter(), self._cpu()
+        out = fn()
+        return out, Timing(self._cpu() - c0, time.perf_counter() - w0)
+
+
+class CudaClock:
+    """CUDA events around the call, with wall time."""
+
+    name = "cuda_events"
+    description = CLOCK_CUDA
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, Timing]:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        synchronize(device)
+        synchronize(self.device)
+        w0 = time.perf_counter()
         start.record()
-        fn()
+        out = fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
+        return out, Timing(start.elapsed_time(end) / 1000.0, time.perf_counter() - w0)
 
 
+def clock_for(device: torch.device):
+    """The clock `device` is timed with (CPU: read the torch thread count now, while timing is set up)."""
+    return CudaClock(device) if device.type == "cuda" else ThreadClock(torch.get_num_threads())
+
+
+def order_method(repeats: int) -> str:
+    return ORDER.format(repeats=repeats)
+
+
+# ----- warm-up and rounds --------------------------------------------------------------------------
 def warm_up(cases: dict[str, Callable[[], object]], warmup: int = 1,
-            on_step: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Run each case `warmup` times (compilation happens here); name → one-line error for the cases that raised."""
-    errors = {}
+            on_step: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run each case `warmup` times (compilation happens here): (name → last result, name → one-line error of those that raised)."""
+    results, errors = {}, {}
     for name, fn in cases.items():
         for _ in range(warmup):
             try:
-                fn()
+                results[name] = fn()
             except Exception as exc:  # a backend that cannot run here (e.g. no compiler): report it, keep the rest
                 errors[name] = f"{type(exc).__name__}: {first_line(exc)}"[:300]
+                results.pop(name, None)
                 break
             if on_step:
                 on_step(f"warm-up {name}")
-    return errors
+    return results, errors
 
 
-def interleaved(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                on_step: Callable[[str], None] | None = None) -> dict[str, list[float]]:
-    """Time warmed-up cases round-robin so machine drift hits all cases alike."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(time_once(fn, device))
+@dataclass(frozen=True)
+class Run:
+    """One timed generation: its timing, peak memory (None where not measured) and what `keep` made of its result."""
+
+    timing: Timing
+    peak: int | None
+    kept: Any = None
+
+
+def round_robin(cases: dict[str, Callable[[], Any]], clock, repeats: int, *, device: torch.device | None = None,
+                keep: Callable[[str, Any], Any] | None = None, on_step: Callable[[str], None] | None = None) -> dict[str, list[Run]]:
+    """`repeats` rounds timing every (warmed-up) case once; round k starts at case k, so no case always runs first.
+
+    Drift of a shared machine then hits every case alike, and the i-th runs of two cases are neighbours
+    in time (a pair the bootstrap resamples together). `device`: peak memory around each run.
+    `keep(name, result)`: what to retain of a result (outside the timed call); None keeps nothing.
+    """
+    names = list(cases)
+    runs: dict[str, list[Run]] = {n: [] for n in names}
+    for k in range(repeats):
+        for i in range(len(names)):
+            name = names[(i + k) % len(names)]
+            if device is not None:
+                memory.reset(device)
+            result, timing = clock.measure(cases[name])
+            peak = memory.read_peak(device) if device is not None else None
+            runs[name].append(Run(timing, peak, keep(name, result) if keep else None))
+            del result
             if on_step:
                 on_step(name)
-    return times
+    return runs
+
+
+def seconds(runs: list[Run]) -> list[float]:
+    return [r.timing.seconds for r in runs]
+
+
+def walls(runs: list[Run]) -> list[float]:
+    return [r.timing.wall for r in runs]
 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def relative_range(values: list[float]) -> float | None:
+    """(slowest − fastest) / median: the spread of repeated timings of one case; None for fewer than two."""
+    return (max(values) - min(values)) / statistics.median(values) if len(values) >= 2 else None
 
 
 @contextlib.contextmanager
@@ -82,78 +158,3 @@ def cpu_threads(device: torch.device, threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-# ----- one configuration between two baseline runs -------------------------------------------------
-def warms_each(device: torch.device) -> bool:
-    """Whether every configuration gets its own untimed warm-up run: on GPU (kernel selection, compilation).
-
-    On CPU the study's first baseline generation warms the process; every later generation attaches a
-    fresh reuse handle and takes the same path each time, so the first timed run is not special.
-    """
-    return device.type == "cuda"
-
-
-def bracketed_method(repeats: int, device: torch.device) -> str:
-    """How `bracketed` times on `device`, in words."""
-    each = ("on GPU one more untimed warm-up generation per configuration (its images and statistics are reported); "
-            if warms_each(device) else "on CPU no per-configuration warm-up (images and statistics from the first timed run); ")
-    return BRACKETED_METHOD.format(repeats=repeats, clock=CLOCK_CUDA if device.type == "cuda" else CLOCK_CPU, each=each)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, int | None, Any]:
-    """(seconds, peak bytes, result) of one call of `fn`."""
-    box = []
-    memory.reset(device)
-    seconds = time_once(lambda: box.append(fn()), device)
-    return seconds, memory.read_peak(device), box[0]
-
-
-def bracketed(make: Callable[[], Any], baseline: Callable[[], Any] | None, repeats: int, device: torch.device, samples: int, *,
-              tick: Callable[[], None] = lambda: None, warm=None, lead: tuple | None = None) -> tuple[dict, Any, tuple]:
-    """Timings of `make` bracketed by `baseline` runs, peak memory, and the generation its images come from.
-
-    Order: [warm-up on GPU] B C×repeats B — the leading B is `lead` (seconds, peak) when the previous
-    timed run was a baseline at this sampling setting, and the trailing B is returned to become the
-    next configuration's lead. `baseline` None: the configuration is the baseline, timed `repeats`
-    times. The reported generation is `warm` when given, else the GPU warm-up run, else the first timed
-    run. `samples`: images per generation. Returns (measurements, reported generation, trailing (seconds, peak)).
-    """
-    if warm is None and warms_each(device):
-        warm = make()
-        lead = None  # no longer the previous timed run
-        tick()
-    runs = []  # (kind, seconds, peak, generation)
-    if baseline is not None:
-        runs.append(("base", *lead, None) if lead is not None else ("base", *timed(baseline, device)))
-        tick()
-    for _ in range(repeats):
-        runs.append(("self", *timed(make, device)))
-        tick()
-    if baseline is not None:
-        runs.append(("base", *timed(baseline, device)))
-        tick()
-    own = [r for r in runs if r[0] == "self"]
-    other = [r for r in runs if r[0] == "base"] or own
-    first = warm if warm is not None else own[0][3]
-    peak, base_peak = _max_or_none(r[2] for r in own), _max_or_none(r[2] for r in other)
-    med, base_med = statistics.median(r[1] for r in own), statistics.median(r[1] for r in other)
-    measurements = {
-        "times_s": [r[1] for r in own],
-        "baseline_times_s": [r[1] for r in other],
-        "median_s": med,
-        "baseline_median_s": base_med,
-        "time_per_sample_s": med / samples,
-        "baseline_time_per_sample_s": base_med / samples,
-        "speedup": 1.0 if baseline is None else base_med / med,
-        "peak_memory_bytes": peak,
-        "baseline_peak_memory_bytes": base_peak,
-        "memory_reduction": (1.0 - peak / base_peak) if peak and base_peak else None,
-        "deterministic": all(torch.equal(r[3].output.images, first.output.images) for r in own),
-    }
-    return measurements, first, runs[-1][1:3]
-
-
-def _max_or_none(values) -> int | None:
-    values = list(values)
-    return None if not values or None in values else max(values)

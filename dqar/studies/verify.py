@@ -1,0 +1,83 @@
+"""The ablation's fidelity runs: after timing, the configurations a claim could rest on get the larger untimed run.
+
+Which ones: the main configurations, then the recommendation's front and the configurations meeting the
+target's speed side (dqar.reporting.findings.claim_candidates), at most FINALISTS beyond the main ones.
+A fidelity run can move a configuration out of the fidelity bound, which changes the front, so the
+choice is made again after every run until nothing new is needed. Each run replaces the record's
+fidelity (and that of the records copying it), and the baseline of its sampling setting gets its own
+run first; results are written after each. A study whose fidelity run is its timing batch has nothing to do.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from dqar.engine.config import from_dict
+from dqar.generate import generate
+from dqar.reporting.findings import claim_candidates, is_baseline
+from dqar.studies import ablation_fidelity as AF
+from dqar.studies.blocks import timed_run
+from dqar.studies.core import baseline_run
+
+FINALISTS = 4  # fidelity runs beyond the main configurations
+
+
+def verify(results: dict, ctx: dict, done: dict, write: Callable[[], None]) -> None:
+    """Fidelity runs for the claim candidates of `results` (its records are `done`'s values), writing after each."""
+    need, chunks = results["study"]["fidelity_samples"], ctx["chunks"]
+    if chunks <= 1:
+        return
+    refs: dict = {}
+    tried: set = set()
+    while True:
+        extra = sum(1 for r in done.values() if r["role"] != "main" and _has_run(r, need) and r.get("same_as") is None
+                    and not is_baseline(r))
+        todo = [r for r in claim_candidates(results) if not _has_run(r, need) and r["name"] not in tried]
+        todo = [r for r in todo if r["role"] == "main"] or todo[: max(0, FINALISTS - extra)]
+        if not todo:
+            return
+        tried.add(todo[0]["name"])
+        _fidelity_run(todo[0], results, ctx, refs)
+        write()
+
+
+def _has_run(rec: dict, need: int) -> bool:
+    return (rec["fidelity"].get("samples") or 0) >= need
+
+
+def _images(rec: dict, run, ctx: dict):
+    executor = "compiled" if rec["measurements"].get("executor") == "compiled" else None
+    make = lambda r: generate(ctx["loaded"], ctx["labels"], timed_run(r), executor=executor)  # noqa: E731
+    bar = ctx["bars"]
+    bar.start(f"fidelity {rec['name']}", ctx["chunks"])
+    try:
+        return AF.images_of(make, run, ctx["chunks"], len(ctx["labels"]), tick=bar.tick)
+    finally:
+        bar.close_inner()
+
+
+def _reference(rec: dict, results: dict, ctx: dict, refs: dict):
+    """The fidelity-run reference of `rec`'s sampling setting; the baseline record of that setting gets its fidelity."""
+    run = from_dict(rec["config"])
+    s = run.sample
+    if s not in refs:
+        base = next((r for r in results["records"] if is_baseline(r) and r["config"]["sample"] == rec["config"]["sample"]), None)
+        proto = base or {"measurements": {"executor": rec["measurements"].get("baseline_executor")}, "name": "baseline"}
+        images = _images(proto, baseline_run(run), ctx)
+        refs[s] = AF.reference(images, list(ctx["labels"]) * ctx["chunks"], ctx["evaluator"])
+        if base is not None:
+            _store(base, AF.fidelity(refs[s].images, refs[s]), results)
+    return refs[s]
+
+
+def _fidelity_run(rec: dict, results: dict, ctx: dict, refs: dict) -> None:
+    ref = _reference(rec, results, ctx, refs)
+    if is_baseline(rec):
+        return  # its run is the reference's
+    _store(rec, AF.fidelity(_images(rec, from_dict(rec["config"]), ctx), ref), results)
+
+
+def _store(rec: dict, fidelity: dict, results: dict) -> None:
+    """`fidelity` becomes the record's and that of every record copying it."""
+    for r in results["records"]:
+        if r is rec or r.get("same_as") == rec["name"]:
+            r["fidelity"] = fidelity
