@@ -25,7 +25,7 @@ from conftest import make_tiny_transformer, make_tiny_vae
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the subprocess runs one thread too
 
-PRESETS = ("full_dqar", "quant_cache_only")  # the online gate; a fixed schedule with an INT8 cache
+PRESETS = ("gate", "quant_cache_only", "full_dqar")  # the online gate; a fixed schedule with an INT8 cache; forecasting
 STEPS, SEED = 8, 3
 
 
@@ -77,7 +77,7 @@ def test_dqar_sample_in_two_processes_gives_identical_files_and_decisions(name, 
     mask = np.array(mine["stats"]["reuse_mask"])  # (E, L)
     assert mine == theirs  # reuse mask, counts, cache bytes, INT8 error, host syncs
     assert 0 < mask.sum() < mask.size
-    if name == "full_dqar":  # the gate held back some cells its schedule allows
+    if name == "gate":  # the gate held back some cells its schedule allows
         allowed = build_plan(with_overrides(preset(name), gate=False), STEPS, 4).mask
         assert (mask <= allowed).all() and mask.sum() < allowed.sum()
 

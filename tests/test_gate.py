@@ -126,8 +126,8 @@ def test_gate_makes_at_most_one_host_sync_per_evaluation(model):
     assert stats.host_syncs == counter.count
 
 
-def test_full_dqar_preset_uses_the_gate(model):
-    cfg = dqar.preset("full_dqar")
+def test_gate_preset_uses_the_gate(model):
+    cfg = dqar.preset("gate")
     assert cfg.gate and cfg.cache_dtype == "int8"
     counter = CountSyncs()
     with dqar.enable(model, cfg) as h:

@@ -40,7 +40,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, help="ddim | dpm (default ddim)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=None, help="base seed; sample i uses seed + i (default 42)")
-    p.add_argument("--preset", default=None, help="baseline | scheduling_only | quant_cache_only | full_dqar")
+    p.add_argument("--preset", default=None, help="baseline | scheduling_only | quant_cache_only | full_dqar | gate | block_reuse")
     p.add_argument("--config", default=None, help="TOML file with [reuse] and [sample] tables")
 
 

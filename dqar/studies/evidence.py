@@ -69,7 +69,7 @@ def default_cases() -> list[Case]:
         st("constant, refresh 2", schedule="constant"),
         st("constant, refresh 3", schedule="constant", refresh_interval=3),
         st("constant, refresh 4", schedule="constant", refresh_interval=4),
-        Case("gate", "full_dqar preset (linear, τ 0.97, INT8)", preset("full_dqar")),
+        Case("gate", "gate preset (linear, τ 0.97, INT8)", preset("gate")),
         gt("τ 0.97, refresh 2", entropy_tau=0.97),
         gt("τ 1, SNR ≤ 5, refresh 3", entropy_tau=1.0, snr_max=5.0, refresh_interval=3),
         gt("τ 1, prediction SNR ≤ 3, refresh 3", entropy_tau=1.0, snr_max=3.0, snr_source="prediction", refresh_interval=3),
