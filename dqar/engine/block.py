@@ -8,7 +8,7 @@ gate multiply. Outputs match the stock block (tests check allclose).
 from __future__ import annotations
 
 from dqar.engine.attention import self_attention
-from dqar.engine.cache import forecast_stored
+from dqar.engine.codec import combine
 from dqar.engine.quant import dequantize_values, encode
 from dqar.errors import DqarError
 
@@ -56,9 +56,9 @@ def reuse_q(block, h, timestep, labels, values, scale, mode: str):
     return reuse(block, h, timestep, labels, dequantize_values(values, scale, h.dtype, mode))
 
 
-def reuse_forecast(block, h, timestep, labels, values, scales, mode: str, weights):
-    """`reuse` with the attention output forecast from stored outputs (`dqar.engine.cache.forecast_stored`)."""
-    return reuse(block, h, timestep, labels, forecast_stored(values, scales, mode, weights, h.dtype))
+def reuse_forecast(block, h, timestep, labels, stored, weights):
+    """`reuse` with the attention output forecast from stored model-dtype outputs (`dqar.engine.codec.combine`)."""
+    return reuse(block, h, timestep, labels, combine(stored, weights, h.dtype))
 
 
 def whole(block, h, timestep, labels):
@@ -81,6 +81,6 @@ def skip_q(h, values, scale, mode: str):
     return h + dequantize_values(values, scale, h.dtype, mode)
 
 
-def skip_forecast(h, values, scales, mode: str, weights):
-    """Block-level reuse of a residual forecast from stored residuals."""
-    return h + forecast_stored(values, scales, mode, weights, h.dtype)
+def skip_forecast(h, stored, weights):
+    """Block-level reuse of a residual forecast from stored model-dtype residuals."""
+    return h + combine(stored, weights, h.dtype)

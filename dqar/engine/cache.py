@@ -4,17 +4,18 @@ Each layer keeps its newest `order + 1` stored values, newest first, each with i
 the forecast axis (`dqar.engine.forecast`). A reuse reads a copy of the newest (order 0, or a
 layer with one stored value) or `Σ w_i · y_i` over its history, with weights computed on the
 host from those positions: no value is read back from the device. Every history entry is kept
-in its stored form (INT8 values and float32 scales), and the byte counts include all of them.
+in its stored form (INT8 values and float32 scales), and the byte counts include all of them;
+an INT8 history that forecasts is anchored (`dqar.engine.codec`): one more INT8 tensor per layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from dqar.engine import forecast
-from dqar.engine.quant import QTensor, dequantize, dequantize_values, encode, nbytes
+from dqar.engine.codec import Codec, combine
+from dqar.engine.quant import QTensor, dequantize, encode, nbytes
 
 
 @dataclass(frozen=True)
@@ -29,34 +30,6 @@ class StorePolicy:
 Entry = tuple  # tuple of torch.Tensor | QTensor, one per cached tensor (1 for outputs, 2 for K/V)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where a forecast is summed: float32, or the model dtype when it is wider."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def forecast_stored(values: Sequence[torch.Tensor], scales: Sequence[torch.Tensor] | None, mode: str, weights,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """`Σ_i weights[i] · y_i` over stored values, newest first, returned in `dtype`; traceable.
-
-    `values`: INT8 values with their float32 `scales` (dequantized straight into the accumulation dtype), or
-    model-dtype tensors (`scales` None). `weights`: host floats (eager) or a (k,) tensor on the device
-    (compiled graphs, so that new weights never recompile).
-    """
-    acc = accumulation_dtype(dtype)
-    parts = [v.to(acc) for v in values] if scales is None else [dequantize_values(v, s, acc, mode) for v, s in zip(values, scales)]
-    out = parts[0] * weights[0]
-    for part, w in zip(parts[1:], weights[1:]):
-        out = out + part * w
-    return out.to(dtype)
-
-
-def split_stored(entries: Sequence[torch.Tensor | QTensor]) -> tuple[tuple, tuple | None, str]:
-    """(values, scales or None, mode) of stored single-tensor entries, for `forecast_stored`."""
-    if isinstance(entries[0], QTensor):
-        return tuple(q.values for q in entries), tuple(q.scale for q in entries), entries[0].mode
-    return tuple(entries), None, ""
-
-
 def device_weights(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """(k,) float32 weights on `device` without a host sync (pinned, non-blocking copy on CUDA)."""
     host = torch.tensor(weights, dtype=torch.float32)
@@ -68,9 +41,12 @@ def device_weights(weights: tuple[float, ...], device: torch.device) -> torch.Te
 class LayerCache:
     """Per layer, the newest `order + 1` stored values with their positions; reads a copy or a forecast."""
 
-    def __init__(self, num_layers: int, policies: tuple[StorePolicy, ...], track_error: bool, order: int = 0):
+    def __init__(self, num_layers: int, policies: tuple[StorePolicy, ...], track_error: bool, order: int = 0, codec: Codec = Codec()):
         self.policies = policies  # one per tensor of an entry
         self.order = order
+        self.codec = codec
+        self.anchored = order > 0 and len(policies) == 1 and policies[0].int8  # INT8 entries as differences from an anchor
+        self.anchors: list[QTensor | None] = [None] * num_layers
         self.history: list[list[Entry]] = [[] for _ in range(num_layers)]  # newest first
         self.where: list[list[float]] = [[] for _ in range(num_layers)]  # forecast-axis position of each entry
         self._flags: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # 0-dim bool per entry: all finite
@@ -96,6 +72,9 @@ class LayerCache:
 
     def put(self, layer: int, *tensors: torch.Tensor) -> None:
         """Store `tensors` for `layer` as its newest entry."""
+        if self.anchored:
+            self._put_anchored(layer, *tensors)
+            return
         encoded = [self._encode(t, p) for t, p in zip(tensors, self.policies)]
         errors = [err for _, err in encoded if err is not None]
         self.put_encoded(layer, tuple(v for v, _ in encoded), torch.stack(errors) if errors else None)
@@ -120,6 +99,25 @@ class LayerCache:
         self.bytes_peak = max(self.bytes_peak, self.bytes_now)
         self.entries_peak = max(self.entries_peak, self.entries_now)
 
+    def _put_anchored(self, layer: int, x: torch.Tensor) -> None:
+        """The anchored INT8 history: x quantized as the new anchor, x and the kept entries as differences from it."""
+        policy, old = self.policies[0], self.anchors[layer]
+        kept = tuple((q.values, q.scale) for (q,) in self.history[layer][: self.order])
+        values, scale, diffs, diff_scales, error = self.codec.rebase(
+            x, None if old is None else (old.values, old.scale), kept, policy.mode, policy.num_heads, self.track_error)
+        if error is not None:
+            self.error_sum = error if self.error_sum is None else self.error_sum + error
+            self.error_count += 1
+        before, count = _bytes(self.history[layer]) + (old.nbytes if old is not None else 0), len(self.history[layer])
+        self.anchors[layer] = QTensor(values=values, scale=scale, dtype=x.dtype, mode=policy.mode)
+        self.history[layer] = [(QTensor(values=v, scale=s, dtype=x.dtype, mode=policy.mode),) for v, s in zip(diffs, diff_scales)]
+        self.where[layer] = [self.position, *self.where[layer][: self.order]]
+        self.finite[layer] = torch.stack([torch.isfinite(s).all() for s in (scale, *diff_scales)]).all()
+        self.bytes_now += _bytes(self.history[layer]) + self.anchors[layer].nbytes - before
+        self.entries_now += len(diffs) - count
+        self.bytes_peak = max(self.bytes_peak, self.bytes_now)
+        self.entries_peak = max(self.entries_peak, self.entries_now)
+
     def finite_flags(self, layers: list[int]) -> torch.Tensor:
         """(len(layers),) bool on the device: which of these layers' histories are all finite."""
         return torch.stack([self.finite[layer] for layer in layers])
@@ -138,6 +136,8 @@ class LayerCache:
 
     def get(self, layer: int) -> tuple[torch.Tensor, ...]:
         """The newest stored tensors of `layer`, dequantized from what is actually stored."""
+        if self.anchored:
+            return (self._forecast(layer, (1.0,)),)
         return tuple(dequantize(v) if isinstance(v, QTensor) else v for v in self.history[layer][0])
 
     def weights(self, layer: int) -> tuple[float, ...]:
@@ -158,10 +158,19 @@ class LayerCache:
     def read(self, layer: int) -> torch.Tensor:
         """What a reuse of `layer` returns now: a copy of its newest output, or the forecast from its history."""
         w = self.weights(layer)
+        if self.anchored:
+            return self._forecast(layer, w)
         if len(w) == 1:
             return self.get(layer)[0]
-        entries = [entry[0] for entry in self.stored(layer, len(w))]
-        return forecast_stored(*split_stored(entries), w, entries[0].dtype)
+        entries = [entry[0] for entry in self.stored(layer, len(w))]  # model-dtype tensors (INT8 forecasts are anchored)
+        return combine(entries, w, entries[0].dtype)
+
+    def _forecast(self, layer: int, w: tuple[float, ...]) -> torch.Tensor:
+        """`Σ w_i · (Â + d̂_i)` from an anchored history, with the codec (weights as a tensor when it is compiled)."""
+        anchor, diffs = self.anchors[layer], [entry[0] for entry in self.stored(layer, len(w))]
+        weights = self.weights_on(w, anchor.values.device) if self.codec.tensor_weights else w
+        return self.codec.forecast(anchor.values, anchor.scale, tuple(d.values for d in diffs), tuple(d.scale for d in diffs),
+                                   anchor.mode, weights, anchor.dtype)
 
     def _encode(self, x: torch.Tensor, policy: StorePolicy) -> tuple[torch.Tensor | QTensor, torch.Tensor | None]:
         """The stored form of `x` and its round-trip error (None when not INT8 or not tracked)."""
@@ -177,8 +186,9 @@ class LayerCache:
         return float(self.error_sum) / self.error_count
 
 
-def _bytes(entry: Entry) -> int:
-    return sum(nbytes(v) for v in entry)
+def _bytes(entry) -> int:
+    """Bytes of an entry, or of a list of entries."""
+    return sum(_bytes(v) if isinstance(v, (tuple, list)) else nbytes(v) for v in entry)
 
 
 def _all_finite(entry: Entry) -> torch.Tensor:

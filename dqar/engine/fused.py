@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from dqar.engine import block as B
-from dqar.engine.cache import split_stored
+from dqar.engine.codec import Codec, forecast_anchored, rebase
 from dqar.errors import DqarError
 from dqar.engine.quant import QTensor
 
@@ -33,6 +33,7 @@ class Kernels:
     skip: Callable
     skip_q: Callable
     skip_forecast: Callable
+    codec: Codec  # the anchored INT8 history's write and read
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +41,7 @@ def make_kernels(compile: bool, mode: str | None = None) -> Kernels:
     """Wrap each block function with `torch.compile` (static shapes) when `compile` is set; shared by all handles."""
     names = ("compute", "compute_q", "reuse", "reuse_q", "reuse_forecast", "whole", "whole_q", "skip", "skip_q", "skip_forecast")
     wrap = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if compile else (lambda f: f)
-    return Kernels(**{n: wrap(getattr(B, n)) for n in names})
+    return Kernels(**{n: wrap(getattr(B, n)) for n in names}, codec=Codec(wrap(rebase), wrap(forecast_anchored), tensor_weights=compile))
 
 
 def check_supported(cfg, blocks) -> None:
@@ -63,14 +64,16 @@ def fused_forward(engine, layer: int, blk, kernels: Kernels, original: Callable,
     h, cache, block_level = hidden_states, st.cache, engine.cfg.granularity == "block"
     if st.row[layer] and cache.has(layer):
         st.executed[st.evaluation, layer] = True
+        if cache.anchored:  # an INT8 history that forecasts, read through the (compiled) codec
+            a = cache.read(layer)  # (B, T, C)
+            return kernels.skip(h, a) if block_level else kernels.reuse(blk, h, timestep, class_labels, a)
         w = cache.weights(layer)
-        stored = [entry[0] for entry in cache.stored(layer, len(w))]
+        stored = tuple(entry[0] for entry in cache.stored(layer, len(w)))
         if len(w) > 1:  # a forecast: weights enter the graph as a tensor, so new values never recompile
-            values, scales, mode = split_stored(stored)
             weights = cache.weights_on(w, h.device)
             if block_level:
-                return kernels.skip_forecast(h, values, scales, mode, weights)
-            return kernels.reuse_forecast(blk, h, timestep, class_labels, values, scales, mode, weights)
+                return kernels.skip_forecast(h, stored, weights)
+            return kernels.reuse_forecast(blk, h, timestep, class_labels, stored, weights)
         (cached,) = stored
         if isinstance(cached, QTensor):
             if block_level:
@@ -81,7 +84,7 @@ def fused_forward(engine, layer: int, blk, kernels: Kernels, original: Callable,
     if not st.store[layer]:
         return full(blk, h, timestep, class_labels)[0]
     (policy,) = cache.policies
-    if not policy.int8:
+    if not policy.int8 or cache.anchored:
         out, cached = full(blk, h, timestep, class_labels)
         cache.put(layer, cached)
         return out

@@ -19,6 +19,7 @@ import torch
 
 from dqar.engine import forecast, forwards
 from dqar.engine.cache import LayerCache, StorePolicy
+from dqar.engine.codec import Codec
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
 from dqar.engine.flops import attention_flops, dit_shape, forward_flops, skipped_flops
@@ -82,6 +83,8 @@ class ReuseEngine:
             raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
         if executor != "patch":
             check_supported(cfg, self.blocks)
+        self.kernels = make_kernels(compile=executor == "compiled") if executor != "patch" else None
+        self.codec = self.kernels.codec if self.kernels is not None else Codec()
         self.state: GenerationState | None = None
         self.last_stats: ReuseStats | None = None
         self._hooked: list[tuple[torch.nn.Module, str, bool]] = []  # (module, hook name, registry created by dqar)
@@ -90,9 +93,8 @@ class ReuseEngine:
     # ----- attach / detach -------------------------------------------------------------
     def _layer_forwards(self):
         """(module, hook name, forward(original, *args, **kwargs)) for every module the executor takes over."""
-        if self.executor != "patch":
-            kernels = make_kernels(compile=self.executor == "compiled")
-            return [(b, BLOCK_HOOK, functools.partial(fused_forward, self, i, b, kernels)) for i, b in enumerate(self.blocks)]
+        if self.kernels is not None:
+            return [(b, BLOCK_HOOK, functools.partial(fused_forward, self, i, b, self.kernels)) for i, b in enumerate(self.blocks)]
         inner = self.needs.entropy or self.cfg.cfg_share != "none"  # attn1 must measure or share inside whole blocks
         out = []
         for layer, block in enumerate(self.blocks):
@@ -140,7 +142,7 @@ class ReuseEngine:
             share_from = math.ceil(self.cfg.cfg_share_from * num_evaluations)
         self.state = GenerationState(
             num_evaluations=num_evaluations,
-            cache=LayerCache(num_layers, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order),
+            cache=LayerCache(num_layers, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order, self.codec),
             executed=np.zeros((num_evaluations, num_layers), dtype=bool),
             rows_per_eval=[],
             timesteps_ref=getattr(scheduler, "timesteps", None),
