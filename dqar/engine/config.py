@@ -173,7 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # quadratic forecast from an INT8 history, every layer recomputed once every 3 evaluations after a short
     # warm-up, the last evaluation computed. A static plan: no calibration, nothing learned from the model.
     "full_dqar": {"schedule": "constant", "granularity": "block", "forecast_order": 2, "refresh_interval": 3,
-                  "max_staleness": 2, "warmup_frac": 0.04, "cooldown_frac": 0.02, "cache_dtype": "int8", "quant_mode": "token"},
+                  "max_staleness": 2, "warmup_frac": 0.04, "cooldown_frac": 0.02, "cache_dtype": "int8", "quant_mode": "channel"},
     # Linear layer schedule + INT8 cache + the online entropy/SNR gate (copy reuse of attn1 outputs).
     "gate": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token", "gate": True, "entropy_tau": 0.97},
     # Whole-block reuse (attention + MLP residual), every layer eligible after warmup, INT8 cache.

@@ -68,7 +68,7 @@ def extra_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
     out = []
     for refresh in (3, 5):
         for dtype in ("model", "int8"):
-            cfg = forecast_config(2, "block", refresh, 2, steps, cache_dtype=dtype, quant_mode="token")
+            cfg = forecast_config(2, "block", refresh, 2, steps, cache_dtype=dtype, quant_mode="channel")
             out.append((f"block, order 2, refresh {refresh}, {dtype} cache", {"cache": dtype, "refresh": refresh}, cfg))
     out.append(("full_dqar preset", {"preset": "full_dqar"}, preset("full_dqar")))
     return out
