@@ -65,10 +65,13 @@ def small_grid(tmp_path_factory):
     return path
 
 
+FAST = dict(progress=False, executor="patch", fidelity_samples_per_label=2)  # eager: no compiling in tests
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, loaded, evaluator):
     out = tmp_path_factory.mktemp("quick") / "ablation"
-    done = run_ablation(AblationOptions(out=out, quick=True, repeats=1, progress=False), loaded=loaded, evaluator=evaluator)
+    done = run_ablation(AblationOptions(out=out, quick=True, repeats=3, **FAST), loaded=loaded, evaluator=evaluator)
     return done
 
 
@@ -103,6 +106,9 @@ def number(cell: str) -> tuple[float, float] | None:
 JSON_OF = {
     "Time/Sample": lambda r: r["measurements"]["time_per_sample_s"],
     "Speedup": lambda r: r["measurements"]["speedup"],
+    "FLOP ceiling": lambda r: r["measurements"]["flops_ceiling"],
+    "Noise": lambda r: r["measurements"]["noise"],
+    "Images": lambda r: r["fidelity"]["samples"],
     "Reuse %": lambda r: r["reuse"] and r["reuse"]["reuse_fraction"],
     "Attn skipped": lambda r: r["reuse"] and r["reuse"]["attention_skipped_fraction"],
     "FLOPs skipped": lambda r: r["reuse"] and r["reuse"]["flops_skipped_fraction"],
@@ -116,6 +122,22 @@ JSON_OF = {
     "Class acc": lambda r: r["fidelity"]["class_accuracy"],
     "FD": lambda r: r["fidelity"]["fd"],
     "ΔFD": lambda r: r["fidelity"]["fd_delta"],
+}
+
+
+def interval(cell: str) -> tuple[float, float] | None:
+    """(low, high) of an interval cell "[a, b]", None for '—'."""
+    if cell == F.DASH:
+        return None
+    m = re.fullmatch(r"\[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]", cell)
+    assert m, f"unparseable interval {cell!r}"
+    return float(m.group(1)), float(m.group(2))
+
+
+INTERVAL_OF = {  # interval column -> (JSON path, scale of the cell)
+    "95% CI": (("measurements", "speedup_sim_ci"), 1.0),
+    "Acc 95% CI": (("fidelity", "class_accuracy_ci"), 100.0),
+    "ΔFD 95% CI": (("fidelity", "fd_delta_ci"), 1.0),
 }
 
 
@@ -133,29 +155,46 @@ def config_rows(md: str) -> dict[str, dict[str, str]]:
 def assert_claims_match_tables(md: str) -> None:
     """Re-derive the summary's claims from the report's own (rounded) tables and check the prose agrees.
 
-    A claim must hold with a tolerance of the displayed precision ("loose"); a claim's absence must
-    not be contradicted by a row that clearly qualifies ("strict").
+    Speed claims rest on the intervals in the 95% CI column: "fastest" / "recommended" need intervals that
+    separate; a claim must hold with a tolerance of the displayed precision ("loose"), and a claim's absence
+    must not be contradicted by a row that clearly qualifies ("strict").
     """
     rows = config_rows(md)
     val = lambda name, col: number(rows[name][col])[0] if number(rows[name][col]) else None  # noqa: E731
+    ci = lambda name: interval(rows[name]["95% CI"])  # noqa: E731
     cands = [n for n, r in rows.items() if r.get("Reuse %", F.DASH) != F.DASH and "same configuration" not in r["Notes"]]
+    flagged = {n for n in cands if "implausible" in rows[n]["Notes"]}
+    plausible = [n for n in cands if n not in flagged]
     base_acc = {n: val(n, "Class acc") for n, r in rows.items() if "reference baseline" in r["Notes"] and "Class acc" in r}
+    m = re.search(r"\*\*Fidelity run\*\*: (\d+) images", md)
+    need = int(m.group(1))
 
-    def acc_drop(n):
-        if "Class acc" not in rows[n]:
-            return None
-        return 100 * (base_acc[rows[n].get("Baseline", "`baseline`").strip("`")] - val(n, "Class acc"))
+    def verified(n):
+        return val(n, "Images") >= need
 
     def within(n, slack):  # slack > 0: loose, < 0: strict
-        d = acc_drop(n)
-        return val(n, "PSNR (dB)") >= F.PSNR_BOUND_DB - slack and (d is None or d <= F.ACC_DROP_BOUND + 10 * slack)
+        if "Acc 95% CI" in rows[n] and interval(rows[n]["Acc 95% CI"]) is not None:
+            base = base_acc[rows[n].get("Baseline", "`baseline`").strip("`")]
+            drop = 100 * base - interval(rows[n]["Acc 95% CI"])[1]
+            if drop > F.ACC_DROP_BOUND + 10 * slack:
+                return False
+        return val(n, "PSNR (dB)") >= F.PSNR_BOUND_DB - slack
 
     def meets(n, slack):
-        fd = val(n, "ΔFD") if "ΔFD" in rows[n] else None
-        quality = fd <= F.TARGET_FD_LOSS + slack if fd is not None else within(n, slack)
+        fd = interval(rows[n]["ΔFD 95% CI"]) if "ΔFD 95% CI" in rows[n] else None
+        if "ΔFD 95% CI" in rows[n] or "Class acc" in rows[n]:  # a classifier: the quality side needs a measured ΔFD
+            quality = fd is not None and fd[1] <= F.TARGET_FD_LOSS + slack
+        else:
+            quality = within(n, slack)
         mem = val(n, "Mem saved")
-        fast = val(n, "Speedup") >= F.TARGET_SPEEDUP - slack
-        return (fast or (mem is not None and mem >= F.TARGET_MEMORY - slack / 10)) and quality
+        fast = ci(n) is not None and ci(n)[0] >= F.TARGET_SPEEDUP - slack
+        return (fast or (mem is not None and mem >= F.TARGET_MEMORY - slack / 10)) and quality and verified(n)
+
+    def noise(n):
+        return val(n, "Noise") or 0.0
+
+    def above(a, b, slack):  # a's interval above b's by more than the noise
+        return ci(a) is not None and ci(b) is not None and ci(a)[0] > ci(b)[1] * (1 + max(noise(a), noise(b))) - slack
 
     loose, strict = 0.0051, -0.0051
     summary = dict((r[0], r[1]) for head, rs in parse_tables(md) if head == ["Metric", "Value"] for r in rs)
@@ -164,24 +203,41 @@ def assert_claims_match_tables(md: str) -> None:
     met = target_row == "✅ Yes"
     assert ("Target met" in md) == met and ("Target missed" in md) == (not met)
     if met:
-        assert any(meets(n, loose) for n in cands)
+        assert any(meets(n, loose) for n in plausible)
     else:
-        assert not any(meets(n, strict) for n in cands)
-    best = max(val(n, "Speedup") for n in cands)
-    assert number(summary["**Best Speedup**"].split()[0])[0] == best
-    fastest_ok = next(v for k, v in summary.items() if k.startswith("**Fastest within fidelity bound**"))
-    if fastest_ok == F.DASH:
-        assert not any(within(n, strict) for n in cands)
-    else:
-        name = re.search(r"`([^`]+)`", fastest_ok).group(1)
-        assert within(name, loose)
-        assert val(name, "Speedup") >= max([val(n, "Speedup") for n in cands if within(n, strict)] + [0]) - 0.0051
+        assert not any(meets(n, strict) for n in plausible)
+
+    def check_leaders(cell, names, sure):
+        """`names`: the rows the cell may name (loosely qualifying); `sure`: those that surely qualify."""
+        if not sure:
+            assert cell == F.DASH or not names or re.findall(r"`([^`]+)`", cell)[0] in names
+            return
+        top = max(val(n, "Speedup") for n in sure)
+        listed = re.findall(r"`([^`]+)`", cell)
+        assert listed and listed[0] in names and val(listed[0], "Speedup") >= top - 0.0051
+        if cell.startswith("not distinguishable"):
+            assert any(not above(listed[0], n, strict) for n in names if n != listed[0])  # something overlaps the top
+        else:
+            assert all(above(listed[0], n, loose) for n in sure if n != listed[0])
+
+    check_leaders(summary["**Fastest**"], plausible, plausible)
+    bound = next(v for k, v in summary.items() if k.startswith("**Fastest within fidelity bound**"))
+    check_leaders(bound, [n for n in plausible if within(n, loose)], [n for n in plausible if within(n, strict)])
+    fastest = [n for n in rows if re.search(r"(^|; )fastest($|;)", rows[n]["Notes"])]
+    assert all(n not in flagged for n in fastest)
+    if summary["**Fastest**"].startswith("not distinguishable") or summary["**Fastest**"] == F.DASH:
+        assert not fastest
     rec = summary["**Recommended**"]
+    eligible = [n for n in plausible if within(n, strict) and ci(n) is not None and ci(n)[0] > 1.0 + noise(n) + 0.0051 and verified(n)]
     if rec.startswith("`"):
         name = rec.strip("`")
-        assert within(name, loose) and val(name, "Speedup") > 1.0 - 0.0051 and f"Use `{name}`" in md
+        assert name not in flagged and within(name, loose) and ci(name)[0] > 1.0 + noise(name) - 0.0051 and verified(name)
+        assert f"Use `{name}`" in md
+        assert not any(above(n, name, strict) for n in eligible)  # nothing eligible is distinguishably faster
     else:
-        assert not any(within(n, strict) and val(n, "Speedup") > 1.0051 for n in cands)
+        assert not eligible
+    flag_cell = summary["**Flagged implausible** (above the FLOP ceiling)"]
+    assert set(re.findall(r"`([^`]+)`", flag_cell)) == flagged
 
 
 # ----- grid ---------------------------------------------------------------------------------------
@@ -249,22 +305,35 @@ def test_quick_run_writes_every_artifact(quick_run):
         assert (folder / "grid.png").is_file()
         assert sorted(p.name for p in folder.glob("sample_*.png")) == [f"sample_{i:03d}_class{i}.png" for i in range(10)]
         assert rec["config_hash"] and rec["config"]["sample"]["seed"] == 42 and rec["environment"]["device"] == "cpu"
-        assert len(rec["measurements"]["times_s"]) == 1 and rec["measurements"]["deterministic"]
-    prev, shared = None, 0  # the baseline is re-timed between configurations: trailing B == next leading B
-    for rec in (r for r in data["records"] if r.get("same_as") is None):
         m = rec["measurements"]
-        if rec["config"]["reuse"]["enabled"]:
-            assert len(m["baseline_times_s"]) == 2 and m["speedup"] == pytest.approx(statistics.median(m["baseline_times_s"]) / m["median_s"])
-            if prev is not None and prev["config"]["sample"] == rec["config"]["sample"]:
-                p = prev["measurements"]
-                assert m["baseline_times_s"][0] == (p["baseline_times_s"] if prev["config"]["reuse"]["enabled"] else p["times_s"])[-1]
-                shared += 1
-        prev = rec
-    assert shared >= 5
+        assert len(m["times_s"]) == len(m["baseline_times_s"]) == len(m["wall_times_s"]) == 3 and m["deterministic"]
+        assert m["speedup"] == pytest.approx(statistics.median(m["baseline_times_s"]) / statistics.median(m["times_s"]))
+        assert (m["executor"], m["executor_note"]) == (("peer", "peers run eagerly through their own packages") if rec["peer"]
+                                                       else ("patch", "asked for (--executor patch)"))
+        lo, hi = m["speedup_ci"]
+        slo, shi = m["speedup_sim_ci"]
+        eps = 1e-12
+        assert slo <= lo + eps and lo <= m["speedup"] + eps and m["speedup"] <= hi + eps and hi <= shi + eps  # the simultaneous holds the own
+        assert m["implausible"] is False and m["comparisons"] == sum(
+            1 for r in data["records"] if r.get("same_as") is None and (r["config"]["reuse"]["enabled"] or r["peer"]))
+        if rec["reuse"] is not None:
+            assert m["flops_ceiling"] == pytest.approx(1 / (1 - rec["reuse"]["flops_skipped_fraction"]))
+    # a block's baseline is timed once per round: every configuration of a block shares its baseline's times
+    by_block = {}
+    for rec in (r for r in data["records"] if r.get("same_as") is None):
+        key = (rec["measurements"]["block"], json.dumps(rec["config"]["sample"], sort_keys=True))
+        by_block.setdefault(key, set()).add(tuple(rec["measurements"]["baseline_times_s"]))
+    assert all(len(times) == 1 for times in by_block.values()) and len(by_block) >= 4
+    assert data["study"]["clock"] == "thread_time" and data["study"]["fidelity_samples"] == 20
     full = next(r for r in data["records"] if r["name"] == "scheduling_only")
     assert full["reuse"]["reuse_fraction"] > 0 and full["fidelity"]["psnr_db"] < 100 and full["fidelity"]["class_accuracy"] is not None
+    assert full["fidelity"]["samples"] == 20 and full["fidelity"]["fd"] is None  # the fidelity run; 20 images are too few for FD
+    lo, hi = full["fidelity"]["class_accuracy_ci"]
+    assert lo <= full["fidelity"]["class_accuracy"] <= hi
+    sweep = next(r for r in data["records"] if r["name"] == "schedule/schedule=step")
+    assert sweep["fidelity"]["samples"] == 10  # not a claim candidate: the timing batch only
     base = next(r for r in data["records"] if r["name"] == "baseline")
-    assert base["fidelity"]["identical"] and base["measurements"]["speedup"] == 1.0
+    assert base["fidelity"]["identical"] and base["measurements"]["speedup"] == 1.0 and base["fidelity"]["samples"] == 20
 
 
 def test_report_numbers_equal_the_json(quick_run):
@@ -285,25 +354,39 @@ def test_report_numbers_equal_the_json(quick_run):
                 continue
             assert abs(parsed[0] - expected) <= parsed[1], (name, header, cell, expected)
             checked += 1
+        for header, ((a, b), scale) in INTERVAL_OF.items():
+            if header in cells:
+                shown, expected = interval(cells[header]), rec[a][b]
+                assert (shown is None) == (expected is None), (name, header)
+                if shown is not None:
+                    assert all(abs(x - scale * y) <= 0.0051 * scale for x, y in zip(shown, expected)), (name, header)
+                    checked += 1
     assert checked > 100
-    assert "fewer than 3: a test run" in md  # the report says when repeats were cut for a test
+    assert "fewer than 3: a test run" not in md
 
 
 def test_report_claims_agree_with_its_tables(quick_run):
     assert_claims_match_tables((quick_run.out / REPORT_FILE).read_text())
 
 
-def _doctor(data: dict, speedups: dict[str, float], psnrs: dict[str, float] | None = None, fd: dict[str, float] | None = None) -> dict:
+def _doctor(data: dict, speedups: dict[str, float], psnrs: dict[str, float] | None = None, fd: dict[str, float] | None = None,
+            width: float = 0.02, flagged: tuple = ()) -> dict:
+    """The results with chosen speedups (intervals ±width), PSNRs and ΔFDs; every record with a fidelity run, no accuracy drop."""
     d = copy.deepcopy(data)
+    base = next(b for b in d["records"] if b["name"] == "baseline")
+    base["fidelity"].update(fd=10.0, fd_delta=0.0, fd_delta_ci=[0.0, 0.0])
     for r in d["records"]:
         src = r.get("same_as") or r["name"]
+        m, f = r["measurements"], r["fidelity"]
+        f["samples"] = d["study"]["fidelity_samples"]
         if r["config"]["reuse"]["enabled"]:
-            r["measurements"]["speedup"] = speedups.get(src, 1.05)
-            r["measurements"]["memory_reduction"] = -0.01
-            r["fidelity"]["psnr_db"] = (psnrs or {}).get(src, 40.0)
-            r["fidelity"]["fd_delta"] = (fd or {}).get(src, 0.2)
-            r["fidelity"]["accuracy_drop_points"] = 0.0
-            r["fidelity"]["class_accuracy"] = next(b for b in d["records"] if b["name"] == "baseline")["fidelity"]["class_accuracy"]
+            x = speedups.get(src, 1.05)
+            m.update(speedup=x, speedup_ci=[x - width / 2, x + width / 2], speedup_sim_ci=[x - width, x + width],
+                     implausible=src in flagged, memory_reduction=-0.01, noise=0.01)
+            delta = (fd or {}).get(src, 0.2)
+            f.update(psnr_db=(psnrs or {}).get(src, 40.0), fd=10.0 + delta, fd_delta=delta, fd_delta_ci=[delta - 0.1, delta + 0.1],
+                     accuracy_drop_points=0.0, class_accuracy=base["fidelity"]["class_accuracy"],
+                     class_accuracy_ci=base["fidelity"]["class_accuracy_ci"])
     return d
 
 
@@ -311,17 +394,21 @@ def test_doctored_results_flip_the_verdict_both_ways(quick_run):
     data = json.loads((quick_run.out / RESULTS_FILE).read_text())
     missed = R.render(_doctor(data, {"full_dqar": 1.2}))
     assert "❌ **Target missed**" in missed and "| ❌ No |" in missed and "✅" not in missed
-    assert "`full_dqar` at 1.20× (needs ≥ 1.25×)" in missed
+    assert "`full_dqar` at 1.20×, its interval's lower end 1.18× (needs ≥ 1.25×)" in missed
     assert_claims_match_tables(missed)
 
     met = R.render(_doctor(data, {"quant_cache_only": 1.4}))
     assert "✅ **Target met**" in met and "| ✅ Yes |" in met and "Target missed" not in met
-    assert "fastest of them: `quant_cache_only`" in met and "Use `quant_cache_only`" in met
+    assert "highest speedup of them: `quant_cache_only`" in met and "Use `quant_cache_only`" in met
     assert_claims_match_tables(met)
 
     too_lossy = R.render(_doctor(data, {"quant_cache_only": 1.4}, fd={"quant_cache_only": 3.0}))
     assert "Target missed" in too_lossy and "| ❌ No |" in too_lossy
     assert_claims_match_tables(too_lossy)
+
+    unsure = R.render(_doctor(data, {"quant_cache_only": 1.4}, fd={"quant_cache_only": 0.95}))  # ΔFD interval reaches 1.05
+    assert "Target missed" in unsure and "| ❌ No |" in unsure
+    assert_claims_match_tables(unsure)
 
     blurry = R.render(_doctor(data, {"quant_cache_only": 1.4}, psnrs={"quant_cache_only": 20.0}))
     assert "Use `quant_cache_only`" not in blurry and "outside the fidelity bound" in blurry
@@ -330,6 +417,25 @@ def test_doctored_results_flip_the_verdict_both_ways(quick_run):
     slower = R.render(_doctor(data, {name: 0.9 for name in [r["name"] for r in data["records"]]}))
     assert "| **Recommended** | baseline (no reuse) |" in slower and "keep reuse off" in slower
     assert_claims_match_tables(slower)
+
+
+def test_overlapping_intervals_are_not_ranked_and_implausible_records_are_never_picked(quick_run):
+    data = json.loads((quick_run.out / RESULTS_FILE).read_text())
+    tied = R.render(_doctor(data, {"quant_cache_only": 1.30, "scheduling_only": 1.28}, psnrs={"scheduling_only": 45.0}, width=0.05))
+    assert "| **Fastest** | not distinguishable on this machine: `quant_cache_only` (1.30×), `scheduling_only` (1.28×)" in tied
+    assert "Use `scheduling_only`" in tied and "the most faithful of the 2 configurations" in tied  # the higher PSNR of the two
+    assert not re.search(r"; fastest|\| fastest", tied)
+    assert_claims_match_tables(tied)
+
+    apart = R.render(_doctor(data, {"quant_cache_only": 1.40, "scheduling_only": 1.20}))
+    assert "| **Fastest** | 1.40× [1.38, 1.42] (`quant_cache_only`) |" in apart and "Use `quant_cache_only`" in apart
+    assert_claims_match_tables(apart)
+
+    ceiling = R.render(_doctor(data, {"quant_cache_only": 2.0, "scheduling_only": 1.2}, flagged=("quant_cache_only",)))
+    assert "| **Flagged implausible** (above the FLOP ceiling) | `quant_cache_only` |" in ceiling
+    assert "Use `scheduling_only`" in ceiling and "Use `quant_cache_only`" not in ceiling
+    assert "`quant_cache_only` (2.00×" not in ceiling.split("## Executive Summary")[1].split("\n\n")[1]  # not in the summary table
+    assert_claims_match_tables(ceiling)
 
 
 def _stable(data: dict) -> list[dict]:
@@ -342,7 +448,8 @@ def _stable(data: dict) -> list[dict]:
 
 
 def test_interrupted_run_resumes_to_the_same_results(tmp_path, model_dir, loaded, evaluator, small_grid):
-    opts = AblationOptions(out=tmp_path / "a", config=str(small_grid), repeats=1, progress=False)
+    opts = AblationOptions(out=tmp_path / "a", config=str(small_grid), repeats=2, progress=False, executor="patch",
+                           fidelity_samples_per_label=1)
     seen = []
 
     def interrupt_after_three(rec):
@@ -383,16 +490,18 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, model_dir, loaded
 
 def test_cli_ablate_stops_with_one_line_and_resumes(tmp_path, model_dir, small_grid, capsys):
     out = tmp_path / "cli"
-    args = ["ablate", "--model", str(model_dir), "--out", str(out), "--config", str(small_grid), "--repeats", "1", "--quiet"]
-    assert cli_main(args + ["--stop-after", "2"]) == 130
+    args = ["ablate", "--model", str(model_dir), "--out", str(out), "--config", str(small_grid), "--repeats", "1", "--quiet",
+            "--executor", "patch"]
+    assert cli_main(args + ["--stop-after", "2"]) == 130  # stops after the block in which the second configuration completed
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "interrupted after 2 of" in err[0] and "--resume" in err[0]
+    assert len(err) == 1 and "interrupted after 4 of" in err[0] and "--resume" in err[0]
     assert cli_main(args) == 2 and "--resume" in capsys.readouterr().err
     assert cli_main(args + ["--resume"]) == 0
     data = json.loads((out / RESULTS_FILE).read_text())
     assert data["status"] == "complete" and data["study"]["classifier"] is None
     md = (out / REPORT_FILE).read_text()
     assert "Class acc" not in md and "no classifier" in md
+    assert "fewer than 3: a test run" in md  # the report says when repeats were cut for a test
     assert_claims_match_tables(md)
 
 
@@ -403,7 +512,8 @@ def test_cli_default_repeats_are_at_least_three(tmp_path):
 
 
 def test_claims_agree_with_tables_on_random_doctored_results(quick_run):
-    """Boundary values (1.25×, 30 dB, ΔFD 1, 20% memory) and random ones: prose never contradicts the tables."""
+    """Boundary values (1.25×, 30 dB, ΔFD 1, 20% memory, intervals touching 1 and each other) and random ones:
+    prose never contradicts the tables."""
     import random
 
     data = json.loads((quick_run.out / RESULTS_FILE).read_text())
@@ -414,13 +524,18 @@ def test_claims_agree_with_tables_on_random_doctored_results(quick_run):
         for r in d["records"]:
             if r["config"]["reuse"]["enabled"] and r.get("same_as") is None:
                 m, f = r["measurements"], r["fidelity"]
-                m["speedup"] = rng.choice([rng.uniform(0.7, 1.6), 1.25, 1.2499, 1.2501, 1.0, 0.9999, 1.0049])
+                x = rng.choice([rng.uniform(0.7, 1.6), 1.25, 1.2499, 1.2501, 1.0, 0.9999, 1.0049])
+                lo, hi = x - rng.choice([0.0, 0.01, rng.uniform(0, 0.3)]), x + rng.choice([0.0, 0.01, rng.uniform(0, 0.3)])
+                m.update(speedup=x, speedup_ci=[lo, hi], speedup_sim_ci=[lo - 0.01, hi + 0.01], implausible=rng.random() < 0.15,
+                         noise=rng.choice([0.0, 0.02, rng.uniform(0, 0.3)]))
                 m["memory_reduction"] = rng.choice([rng.uniform(-0.1, 0.3), 0.2, 0.19999, -0.0001])
                 f["psnr_db"] = rng.choice([rng.uniform(20, 60), 30.0, 29.999, 30.004, 100.0])
-                f["fd_delta"] = rng.choice([rng.uniform(-2, 3), 1.0, 1.004, 0.996])
+                f["samples"] = rng.choice([f["samples"], d["study"]["fidelity_samples"]])
                 f["accuracy_drop_points"] = rng.choice([0.0, 10.0, -10.0])
                 base = next(b for b in d["records"] if b["name"] == r["baseline"])
                 f["class_accuracy"] = base["fidelity"]["class_accuracy"] - f["accuracy_drop_points"] / 100
+                n = f["samples"]
+                f["class_accuracy_ci"] = [max(0.0, f["class_accuracy"] - rng.uniform(0, 3) / n), min(1.0, f["class_accuracy"] + rng.uniform(0, 3) / n)]
                 measured[r["name"]] = r
         for r in d["records"]:
             if r.get("same_as"):
@@ -441,3 +556,81 @@ def test_latent_imagenet_shaped_model_uses_the_seed_labels(tmp_path):
     assert "207 (golden retriever)" in md and "Class acc" not in md
     assert sorted(p.name for p in (tmp_path / "o" / "images" / "baseline").glob("sample_*"))[0] == "sample_000_class207.png"
     assert_claims_match_tables(md)
+
+
+# ----- injected clocks -----------------------------------------------------------------------------
+class FakeClock:
+    """A clock that runs the generation and reports `seconds(generation)` times noise in [1 - noise, 1 + noise]."""
+
+    name, description = "fake", "an injected test clock"
+
+    def __init__(self, seconds, noise: float, seed: int = 0):
+        self.seconds, self.noise, self.rng = seconds, noise, np.random.default_rng(seed)
+
+    def measure(self, fn):
+        from dqar.studies.timing import Timing
+
+        out = fn()
+        t = self.seconds(out) * self.rng.uniform(1 - self.noise, 1 + self.noise)
+        return out, Timing(t, t)
+
+
+def skipped(gen) -> float:
+    return gen.stats.flops_skipped_fraction if gen.stats is not None else 0.0
+
+
+def _clocked(tmp_path, loaded, evaluator, small_grid, clock, repeats=5):
+    run_ablation(AblationOptions(out=tmp_path / "o", config=str(small_grid), repeats=repeats, **FAST),
+                 loaded=loaded, evaluator=evaluator, clock=clock)
+    return (tmp_path / "o" / REPORT_FILE).read_text(), json.loads((tmp_path / "o" / RESULTS_FILE).read_text())
+
+
+def test_thirty_percent_clock_noise_claims_no_difference(tmp_path, loaded, evaluator, small_grid):
+    """Every configuration takes the same time, measured with ±30% noise: nothing is faster, fastest or recommended."""
+    md, data = _clocked(tmp_path, loaded, evaluator, small_grid, FakeClock(lambda gen: 1.0, 0.3))
+    assert "| **Fastest** | not distinguishable on this machine:" in md
+    assert "| **Recommended** | baseline (no reuse) |" in md and "Use `" not in md and "| ❌ No |" in md
+    assert "faster than the baseline;" not in md and "slower than the baseline;" not in md
+    assert "not distinguishable from the baseline on this machine" in md
+    assert not any(re.search(r"(^|; )fastest($|;)", row["Notes"]) for row in config_rows(md).values())
+    assert any(abs(r["measurements"]["speedup"] - 1) > 0.05 for r in data["records"])  # the noise did move the point estimates
+    assert_claims_match_tables(md)
+
+
+def test_a_speedup_above_its_flop_ceiling_is_flagged_and_never_recommended(tmp_path, loaded, evaluator, small_grid):
+    """Reuse runs reported at a fifth of the baseline's time, whatever they skip: every one is above its ceiling."""
+    md, data = _clocked(tmp_path, loaded, evaluator, small_grid, FakeClock(lambda gen: 0.2 if gen.stats and gen.stats.reused else 1.0, 0.01))
+    flagged = [r for r in data["records"] if r["measurements"]["implausible"] and r.get("same_as") is None]
+    reusing = [r for r in data["records"] if r["reuse"] and r["reuse"]["reused"] and r.get("same_as") is None]
+    assert reusing and {r["name"] for r in flagged} == {r["name"] for r in reusing}
+    for r in flagged:
+        m = r["measurements"]
+        assert m["speedup_ci"][0] > m["flops_ceiling"] * (1 + m["noise"]) and m["flops_ceiling"] < 4.9
+    assert "| **Recommended** | baseline (no reuse) |" in md and "| **Fastest** | — |" in md
+    cell = next(line for line in md.splitlines() if line.startswith("| **Flagged implausible**"))
+    assert all(f"`{r['name']}`" in cell for r in flagged)
+    assert all("implausible" in config_rows(md)[r["name"]]["Notes"] for r in flagged)
+    assert_claims_match_tables(md)
+
+
+def test_real_differences_are_claimed(tmp_path, loaded, evaluator, small_grid):
+    """Time proportional to the FLOPs computed, ±1% noise: reuse is faster than the baseline, and the report says so."""
+    md, data = _clocked(tmp_path, loaded, evaluator, small_grid, FakeClock(lambda gen: 1.0 - skipped(gen), 0.01))
+    sched = next(r for r in data["records"] if r["name"] == "quant_cache_only")
+    assert sched["measurements"]["speedup_sim_ci"][0] > 1.0 and not sched["measurements"]["implausible"]
+    assert "`quant_cache_only` (patch):" in md and "faster than the baseline" in md
+    assert_claims_match_tables(md)
+
+
+def test_auto_times_compiled_where_the_engine_allows_and_says_why_not(tmp_path, loaded):
+    """The compiled executor for plans; the gate needs the patch executor: its row says so; timed runs have diagnostics off."""
+    grid = tmp_path / "g.toml"
+    grid.write_text('[study]\nmain = ["baseline", "quant_cache_only", "gate"]\nfidelity_samples_per_label = 1\n[sample]\nsteps = 3\n')
+    done = run_ablation(AblationOptions(out=tmp_path / "o", config=str(grid), repeats=2, progress=False), loaded=loaded, evaluator=None)
+    recs = {r["name"]: r for r in done.results["records"]}
+    assert recs["baseline"]["measurements"]["executor"] == recs["quant_cache_only"]["measurements"]["executor"] == "compiled"
+    gate = recs["gate"]["measurements"]
+    assert gate["executor"] == "patch" and "patch" in gate["executor_note"] and gate["speedup_vs_eager"] > 0
+    assert recs["quant_cache_only"]["reuse"]["quant_error"] is not None  # from the untimed diagnostics run
+    md = (tmp_path / "o" / REPORT_FILE).read_text()
+    assert f"  - {gate['executor_note']}: `gate`" in md

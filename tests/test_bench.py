@@ -19,14 +19,35 @@ def test_bench_quick_runs_on_cpu(tmp_path):
     assert rc == 0
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     rows = {r["case"]: r for r in result["rows"]}
-    assert set(rows) == {"noreuse_eager", "block_reuse_eager", "quant_cache_only_eager"}
+    assert set(rows) == {"stock_eager", "noreuse_eager", "block_reuse_eager", "quant_cache_only_eager"}
     for r in rows.values():
-        assert len(r["times_s"]) == 3 and r["median_s"] == statistics.median(r["times_s"])
+        assert len(r["times_s"]) == len(r["wall_times_s"]) == 5 and r["median_s"] == statistics.median(r["times_s"])
         assert r["per_sample_s"] == pytest.approx(r["median_s"] / r["batch"])
-        assert r["vs_reference"] == pytest.approx(rows["noreuse_eager"]["median_s"] / r["median_s"])
+        assert r["vs_stock_eager"] == pytest.approx(rows["stock_eager"]["median_s"] / r["median_s"])
+        lo, hi = r["vs_stock_eager_ci"]
+        assert lo <= r["vs_stock_eager"] <= hi and r["vs_stock_compiled"] is None  # --no-compile: no stock_compiled row
+    assert rows["stock_eager"]["vs_stock_eager_ci"] == [1.0, 1.0]
     assert rows["block_reuse_eager"]["reuse_fraction"] > 0
-    assert "no VAE" in result["stock_pipeline"]
+    assert "no VAE" in result["stock"] and result["clock"] == "thread_time"
     assert "| 1 | block_reuse_eager |" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):
+    """A latent model DiTPipeline runs: stock eager and stock compiled are its pipeline; every row has ratios to both."""
+    from dqar.models import load_model
+    from dqar.studies.bench import run_bench
+
+    from conftest import make_tiny_vae
+
+    loaded = load_model(save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_layers=2), make_tiny_vae()))
+    s = BenchSettings(batch_sizes=(1,), steps=2, repeats=3, presets=("block_reuse",))
+    result = run_bench(loaded, __import__("torch").device("cpu"), s, progress=False)
+    rows = {r["case"]: r for r in result["rows"]}
+    assert {"stock_eager", "stock_compiled", "noreuse_compiled", "block_reuse_compiled"} <= set(rows) and result["stock"] == "DiTPipeline"
+    for r in rows.values():
+        assert r["vs_stock_compiled"] == pytest.approx(rows["stock_compiled"]["median_s"] / r["median_s"])
+        assert r["vs_stock_eager_ci"][0] <= r["vs_stock_eager"] <= r["vs_stock_eager_ci"][1]
+    assert not result["failed"]
 
 
 @pytest.mark.parametrize("kw", [{"repeats": 2}, {"batch_sizes": (0,)}, {"steps": 0}, {"presets": ("fast",)}])
@@ -57,7 +78,7 @@ def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
     result = bench.run_bench(loaded, __import__("torch").device("cpu"), s, progress=False,
                              on_batch=lambda r: seen.append(len(r["rows"])))
     assert result["failed"] == {"broken_case@1": "RuntimeError: no compiler here", "broken_case@2": "RuntimeError: no compiler here"}
-    assert {r["case"] for r in result["rows"]} == {"noreuse_eager"} and seen == [1, 2]
+    assert {r["case"] for r in result["rows"]} == {"stock_eager", "noreuse_eager"} and seen == [2, 4]
     assert "Not timed: broken_case@1 failed in warm-up — RuntimeError: no compiler here" in bench.render_table(result)
 
 

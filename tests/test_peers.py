@@ -208,7 +208,7 @@ def test_peer_rows_are_measured_like_configurations(peer_study):
         p, m = r["peer"], r["measurements"]
         assert p["baseline_counts"] == {"block": 6 * LAYERS, "attn1": 6 * LAYERS, "ff": 6 * LAYERS} and p["copy_identical"]
         assert min(p["computed"].values()) < 1.0 and r["fidelity"]["psnr_db"] < 100 and m["deterministic"]
-        assert len(m["baseline_times_s"]) == 2 and m["speedup"] > 0 and r["reuse"] is None
+        assert len(m["baseline_times_s"]) == len(m["times_s"]) and m["speedup"] > 0 and r["reuse"] is None
         assert (root / "o" / "images" / r["slug"] / "grid.png").is_file()
     assert peers["peer/magcache,threshold=0.3"]["peer"]["calibration_seeds"] == [1042, 1051]
     assert data["study"]["peer_method"] and data["run_seconds"] > 0
@@ -240,7 +240,7 @@ def test_compared_section_numbers_equal_the_json(peer_study):
     sched = by_name["scheduling_only"]
     assert C.computed(sched)[0] == pytest.approx(1 - sched["reuse"]["reuse_fraction"])
     fastest = max((by_name[r[0].strip("`")] for r in rows), key=lambda r: r["measurements"]["speedup"])
-    assert f"Fastest overall: `{fastest['name']}`" in part
+    assert re.search(rf"Fastest overall: (not distinguishable on this machine — )?`{re.escape(fastest['name'])}`", part)
 
 
 def test_compared_doc_is_written_from_the_run(peer_study, tmp_path, capsys):

@@ -72,8 +72,8 @@ def statistics_sentence(f: Findings) -> str | None:
     if not f.comparisons:
         return None
     return (f"Every speedup carries an interval; claims compare simultaneous 95% intervals over the study's "
-            f"{f.comparisons} speedups (each at {100 * (1 - 0.05 / f.comparisons):.2f}%): two configurations whose intervals "
-            f"overlap are not distinguishable on this machine.")
+            f"{f.comparisons} speedups (each at {100 * (1 - 0.05 / f.comparisons):.2f}%), and two configurations whose "
+            f"intervals are not apart by more than the measured noise (the Noise column) are not distinguishable on this machine.")
 
 
 def flagged_sentence(f: Findings) -> str | None:
@@ -120,7 +120,10 @@ def sweep_picks(records: list[dict]) -> list[str]:
             out.append(f"{name}: no plausible value stays within the fidelity bound (best PSNR {f_num(max(map(psnr, rows)), 2)} dB).")
             continue
         lead = leaders(ok)
-        if len(lead) == 1:
+        if len(ok) == 1:
+            out.append(f"{name}: `{label(ok[0])}` is the only value within the fidelity bound ({f_x_ci(ok[0])}, "
+                       f"PSNR {f_num(psnr(ok[0]), 2)} dB).")
+        elif len(lead) == 1:
             out.append(f"{name}: `{label(lead[0])}` is the fastest value within the fidelity bound ({f_x_ci(lead[0])}, "
                        f"PSNR {f_num(psnr(lead[0]), 2)} dB).")
         else:

@@ -4,8 +4,10 @@ Nothing here measures anything: `findings` derives every claim (fastest, within 
 met or missed, recommendation) from the records; `dqar.reporting.report` and
 `dqar.reporting.compared` only phrase them. Claims about speed compare intervals, never bare
 ratios: a configuration is "faster" than another only when its simultaneous interval's lower end
-lies above the other's upper end (dqar.studies.records.with_simultaneous); otherwise the two are
-not distinguishable on this machine. A record flagged implausible (its interval above its FLOP
+lies above the other's upper end (dqar.studies.records.with_simultaneous) by more than the measured
+timing noise (the relative range of the baseline's repeats); otherwise the two are not
+distinguishable on this machine. With five repeats a bootstrap interval alone is too narrow for that
+(its resamples can only reuse the five values), which the noise margin makes up for. A record flagged implausible (its interval above its FLOP
 ceiling) is never fastest, best or recommended.
 """
 from __future__ import annotations
@@ -59,20 +61,26 @@ def implausible(r: dict) -> bool:
     return bool(get(r, "measurements", "implausible"))
 
 
+def noise(r: dict) -> float:
+    """The measured timing noise of `r`'s block: the relative range of its baseline's repeats (0 when unknown)."""
+    return get(r, "measurements", "noise") or 0.0
+
+
 def faster_than_baseline(r: dict) -> bool:
+    """The interval lies above 1 by more than the measured noise."""
     c = ci(r)
-    return c is not None and c[0] > 1.0
+    return c is not None and c[0] > 1.0 + noise(r)
 
 
 def slower_than_baseline(r: dict) -> bool:
     c = ci(r)
-    return c is not None and c[1] < 1.0
+    return c is not None and c[1] * (1.0 + noise(r)) < 1.0
 
 
 def separated(a: dict, b: dict) -> bool:
-    """`a` is distinguishably faster than `b`: a's interval lies wholly above b's."""
+    """`a` is distinguishably faster than `b`: a's interval lies above b's by more than the larger measured noise."""
     ca, cb = ci(a), ci(b)
-    return ca is not None and cb is not None and ca[0] > cb[1]
+    return ca is not None and cb is not None and ca[0] > cb[1] * (1.0 + max(noise(a), noise(b)))
 
 
 def leaders(rows) -> tuple:
@@ -265,6 +273,7 @@ COLUMNS = (
     Column("Time/Sample", lambda r: f_time(r["measurements"]["time_per_sample_s"])),
     Column("Speedup", lambda r: f_x(speedup(r))),
     Column("95% CI", lambda r: f_ci(ci(r))),
+    Column("Noise", lambda r: f_pct(get(r, "measurements", "noise"))),
     Column("FLOP ceiling", lambda r: f_x(get(r, "measurements", "flops_ceiling"))),
     Column("Executor", lambda r: get(r, "measurements", "executor") or DASH),
     Column("Reuse %", lambda r: f_pct(get(r, "reuse", "reuse_fraction"))),

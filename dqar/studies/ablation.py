@@ -127,7 +127,8 @@ class _State:
     t0: float = 0.0  # perf_counter at the start of this call
     done: dict = field(default_factory=dict)  # (name, hash) -> record
     by_hash: dict = field(default_factory=dict)  # hash -> record measured first
-    refs: dict = field(default_factory=dict)  # SampleConfig -> Reference (the timing batch)
+    refs: dict = field(default_factory=dict)  # SampleConfig -> Reference (the timing batch, the baseline on its executor)
+    eager_refs: dict = field(default_factory=dict)  # SampleConfig -> Reference of the eager baseline
     executors: dict = field(default_factory=dict)  # SampleConfig -> the baseline's executor
 
 
@@ -199,11 +200,25 @@ def _baseline(s, timed: list[G.Entry], st: _State, ctx: dict) -> B.Case:
     return case
 
 
-def _member(e: G.Entry, st: _State, ctx: dict) -> B.Case:
+def _eager(s, st: _State, ctx: dict, eager: dict) -> B.Case:
+    """The warmed-up eager baseline of `s` (created once per block); its images are the reference of eager cases."""
+    if s not in eager:
+        eager[s] = B.baseline_case(ctx["loaded"], ctx["labels"], s, "patch")
+        B.warm(eager[s], ctx["loaded"], ctx["labels"])
+        ctx["bars"].tick()
+        if s not in st.eager_refs:
+            st.eager_refs[s] = reference_of(eager[s].warm, ctx["labels"], ctx["evaluator"])
+    return eager[s]
+
+
+def _member(e: G.Entry, st: _State, ctx: dict, bases: dict, eager: dict) -> B.Case:
     """A configuration's case, prepared (plan calibrated, peer applied) and warmed up, with its diagnostics run."""
     loaded, labels, bars = ctx["loaded"], ctx["labels"], ctx["bars"]
     if e.peer is not None:
-        case = B.peer_case(e, start_peer(e, loaded, labels, st.refs[e.run.sample]))
+        s = e.run.sample
+        if bases[s].executor != "patch":
+            _eager(s, st, ctx, eager)  # the peer's copy is checked against the eager baseline
+        case = B.peer_case(e, start_peer(e, loaded, labels, st.refs[s] if bases[s].executor == "patch" else st.eager_refs[s]))
     else:
         case = B.entry_case(loaded, labels, calibrated(e, loaded, labels, ctx["out"]) if e.calibration else e, ctx["executor"])
     B.warm(case, loaded, labels)
@@ -214,8 +229,11 @@ def _member(e: G.Entry, st: _State, ctx: dict) -> B.Case:
 
 
 def _cases(timed: list[G.Entry], st: _State, ctx: dict) -> tuple[list[B.Case], dict, dict]:
-    """(member cases, setting → baseline case, setting → eager baseline case), all warmed up; peers that cannot run left out."""
-    bases = {}
+    """(member cases, setting → baseline case, setting → eager baseline case), all warmed up; peers that cannot run left out.
+
+    An eager baseline joins the block where a configuration runs eagerly while its setting's baseline is compiled.
+    """
+    bases, eager = {}, {}
     for e in timed:
         if e.run.sample not in bases:
             bases[e.run.sample] = _baseline(e.run.sample, timed, st, ctx)
@@ -225,15 +243,12 @@ def _cases(timed: list[G.Entry], st: _State, ctx: dict) -> tuple[list[B.Case], d
             members.append(bases[e.run.sample])
             continue
         try:
-            members.append(_member(e, st, ctx))
+            members.append(_member(e, st, ctx, bases, eager))
         except PeerNotRun as exc:
             st.not_run[(e.name, e.config_hash)] = {"name": e.name, "method": e.peer.method, "reason": str(exc)}
-    eager = {}
     for c in members:
-        if c.executor != "compiled" and bases[c.sample].executor == "compiled" and c.sample not in eager:
-            eager[c.sample] = B.baseline_case(ctx["loaded"], ctx["labels"], c.sample, "patch")
-            B.warm(eager[c.sample], ctx["loaded"], ctx["labels"])
-            ctx["bars"].tick()
+        if c.executor != "compiled" and bases[c.sample].executor == "compiled":
+            _eager(c.sample, st, ctx, eager)
     return members, bases, eager
 
 
@@ -244,14 +259,16 @@ def _record(case: B.Case, bases: dict, eager: dict, st: _State, ctx: dict, block
     e, labels, s = case.entry, ctx["labels"], case.sample
     base = bases[s]
     eb = eager.get(s) if case.executor != "compiled" else None
-    stats = case.stats
+    ref = st.eager_refs[s] if eb is not None else st.refs[s]  # paired against the baseline on the same kind of executor
+    stats = None if e.is_baseline else case.stats  # a compiled baseline attaches the engine, but reuses nothing
     m = REC.measurements(case.runs, base.runs, len(labels), executor=case.executor, note=case.note, baseline_executor=base.executor,
                          flops_skipped=stats.flops_skipped_fraction if stats is not None else None,
                          eager_base=eb.runs if eb is not None else None, is_baseline=e.is_baseline)
     m["block"] = block
     images = case.warm.output.images
     save_samples(images, labels, ctx["out"] / "images" / e.slug, scale=1 if images.shape[-1] >= 128 else 4)
-    return REC.make_record(e, G.baseline_of(ctx["entries"], e), m, stats, AF.fidelity(images, st.refs[s]), ctx["env"],
+    m["reference_executor"] = eb.executor if eb is not None else base.executor
+    return REC.make_record(e, G.baseline_of(ctx["entries"], e), m, stats, AF.fidelity(images, ref), ctx["env"],
                            case.peer.summary if case.peer is not None else None)
 
 
@@ -344,6 +361,7 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> O
         _resume_into(st, old, entries)
         st.seconds_before = float(old.get("run_seconds") or 0.0)
         st.results["command"] = old.get("command") or opts.command
+        st.results["block_seconds"] = dict(old.get("block_seconds") or {})
     bars = _Bars(len(entries), len(st.done), opts.progress)
     ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats, "device": device,
            "env": env, "entries": entries, "executor": opts.executor, "clock": clock, "bars": bars, "chunks": chunks}
@@ -352,7 +370,12 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> O
     try:
         write()
         for block in B.plan_blocks(entries):
-            for rec in _run_block(block, st, ctx):
+            t_block = time.perf_counter()
+            recs = _run_block(block, st, ctx)
+            if recs:
+                seconds = st.results.setdefault("block_seconds", {})
+                seconds[block.name] = seconds.get(block.name, 0.0) + time.perf_counter() - t_block
+            for rec in recs:
                 st.done[(rec["name"], rec["config_hash"])] = rec
                 ran += 1
                 bars.finish(1)
@@ -361,7 +384,10 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> O
             write()
             if opts.stop_after is not None and ran >= opts.stop_after and len(st.done) + len(st.not_run) < len(entries):
                 raise KeyboardInterrupt
+        t_verify = time.perf_counter()
         verify(st.results, ctx, st.done, write)
+        seconds = st.results.setdefault("block_seconds", {})
+        seconds["fidelity runs"] = seconds.get("fidelity runs", 0.0) + time.perf_counter() - t_verify
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -28,7 +28,8 @@ STATISTICS_METHOD = (
     "interval's lower end lies above the ceiling by more than the measured noise (the relative range of its "
     "baseline's repeats) is flagged implausible and never named fastest, best or recommended; claims that pick or "
     "rank configurations ('faster', 'fastest', 'recommended', 'not distinguishable') compare simultaneous intervals "
-    "(Bonferroni over the study's k speedups: each at 1 − 0.05 / k)"
+    "(Bonferroni over the study's k speedups: each at 1 − 0.05 / k) and need them apart by more than the measured noise "
+    "too (A faster than B: A's lower end > B's upper end × (1 + noise); faster than the baseline: lower end > 1 + noise)"
 )
 CALIBRATION_METHOD = (
     "configurations with calibrate.* settings get a plan from dqar.tuning.calibrate.calibrate before timing (untimed), "

@@ -2,8 +2,7 @@
 
 CPU: the CPU time of the sampling thread (`time.thread_time`); with one torch thread every kernel runs
 in that thread, so time the scheduler gives to other processes is not counted. Wall time is read beside
-it. With more torch threads the process's CPU time is the clock (work, not latency). CUDA: events
-around each generation, wall time beside. A clock is an object with `name`, `description` and
+it. With more torch threads the clock is wall time. CUDA: events around each generation, wall time beside. A clock is an object with `name`, `description` and
 `measure(fn) -> (result, Timing)`; tests inject their own.
 """
 from __future__ import annotations
@@ -21,7 +20,8 @@ from dqar.errors import first_line
 from dqar.studies import memory
 
 CLOCK_THREAD = "CPU time of the sampling thread (time.thread_time, one torch thread); wall time (time.perf_counter) beside it"
-CLOCK_PROCESS = "CPU time of the process (time.process_time, {threads} torch threads: work, not latency); wall time beside it"
+CLOCK_WALL = ("wall time (time.perf_counter): with {threads} torch threads one thread's CPU time misses the others' work and the "
+              "process's counts their idle spinning")
 CLOCK_CUDA = "CUDA events around each generation (read after the end event synchronizes); wall time beside it"
 ORDER = ("per block (the main comparison, each sweep, the peers), one untimed warm-up generation of every case "
          "(compilation happens there), then {repeats} rounds; each round times every case of the block once — its "
@@ -37,13 +37,13 @@ class Timing:
 
 
 class ThreadClock:
-    """CPU time of the calling thread (one torch thread) or of the process (more threads), with wall time."""
+    """CPU time of the calling thread (one torch thread), else wall time; wall time beside it."""
 
     def __init__(self, threads: int = 1):
         self.threads = threads
-        self.name = "thread_time" if threads == 1 else "process_time"
-        self.description = CLOCK_THREAD if threads == 1 else CLOCK_PROCESS.format(threads=threads)
-        self._cpu = time.thread_time if threads == 1 else time.process_time
+        self.name = "thread_time" if threads == 1 else "wall"
+        self.description = CLOCK_THREAD if threads == 1 else CLOCK_WALL.format(threads=threads)
+        self._cpu = time.thread_time if threads == 1 else time.perf_counter
 
     def measure(self, fn: Callable[[], Any]) -> tuple[Any, Timing]:
         w0, c0 = time.perf_counter(), self._cpu()

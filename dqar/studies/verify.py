@@ -56,17 +56,18 @@ def _images(rec: dict, run, ctx: dict):
 
 
 def _reference(rec: dict, results: dict, ctx: dict, refs: dict):
-    """The fidelity-run reference of `rec`'s sampling setting; the baseline record of that setting gets its fidelity."""
+    """The fidelity-run reference of `rec`: the baseline of its sampling setting on the executor its timing-batch images
+    were paired with; the baseline record of that setting gets its fidelity from its own executor's run."""
     run = from_dict(rec["config"])
-    s = run.sample
-    if s not in refs:
+    m = rec["measurements"]
+    key = (run.sample, m.get("reference_executor") or m.get("baseline_executor"))
+    if key not in refs:
         base = next((r for r in results["records"] if is_baseline(r) and r["config"]["sample"] == rec["config"]["sample"]), None)
-        proto = base or {"measurements": {"executor": rec["measurements"].get("baseline_executor")}, "name": "baseline"}
-        images = _images(proto, baseline_run(run), ctx)
-        refs[s] = AF.reference(images, list(ctx["labels"]) * ctx["chunks"], ctx["evaluator"])
-        if base is not None:
-            _store(base, AF.fidelity(refs[s].images, refs[s]), results)
-    return refs[s]
+        images = _images({"measurements": {"executor": key[1]}, "name": f"baseline ({key[1]})"}, baseline_run(run), ctx)
+        refs[key] = AF.reference(images, list(ctx["labels"]) * ctx["chunks"], ctx["evaluator"])
+        if base is not None and base["measurements"]["executor"] == key[1]:
+            _store(base, AF.fidelity(refs[key].images, refs[key]), results)
+    return refs[key]
 
 
 def _fidelity_run(rec: dict, results: dict, ctx: dict, refs: dict) -> None:
