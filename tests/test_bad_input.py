@@ -40,6 +40,9 @@ CASES = [
     ("unknown quant mode", "sample --model {model} --config {tmp}/quant.toml", "unknown quant_mode"),
     ("threshold out of range", "sample --model {model} --config {tmp}/tau.toml", "entropy_tau"),
     ("SNR window inverted", "sample --model {model} --config {tmp}/snr.toml", "snr_min"),
+    ("forecast order out of range", "sample --model {model} --config {tmp}/order.toml", "forecast_order"),
+    ("unknown forecast axis", "sample --model {model} --config {tmp}/axis.toml", "unknown forecast_axis"),
+    ("forecasting K/V", "sample --model {model} --config {tmp}/kvforecast.toml", "not K/V"),
     ("plan for another step count", "sample --model {model} --steps 7 --config {tmp}/plan_cfg.toml", "plan was made for steps"),
     ("corrupt plan file", "sample --model {model} --config {tmp}/badplan_cfg.toml", "not a valid dqar plan"),
     ("missing model folder", "sample --model {tmp}/nowhere/model", "neither an existing folder nor a hub id"),
@@ -110,6 +113,9 @@ def make_env(tmp: Path) -> dict:
     _write(tmp / "quant.toml", "[reuse]\ncache_dtype = 'int8'\nquant_mode = 'row'\n")
     _write(tmp / "tau.toml", "[reuse]\ngate = true\nentropy_tau = 1.5\n")
     _write(tmp / "snr.toml", "[reuse]\nsnr_min = 10.0\nsnr_max = 1.0\n")
+    _write(tmp / "order.toml", "[reuse]\nforecast_order = 3\n")
+    _write(tmp / "axis.toml", "[reuse]\nforecast_order = 1\nforecast_axis = \"steps\"\n")
+    _write(tmp / "kvforecast.toml", "[reuse]\ntarget = \"kv\"\nforecast_order = 1\n")
     rows = ["." * 4] + ["R" * 4] * 9
     _write(tmp / "plan.json", json.dumps({"format": "dqar-plan/1", "key": {"steps": 10}, "rows": rows}))
     _write(tmp / "plan_cfg.toml", f"[reuse]\nplan_file = '{tmp}/plan.json'\n")
