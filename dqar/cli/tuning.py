@@ -13,31 +13,40 @@ from dqar.labels import cycle_labels
 def cmd_calibrate(args) -> int:
     from dqar.engine.plan import save_plan
     from dqar.io import atomic_write_json
+    from dqar.engine.config import with_overrides
     from dqar.tuning.calibrate import calibrate, check_goal
 
+    set_threads(args.threads)
     run = run_config(args)
+    if args.forecast_order is not None:
+        run = replace(run, reuse=with_overrides(run.reuse, forecast_order=args.forecast_order))
     at_least("--samples", args.samples, 1)
-    check_goal(args.target, args.budget, run.reuse.max_staleness if args.max_staleness is None else args.max_staleness)
+    at_least("--first-evaluation", args.first_evaluation, 1)
+    check_goal(args.target, args.budget, run.reuse.max_staleness if args.max_staleness is None else args.max_staleness, args.structure)
     writable_file(args.out)
     if args.trace:
         writable_file(args.trace)
     loaded = load(args)
     labels = cycle_labels(class_labels(args.classes, loaded), args.samples)
     cal = calibrate(loaded, labels, run, target_fraction=args.target, error_budget=args.budget,
-                    max_staleness=args.max_staleness, progress=not args.quiet)
+                    max_staleness=args.max_staleness, first_evaluation=args.first_evaluation, structure=args.structure,
+                    progress=not args.quiet)
     save_plan(cal.plan, args.out)
     if args.trace:
         atomic_write_json(Path(args.trace), {"key": cal.plan.key, "labels": labels, **cal.trace.to_dict()})
     print(f"wrote plan {args.out} for {cal.plan.key}: reuse {100 * cal.plan.reuse_fraction:.1f}% "
-          f"of {cal.plan.num_evaluations} evaluations x {cal.plan.num_layers} layers (use it with plan_file = \"{args.out}\")")
+          f"of {cal.plan.num_evaluations} evaluations x {cal.plan.num_layers} layers (use it with plan_file = \"{args.out}\" and "
+          f"forecast_order = {run.reuse.forecast_order}, granularity = \"{run.reuse.granularity}\")")
     return 0
 
 
 def calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="derive a reuse plan from one full-compute pass on a few samples",
-                       description="Records per (evaluation, layer) the relative change of attn1's output, its entropy and the "
-                                   "SNR, then picks the cells with the smallest accumulated change. The plan is keyed by model, "
-                                   "sampler and steps; sampling with it makes no host syncs.")
+                       description="Records per (evaluation, layer) the error of the reuse the engine would perform there "
+                                   "(order 0: the relative change of the output; order 1/2: the error of the engine's forecast), "
+                                   "its entropy and the SNR, then picks the cells (or per-layer refresh intervals) with the "
+                                   "smallest estimated error. The plan is keyed by model, sampler, steps, granularity and forecast "
+                                   "order: sample it with the same forecast_order. Sampling with it makes no host syncs.")
     model_args(p)
     p.add_argument("--classes", nargs="+", default=None, help="class ids or names cycled over the samples (default: all classes)")
     p.add_argument("--samples", type=int, default=8, help="calibration samples (default 8)")
@@ -46,9 +55,14 @@ def calibrate_parser(sub) -> None:
     goal.add_argument("--target", type=float, default=None, help="reuse fraction of all (evaluation, layer) cells, e.g. 0.5")
     goal.add_argument("--budget", type=float, default=None, help="largest estimated relative error of any reused cell, e.g. 0.1")
     p.add_argument("--max-staleness", type=int, default=None, help="longest reuse run (default: the config's max_staleness)")
+    p.add_argument("--forecast-order", type=int, default=None,
+                   help="0 copy | 1 linear | 2 quadratic: the reuse the plan is ranked for and must be run with (default: the config's)")
+    p.add_argument("--structure", default="cells", help="cells (greedy per cell, default) | layers (one refresh interval per layer)")
+    p.add_argument("--first-evaluation", type=int, default=1, help="evaluations always computed at the start (default 1)")
     p.add_argument("--out", default="plan.json", help="plan JSON (default plan.json)")
     p.add_argument("--trace", default=None, help="also write the recorded signals as JSON here")
     quiet_arg(p)
+    threads_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -58,7 +72,8 @@ def cmd_policy_collect(args) -> int:
 
     set_threads(args.threads)
     settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                               sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows)
+                               sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows,
+                               forecast_order=args.forecast_order)
     at_least("--validate", args.validate, 0)
     validation = Path(writable_file(args.out)).with_suffix(".validation.json")
     loaded = load(args)
@@ -145,6 +160,8 @@ def _collect_parser(psub) -> None:
     c.add_argument("--sampler", default="ddim", help="ddim | dpm (default ddim)")
     c.add_argument("--max-age", type=int, default=3, help="largest reuse staleness labelled (default 3)")
     c.add_argument("--entropy-rows", type=int, default=16, help="query rows of the entropy subsample (default 16)")
+    c.add_argument("--forecast-order", type=int, default=0,
+                   help="the reuse labelled: 0 copy (default) | 1 linear | 2 quadratic forecast (kept in the traces' metadata)")
     c.add_argument("--validate", type=int, default=0, help="also sample N reuse runs to the end and correlate labels with the final error")
     c.add_argument("--out", default="traces.npz", help="traces file (default traces.npz)")
     quiet_arg(c, "no progress bars")

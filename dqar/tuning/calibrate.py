@@ -1,13 +1,23 @@
 """Calibrated plans: record signals in one full-compute pass, then pick the cheapest cells to reuse.
 
 `record_trace` samples a few images with every layer computed and every output stored, and
-records, per (evaluation, layer), the relative change of the cached output against the
-previous evaluation, the attention entropy, and the SNR of each evaluation. `derive_plan`
-turns the changes into a plan: reusing layer l at evaluation e from the output computed at
-evaluation s costs (by the triangle inequality) at most `Σ_{i=s+1..e} change[i, l]`; cells
-are added greedily by smallest added cost — a reuse run only extends from a computed value
-and never exceeds `max_staleness` — until a target reuse fraction or an error budget is hit.
-Sampling with the saved plan (`ReuseConfig(plan_file=...)`) makes no host syncs.
+records, per (evaluation, layer), the error of the reuse the engine would perform there at the
+config's `forecast_order` — order 0: the relative change of the output against the previous
+evaluation's; order 1/2: its relative error against the engine's own forecast from the layer's
+history (`LayerCache.read`, age 1) — with the attention entropy and the SNR of each evaluation.
+
+`derive_plan` turns these errors into a plan, with one of two structures:
+- "cells": reusing layer l at evaluation e from the output computed at evaluation s costs (by
+  the triangle inequality) at most `Σ_{i=s+1..e} change[i, l]`; cells are added greedily by
+  smallest added cost — a reuse run only extends from a computed value and never exceeds
+  `max_staleness` — until a target reuse fraction or an error budget is hit;
+- "layers": after `first_evaluation` computed evaluations and before a computed last one, each
+  layer recomputes once every k_l evaluations (k_l ≤ max_staleness + 1), k_l raised greedily on
+  the layer whose estimated added error per reused cell is smallest; an order-N forecast over a
+  gap of k evaluations is charged `error · k^(N+1)` (the extrapolation error of a smooth signal).
+  A uniform k is the static constant-schedule plan; this only moves reuse between layers.
+The plan must be sampled with the config it was calibrated for (its key names the forecast order
+and granularity). Sampling with the saved plan (`ReuseConfig(plan_file=...)`) makes no host syncs.
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ import numpy as np
 
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
-from dqar.engine.plan import Plan
+from dqar.engine.plan import Plan, apply_refresh
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace
 from dqar.generate import generate, plan_key
@@ -27,7 +37,7 @@ from dqar.generate import generate, plan_key
 def record_trace(loaded, labels: Sequence[int], run: RunConfig, *, entropy_rows: int | None = None, progress: bool = False) -> Trace:
     """Signals of one full-compute generation of `labels` under `run`'s sampling settings."""
     cfg = replace(run.reuse, enabled=True, gate=False, plan_file="", cfg_share="none", cache_dtype="model")
-    decider = TracingDecider(entropy_rows or cfg.entropy_rows)
+    decider = TracingDecider(entropy_rows or cfg.entropy_rows, forecast=cfg.forecast_order > 0)
     generate(loaded, labels, replace(run, reuse=cfg), decider=decider, progress=progress)
     return decider.trace()
 
@@ -58,8 +68,15 @@ def _column_costs(change: np.ndarray, col: np.ndarray, limit: int, budget: float
     return costs
 
 
-def check_goal(target_fraction: float | None, error_budget: float | None, max_staleness: int) -> None:
+STRUCTURES = ("cells", "layers")
+
+
+def check_goal(target_fraction: float | None, error_budget: float | None, max_staleness: int, structure: str = "cells") -> None:
     """Refuse a plan goal that cannot be met, before any trace is recorded."""
+    if structure not in STRUCTURES:
+        raise DqarError(f"unknown plan structure '{structure}'", f"choose one of: {', '.join(STRUCTURES)}")
+    if structure == "layers" and error_budget is not None:
+        raise DqarError("a per-layer ('layers') plan is sized by a reuse fraction, not an error budget", "pass --target instead of --budget")
     if target_fraction is None and error_budget is None:
         raise DqarError("a calibrated plan needs a target reuse fraction or an error budget", "pass --target 0.5 or --budget 0.1")
     if target_fraction is not None and not 0.0 <= target_fraction <= 1.0:
@@ -71,13 +88,18 @@ def check_goal(target_fraction: float | None, error_budget: float | None, max_st
 
 
 def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, error_budget: float | None = None,
-                max_staleness: int = 3, first_evaluation: int = 1, key: dict[str, Any] | None = None) -> Plan:
-    """Greedy plan from per-(evaluation, layer) relative changes (E, L); NaN cells are never reused.
+                max_staleness: int = 3, first_evaluation: int = 1, key: dict[str, Any] | None = None,
+                structure: str = "cells", order: int = 0) -> Plan:
+    """Greedy plan from per-(evaluation, layer) reuse errors (E, L); NaN cells are never reused.
 
-    Stops at `target_fraction` of all cells, or when no cell fits `error_budget` (the largest
-    estimated relative error any reused cell may carry), whichever comes first.
+    "cells" stops at `target_fraction` of all cells, or when no cell fits `error_budget` (the
+    largest estimated relative error any reused cell may carry), whichever comes first; "layers"
+    (per-layer refresh intervals, `order` = the forecast order the plan is run with) stops at the
+    first plan reaching `target_fraction`.
     """
-    check_goal(target_fraction, error_budget, max_staleness)
+    check_goal(target_fraction, error_budget, max_staleness, structure)
+    if structure == "layers":
+        return layer_plan(change, target_fraction, max_staleness, first_evaluation, order, key)
     change = np.asarray(change, dtype=np.float64)
     e_count, l_count = change.shape
     c = np.where(np.isfinite(change), change, np.nan)
@@ -93,6 +115,34 @@ def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, err
         mask[e, l] = True
         costs[:, l] = _column_costs(c[:, l], mask[:, l], max_staleness, budget, first_evaluation)
     return Plan(mask=mask, key=dict(key or {}))
+
+
+def interval_mask(num_evaluations: int, interval: int, first_evaluation: int) -> np.ndarray:
+    """(E,) bool: one layer reusing between `first_evaluation` and the last evaluation, recomputing every `interval`."""
+    eligible = np.zeros((num_evaluations, 1), dtype=bool)
+    eligible[first_evaluation: num_evaluations - 1] = True
+    return apply_refresh(eligible, interval, interval - 1)[:, 0]
+
+
+def layer_plan(change: np.ndarray, target_fraction: float, max_staleness: int, first_evaluation: int, order: int,
+               key: dict[str, Any] | None) -> Plan:
+    """Per-layer refresh intervals from reuse errors (E, L): raise the interval of the cheapest layer until the target."""
+    change = np.asarray(change, dtype=np.float64)
+    e_count, l_count = change.shape
+    scale = np.nan_to_num(np.nanmean(np.where(np.isfinite(change[first_evaluation:]), change[first_evaluation:], np.nan), axis=0),
+                          nan=np.inf)  # (L,) mean reuse error per layer; a layer never measured never reuses
+    masks = [interval_mask(e_count, k, first_evaluation) for k in range(1, max_staleness + 2)]  # masks[k-1]: interval k
+    cost = lambda l, k: scale[l] * k ** (order + 1) * masks[k - 1].sum()  # noqa: E731  estimated error summed over reused cells
+    intervals = np.ones(l_count, dtype=np.int64)
+    goal = target_fraction * e_count * l_count
+    while sum(masks[k - 1].sum() for k in intervals) < goal:
+        options = [((cost(l, k + 1) - cost(l, k)) / max(masks[k].sum() - masks[k - 1].sum(), 1), l)
+                   for l, k in enumerate(intervals) if k <= max_staleness and np.isfinite(scale[l])]
+        if not options:
+            break
+        intervals[min(options)[1]] += 1
+    mask = np.stack([masks[k - 1] for k in intervals], axis=1)  # (E, L)
+    return Plan(mask=mask, key={**(key or {}), "intervals": [int(k) for k in intervals]})
 
 
 def estimated_error(change: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -112,12 +162,21 @@ class Calibration:
     trace: Trace
 
 
+def calibration_key(model_name: str, run: RunConfig, structure: str) -> dict[str, Any]:
+    """What a calibrated plan is valid for: model, sampler, steps, and the reuse it was calibrated for."""
+    r = run.reuse
+    return {**plan_key(model_name, run), "granularity": r.granularity, "forecast_order": r.forecast_order,
+            "forecast_axis": r.forecast_axis, "structure": structure}
+
+
 def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction: float | None = None,
-              error_budget: float | None = None, max_staleness: int | None = None, progress: bool = False) -> Calibration:
-    """Record a trace of `labels` under `run` and derive a plan keyed by model, sampler and steps."""
+              error_budget: float | None = None, max_staleness: int | None = None, first_evaluation: int = 1,
+              structure: str = "cells", progress: bool = False) -> Calibration:
+    """Record a trace of `labels` under `run` (at its forecast order) and derive a plan keyed by what it is valid for."""
     staleness = run.reuse.max_staleness if max_staleness is None else max_staleness
-    check_goal(target_fraction, error_budget, staleness)
+    check_goal(target_fraction, error_budget, staleness, structure)
     trace = record_trace(loaded, labels, run, progress=progress)
-    plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget,
-                       max_staleness=staleness, key=plan_key(loaded.name, run))
+    plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget, max_staleness=staleness,
+                       first_evaluation=first_evaluation, key=calibration_key(loaded.name, run, structure),
+                       structure=structure, order=run.reuse.forecast_order)
     return Calibration(plan=plan, trace=trace)

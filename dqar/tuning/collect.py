@@ -26,7 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dqar.engine import forecast
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
+from dqar.engine.forecast import FORECAST_ORDERS
 from dqar.errors import DqarError
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace, relative_change
@@ -38,6 +40,8 @@ from dqar.labels import cycle_labels
 TRACES_FORMAT = "dqar-policy-traces/1"
 LABEL = ("relative residual-stream perturbation of reusing attn1's output from `age` evaluations earlier: "
          "||gate_msa_e * (o_(e-age) - o_e)|| / ||h_e|| over all batch rows (h_e: the block's input)")
+FORECAST_LABEL = ("relative residual-stream perturbation of reusing attn1's output as the engine's order-{order} forecast "
+                  "(evaluation axis) from the outputs computed at e-age, e-age-1, ...: ||gate_msa_e * (forecast - o_e)|| / ||h_e||")
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,12 @@ class CollectSettings:
     sampler: str = "ddim"
     max_age: int = 3  # largest staleness labelled (the policy's max_staleness)
     entropy_rows: int = 16  # query rows of the entropy subsample (as the engine measures it)
+    forecast_order: int = 0  # what a reuse returns (the engine's forecast_order): labels measure that reuse's error
 
     def __post_init__(self) -> None:
+        if self.forecast_order not in FORECAST_ORDERS or isinstance(self.forecast_order, bool):
+            raise DqarError(f"forecast_order = {self.forecast_order!r} is not supported",
+                            f"use one of: {', '.join(map(str, FORECAST_ORDERS))}")
         for name, lo in (("generations", 1), ("batch", 1), ("max_age", 1), ("entropy_rows", 1), ("steps", 2), ("seed", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -61,7 +69,7 @@ class CollectSettings:
         SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler)  # validates
 
     def run(self, seed: int) -> RunConfig:
-        return RunConfig(reuse=ReuseConfig(), sample=SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler, seed=seed))
+        return RunConfig(reuse=ReuseConfig(forecast_order=self.forecast_order), sample=SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler, seed=seed))
 
 
 @dataclass(frozen=True)
@@ -114,12 +122,14 @@ class ReuseErrors:
     """Hooks on every block: what reusing an earlier `attn1` output would change, measured on the device.
 
     Per evaluation e, layer l and age a: `change` = ‖o_e − o_(e−a)‖ / ‖o_(e−a)‖ (the engine's relative change)
-    and `label` = ‖g_e ⊙ (o_(e−a) − o_e)‖ / ‖h_e‖, where g_e is the block's `gate_msa` (from `norm1`) and h_e
-    the block's input: the relative perturbation a reuse injects into the residual stream.
+    and `label` = ‖g_e ⊙ (ŷ − o_e)‖ / ‖h_e‖, where ŷ is what the reuse returns (order 0: o_(e−a); order N:
+    the engine's forecast from o_(e−a), o_(e−a−1), … at evaluation e), g_e the block's `gate_msa` (from
+    `norm1`) and h_e the block's input: the relative perturbation a reuse injects into the residual stream.
     """
 
-    def __init__(self, blocks: Sequence[torch.nn.Module], max_age: int):
+    def __init__(self, blocks: Sequence[torch.nn.Module], max_age: int, order: int = 0):
         self.max_age = max_age
+        self.order = order
         self.history: list[list[torch.Tensor]] = [[] for _ in blocks]  # per layer, newest last
         self.values: dict[str, list[list[list[torch.Tensor | None]]]] = {"change": [[] for _ in blocks], "label": [[] for _ in blocks]}
         self.inputs: list[torch.Tensor | None] = [None] * len(blocks)  # h_e per layer, (B, T, C)
@@ -144,10 +154,16 @@ class ReuseErrors:
         gate, h = self.gates[layer].unsqueeze(1), self.inputs[layer]  # (B, 1, C), (B, T, C)
         ages = range(1, self.max_age + 1)
         self.values["change"][layer].append([relative_change(out, past[-a]) if a <= len(past) else None for a in ages])
-        self.values["label"][layer].append([(gate * (past[-a].float() - out.float())).norm() / h.float().norm().clamp_min(1e-12)
+        self.values["label"][layer].append([(gate * (self.reused(past, a) - out.float())).norm() / h.float().norm().clamp_min(1e-12)
                                             if a <= len(past) else None for a in ages])
         past.append(out)
-        del past[: -self.max_age]
+        del past[: -(self.max_age + self.order)]
+
+    def reused(self, past: list[torch.Tensor], age: int) -> torch.Tensor:
+        """What a reuse `age` evaluations after the newest of `past[:len(past) - age + 1]` returns: (B, T, C) float32."""
+        known = past[: len(past) - age + 1][::-1]  # newest first, the newest computed `age` evaluations ago
+        w = forecast.weights([-age - i for i in range(len(known))], 0.0, self.order)
+        return sum(wi * y.float() for wi, y in zip(w, known))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -183,9 +199,9 @@ class FullCompute:
 
 
 def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, entropy_rows: int) -> FullCompute:
-    """Sample `labels` with every layer computed, recording features and output errors."""
+    """Sample `labels` with every layer computed, recording features and output errors (of `run`'s forecast order)."""
     decider = TracingDecider(entropy_rows, input_rms=True)
-    hooks = ReuseErrors(list(loaded.transformer.transformer_blocks), max_age)
+    hooks = ReuseErrors(list(loaded.transformer.transformer_blocks), max_age, run.reuse.forecast_order)
     try:
         out = generate(loaded, labels, replace(run, reuse=ReuseConfig()), decider=decider).output
     finally:
@@ -237,7 +253,8 @@ def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progre
         rows["group"] = np.full(len(rows["labels"]), g, dtype=np.int64)
         parts.append(rows)
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    meta = {**trained_for(loaded, settings), "collect": asdict(settings), "label": LABEL, "features": list(FEATURES),
+    label = FORECAST_LABEL.format(order=settings.forecast_order) if settings.forecast_order else LABEL
+    meta = {**trained_for(loaded, settings), "collect": asdict(settings), "label": label, "features": list(FEATURES),
             "seconds": time.perf_counter() - start}
     return PolicyTraces(features=cat["features"].astype(np.float32), labels=cat["labels"], group=cat["group"],
                         evaluation=cat["evaluation"].astype(np.int64), layer=cat["layer"].astype(np.int64),
@@ -247,7 +264,8 @@ def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progre
 def trained_for(loaded, settings: CollectSettings) -> dict[str, Any]:
     """What a policy trained on these traces is for."""
     return {"model": loaded.name, "num_layers": len(loaded.transformer.transformer_blocks), "sampler": settings.sampler,
-            "steps": settings.steps, "cfg": settings.cfg, "max_age": settings.max_age, "entropy_rows": settings.entropy_rows}
+            "steps": settings.steps, "cfg": settings.cfg, "max_age": settings.max_age, "entropy_rows": settings.entropy_rows,
+            "forecast_order": settings.forecast_order}
 
 
 # ----- proxy validation --------------------------------------------------------------------------
