@@ -135,11 +135,12 @@ class TracingDecider:
     """Full compute: every layer computes and stores, every signal is recorded (for calibration and policy traces).
 
     `input_rms`: also keep each evaluation's input RMS (`x_rms`, one 0-dim tensor per evaluation, on the device).
+    `forecast`: record each change against what a reuse would read (the forecast at age 1 where forecast_order > 0).
     """
 
-    def __init__(self, entropy_rows: int = 16, input_rms: bool = False):
+    def __init__(self, entropy_rows: int = 16, input_rms: bool = False, forecast: bool = False):
         self.needs = Needs(entropy=True, change=True, snr=("scheduler", "prediction"), entropy_rows=entropy_rows, record=True,
-                           state_norm=input_rms)
+                           state_norm=input_rms, change_of_reuse=forecast)
         self.signals: SignalRecorder | None = None
         self.x_rms: list[torch.Tensor] = []
 

@@ -22,10 +22,15 @@ def attention(engine, layer: int, attn, original: Callable, hidden_states: torch
         return st.cache.read(layer)  # (B, T, C) a copy or a forecast
     out = attention_compute(engine, layer, attn, original, hidden_states, *args, **kwargs)  # (B, T, C)
     if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-        st.signals.put_change(layer, relative_change(out, st.cache.get(layer)[0]))
+        st.signals.put_change(layer, relative_change(out, cached(st, layer)))
     if st.store[layer]:
         st.cache.put(layer, out)
     return out
+
+
+def cached(st, layer: int) -> torch.Tensor:
+    """What the change of a computed output is measured against: the cached output, or what a reuse would read now."""
+    return st.cache.read(layer) if st.signals.needs.change_of_reuse else st.cache.get(layer)[0]  # (B, T, C)
 
 
 def attention_compute(engine, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -53,7 +58,7 @@ def block(engine, layer: int, original: Callable, hidden_states: torch.Tensor, *
         return hidden_states + st.cache.read(layer)  # (B, T, C) residual of attention + MLP, a copy or a forecast
     out = original(hidden_states, *args, **kwargs)
     if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-        st.signals.put_change(layer, relative_change(out - hidden_states, st.cache.get(layer)[0]))
+        st.signals.put_change(layer, relative_change(out - hidden_states, cached(st, layer)))
     if st.store[layer]:
         st.cache.put(layer, out - hidden_states)
     return out

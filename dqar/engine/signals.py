@@ -9,7 +9,8 @@ copy made once, after the generation.
 - prediction SNR: `‖x̂0‖² / (‖x_t - x̂0‖² + ε)` from the model output;
 - attention entropy: `-1/(H·R) Σ A log(A + ε)` over a fixed subsample of R query rows (all heads,
   all batch rows), divided by log T so it lies in [0, 1];
-- relative change: `‖o_new - o_cached‖ / ‖o_cached‖` when a layer recomputes.
+- relative change: `‖o_new - o_cached‖ / ‖o_cached‖` when a layer recomputes (with `change_of_reuse`,
+  `o_cached` is what a reuse would read now: the forecast from the layer's history, a copy at order 0).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Needs:
 
     entropy: bool = False  # entropy of every computed attention
     change: bool = False  # relative change of every computed output against its cached value
+    change_of_reuse: bool = False  # measure the change against what a reuse would read now (the forecast where forecast_order > 0)
     snr: tuple[str, ...] = ()  # SNR sources: "scheduler", "prediction"
     entropy_rows: int = 16  # query rows in the entropy subsample
     record: bool = False  # keep every (evaluation, layer) value for a `Trace`
@@ -232,7 +234,7 @@ class Trace:
     """Signals of one generation, on the host; NaN where a value was not measured."""
 
     entropy: np.ndarray  # (E, L) normalized attention entropy
-    change: np.ndarray  # (E, L) relative change against the cached (with full compute: previous) output
+    change: np.ndarray  # (E, L) relative change against the cached (full compute: previous) output, or its forecast
     snr_scheduler: np.ndarray  # (E,) ᾱ/(1-ᾱ) at each evaluation's timestep
     snr_prediction: np.ndarray  # (E,) ‖x̂0‖²/‖x_t-x̂0‖² of each evaluation's output
 
