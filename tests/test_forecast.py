@@ -381,6 +381,19 @@ def test_a_stock_pipeline_forecasts_over_its_scheduler_timesteps():
     np.testing.assert_allclose(images[1, "timestep"], images[1, "evaluation"], atol=1e-5)
 
 
+def test_full_dqar_acts_on_a_stock_pipeline_it_was_never_tuned_on():
+    """The preset's plan is static: on a random-weight DiTPipeline it skips most block work, by forecasting."""
+    pipe = make_pipe()
+    stock = pipe_images(pipe, steps=20)
+    with dqar.enable(pipe, "full_dqar") as h:
+        images = pipe_images(pipe, steps=20)
+        s = h.stats
+    assert s.evaluations == 20 and s.reuse_fraction >= 0.6 and s.flops_skipped_fraction >= 0.55
+    assert 0.8 * s.reused <= s.forecasts < s.reused and s.quant_error is not None  # all but the reuses before a second computed output extrapolate
+    assert not np.array_equal(images, stock)
+    np.testing.assert_array_equal(pipe_images(pipe, steps=20), stock)  # detached: stock output again
+
+
 # ----- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad,match", [
     (dict(forecast_order=3), "forecast_order = 3"), (dict(forecast_order=-1), "forecast_order = -1"),
