@@ -34,6 +34,10 @@ GRID = """
 main = ["baseline", "scheduling_only", "quant_cache_only", "full_dqar"]
 [sample]
 steps = 8
+[[sweep]]
+name = "warmup"
+base = "scheduling_only"
+vary = { warmup_frac = [0.1, 0.3] }
 """
 
 
@@ -99,7 +103,8 @@ def _check_left_behind(out: Path) -> int:
 def test_ablate_killed_then_resumed_equals_uninterrupted(tmp_path, model_dir, capsys, monkeypatch):
     monkeypatch.setattr(dqar.reporting.plots, "write_all", lambda results, out: None)  # figures: seconds, and not compared here
     (tmp_path / "grid.toml").write_text(GRID)
-    args = ["ablate", "--model", str(model_dir), "--config", str(tmp_path / "grid.toml"), "--repeats", "1", "--quiet"]
+    args = ["ablate", "--model", str(model_dir), "--config", str(tmp_path / "grid.toml"), "--repeats", "1", "--quiet",
+            "--executor", "patch"]
     killed = tmp_path / "killed"
     kill_when(start(args + ["--out", str(killed)]), lambda: (_results(killed) or {}).get("completed", 0) >= 1)
     k = _check_left_behind(killed)

@@ -79,8 +79,8 @@ def statistics_sentence(f: Findings) -> str | None:
 def flagged_sentence(f: Findings) -> str | None:
     if not f.flagged:
         return None
-    return (f"Flagged implausible (speedup interval above 1 / (1 − FLOPs skipped) by more than the timing noise; never "
-            f"named fastest or recommended): " + ", ".join(
+    return ("Flagged implausible (speedup interval above 1 / (1 − FLOPs skipped) by more than the timing noise; never "
+            "named fastest or recommended): " + ", ".join(
                 f"`{r['name']}` ({f_x_ci(r)}, ceiling {f_x(r['measurements']['flops_ceiling'])})" for r in f.flagged) + ".")
 
 

@@ -7,7 +7,7 @@ renderer only phrases those findings. The same results always give the same repo
 from __future__ import annotations
 
 from dqar.reporting import conclusions as C
-from dqar.reporting.findings import (DASH, Findings, _r, bound_text, cell_value, describe, f_ci, f_pct, f_x, f_x_ci, findings, get,
+from dqar.reporting.findings import (DASH, Findings, _r, bound_text, cell_value, describe, f_ci, f_pct, f_x_ci, findings, get,
                                      is_baseline, label, notes_for, sample_text, table)
 
 
@@ -147,8 +147,8 @@ def _methodology(res: dict) -> list[str]:
              + (" — **fewer than 3: a test run, timings are not meaningful**" if st["repeats"] < 3 else ""),
              f"- **Order**: {st['timing_method']}",
              f"- **Clock**: {st.get('clock_method', '')}",
-             f"- **Diagnostics**: timed runs track no INT8 round-trip error and run no finite guard; quantization error, "
-             f"non-finite counts and host syncs come from an untimed run with the configuration's own settings",
+             "- **Diagnostics**: timed runs track no INT8 round-trip error and run no finite guard; quantization error, "
+             "non-finite counts and host syncs come from an untimed run with the configuration's own settings",
              f"- **Statistics**: {st.get('statistics_method', '')}",
              f"- **Executor choice**: {st.get('executor_method', '')}",
              *_executors(res),

@@ -18,7 +18,7 @@ from dqar.studies import ablation_fidelity as AF
 from dqar.studies.blocks import timed_run
 from dqar.studies.core import baseline_run
 
-FINALISTS = 4  # fidelity runs beyond the main configurations
+FINALISTS = 3  # fidelity runs beyond the main configurations
 
 
 def verify(results: dict, ctx: dict, done: dict, write: Callable[[], None]) -> None:
