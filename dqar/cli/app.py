@@ -1,7 +1,7 @@
 """`dqar` command line: a thin layer over the library. Bad input → one line on stderr, exit code 2.
 
-The commands live by concept: `sampling` (sample, fid-sample, fid), `studies` (bench, ablate, compared,
-fidelity), `tuning` (calibrate, policy); `common` holds the shared flags and the checks each command runs
+The commands live by concept: `sampling` (sample, fid-sample, fid), `studies` (bench, ablate, compared),
+`fidelity` (the fidelity sections), `tuning` (calibrate, policy); `common` holds the shared flags and the checks each command runs
 before any work.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dqar.cli import sampling, studies, tuning
+from dqar.cli import fidelity, sampling, studies, tuning
 from dqar.cli.common import EXIT_USAGE, Parser
 from dqar.errors import DqarError
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     studies.ablate_parser(sub)
     studies.compared_parser(sub)
     tuning.calibrate_parser(sub)
-    studies.fidelity_parser(sub)
+    fidelity.fidelity_parser(sub)
     tuning.policy_parser(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""`dqar bench`, `dqar ablate`, `dqar compared`, `dqar fidelity`: the studies, each written to its files."""
+"""`dqar bench`, `dqar ablate`, `dqar compared`: the timed studies, each written to its files."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dqar.cli.common import at_least, device_dtype, model_args, quiet_arg, set_threads, threads_arg, writable_file, writable_folder
+from dqar.cli.common import at_least, device_dtype, model_args, quiet_arg, threads_arg, writable_file, writable_folder
 
 
 def cmd_bench(args) -> int:
@@ -103,37 +103,3 @@ def compared_parser(sub) -> None:
     p.add_argument("--doc", default="docs/COMPARED.md", help="the Markdown file whose generated section is replaced")
     p.add_argument("--note", default="", help="a note on the machine, printed next to its description")
     p.set_defaults(func=cmd_compared)
-
-
-def cmd_fidelity(args) -> int:
-    set_threads(args.threads)
-    writable_folder(args.out)
-    if args.section == "dynamic":
-        from dqar.studies.evidence import run_section
-
-        return run_section(args)  # checks its settings before it samples
-    if args.section == "forecast":
-        from dqar.studies.forecast_section import run_section as run_forecast_section
-
-        return run_forecast_section(args)  # checks its settings before it samples
-    from dqar.studies.engine_fidelity import EngineSettings, run_engine, write_engine
-
-    at_least("--samples", args.samples, 1)
-    settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out)
-    doc = write_engine(run_engine(settings, progress=not args.quiet), settings.out_dir)
-    print(f"wrote section 'Engine' of {doc}")
-    return 0
-
-
-def fidelity_parser(sub) -> None:
-    from dqar.studies import forecast_section
-    from dqar.studies.evidence import add_arguments
-
-    p = sub.add_parser("fidelity", help="fidelity evidence on the embedded model, written to docs/FIDELITY.md")
-    p.add_argument("--section", required=True, choices=["dynamic", "engine", "forecast"],
-                   help="dynamic: static schedules vs gate vs calibrated plans vs CFG sharing; engine: presets, refresh intervals, "
-                        "cache formats and granularity (--samples is the total, spread over the 10 classes); forecast: "
-                        "forecast order x granularity x refresh, INT8 history, peers at matched shares, DPM-Solver++ axes")
-    add_arguments(p)
-    forecast_section.add_arguments(p)
-    p.set_defaults(func=cmd_fidelity)

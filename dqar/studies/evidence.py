@@ -9,9 +9,7 @@ the raw numbers as JSON. Calibration uses other seeds than the evaluated samples
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
-from dqar.errors import DqarError
 from dqar.generate import plan_key
 from dqar.labels import cycle_labels
 from dqar.studies.core import (SEED_OFFSET, Study, baseline_row, embedded_classifier, frontier, make_reference, other_seeds,
@@ -291,58 +288,3 @@ def summary_lines(result: dict) -> list[str]:
         h = t["half_reuse"]
         out.append(f">= 50% skipped: {h['name']} {h['psnr_db']:.2f} dB, class acc {h['class_accuracy_delta_points']:+.1f} points")
     return out
-
-
-# ----- command line ----------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DynamicSettings()
-    p.add_argument("--samples", type=int, default=d.samples, help=f"evaluated images (default {d.samples})")
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help=f"calibration images (default {d.calib_samples})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--cfg", type=float, default=d.cfg, help=f"guidance scale (default {d.cfg})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"base seed (default {d.seed})")
-    p.add_argument("--out", default=d.out_dir, help=f"folder of FIDELITY.md and the plot (default {d.out_dir})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def settings_from(args) -> DynamicSettings:
-    if args.samples < 2 or args.calib_samples < 1:
-        raise DqarError("the study needs at least 2 samples and 1 calibration sample", "use --samples >= 2 --calib-samples >= 1")
-    return DynamicSettings(samples=args.samples, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                           calib_samples=args.calib_samples, out_dir=args.out)
-
-
-def run_section(args) -> int:
-    """Run the dynamic-reuse study and write it (used by `dqar fidelity --section dynamic`)."""
-    import torch
-
-    s = settings_from(args)
-    SampleConfig(steps=s.steps, cfg=s.cfg, seed=s.seed)  # validate early
-    torch.set_grad_enabled(False)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DqarError(f"--threads {args.threads} is invalid", "use --threads 1 or more")
-        torch.set_num_threads(args.threads)
-    result = run_dynamic(s, progress=not args.quiet)
-    doc = write_dynamic(result, s.out_dir)
-    print(f"wrote section '{SECTION}' of {doc}, {Path(s.out_dir) / 'fidelity_dynamic.png'}")
-    for line in summary_lines(result):
-        print("  " + line)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dqar.studies.evidence", description="fidelity evidence sections")
-    p.add_argument("section", choices=["dynamic"])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_section(args)
-    except DqarError as exc:
-        sys.stderr.write(f"dqar evidence: error: {exc}\n")
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

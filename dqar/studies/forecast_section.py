@@ -1,14 +1,12 @@
 """The "Forecast" section of docs/FIDELITY.md: targets computed from `dqar.studies.forecast` results, table, plot."""
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
-from dqar.errors import DqarError
 from dqar.studies.core import frontier, y_at
-from dqar.studies.forecast import SECTION, SHARE_TOLERANCE, ForecastSettings, run_forecast
+from dqar.studies.forecast import SECTION, SHARE_TOLERANCE
 
 PLOT = "fidelity_forecast.png"
 RAW = "fidelity_forecast.json"
@@ -200,31 +198,6 @@ def write_forecast(result: dict, out_dir: str | Path) -> Path:
     return write_section(out / "FIDELITY.md", SECTION, markdown(result))
 
 
-# ----- command line ------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ForecastSettings()
-    p.add_argument("--probe-samples", type=int, default=d.probe_samples, help=f"probe images on other seeds (default {d.probe_samples})")
-    p.add_argument("--dpm-steps", type=int, default=d.dpm_steps, help=f"DPM-Solver++ part, 0 to skip (default {d.dpm_steps})")
-    p.add_argument("--no-peers", action="store_true", help="skip the peers (and the TaylorSeer tuning)")
-
-
-def settings_from(args) -> ForecastSettings:
-    if args.samples < 2 or args.probe_samples < 1 or args.dpm_steps < 0:
-        raise DqarError("the forecast study needs >= 2 samples, >= 1 probe sample and --dpm-steps >= 0",
-                        "use --samples 100 --probe-samples 20 --dpm-steps 20")
-    return ForecastSettings(samples=args.samples, probe_samples=args.probe_samples, steps=args.steps, cfg=args.cfg,
-                            seed=args.seed, dpm_steps=args.dpm_steps, peers=not args.no_peers, out_dir=args.out)
-
-
-def run_section(args) -> int:
-    """Run the forecast study and write its section (`dqar fidelity --section forecast`)."""
-    import torch
-
-    s = settings_from(args)
-    torch.set_grad_enabled(False)
-    result = run_forecast(s, progress=not args.quiet)
-    doc = write_forecast(result, s.out_dir)
-    print(f"wrote section '{SECTION}' of {doc}, {Path(s.out_dir) / PLOT}")
-    for line in _target_lines(targets(result), result):
-        print("  " + line[2:])
-    return 0
+def summary_lines(result: dict) -> list[str]:
+    """The targets' verdicts, one line each (what the command prints)."""
+    return [line[2:] for line in _target_lines(targets(result), result)]
