@@ -163,8 +163,10 @@ class Calibration:
 
 
 def calibration_key(model_name: str, run: RunConfig, structure: str) -> dict[str, Any]:
-    """What a calibrated plan is valid for: model, sampler, steps, and the reuse it was calibrated for."""
+    """What a calibrated plan is valid for: model, sampler, steps, and (for a forecast or per-layer plan) the reuse it was ranked for."""
     r = run.reuse
+    if not r.forecast_order and structure == "cells":
+        return plan_key(model_name, run)  # a copy-reuse cell plan, keyed as it always was
     return {**plan_key(model_name, run), "granularity": r.granularity, "forecast_order": r.forecast_order,
             "forecast_axis": r.forecast_axis, "structure": structure}
 
