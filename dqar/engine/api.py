@@ -8,6 +8,7 @@ import torch
 from dqar.engine.config import ReuseConfig, RunConfig, preset
 from dqar.engine.decider import Decider, PlanDecider
 from dqar.engine.gate import GateDecider
+from dqar.engine.graph import GraphEngine
 from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
@@ -52,7 +53,11 @@ class ReuseHandle:
                  key: dict | None = None, executor: str = "patch"):
         transformer, scheduler = _split(model)
         self.config = _resolve_config(config)
-        self._engine = ReuseEngine(transformer, self.config, decider or make_decider(self.config, key, plan), scheduler, executor)
+        decider = decider or make_decider(self.config, key, plan)
+        if executor == "graph":
+            self._engine = GraphEngine(transformer, self.config, decider, scheduler)
+        else:
+            self._engine = ReuseEngine(transformer, self.config, decider, scheduler, executor)
 
     # sampler hook contract ----------------------------------------------------------------
     def begin_generation(self, num_evaluations: int | None = None, scheduler: Any = None, guided: bool | None = None) -> None:
@@ -101,6 +106,7 @@ def enable(model: Any, config: ReuseConfig | RunConfig | str | None = None, **kw
 
     `executor="patch"` (default) wraps each block's `attn1` (or the block) and works with every option;
     `"fused"` runs DiT blocks as pure functions with the decision outside; `"compiled"` additionally
-    compiles them with `torch.compile` — a bounded set of graphs shared by all blocks and evaluations.
+    compiles them with `torch.compile` — a bounded set of graphs shared by all blocks and evaluations;
+    `"graph"` runs a whole evaluation as one compiled graph per distinct plan row (CUDA graphs on CUDA).
     """
     return ReuseHandle(model, config, **kwargs)

@@ -81,9 +81,11 @@ class ReuseConfig:
     policy_budget: float = 1.0  # policy: at most this fraction of the layers reuse in one evaluation (lowest predicted error first), in [0, 1]
     forecast_order: int = 0  # a reuse returns: 0 a copy of the last computed output; 1 / 2 its linear / quadratic extrapolation
     forecast_axis: str = "evaluation"  # extrapolate over the evaluation index or over the scheduler's timesteps ("timestep")
+    max_patterns: int = 16  # executor 'graph': most distinct plan rows compiled as whole-model graphs; others run per block
 
     def __post_init__(self) -> None:
         _choice("target", self.target, TARGETS)
+        _int_at_least("max_patterns", self.max_patterns, 1)
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _choice("quant_mode", self.quant_mode, QUANT_MODES)

@@ -48,6 +48,11 @@ class Plan:
     def reuse_fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
+    @property
+    def num_patterns(self) -> int:
+        """Distinct rows: the whole-model graphs the graph executor compiles for this plan."""
+        return len({row.tobytes() for row in self.mask})
+
     def rows(self) -> list[tuple[bool, ...]]:
         """Host-side decision rows, one tuple of layer flags per evaluation."""
         return [tuple(bool(v) for v in row) for row in self.mask]

@@ -1,7 +1,7 @@
 """What one generation with reuse did: counts, bytes, error, FLOPs, host syncs."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,10 @@ class ReuseStats:
     cfg_shared: int = 0  # layer-evaluations whose attn1 ran on one CFG half and was copied to the other
     forecasts: int = 0  # reuses that extrapolated from two or more computed outputs (forecast_order >= 1); the rest copied
     cache_entries_peak: int = 0  # most stored outputs held at once, every entry of every layer's history counted
+    graphs: int = 0  # executor 'graph': distinct whole-model graphs (patterns) this generation ran
+    fallback_evaluations: int = 0  # executor 'graph': evaluations beyond max_patterns, run on the per-block compiled path
+    fallback_rows: list[str] = field(default_factory=list)  # executor 'graph': those evaluations' reuse rows ('R' reuse, '.' compute)
+    compile_seconds: float = 0.0  # executor 'graph': seconds of first calls (compile, and capture on CUDA) in this generation
 
     @property
     def attention_skipped_fraction(self) -> float:

@@ -1,0 +1,227 @@
+"""The graph executor: one whole-model evaluation (patch embedding, every block, final layer) per compiled graph.
+
+Each distinct reuse row of a generation is a *pattern* (the layers that store are fixed per plan); its graph unrolls the
+blocks with the row baked in as constants. The history is a `StaticHistory` of fixed buffers updated
+in place; per-evaluation values (latents, timestep, labels, the (L, K) forecast weights) enter as
+tensors, so new values never recompile. On CUDA the graphs use `torch.compile(mode="reduce-overhead")`,
+which captures each one as a CUDA graph and replays it. At most `max_patterns` patterns get a graph
+(the most frequent of a plan first); other evaluations run the same layer functions compiled per block
+and walked in Python (the fallback), counted in the stats. Host-side bookkeeping (weights, bytes,
+counts) happens before each call, never inside a replay.
+"""
+from __future__ import annotations
+
+import functools
+import time
+import types
+from collections import Counter
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from dqar.engine import block as B
+from dqar.engine import history as H
+from dqar.engine.cache import device_weights
+from dqar.engine.reuse import ReuseEngine
+from dqar.engine.stats import ReuseStats
+from dqar.errors import DqarError
+
+GRAPH_HOOK = "dqar_graph"
+
+
+# ----- the traceable evaluation ------------------------------------------------------------------
+def layer(spec: H.Spec, reuse: bool, store: bool, blk, h, timestep, labels, bufs, weights, error_sum, bad):
+    """One block with the decision as constants; (B, T, C) → (B, T, C); the history `bufs` is updated in place."""
+    if reuse:
+        H.count_nonfinite(bufs, bad)
+        cached = H.read(spec, bufs, weights, h.dtype)  # (B, T, C)
+        return B.skip(h, cached) if spec.block else B.reuse(blk, h, timestep, labels, cached)
+    out, cached = (B.whole if spec.block else B.compute)(blk, h, timestep, labels)
+    if store:
+        H.write(spec, bufs, cached, error_sum)
+    return out
+
+
+def head(model, h, timestep, labels):
+    """DiT's final layer and unpatchify, as in diffusers' forward: (B, T, C) → (B, C_out, H, W)."""
+    conditioning = model.transformer_blocks[0].norm1.emb(timestep, labels, hidden_dtype=h.dtype)
+    shift, scale = model.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+    h = model.proj_out_2(model.norm_out(h) * (1 + scale[:, None]) + shift[:, None])
+    p, side = model.patch_size, int(h.shape[1] ** 0.5)
+    h = h.reshape(-1, side, side, p, p, model.out_channels)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, model.out_channels, side * p, side * p)
+
+
+def evaluate(spec, row, store, model, x, timestep, labels, weights, state):
+    """A whole model evaluation for one pattern; `state` = (per-layer buffers, error_sum, bad); (B, C, H, W) → (B, C', H, W)."""
+    layers, error_sum, bad = state
+    h = model.pos_embed(x)  # (B, T, C)
+    for i, blk in enumerate(model.transformer_blocks):
+        h = layer(spec, row[i], store[i], blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+    return head(model, h, timestep, labels)
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """`fn` with its own code object, so that each pattern's graph has its own dynamo cache (no cache-size limit shared)."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def check_graph_supported(engine_cfg, needs, blocks, transformer) -> None:
+    """One line naming what to use for what the graph executor cannot run."""
+    if needs.any or engine_cfg.cfg_share != "none":
+        raise DqarError("the gate, signal traces, policies and cfg_share run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
+    if engine_cfg.target == "kv":
+        raise DqarError("the graph executor caches attention or block outputs, not K/V", "use target = 'attention' or executor = 'patch'")
+    if engine_cfg.nonfinite_guard:
+        raise DqarError("nonfinite_guard reads the cache on the host each evaluation, which a graph cannot", "use executor = 'compiled'")
+    try:
+        for blk in blocks:
+            B.check_block(blk)
+    except DqarError as exc:
+        raise DqarError(f"the graph executor runs DiT ada_norm_zero blocks only ({exc.problem})", "use executor = 'patch'") from None
+    if not all(hasattr(transformer, n) for n in ("pos_embed", "proj_out_1", "proj_out_2", "norm_out")):
+        raise DqarError(f"{type(transformer).__name__} is not a DiT transformer", "use executor = 'patch'")
+
+
+class GraphEngine(ReuseEngine):
+    """`ReuseEngine` whose transformer forward is one compiled graph per pattern (hooks and lifecycle shared)."""
+
+    def __init__(self, transformer: torch.nn.Module, cfg, decider, scheduler: Any = None):
+        needs = getattr(decider, "needs", None)
+        check_graph_supported(cfg, needs if needs is not None else _no_needs(), list(getattr(transformer, "transformer_blocks", [])),
+                              transformer)
+        self.spec = H.make_spec(cfg, transformer.transformer_blocks[0].attn1.heads)
+        self.history = H.StaticHistory(self.spec, len(transformer.transformer_blocks), cfg.forecast_order)
+        self.graphs: dict[tuple, Callable] = {}  # (input shape, dtype, device, row, store) -> compiled evaluation
+        self.compile_seconds: dict[tuple, float] = {}  # the same key -> seconds of its first call (compile + capture)
+        self.allowed: set[tuple] | None = None  # rows that get a graph in this generation (None: first come)
+        self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
+        self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
+        super().__init__(transformer, cfg, decider, scheduler, executor="compiled")
+        self.executor = "graph"
+
+    def _attach(self) -> None:
+        """The graph forward first, so the evaluation hook (registered after it) wraps it: decisions, then the graph."""
+        from dqar.engine.hooks import EVALUATION_HOOK, EvaluationHook, LayerHook, add_hook, refresh_child_registries
+
+        self._hooked.append((self.transformer, GRAPH_HOOK, add_hook(self.transformer, GRAPH_HOOK, LayerHook(self.forward))))
+        self._hooked.append((self.transformer, EVALUATION_HOOK, add_hook(self.transformer, EVALUATION_HOOK, EvaluationHook(self))))
+        refresh_child_registries(self.transformer)
+
+    def begin_generation(self, num_evaluations: int, scheduler: Any = None, guided: bool | None = None) -> None:
+        super().begin_generation(num_evaluations, scheduler, guided)
+        self.history.begin()
+        self.state.cache = self.history  # the summary reads bytes, entries, forecasts and errors from it
+        self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
+        self.allowed = self._allowed_patterns()
+        self.stores = self._store_set()
+
+    def _allowed_patterns(self) -> set[tuple] | None:
+        """The `max_patterns` most frequent rows of a plan; None for a decider whose rows are not known ahead."""
+        rows = getattr(self.decider, "_rows", None)
+        return {r for r, _ in Counter(rows).most_common(self.cfg.max_patterns)} if rows else None
+
+    def _store_set(self) -> tuple[bool, ...] | None:
+        """Layers that store every output they compute: those any evaluation of the plan stores (None: per evaluation).
+
+        A graph per row, not per (row, store) pair: a computing layer the plan reuses always stores. The reuses read
+        the same history as under the decider's store rows (each needs the newest computed outputs only).
+        """
+        stores = getattr(self.decider, "_store", None)
+        return tuple(bool(any(col)) for col in zip(*stores)) if stores else None
+
+    def _check_finite(self, st) -> None:
+        """Reuses of non-finite histories are counted inside the graphs (nonfinite_guard is refused)."""
+
+    # ----- one evaluation --------------------------------------------------------------------------
+    def forward(self, original, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True, **_):
+        """The transformer's forward: host bookkeeping, then one graph (or the per-block fallback). (B, C, H, W) → (B, C', H, W)."""
+        st, x = self.state, hidden_states
+        timestep = _as_batch(timestep, x)
+        layers = self.history.use(_token_shape(self.transformer, x), x.dtype, x.device)
+        row = tuple(bool(r) and self.history.has(i) for i, r in enumerate(st.row))
+        store = self.stores if self.stores is not None else tuple(bool(s) for s in st.store)
+        st.executed[st.evaluation] = row
+        weights = self._weights(self.history.step(row, store), x.device)  # (L, K)
+        out = self._run(row, store, x, timestep, class_labels, weights, layers)
+        return (out,) if not return_dict else _output(out)
+
+    def _weights(self, rows: list[list[float]], device: torch.device) -> torch.Tensor:
+        flat = tuple(w for r in rows for w in r)
+        return device_weights(flat, device).reshape(len(rows), -1)
+
+    def _run(self, row, store, x, timestep, labels, weights, layers) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, row, store)
+        graph = self.graphs.get(key)
+        if graph is None and (self.allowed is None and len(self.graphs) < self.cfg.max_patterns or
+                              self.allowed is not None and row in self.allowed):
+            graph = self.graphs[key] = self._compile(row, store, x.device)
+        if graph is None:
+            self.generation["fallback"] += 1
+            self.generation["fallback_rows"].add("".join("R" if r else "." for r in row))
+            return self._fallback(row, store, x, timestep, labels, weights, layers)
+        self.generation["graphs"].add(key)
+        first = key not in self.compile_seconds
+        start = time.perf_counter()
+        if x.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        out = graph(self.transformer, x, timestep, labels, weights, layers)
+        if first:
+            self.compile_seconds[key] = time.perf_counter() - start
+            self.generation["compile"] += self.compile_seconds[key]
+        return out.clone() if x.device.type == "cuda" else out  # a replay overwrites its outputs: hand out a copy
+
+    def _compile(self, row, store, device) -> Callable:
+        fn = _own_code(evaluate, f"dqar_pattern_{len(self.graphs)}")
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        return torch.compile(functools.partial(fn, self.spec, row, store), dynamic=False, mode=mode)
+
+    def _fallback(self, row, store, x, timestep, labels, weights, state) -> torch.Tensor:
+        """The same layers, each compiled on its own (shared by all blocks) and walked in Python."""
+        kernels = _fallback_kernels()
+        layers, error_sum, bad = state
+        h = kernels.embed(self.transformer.pos_embed, x)
+        for i, blk in enumerate(self.blocks):
+            h = kernels.layer(self.spec, row[i], store[i], blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+        return kernels.head(self.transformer, h, timestep, labels)
+
+    # ----- stats -----------------------------------------------------------------------------------
+    def _summarize(self, st) -> ReuseStats:
+        g = self.generation
+        return replace(super()._summarize(st), graphs=len(g["graphs"]), fallback_evaluations=g["fallback"],
+                       fallback_rows=sorted(g["fallback_rows"]), compile_seconds=round(g["compile"], 3))
+
+
+@functools.lru_cache(maxsize=1)
+def _fallback_kernels() -> types.SimpleNamespace:
+    wrap = functools.partial(torch.compile, dynamic=False)
+    return types.SimpleNamespace(embed=wrap(lambda embed, x: embed(x)), layer=wrap(layer), head=wrap(head))
+
+
+def _no_needs():
+    from dqar.engine.signals import Needs
+
+    return Needs()
+
+
+def _as_batch(timestep, x: torch.Tensor) -> torch.Tensor:
+    """The timestep as a (B,) tensor on the latents' device (a Python number becomes a host→device copy)."""
+    if not torch.is_tensor(timestep):
+        return torch.full((x.shape[0],), float(timestep), device=x.device)
+    if timestep.ndim == 0:
+        return timestep.to(x.device).expand(x.shape[0])
+    return timestep
+
+
+def _token_shape(model, x: torch.Tensor) -> tuple[int, int, int]:
+    """(B, T, C): the token shape of the blocks' hidden states for latents `x` (B, C, H, W)."""
+    p = model.patch_size
+    return x.shape[0], (x.shape[-2] // p) * (x.shape[-1] // p), model.inner_dim
+
+
+def _output(sample: torch.Tensor):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)

@@ -1,0 +1,128 @@
+"""The graph executor: one compiled whole-model graph per plan pattern, equal to the patch executor, bounded, no recompiles.
+
+Compiling on CPU is slow: a 2-layer model, few evaluations and few patterns per test.
+"""
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dqar
+from dqar.engine.config import ReuseConfig
+from dqar.engine.plan import Plan
+from dqar.errors import DqarError
+
+from conftest import NoSync, drive, make_tiny_transformer
+
+E = 6
+GRAPH_FIELDS = ("graphs", "fallback_evaluations", "fallback_rows", "compile_seconds", "quant_error")
+# a computing layer the plan reuses always stores under the graph executor (one graph per row): it may hold more entries
+HELD = ("cache_bytes", "cache_bytes_peak", "cache_entries_peak")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_transformer(num_layers=2)
+
+
+def _compare(model, cfg, graph_outs, graph_stats, atol=1e-5):
+    with dqar.enable(model, cfg) as h:
+        ref, ref_stats = drive(model, h, evaluations=E), h.stats
+    want, got = ref_stats.to_dict(), graph_stats.to_dict()
+    for name in GRAPH_FIELDS + HELD:
+        want.pop(name), got.pop(name)
+    assert got == want  # same mask, forecasts, FLOPs, host syncs
+    assert graph_stats.cache_bytes_peak >= ref_stats.cache_bytes_peak > 0
+    if cfg.cache_dtype == "int8":
+        assert graph_stats.quant_error == pytest.approx(ref_stats.quant_error, rel=1e-3)
+    for a, b in zip(ref, graph_outs):
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-5)
+
+
+def test_graph_equals_patch_and_never_recompiles(model):
+    """Attention reuse, model-dtype copy: equal outputs; a second generation compiles nothing and matches bit for bit."""
+    cfg = ReuseConfig(schedule="constant", warmup_frac=0.0)
+    torch._dynamo.reset()
+    counters.clear()
+    with dqar.enable(model, cfg, executor="graph") as h:
+        first, stats = drive(model, h, evaluations=E), h.stats
+        graphs, frames = counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"]
+        second, again = drive(model, h, evaluations=E), h.stats
+        assert counters["stats"]["unique_graphs"] == graphs and counters["stats"]["calls_captured"] == frames
+        third = drive(model, h, evaluations=E, guard=NoSync())  # no host syncs
+    assert not counters["graph_break"]
+    assert stats.graphs == 2 and stats.fallback_evaluations == 0 and stats.compile_seconds > 0
+    assert again.compile_seconds == 0.0 and again.graphs == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for a, c in zip(first, third):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    _compare(model, cfg, first, stats)
+
+
+@pytest.mark.parametrize("cfg", [
+    ReuseConfig(schedule="constant", granularity="block", forecast_order=2, refresh_interval=3, max_staleness=2, warmup_frac=0.0),
+    ReuseConfig(schedule="constant", forecast_order=1, forecast_axis="timestep", refresh_interval=3, max_staleness=2, warmup_frac=0.0),
+], ids=["block_order2", "attention_order1"])
+def test_graph_forecasts_equal_patch(model, cfg):
+    with dqar.enable(model, cfg, executor="graph") as h:
+        outs, stats = drive(model, h, evaluations=E), h.stats
+    assert stats.forecasts > 0
+    _compare(model, cfg, outs, stats)
+
+
+def test_graph_int8_anchored_history(model):
+    """INT8 history that forecasts (the anchored codec): close to the patch executor within one INT8 step, same bytes."""
+    cfg = ReuseConfig(schedule="constant", granularity="block", cache_dtype="int8", quant_mode="token", forecast_order=2,
+                      refresh_interval=3, max_staleness=2, warmup_frac=0.0)
+    with dqar.enable(model, cfg, executor="graph") as h:
+        outs, stats = drive(model, h, evaluations=E), h.stats
+    assert stats.quant_error > 0
+    _compare(model, cfg, outs, stats, atol=2e-3)
+
+
+def test_patterns_beyond_the_bound_fall_back(model):
+    """max_patterns = 1: the most frequent row gets a graph, the others run per block, are counted and named."""
+    mask = np.array([[0, 0], [1, 0], [0, 0], [1, 1], [0, 0], [1, 0]], dtype=bool)
+    plan = Plan(mask=mask)
+    assert plan.num_patterns == 3
+    cfg = ReuseConfig(max_patterns=1)
+    with dqar.enable(model, cfg, plan=plan, executor="graph") as h:
+        outs, stats = drive(model, h, evaluations=E), h.stats
+    assert stats.graphs == 1
+    assert stats.fallback_evaluations == 3 and stats.fallback_rows == ["R.", "RR"]
+    with dqar.enable(model, cfg, plan=plan) as h:
+        ref = drive(model, h, evaluations=E)
+    for a, b in zip(ref, outs):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_num_patterns_counts_distinct_rows():
+    mask = np.zeros((10, 4), dtype=bool)
+    assert Plan(mask=mask.copy()).num_patterns == 1
+    mask[1::2, :2] = True
+    mask[9] = True
+    assert Plan(mask=mask).num_patterns == 3
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (ReuseConfig(target="kv"), "K/V"),
+    (ReuseConfig(gate=True), "executor = 'patch'"),
+    (ReuseConfig(cfg_share="cond_to_uncond"), "executor = 'patch'"),
+    (ReuseConfig(nonfinite_guard=True), "executor = 'compiled'"),
+])
+def test_graph_refuses_what_it_cannot_run(model, cfg, match):
+    with pytest.raises(DqarError, match=match):
+        dqar.enable(model, cfg, executor="graph")
+
+
+def test_graph_refuses_non_dit_blocks():
+    other = make_tiny_transformer(num_layers=1)
+    other.transformer_blocks[0].norm_type = "layer_norm"
+    with pytest.raises(DqarError, match="executor = 'patch'"):
+        dqar.enable(other, ReuseConfig(), executor="graph")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_max_patterns_below_one_is_refused(bad):
+    with pytest.raises(DqarError, match="max_patterns"):
+        ReuseConfig(max_patterns=bad)
