@@ -80,6 +80,7 @@ def _no_work(*args, **kwargs):
 @pytest.mark.parametrize("argv", [["calibrate", "--target", "0.5", "--forecast-order", "3"],
                                   ["calibrate", "--target", "0.5", "--structure", "rows"],
                                   ["calibrate", "--budget", "0.1", "--structure", "layers"],
+                                  ["calibrate", "--target", "0.5", "--first-evaluation", "0"],
                                   ["policy", "collect", "--forecast-order", "3"]])
 def test_bad_forecast_calibration_input_is_one_line_exit_2_before_work(argv, tmp_path, capsys, monkeypatch):
     import dqar.models

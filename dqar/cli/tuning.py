@@ -21,8 +21,8 @@ def cmd_calibrate(args) -> int:
     if args.forecast_order is not None:
         run = replace(run, reuse=with_overrides(run.reuse, forecast_order=args.forecast_order))
     at_least("--samples", args.samples, 1)
-    at_least("--first-evaluation", args.first_evaluation, 1)
-    check_goal(args.target, args.budget, run.reuse.max_staleness if args.max_staleness is None else args.max_staleness, args.structure)
+    check_goal(args.target, args.budget, run.reuse.max_staleness if args.max_staleness is None else args.max_staleness, args.structure,
+               args.first_evaluation)
     writable_file(args.out)
     if args.trace:
         writable_file(args.trace)

@@ -71,8 +71,11 @@ def _column_costs(change: np.ndarray, col: np.ndarray, limit: int, budget: float
 STRUCTURES = ("cells", "layers")
 
 
-def check_goal(target_fraction: float | None, error_budget: float | None, max_staleness: int, structure: str = "cells") -> None:
+def check_goal(target_fraction: float | None, error_budget: float | None, max_staleness: int, structure: str = "cells",
+               first_evaluation: int = 1) -> None:
     """Refuse a plan goal that cannot be met, before any trace is recorded."""
+    if not isinstance(first_evaluation, int) or first_evaluation < 1:
+        raise DqarError(f"first_evaluation = {first_evaluation!r} is invalid", "use an integer >= 1 (evaluation 0 always computes)")
     if structure not in STRUCTURES:
         raise DqarError(f"unknown plan structure '{structure}'", f"choose one of: {', '.join(STRUCTURES)}")
     if structure == "layers" and error_budget is not None:
@@ -97,7 +100,7 @@ def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, err
     (per-layer refresh intervals, `order` = the forecast order the plan is run with) stops at the
     first plan reaching `target_fraction`.
     """
-    check_goal(target_fraction, error_budget, max_staleness, structure)
+    check_goal(target_fraction, error_budget, max_staleness, structure, first_evaluation)
     if structure == "layers":
         return layer_plan(change, target_fraction, max_staleness, first_evaluation, order, key)
     change = np.asarray(change, dtype=np.float64)
@@ -176,7 +179,7 @@ def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction:
               structure: str = "cells", progress: bool = False) -> Calibration:
     """Record a trace of `labels` under `run` (at its forecast order) and derive a plan keyed by what it is valid for."""
     staleness = run.reuse.max_staleness if max_staleness is None else max_staleness
-    check_goal(target_fraction, error_budget, staleness, structure)
+    check_goal(target_fraction, error_budget, staleness, structure, first_evaluation)
     trace = record_trace(loaded, labels, run, progress=progress)
     plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget, max_staleness=staleness,
                        first_evaluation=first_evaluation, key=calibration_key(loaded.name, run, structure),
