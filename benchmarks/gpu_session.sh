@@ -3,7 +3,8 @@
 #   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256)
 #      and score 100 samples per class of it (DDIM 50, CFG 4) with the shipped classifier;
 #      the shipped weights came from TRAIN_MIN=4 (docs/EMBEDDED.md);
-#   2. `dqar bench` DiT-XL/2-256 with random weights at batch 8, then at batches 1 and 32.
+#   2. `dqar bench` DiT-XL/2-256 with random weights at batch 8, then at batches 1 and 32; the rows include the
+#      graph executor (noreuse_graph, <preset>_graph: one CUDA graph per plan row, compile + capture in their stats).
 # Each stage has its own time limit, so one slow stage does not cost the others.
 # Usage: OUT=results/gpu bash benchmarks/gpu_session.sh
 # Smoke run on a CPU: OUT=/tmp/s DEVICE=cpu TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded STEPS=4 bash benchmarks/gpu_session.sh
@@ -39,10 +40,10 @@ timeout 60 $PY -m dqar.embedded.check --folder "$WORK/emb" --per-class "$PER_CLA
 fi
 
 stage bench batch 8
-timeout 230 $PY -m dqar.cli bench --model "$MODEL" --device "$DEVICE" --batch-sizes 8 --presets scheduling_only quant_cache_only full_dqar block_reuse --steps "$STEPS" --out "$WORK/b8" --quiet
+timeout 290 $PY -m dqar.cli bench --model "$MODEL" --device "$DEVICE" --batch-sizes 8 --presets scheduling_only quant_cache_only full_dqar block_reuse --steps "$STEPS" --out "$WORK/b8" --quiet
 cp "$WORK/b8/bench.json" "$OUT/bench_b8.json"
 
 stage bench batch 1 and 32
-timeout 110 $PY -m dqar.cli bench --model "$MODEL" --device "$DEVICE" --batch-sizes 1 32 --presets full_dqar block_reuse --steps "$STEPS" --out "$WORK/b132" --quiet
+timeout 150 $PY -m dqar.cli bench --model "$MODEL" --device "$DEVICE" --batch-sizes 1 32 --presets full_dqar block_reuse --steps "$STEPS" --out "$WORK/b132" --quiet
 cp "$WORK/b132/bench.json" "$OUT/bench_b1_b32.json"
 stage done

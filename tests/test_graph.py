@@ -126,3 +126,18 @@ def test_graph_refuses_non_dit_blocks():
 def test_max_patterns_below_one_is_refused(bad):
     with pytest.raises(DqarError, match="max_patterns"):
         ReuseConfig(max_patterns=bad)
+
+
+def test_graph_inside_a_stock_pipeline_loop():
+    """dqar.enable(pipe, executor='graph') inside DiTPipeline's own loop (CFG batch): the patch executor's images."""
+    from conftest import make_pipe, pipe_images
+
+    pipe = make_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    cfg = ReuseConfig(schedule="constant", granularity="block", forecast_order=1, refresh_interval=3, max_staleness=2)
+    with dqar.enable(pipe, cfg):
+        ref = pipe_images(pipe, steps=6)
+    with dqar.enable(pipe, cfg, executor="graph") as h:
+        got = pipe_images(pipe, steps=6)
+        assert h.stats.reused > 0 and h.stats.fallback_evaluations == 0
+    np.testing.assert_allclose(got, ref, atol=1e-5)

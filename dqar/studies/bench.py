@@ -144,6 +144,7 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
     runs["noreuse_eager"], stats["noreuse_eager"] = _case(loaded, labels, s, None)
     if s.compile:
         runs["noreuse_compiled"], stats["noreuse_compiled"] = _case(loaded, labels, s, off, "compiled")
+        runs["noreuse_graph"], stats["noreuse_graph"] = _case(loaded, labels, s, off, "graph")  # one whole-model graph
     for name in s.presets:
         cfg = preset(name)
         runs[f"{name}_eager"], stats[f"{name}_eager"] = _case(loaded, labels, s, cfg, "patch")
@@ -152,6 +153,7 @@ def cases_for(loaded, batch: int, s: BenchSettings) -> tuple[dict[str, Callable]
             if cfg.gate:  # the gate's decisions, taken once eagerly, become a plan: zero syncs, compiled
                 plan, cfg = distilled_plan(loaded, labels, s, cfg), replace(cfg, gate=False)
             runs[f"{name}_compiled"], stats[f"{name}_compiled"] = _case(loaded, labels, s, cfg, "compiled", plan)
+            runs[f"{name}_graph"], stats[f"{name}_graph"] = _case(loaded, labels, s, cfg, "graph", plan)  # a graph per plan row
             if cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
                 model_cfg = replace(cfg, cache_dtype="model")
                 runs[f"{name}_compiled_modeldtype"], stats[f"{name}_compiled_modeldtype"] = _case(loaded, labels, s, model_cfg, "compiled", plan)
