@@ -49,7 +49,12 @@ def test_graph_equals_patch_and_never_recompiles(model):
         graphs, frames = counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"]
         second, again = drive(model, h, evaluations=E), h.stats
         assert counters["stats"]["unique_graphs"] == graphs and counters["stats"]["calls_captured"] == frames
-        third = drive(model, h, evaluations=E, guard=NoSync())  # no host syncs
+    with dqar.enable(model, cfg, executor="graph") as h:  # a new handle on the same model: its graphs and buffers again
+        fourth = drive(model, h, evaluations=E)
+        assert h.stats.compile_seconds == 0.0
+        assert counters["stats"]["unique_graphs"] == graphs and counters["stats"]["calls_captured"] == frames
+        third = drive(model, h, evaluations=E, guard=NoSync())  # no host syncs (last: dynamo runs frames eagerly under a dispatch mode)
+    assert all(torch.equal(a, d) for a, d in zip(first, fourth))
     assert not counters["graph_break"]
     assert stats.graphs == 2 and stats.fallback_evaluations == 0 and stats.compile_seconds > 0
     assert again.compile_seconds == 0.0 and again.graphs == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import time
 import types
+import weakref
 from collections import Counter
 from dataclasses import replace
 from typing import Any, Callable
@@ -93,9 +94,13 @@ class GraphEngine(ReuseEngine):
         check_graph_supported(cfg, needs if needs is not None else _no_needs(), list(getattr(transformer, "transformer_blocks", [])),
                               transformer)
         self.spec = H.make_spec(cfg, transformer.transformer_blocks[0].attn1.heads)
-        self.history = H.StaticHistory(self.spec, len(transformer.transformer_blocks), cfg.forecast_order)
-        self.graphs: dict[tuple, Callable] = {}  # (input shape, dtype, device, row, store) -> compiled evaluation
-        self.compile_seconds: dict[tuple, float] = {}  # the same key -> seconds of its first call (compile + capture)
+        # graphs and buffers outlive one attachment: a later handle on the same model and config reuses them (no recompiles)
+        shared = _SHARED.setdefault(transformer, {})
+        num_layers = len(transformer.transformer_blocks)
+        self.history = shared.setdefault(("history", self.spec), H.StaticHistory(self.spec, num_layers, cfg.forecast_order))
+        self.graphs: dict[tuple, Callable] = shared.setdefault(("graphs", self.spec), {})  # (shape, dtype, device, row, store) -> graph
+        self.compile_seconds: dict[tuple, float] = shared.setdefault(("seconds", self.spec), {})  # key -> first call (compile + capture)
+        self.layer_kernels = shared.setdefault(("layers", self.spec), [_compiled(layer, f"dqar_layer_{i}") for i in range(num_layers)])
         self.allowed: set[tuple] | None = None  # rows that get a graph in this generation (None: first come)
         self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
         self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
@@ -154,8 +159,8 @@ class GraphEngine(ReuseEngine):
 
     def _run(self, row, store, x, timestep, labels, weights, layers) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, row, store)
-        graph = self.graphs.get(key)
-        if graph is None and (self.allowed is None and len(self.graphs) < self.cfg.max_patterns or
+        graph = self.graphs.get(key) if self.allowed is None or row in self.allowed else None  # the bound holds per plan
+        if key not in self.graphs and (self.allowed is None and len(self.graphs) < self.cfg.max_patterns or
                               self.allowed is not None and row in self.allowed):
             graph = self.graphs[key] = self._compile(row, store, x.device)
         if graph is None:
@@ -174,18 +179,16 @@ class GraphEngine(ReuseEngine):
         return out.clone() if x.device.type == "cuda" else out  # a replay overwrites its outputs: hand out a copy
 
     def _compile(self, row, store, device) -> Callable:
-        fn = _own_code(evaluate, f"dqar_pattern_{len(self.graphs)}")
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        return torch.compile(functools.partial(fn, self.spec, row, store), dynamic=False, mode=mode)
+        graph = _compiled(evaluate, f"dqar_pattern_{len(self.graphs)}", "reduce-overhead" if device.type == "cuda" else None)
+        return functools.partial(graph, self.spec, row, store)
 
     def _fallback(self, row, store, x, timestep, labels, weights, state) -> torch.Tensor:
-        """The same layers, each compiled on its own (shared by all blocks) and walked in Python."""
-        kernels = _fallback_kernels()
+        """The same layers, each compiled on its own (one graph per layer and decision) and walked in Python."""
         layers, error_sum, bad = state
-        h = kernels.embed(self.transformer.pos_embed, x)
+        h = self.transformer.pos_embed(x)  # (B, T, C)
         for i, blk in enumerate(self.blocks):
-            h = kernels.layer(self.spec, row[i], store[i], blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
-        return kernels.head(self.transformer, h, timestep, labels)
+            h = self.layer_kernels[i](self.spec, row[i], store[i], blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+        return head(self.transformer, h, timestep, labels)
 
     # ----- stats -----------------------------------------------------------------------------------
     def _summarize(self, st) -> ReuseStats:
@@ -194,10 +197,12 @@ class GraphEngine(ReuseEngine):
                        fallback_rows=sorted(g["fallback_rows"]), compile_seconds=round(g["compile"], 3))
 
 
-@functools.lru_cache(maxsize=1)
-def _fallback_kernels() -> types.SimpleNamespace:
-    wrap = functools.partial(torch.compile, dynamic=False)
-    return types.SimpleNamespace(embed=wrap(lambda embed, x: embed(x)), layer=wrap(layer), head=wrap(head))
+_SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # transformer -> graphs, buffers
+
+
+def _compiled(fn: Callable, name: str, mode: str | None = None) -> Callable:
+    """`torch.compile` of `fn` under its own code object: its dynamo cache holds only its own few entries."""
+    return torch.compile(_own_code(fn, name), dynamic=False, mode=mode)
 
 
 def _no_needs():
