@@ -52,11 +52,7 @@ def _dynamic(args) -> int:
     s = DynamicSettings(samples=args.samples, steps=args.steps, cfg=args.cfg, seed=args.seed, calib_samples=args.calib_samples,
                         out_dir=args.out)
     result = run_dynamic(s, progress=not args.quiet)
-    doc = write_dynamic(result, s.out_dir)
-    print(f"wrote section '{SECTION}' of {doc}, {Path(s.out_dir) / 'fidelity_dynamic.png'}")
-    for line in summary_lines(result):
-        print("  " + line)
-    return 0
+    return _written(SECTION, write_dynamic(result, s.out_dir), Path(s.out_dir) / "fidelity_dynamic.png", summary_lines(result))
 
 
 def _engine(args) -> int:
@@ -79,8 +75,12 @@ def _forecast(args) -> int:
     s = ForecastSettings(samples=args.samples, probe_samples=args.probe_samples, steps=args.steps, cfg=args.cfg, seed=args.seed,
                          dpm_steps=args.dpm_steps, peers=not args.no_peers, out_dir=args.out)
     result = run_forecast(s, progress=not args.quiet)
-    doc = write_forecast(result, s.out_dir)
-    print(f"wrote section '{SECTION}' of {doc}, {Path(s.out_dir) / PLOT}")
-    for line in summary_lines(result):
+    return _written(SECTION, write_forecast(result, s.out_dir), Path(s.out_dir) / PLOT, summary_lines(result))
+
+
+def _written(section: str, doc: Path, plot: Path, lines: list[str]) -> int:
+    """Say what was written and the section's verdicts."""
+    print(f"wrote section '{section}' of {doc}, {plot}")
+    for line in lines:
         print("  " + line)
     return 0
