@@ -12,8 +12,10 @@ from dqar.engine.graph import GraphEngine
 from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
-from dqar.engine.reuse import ReuseEngine
+from dqar.engine.reuse import EXECUTORS, ReuseEngine
 from dqar.engine.stats import ReuseStats
+
+ALL_EXECUTORS = (*EXECUTORS, "graph")  # "graph": dqar.engine.graph.GraphEngine
 
 
 def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
@@ -53,6 +55,8 @@ class ReuseHandle:
                  key: dict | None = None, executor: str = "patch"):
         transformer, scheduler = _split(model)
         self.config = _resolve_config(config)
+        if executor not in ALL_EXECUTORS:
+            raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(ALL_EXECUTORS)}")
         decider = decider or make_decider(self.config, key, plan)
         if executor == "graph":
             self._engine = GraphEngine(transformer, self.config, decider, scheduler)
