@@ -146,3 +146,17 @@ def test_graph_inside_a_stock_pipeline_loop():
         got = pipe_images(pipe, steps=6)
         assert h.stats.reused > 0 and h.stats.fallback_evaluations == 0
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_dqar_sample_runs_the_graph_executor_and_refuses_what_it_cannot_run(tmp_path, capsys):
+    from dqar.cli import main as cli_main
+    from dqar.models import save_pipeline_folder
+
+    folder = save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_layers=2, num_classes=10, in_channels=1, learned_sigma=False))
+    common = ["sample", "--model", str(folder), "--steps", "6", "--classes", "0", "--quiet"]
+    assert cli_main([*common, "--preset", "quant_cache_only", "--executor", "graph", "--out", str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok" / "stats.json").is_file()
+    capsys.readouterr()
+    assert cli_main([*common, "--preset", "gate", "--executor", "graph", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "patch" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dqar.engine.api import ALL_EXECUTORS
 from dqar.cli.common import class_labels, load, model_args, quiet_arg, run_config, sampling_args, writable_file, writable_folder
 from dqar.errors import DqarError
 
@@ -18,7 +19,8 @@ def cmd_sample(args) -> int:
     loaded = load(args)
     labels = class_labels(args.classes, loaded)
     start = time.perf_counter()
-    gen = generate(loaded, labels, run, progress=not args.quiet)
+    executor = None if args.executor == "patch" else args.executor
+    gen = generate(loaded, labels, run, executor=executor, progress=not args.quiet)
     seconds = time.perf_counter() - start
     save_samples(gen.output.images, labels, out, scale=1 if gen.output.images.shape[-1] >= 128 else 4)
     record = {"model": loaded.name, "labels": labels, "config": run.to_dict(), "seconds": seconds,
@@ -35,6 +37,9 @@ def sample_parser(sub) -> None:
     p.add_argument("--classes", nargs="+", default=None, help="class ids or names (default: one per class, or 8 ImageNet classes)")
     sampling_args(p)
     p.add_argument("--out", default="results/sample", help="output folder")
+    p.add_argument("--executor", default="patch", choices=ALL_EXECUTORS,
+                   help="patch (default: every option), fused / compiled (pure DiT block functions), graph (one compiled "
+                        "graph per plan row; plans only)")
     quiet_arg(p)
     p.set_defaults(func=cmd_sample)
 
