@@ -67,8 +67,8 @@ def extra_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
 
 def dqar_share_candidates(steps: int) -> list[tuple[str, ReuseConfig]]:
     """Block plans with a quadratic forecast that dqar may pick at a matched share (warm-up, refresh)."""
-    return [(f"block, order 2, warm-up {w}, refresh {k}", forecast_config(2, "block", k, w, steps))
-            for w, k in itertools.product((1, 2), (2, 3, 4, 5))]
+    cells = [*itertools.product((1, 2), (2, 3, 4, 5)), (5, 3)]  # warm-up 5, refresh 3: ≈ 59% of the work skipped
+    return [(f"block, order 2, warm-up {w}, refresh {k}", forecast_config(2, "block", k, w, steps)) for w, k in cells]
 
 
 def taylorseer_candidates() -> list[P.TaylorSeer]:
@@ -185,9 +185,10 @@ def _sample(settings: ForecastSettings, sampler: str, steps: int) -> SampleConfi
 
 
 def dpm_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
-    """DPM-Solver++: orders 1 and 2 on both forecast axes, refresh 2."""
+    """DPM-Solver++: orders 1 and 2 on both forecast axes at refresh 2, and order 2 at refresh 3 (≥ 50% skipped)."""
     out = []
-    for refresh, order, axis in itertools.product((2,), (1, 2), ("evaluation", "timestep")):
+    cells = [*itertools.product((2,), (1, 2), ("evaluation", "timestep")), (3, 2, "evaluation")]
+    for refresh, order, axis in cells:
         cfg = forecast_config(order, "block", refresh, 2, steps, forecast_axis=axis)
         out.append((f"block, order {order}, refresh {refresh}, {axis} axis", {"order": order, "refresh": refresh, "axis": axis}, cfg))
     return out
