@@ -89,11 +89,12 @@ def recommendation(f: Findings) -> list[str]:
     front = f.recommended_from
     if f.recommended is not None:
         r = f.recommended
-        why = ("the only configuration within the fidelity bound distinguishably faster than the baseline"
-               if len(front) == 1 and len(f.within_leaders) <= 1 else
-               "the fastest configuration within the fidelity bound, distinguishably faster than every other" if len(front) == 1 else
-               f"the most faithful of the {len(front)} configurations within the fidelity bound that are faster than the "
-               f"baseline and not distinguishable from the fastest of them ({names(front)})")
+        why = ("of the configurations within the fidelity bound that are faster than the baseline, the one distinguishably "
+               "faster than the others (or the only one)" if len(front) == 1 else
+               f"of the {len(front)} configurations within the fidelity bound that are faster than the baseline and not "
+               f"distinguishable from the fastest of them ({names(front)}), the one that skips the most FLOPs "
+               f"({f_pct(get(r, 'reuse', 'flops_skipped_fraction'))}; the clock cannot rank them, the work skipped does "
+               f"not depend on it)")
         out.append(f"Use `{r['name']}` ({describe(r['config'], r.get('calibration'))}): {why} ({bound_text(f)}): {_summary(r)}.")
     elif f.within_leaders:
         out.append(f"No configuration within the fidelity bound ({bound_text(f)}) was distinguishably faster than the baseline "

@@ -157,7 +157,7 @@ class Findings:
     best_within_target_quality: dict | None  # highest speedup with the target's quality side satisfied
     best_memory_target_quality: dict | None
     recommended: dict | None
-    recommended_from: tuple  # the front the recommendation was picked from (most faithful of them)
+    recommended_from: tuple  # the front the recommendation was picked from (the most FLOPs skipped of them)
     target_met_by: tuple
     fd_available: bool
     accuracy_available: bool
@@ -171,10 +171,13 @@ def argmax(rows, key: Callable[[dict], float | None]) -> dict | None:
 
 def recommendation_front(results: dict, cands, require_verified: bool = True) -> tuple:
     """Within-bound plausible candidates distinguishably faster than the baseline and not distinguishable from the
-    fastest of them, most faithful first; `require_verified`: only those with the study's fidelity run."""
+    fastest of them; the one skipping the most FLOPs first (the clock cannot rank them, and the work a configuration
+    skips does not depend on the machine's noise), then the most faithful; `require_verified`: only those with the
+    study's fidelity run."""
     ok = [r for r in cands if within_bound(r) and not implausible(r) and faster_than_baseline(r)
           and (verified(r, results) or not require_verified)]
-    return tuple(sorted(leaders(ok), key=lambda r: (psnr(r), speedup(r)), reverse=True))
+    work = lambda r: get(r, "reuse", "flops_skipped_fraction") or 0.0  # noqa: E731
+    return tuple(sorted(leaders(ok), key=lambda r: (round(work(r), 6), psnr(r), speedup(r)), reverse=True))
 
 
 def claim_candidates(results: dict) -> list[dict]:
