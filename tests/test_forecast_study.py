@@ -12,8 +12,8 @@ from dqar.studies.forecast_section import markdown, targets, write_forecast
 def result():
     import torch
 
-    torch.set_grad_enabled(False)
-    return run_forecast(ForecastSettings(samples=2, probe_samples=1, steps=10, dpm_steps=4, peers=False), progress=False)
+    with torch.no_grad():  # as the CLI samples; grad mode is left as the other tests expect it
+        return run_forecast(ForecastSettings(samples=2, probe_samples=1, steps=10, dpm_steps=4, peers=False), progress=False)
 
 
 def test_tiny_run_measures_every_configuration_and_writes_the_section(result, tmp_path):
