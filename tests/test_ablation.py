@@ -635,4 +635,17 @@ def test_auto_times_compiled_where_the_engine_allows_and_says_why_not(tmp_path, 
     assert gate["executor"] == "patch" and "patch" in gate["executor_note"] and gate["speedup_vs_eager"] > 0
     assert recs["quant_cache_only"]["reuse"]["quant_error"] is not None  # from the untimed diagnostics run
     md = (tmp_path / "o" / REPORT_FILE).read_text()
-    assert f"  - {gate['executor_note']}: `gate`" in md
+    assert f"  - patch: {gate['executor_note']}: `gate`" in md
+
+
+def test_graph_preference_tries_the_graph_executor_first(loaded):
+    """--executor graph: the graph executor where the engine takes the configuration, the gate still on patch with reasons."""
+    from dqar.engine.config import RunConfig, SampleConfig, preset
+    from dqar.studies.blocks import choose_executor
+
+    s = SampleConfig(steps=3)
+    assert choose_executor(loaded, RunConfig(reuse=preset("quant_cache_only"), sample=s), "graph") == ("graph", None)
+    assert choose_executor(loaded, RunConfig(reuse=preset("quant_cache_only"), sample=s), "auto") == ("compiled", None)
+    executor, why = choose_executor(loaded, RunConfig(reuse=preset("gate"), sample=s), "graph")
+    assert executor == "patch" and why.count("patch") >= 2  # both compiled executors gave their reason
+    assert choose_executor(loaded, RunConfig(reuse=preset("gate"), sample=s), "patch") == ("patch", "asked for (--executor patch)")

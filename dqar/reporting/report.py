@@ -119,15 +119,17 @@ def _visual(res: dict) -> list[str]:
 
 
 def _executors(res: dict) -> list[str]:
-    """Which executor timed what, and why a configuration was not compiled."""
+    """Which executor timed what, and why a configuration was not on the first executor tried."""
     why: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
     for r in res["records"]:
         m = r["measurements"]
-        if r.get("same_as") is None and m.get("executor") not in (None, "compiled"):
-            why.setdefault(m.get("executor_note") or m["executor"], []).append(f"`{r['name']}`")
-    compiled = sum(1 for r in res["records"] if r.get("same_as") is None and get(r, "measurements", "executor") == "compiled")
-    lines = [f"- **Executors**: {compiled} configuration(s) timed compiled; the others, and why:" if why else
-             f"- **Executors**: every configuration timed on the compiled executor ({compiled})"]
+        if r.get("same_as") is None and m.get("executor"):
+            counts[m["executor"]] = counts.get(m["executor"], 0) + 1
+            if m.get("executor_note"):
+                why.setdefault(f"{m['executor']}: {m['executor_note']}", []).append(f"`{r['name']}`")
+    lines = ["- **Executors**: " + ", ".join(f"{n} timed {ex}" for ex, n in counts.items())
+             + ("; the ones not on the first executor tried, and why:" if why else "")]
     lines += [f"  - {reason}: {', '.join(ns)}" for reason, ns in why.items()]
     return lines
 

@@ -72,7 +72,7 @@ class AblationOptions:
     steps: int | None = None  # override the grid's shared step count ([sample] steps)
     threads: int | None = None  # CPU intra-op threads while timing (default 1); ignored on GPU
     command: str | None = None  # the command line that started the study, recorded in the results
-    executor: str = "auto"  # "auto": compiled wherever the engine supports a configuration; "patch": eager everywhere
+    executor: str = "auto"  # "auto": compiled where the engine supports it; "graph": the graph executor first; "patch": eager
     fidelity_samples_per_label: int | None = None  # override the grid's (tests)
 
     def __post_init__(self) -> None:
@@ -247,7 +247,7 @@ def _cases(timed: list[G.Entry], st: _State, ctx: dict) -> tuple[list[B.Case], d
         except PeerNotRun as exc:
             st.not_run[(e.name, e.config_hash)] = {"name": e.name, "method": e.peer.method, "reason": str(exc)}
     for c in members:
-        if c.executor != "compiled" and bases[c.sample].executor == "compiled":
+        if c.executor not in B.COMPILED and bases[c.sample].executor in B.COMPILED:
             _eager(c.sample, st, ctx, eager)
     return members, bases, eager
 
@@ -258,7 +258,7 @@ def _record(case: B.Case, bases: dict, eager: dict, st: _State, ctx: dict, block
 
     e, labels, s = case.entry, ctx["labels"], case.sample
     base = bases[s]
-    eb = eager.get(s) if case.executor != "compiled" else None
+    eb = eager.get(s) if case.executor not in B.COMPILED else None
     ref = st.eager_refs[s] if eb is not None else st.refs[s]  # paired against the baseline on the same kind of executor
     stats = None if e.is_baseline else case.stats  # a compiled baseline attaches the engine, but reuses nothing
     m = REC.measurements(case.runs, base.runs, len(labels), executor=case.executor, note=case.note, baseline_executor=base.executor,

@@ -22,10 +22,12 @@ from dqar.studies import grid as G
 from dqar.studies.core import baseline_run
 from dqar.studies.timing import Run, round_robin
 
-EXECUTOR_PREFERENCES = ("auto", "patch")
+EXECUTOR_PREFERENCES = ("auto", "graph", "patch")
 EXECUTOR_METHOD = (
     "each configuration (the baseline included) is timed on the fastest executor that runs it here: 'compiled' "
-    "(dqar's torch.compile'd block functions) wherever the engine supports the configuration, else 'patch' (eager), "
+    "(dqar's torch.compile'd block functions) wherever the engine supports the configuration, else 'patch' (eager) — "
+    "or, with --executor graph, the graph executor first (one whole-model graph per plan row; not the default, as it "
+    "compiles for minutes per configuration on a CPU) — "
     "with the reason in the Executor column; a compiled case that fails in its warm-up falls back to 'patch' "
     "(reason given); peers run eagerly through their own packages. Speedups are against the baseline on its executor; "
     "an eager configuration also gets its speedup against the eager baseline timed in the same rounds"
@@ -37,16 +39,30 @@ def timed_run(run: RunConfig) -> RunConfig:
     return replace(run, reuse=replace(run.reuse, track_quant_error=False)) if run.reuse.enabled else run
 
 
+COMPILED = ("compiled", "graph")  # the executors that run torch.compile'd graphs
+FASTEST_FIRST = {"auto": ("compiled", "patch"), "graph": ("graph", "compiled", "patch"), "patch": ("patch",)}
+
+
 def choose_executor(loaded, run: RunConfig, preference: str) -> tuple[str, str | None]:
-    """('compiled' or 'patch', why not compiled) for `run`: the engine itself says whether it can compile it."""
+    """(executor, why not the first choice) for `run`: the first of the preference's executors the engine accepts.
+
+    'auto': compiled, else patch; 'graph': the graph executor first (one whole-model graph per plan row: the fastest
+    per generation, but it compiles for 0.5-2.5 minutes per configuration on a CPU, docs/BENCHMARKS.md); 'patch': eager.
+    """
     if preference == "patch":
         return "patch", "asked for (--executor patch)"
-    try:
-        with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), executor="compiled"):
-            pass
-    except DqarError as exc:
-        return "patch", exc.problem
-    return "compiled", None
+    reasons = []
+    for executor in FASTEST_FIRST[preference]:
+        if executor == "patch":
+            break
+        try:
+            with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), executor=executor):
+                pass
+        except DqarError as exc:
+            reasons.append(exc.problem)
+            continue
+        return executor, "; ".join(reasons) or None
+    return "patch", "; ".join(reasons)
 
 
 def baseline_executor(loaded, sample: SampleConfig, preference: str) -> str:
@@ -80,7 +96,7 @@ class Case:
 
     name: str
     run: RunConfig  # as configured (the timed run has diagnostics off: `timed_run`)
-    executor: str  # "compiled" | "patch" | "peer"
+    executor: str  # "graph" | "compiled" | "patch" | "peer"
     note: str | None = None  # why not compiled
     entry: G.Entry | None = None  # None: a baseline that is not one of this block's records
     peer: Any = None  # a dqar.studies.peer_rows.PeerRow
@@ -119,20 +135,22 @@ def peer_case(entry: G.Entry, row) -> Case:
 def bind(case: Case, loaded, labels) -> None:
     """Set the case's timed call: its run with diagnostics off, on its executor."""
     timed = timed_run(case.run)
-    executor = "compiled" if case.executor == "compiled" else None  # None: the default (patch); nothing attached without reuse
+    executor = case.executor if case.executor in COMPILED else None  # None: patch; nothing attached without reuse
     case.fn = lambda: generate(loaded, labels, timed, executor=executor)
 
 
 def warm(case: Case, loaded, labels) -> None:
     """The case's untimed warm-up; a compiled case that fails here falls back to the patch executor (reason kept)."""
-    try:
-        case.warm = case.fn()
-    except Exception as exc:
-        if case.executor != "compiled":
-            raise
-        case.executor, case.note = "patch", f"compiled failed in its warm-up: {type(exc).__name__}: {first_line(exc)}"[:300]
-        bind(case, loaded, labels)
-        case.warm = case.fn()
+    while True:
+        try:
+            case.warm = case.fn()
+            break
+        except Exception as exc:
+            if case.executor not in COMPILED:
+                raise
+            failed, case.executor = case.executor, "compiled" if case.executor == "graph" else "patch"
+            case.note = f"{failed} failed in its warm-up: {type(exc).__name__}: {first_line(exc)}"[:300]
+            bind(case, loaded, labels)
     case.stats = case.warm.stats
 
 
@@ -140,7 +158,7 @@ def diagnose(case: Case, loaded, labels) -> bool:
     """Reuse stats from an untimed run with diagnostics on, where the timed run had them off; True when one ran."""
     if case.executor == "peer" or timed_run(case.run) == case.run:
         return False
-    gen = generate(loaded, labels, case.run, executor="compiled" if case.executor == "compiled" else None)
+    gen = generate(loaded, labels, case.run, executor=case.executor if case.executor in COMPILED else None)
     case.stats = gen.stats
     return True
 

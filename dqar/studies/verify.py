@@ -15,7 +15,7 @@ from dqar.engine.config import from_dict
 from dqar.generate import generate
 from dqar.reporting.findings import claim_candidates, is_baseline
 from dqar.studies import ablation_fidelity as AF
-from dqar.studies.blocks import timed_run
+from dqar.studies.blocks import COMPILED, timed_run
 from dqar.studies.core import baseline_run
 
 FINALISTS = 3  # fidelity runs beyond the main configurations
@@ -45,7 +45,8 @@ def _has_run(rec: dict, need: int) -> bool:
 
 
 def _images(rec: dict, run, ctx: dict):
-    executor = "compiled" if rec["measurements"].get("executor") == "compiled" else None
+    executor = rec["measurements"].get("executor")
+    executor = executor if executor in COMPILED else None
     make = lambda r: generate(ctx["loaded"], ctx["labels"], timed_run(r), executor=executor)  # noqa: E731
     bar = ctx["bars"]
     bar.start(f"fidelity {rec['name']}", ctx["chunks"])
