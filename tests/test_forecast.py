@@ -399,6 +399,7 @@ def test_full_dqar_acts_on_a_stock_pipeline_it_was_never_tuned_on():
     (dict(forecast_order=3), "forecast_order = 3"), (dict(forecast_order=-1), "forecast_order = -1"),
     (dict(forecast_order=1.0), "forecast_order = 1.0"), (dict(forecast_order=True), "forecast_order = True"),
     (dict(forecast_axis="time"), "unknown forecast_axis 'time'"), (dict(forecast_order=1, target="kv"), "not K/V"),
+    (dict(refresh_interval_end=-1), "refresh_interval_end = -1"),
 ])
 def test_bad_forecast_config_is_one_line(bad, match):
     with pytest.raises(DqarError, match=match) as exc:

@@ -88,8 +88,9 @@ def _trace_decider():
 
 
 # ----- the online gate ----------------------------------------------------------------------------
-def test_open_gate_executes_the_schedule_plan(model):
-    cfg = ReuseConfig(**OPEN)
+@pytest.mark.parametrize("ramp", [{}, {"refresh_interval": 4, "refresh_interval_end": 2, "max_staleness": 3}])
+def test_open_gate_executes_the_schedule_plan(model, ramp):
+    cfg = ReuseConfig(**OPEN, **ramp)
     with dqar.enable(model, cfg) as h:
         drive(model, h)
         mask = np.array(h.stats.reuse_mask, dtype=bool)

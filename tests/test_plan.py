@@ -1,4 +1,6 @@
 """Schedules → plans: every knob changes the plan; plans round-trip as JSON and refuse mismatches."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,21 @@ def test_staleness_never_exceeds_the_refresh_limit(k):
     m = plan(schedule="constant", refresh_interval=k, max_staleness=10, warmup_frac=0.0).mask
     assert max_run_staleness(m) == k - 1
     assert not m[0].any()  # nothing cached yet at the first evaluation
+
+
+@pytest.mark.parametrize("start,end", [(4, 2), (2, 5)])
+def test_a_ramped_refresh_interval_moves_the_staleness_limit_over_the_window(start, end):
+    cfg = ReuseConfig(schedule="constant", refresh_interval=start, refresh_interval_end=end, max_staleness=10, warmup_frac=0.0)
+    m = build_plan(cfg, 30, 4).mask
+    runs, run = [], np.zeros(4, dtype=np.int64)
+    for row in m:  # (L,) the staleness of each reuse, in evaluation order
+        run = np.where(row, run + 1, 0)
+        runs.append(int(run.max()))
+    early, late = max(runs[:5]), max(runs[-5:])
+    assert (early, late) == (start - 1, end - 1)
+    assert not np.array_equal(m, build_plan(replace(cfg, refresh_interval_end=0), 30, 4).mask)
+    assert np.array_equal(build_plan(replace(cfg, refresh_interval_end=start), 30, 4).mask,
+                          build_plan(replace(cfg, refresh_interval_end=0), 30, 4).mask)
 
 
 def test_disabled_config_never_reuses():

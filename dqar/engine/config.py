@@ -61,6 +61,7 @@ class ReuseConfig:
     cooldown_frac: float = 0.0  # last fraction of evaluations: no reuse at all
     layer_frac: float = 1.0  # largest fraction of layers ever eligible
     refresh_interval: int = 2  # an eligible layer recomputes once every this many evaluations
+    refresh_interval_end: int = 0  # > 0: the interval moves linearly from refresh_interval (reuse window start) to this (its end)
     max_staleness: int = 3  # a reused output is never older than this many evaluations
     exp_rate: float = 3.0  # schedule "exponential": growth rate
     step_stages: int = 4  # schedule "step": number of equal stages
@@ -95,6 +96,7 @@ class ReuseConfig:
         _in_range("layer_frac", self.layer_frac, 0.0, 1.0)
         _in_range("exp_rate", self.exp_rate, 1e-3, 50.0)
         _int_at_least("refresh_interval", self.refresh_interval, 1)
+        _int_at_least("refresh_interval_end", self.refresh_interval_end, 0)
         _int_at_least("max_staleness", self.max_staleness, 0)
         _int_at_least("step_stages", self.step_stages, 1)
         _choice("snr_source", self.snr_source, SNR_SOURCES)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dqar.engine.config import ReuseConfig
-from dqar.engine.plan import Plan, build_plan, eligibility, staleness_limit
+from dqar.engine.plan import Plan, build_plan, eligibility, staleness_limits
 from dqar.engine.signals import Needs, SignalRecorder, Trace
 from dqar.errors import DqarError
 
@@ -105,7 +105,7 @@ class EligibleDecider(ABC):
         e, l = ctx.num_evaluations, ctx.num_layers
         self.eligible = eligibility(self.cfg, e, l) if self.cfg.enabled else np.zeros((e, l), dtype=bool)  # (E, L)
         self.eligible[0] = False  # evaluation 0 always computes
-        self.limit = staleness_limit(self.cfg.refresh_interval, self.cfg.max_staleness)
+        self.limits = staleness_limits(self.cfg, e)  # (E,) most consecutive reuses at each evaluation
         self._store = store_rows(self.eligible, self.keep_for_later or self.cfg.forecast_order > 0)
         self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations reused since the cached output was computed
         self.decisions = np.zeros((e, l), dtype=bool)
@@ -118,7 +118,7 @@ class EligibleDecider(ABC):
         """Called with each evaluation's final decisions (for deciders that track more than staleness)."""
 
     def row(self, evaluation: int) -> tuple[bool, ...]:
-        candidate = self.eligible[evaluation] & (self.staleness < self.limit)  # (L,)
+        candidate = self.eligible[evaluation] & (self.staleness < self.limits[evaluation])  # (L,)
         if candidate.any():
             candidate = candidate & self.accept(evaluation, candidate)
             self.signals.host_syncs += 1

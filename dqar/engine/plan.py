@@ -165,7 +165,7 @@ def build_plan(cfg: ReuseConfig, num_evaluations: int, num_layers: int, key: dic
     mask = np.zeros((num_evaluations, num_layers), dtype=bool)
     if cfg.enabled:
         eligible = eligibility(cfg, num_evaluations, num_layers)
-        mask = apply_refresh(eligible, cfg.refresh_interval, cfg.max_staleness)
+        mask = refresh_mask(eligible, staleness_limits(cfg, num_evaluations))
     return Plan(mask=mask, key=dict(key or {}))
 
 
@@ -184,11 +184,16 @@ def apply_refresh(eligible: np.ndarray, refresh_interval: int, max_staleness: in
 
     Staleness of a reused output = evaluations since it was computed. Evaluation 0 always computes.
     """
-    limit = staleness_limit(refresh_interval, max_staleness)
+    limits = np.full(eligible.shape[0], staleness_limit(refresh_interval, max_staleness), dtype=np.int64)  # (E,)
+    return refresh_mask(eligible, limits)
+
+
+def refresh_mask(eligible: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """(E, L) bool: eligible cells reused while the output's staleness stays within that evaluation's limit (E,)."""
     mask = np.zeros_like(eligible, dtype=bool)
     staleness = np.zeros(eligible.shape[1], dtype=np.int64)  # (L,) evaluations since last compute, at the next one
     for e in range(eligible.shape[0]):
-        reuse = eligible[e] & (staleness + 1 <= limit) & (e > 0)
+        reuse = eligible[e] & (staleness + 1 <= limits[e]) & (e > 0)
         mask[e] = reuse
         staleness = np.where(reuse, staleness + 1, 0)
     return mask
@@ -197,6 +202,23 @@ def apply_refresh(eligible: np.ndarray, refresh_interval: int, max_staleness: in
 def staleness_limit(refresh_interval: int, max_staleness: int) -> int:
     """The most consecutive evaluations a layer may reuse one computed output."""
     return min(refresh_interval - 1, max_staleness)
+
+
+def refresh_intervals(cfg: ReuseConfig, num_evaluations: int) -> np.ndarray:
+    """(E,) int: the refresh interval at each evaluation (constant, or a linear ramp over the reuse window)."""
+    intervals = np.full(num_evaluations, cfg.refresh_interval, dtype=np.int64)  # (E,)
+    if cfg.refresh_interval_end > 0:
+        start, stop = reuse_window(cfg, num_evaluations)
+        span = max(stop - start - 1, 1)
+        for e in range(num_evaluations):
+            p = min(max((e - start) / span, 0.0), 1.0)
+            intervals[e] = round(cfg.refresh_interval + p * (cfg.refresh_interval_end - cfg.refresh_interval))
+    return intervals
+
+
+def staleness_limits(cfg: ReuseConfig, num_evaluations: int) -> np.ndarray:
+    """(E,) int: the most consecutive reuses allowed at each evaluation (refresh interval − 1, capped by max_staleness)."""
+    return np.minimum(refresh_intervals(cfg, num_evaluations) - 1, cfg.max_staleness)
 
 
 def max_run_staleness(mask: np.ndarray) -> int:

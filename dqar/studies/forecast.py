@@ -47,10 +47,18 @@ class ForecastSettings:
 
 
 # ----- configurations ----------------------------------------------------------------------------
-def forecast_config(order: int, granularity: str, refresh: int, warmup: int, steps: int, **extra) -> ReuseConfig:
-    """Every layer eligible after `warmup` evaluations, the last evaluation computed, a refresh every `refresh`."""
+def forecast_config(order: int, granularity: str, refresh: int, warmup: int, steps: int, refresh_end: int = 0,
+                    staleness: int | None = None, **extra) -> ReuseConfig:
+    """Every layer eligible after `warmup` evaluations, the last evaluation computed, a refresh every `refresh`
+    (or an interval ramped linearly from `refresh` to `refresh_end`); staleness capped at interval − 1 unless given."""
+    cap = max(refresh, refresh_end) - 1 if staleness is None else staleness
     return ReuseConfig(schedule="constant", granularity=granularity, forecast_order=order, refresh_interval=refresh,
-                       max_staleness=max(refresh - 1, 1), warmup_frac=warmup / steps, cooldown_frac=1 / steps, **extra)
+                       refresh_interval_end=refresh_end, max_staleness=max(cap, 1), warmup_frac=warmup / steps,
+                       cooldown_frac=1 / steps, **extra)
+
+
+def _interval_name(refresh: int, refresh_end: int) -> str:
+    return f"refresh {refresh}→{refresh_end}" if refresh_end else f"refresh {refresh}"
 
 
 def grid_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
@@ -66,9 +74,11 @@ def extra_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
 
 
 def dqar_share_candidates(steps: int) -> list[tuple[str, ReuseConfig]]:
-    """Block plans with a quadratic forecast that dqar may pick at a matched share (warm-up, refresh)."""
-    cells = [*itertools.product((1, 2), (2, 3, 4, 5)), (5, 3)]  # warm-up 5, refresh 3: ≈ 59% of the work skipped
-    return [(f"block, order 2, warm-up {w}, refresh {k}", forecast_config(2, "block", k, w, steps)) for w, k in cells]
+    """Block plans with a quadratic forecast that dqar may pick at a matched share (warm-up, refresh, ramp end, staleness cap)."""
+    cells = [(w, k, 0, None) for w, k in itertools.product((1, 2), (2, 3, 4, 5))] + [(5, 3, 0, None)]
+    cells += [(1, 4, 2, None), (1, 5, 2, None), (1, 4, 3, None), (1, 5, 3, 3), (1, 6, 2, 4), (2, 2, 3, None)]  # ramped intervals
+    return [(f"block, order 2, warm-up {w}, {_interval_name(k, end)}" + (f", staleness ≤ {cap}" if cap else ""),
+             forecast_config(2, "block", k, w, steps, refresh_end=end, staleness=cap)) for w, k, end, cap in cells]
 
 
 def taylorseer_candidates() -> list[P.TaylorSeer]:
@@ -128,7 +138,7 @@ def measure_peer(ctx: _Context, peer: Any) -> dict:
 
     settings = P.to_dict(peer)
     head = {"method": settings.pop("method"), "name": f"{peer.title} " + ", ".join(f"{k}={v}" for k, v in settings.items()
-                                                                                     if k != "targets")}
+                                                                                     if k != "targets" and v not in ([], ()))}
     reason = P.unavailable(peer)
     if reason:
         return {**head, "not_run": reason}
@@ -185,12 +195,15 @@ def _sample(settings: ForecastSettings, sampler: str, steps: int) -> SampleConfi
 
 
 def dpm_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
-    """DPM-Solver++: orders 1 and 2 on both forecast axes at refresh 2, and order 2 at refresh 3 (≥ 50% skipped)."""
+    """DPM-Solver++: orders 1 and 2 on both forecast axes at refresh 2, then order 2 at ≥ 50% skipped: refresh 3 and
+    intervals ramped 2→3 and 3→2."""
     out = []
-    cells = [*itertools.product((2,), (1, 2), ("evaluation", "timestep")), (3, 2, "evaluation")]
-    for refresh, order, axis in cells:
-        cfg = forecast_config(order, "block", refresh, 2, steps, forecast_axis=axis)
-        out.append((f"block, order {order}, refresh {refresh}, {axis} axis", {"order": order, "refresh": refresh, "axis": axis}, cfg))
+    cells = [(k, 0, o, a) for k, o, a in itertools.product((2,), (1, 2), ("evaluation", "timestep"))]
+    cells += [(3, 0, 2, "evaluation"), (2, 3, 2, "evaluation"), (3, 2, 2, "evaluation")]
+    for refresh, end, order, axis in cells:
+        cfg = forecast_config(order, "block", refresh, 2, steps, refresh_end=end, forecast_axis=axis)
+        head = {"order": order, "refresh": refresh, "axis": axis, **({"refresh_end": end} if end else {})}
+        out.append((f"block, order {order}, {_interval_name(refresh, end)}, {axis} axis", head, cfg))
     return out
 
 

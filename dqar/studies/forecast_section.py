@@ -66,7 +66,7 @@ def _int8_gaps(rows) -> list[dict]:
 
 
 def _axis_gaps(rows) -> list[dict]:
-    by = {(r["order"], r["refresh"], r["axis"]): r for r in rows}
+    by = {(r["order"], r["refresh"], r["axis"]): r for r in rows if not r.get("refresh_end")}
     return [{"order": o, "refresh": k, "timestep_minus_evaluation_db": by[(o, k, "timestep")]["psnr_db"] - r["psnr_db"]}
             for (o, k, axis), r in sorted(by.items()) if axis == "evaluation" and (o, k, "timestep") in by]
 
@@ -176,6 +176,9 @@ def plot(result: dict, path: Path) -> None:
                           key=lambda r: r["work_skipped"])
             if rows:
                 series.append(_series(f"dqar {gran}, order {order}", rows, {"marker": marker, "linestyle": ls}))
+    matched = sorted(_measured([m["dqar"] for m in result["matched"]]), key=lambda r: r["work_skipped"])
+    if matched:
+        series.append(_series("dqar, matched shares (probe-chosen)", matched, {"marker": "*", "linestyle": "--"}))
     peers = _measured(result["peers"]) + _measured([m["taylorseer"] for m in result["matched"]])
     for method in sorted({r["method"] for r in peers}):
         series.append(_series(method, [r for r in peers if r["method"] == method], {"marker": "x", "linestyle": "none"}))
