@@ -88,7 +88,7 @@ class LoadedModel:
     scheduler_config: dict  # feed to dqar.sampling.make_scheduler
     num_classes: int  # valid class ids are [0, num_classes)
     null_class: int  # the unconditional id used for guidance (= num_classes)
-    name: str  # "embedded", a hub id, an absolute folder path, or "random-dit-xl2"
+    name: str  # "embedded", a hub id, an absolute folder path, or a RANDOM_DIT_XL2 name
     pixel_space: bool  # True: the model denoises pixels; images are the final latents
     class_names: tuple[str, ...] | None  # one name per class id, when known
 
@@ -230,19 +230,26 @@ def _load_hub(repo_id: str, device, dtype) -> LoadedModel:
     return _loaded(*parts, name=repo_id, device=device)
 
 
-def random_dit_xl2(device="cpu", dtype: torch.dtype = torch.float32, *, seed: int = 0, with_vae: bool = False) -> LoadedModel:
-    """DiT-XL/2-256 with random weights (and optionally a random SD VAE): for speed benchmarks without weights.
+RANDOM_DIT_XL2 = {"random-dit-xl2": 256, "random-dit-xl2-512": 512}  # model name -> image resolution (latents: 1/8)
+
+
+def random_dit_xl2(device="cpu", dtype: torch.dtype = torch.float32, *, seed: int = 0, with_vae: bool = False,
+                   resolution: int = 256) -> LoadedModel:
+    """DiT-XL/2 with random weights at `resolution` 256 or 512 (and optionally a random SD VAE): speed benchmarks without weights.
 
     Built directly on `device` (no CPU copy); device="meta" allocates nothing.
     """
+    names = {r: n for n, r in RANDOM_DIT_XL2.items()}
+    if resolution not in names:
+        raise DqarError(f"random DiT-XL/2 resolution {resolution!r} is not available", "use 256 or 512")
     torch.manual_seed(seed)
     with torch.device(device):
-        transformer = DiTTransformer2DModel(**DIT_XL2_CONFIG)
-        vae = AutoencoderKL(**SD_VAE_CONFIG) if with_vae else None
+        transformer = DiTTransformer2DModel(**{**DIT_XL2_CONFIG, "sample_size": resolution // 8})
+        vae = AutoencoderKL(**{**SD_VAE_CONFIG, "sample_size": resolution}) if with_vae else None
     with _quiet_diffusers():  # .to(dtype) warns about fp32-only modules; DiT and the VAE have none
         transformer = transformer.to(dtype)
         vae = vae.to(dtype) if vae is not None else None
-    return _loaded(transformer, vae, DIT_SCHEDULER_CONFIG, "random-dit-xl2", device, pixel_space=False)
+    return _loaded(transformer, vae, DIT_SCHEDULER_CONFIG, names[resolution], device, pixel_space=False)
 
 
 @contextlib.contextmanager

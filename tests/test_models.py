@@ -8,7 +8,7 @@ from diffusers import DiTPipeline
 
 from dqar import models
 from dqar.errors import DqarError
-from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel, load_model, random_dit_xl2, save_pipeline_folder
+from dqar.models import DIT_SCHEDULER_CONFIG, RANDOM_DIT_XL2, LoadedModel, load_model, random_dit_xl2, save_pipeline_folder
 
 from conftest import make_tiny_transformer, make_tiny_vae
 
@@ -138,3 +138,15 @@ def test_random_dit_xl2_has_the_exact_config():
     assert loaded.transformer.dtype == torch.float16 and loaded.transformer.device.type == "meta"
     assert loaded.vae.config.scaling_factor == 0.18215 and len(loaded.vae.config.block_out_channels) == 4
     assert loaded.scheduler_config == DIT_SCHEDULER_CONFIG
+
+
+def test_random_dit_xl2_512_has_64x64_latents_and_the_same_blocks():
+    """The 512 variant (config only, on the meta device): 64x64 latents = 32x32 tokens, the same blocks, a 512 VAE."""
+    loaded = random_dit_xl2(device="meta", dtype=torch.float16, with_vae=True, resolution=512)
+    cfg = loaded.transformer.config
+    assert loaded.name == "random-dit-xl2-512" and RANDOM_DIT_XL2[loaded.name] == 512
+    assert (cfg.sample_size, cfg.patch_size, cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim) == (64, 2, 28, 16, 72)
+    assert loaded.transformer.pos_embed.height == 32 and loaded.vae.config.sample_size == 512
+    assert random_dit_xl2(device="meta").name == "random-dit-xl2"
+    with pytest.raises(DqarError, match="resolution"):
+        random_dit_xl2(device="meta", resolution=384)
