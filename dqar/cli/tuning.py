@@ -21,8 +21,9 @@ def cmd_calibrate(args) -> int:
     if args.forecast_order is not None:
         run = replace(run, reuse=with_overrides(run.reuse, forecast_order=args.forecast_order))
     at_least("--samples", args.samples, 1)
+    at_least("--max-patterns", args.max_patterns, 1)
     check_goal(args.target, args.budget, run.reuse.max_staleness if args.max_staleness is None else args.max_staleness, args.structure,
-               args.first_evaluation)
+               args.first_evaluation, args.max_patterns)
     writable_file(args.out)
     if args.trace:
         writable_file(args.trace)
@@ -30,12 +31,14 @@ def cmd_calibrate(args) -> int:
     labels = cycle_labels(class_labels(args.classes, loaded), args.samples)
     cal = calibrate(loaded, labels, run, target_fraction=args.target, error_budget=args.budget,
                     max_staleness=args.max_staleness, first_evaluation=args.first_evaluation, structure=args.structure,
-                    progress=not args.quiet)
+                    max_patterns=args.max_patterns, progress=not args.quiet)
     save_plan(cal.plan, args.out)
     if args.trace:
         atomic_write_json(Path(args.trace), {"key": cal.plan.key, "labels": labels, **cal.trace.to_dict()})
+    bound = "" if args.max_patterns is None else f" (at most {args.max_patterns})"
     print(f"wrote plan {args.out} for {cal.plan.key}: reuse {100 * cal.plan.reuse_fraction:.1f}% "
-          f"of {cal.plan.num_evaluations} evaluations x {cal.plan.num_layers} layers (use it with plan_file = \"{args.out}\" and "
+          f"of {cal.plan.num_evaluations} evaluations x {cal.plan.num_layers} layers, {cal.plan.num_patterns} distinct rows{bound} "
+          f"(use it with plan_file = \"{args.out}\" and "
           f"forecast_order = {run.reuse.forecast_order}, granularity = \"{run.reuse.granularity}\")")
     return 0
 
@@ -58,6 +61,9 @@ def calibrate_parser(sub) -> None:
     p.add_argument("--forecast-order", type=int, default=None,
                    help="0 copy | 1 linear | 2 quadratic: the reuse the plan is ranked for and must be run with (default: the config's)")
     p.add_argument("--structure", default="cells", help="cells (greedy per cell, default) | layers (one refresh interval per layer)")
+    p.add_argument("--max-patterns", type=int, default=None,
+                   help="at most N distinct plan rows (executor graph: one whole-model graph each, none falls back); "
+                        "derived at a higher internal target so the bounded plan still reaches --target (default: unbounded)")
     p.add_argument("--first-evaluation", type=int, default=1, help="evaluations always computed at the start (default 1)")
     p.add_argument("--out", default="plan.json", help="plan JSON (default plan.json)")
     p.add_argument("--trace", default=None, help="also write the recorded signals as JSON here")

@@ -83,6 +83,7 @@ class ReuseConfig:
     forecast_order: int = 0  # a reuse returns: 0 a copy of the last computed output; 1 / 2 its linear / quadratic extrapolation
     forecast_axis: str = "evaluation"  # extrapolate over the evaluation index or over the scheduler's timesteps ("timestep")
     max_patterns: int = 16  # executor 'graph': most distinct plan rows compiled as whole-model graphs; others run per block
+    bound_patterns: bool = False  # True: a schedule's (or plan file's) plan keeps at most max_patterns distinct rows, the others computing more (dqar.engine.plan.bound_patterns): executor 'graph' never falls back
 
     def __post_init__(self) -> None:
         _choice("target", self.target, TARGETS)
@@ -114,6 +115,9 @@ class ReuseConfig:
         _in_range("policy_budget", self.policy_budget, 0.0, 1.0)
         if self.policy and (self.gate or self.plan_file):
             raise DqarError("policy, gate = true and plan_file are exclusive", "choose one source of reuse decisions")
+        if self.bound_patterns and (self.gate or self.policy):
+            raise DqarError("bound_patterns bounds a plan's rows, but the gate and a policy decide each evaluation online",
+                            "use bound_patterns with a schedule or plan_file, or set bound_patterns = false")
         if self.policy and (self.target != "attention" or self.granularity != "attention"):
             raise DqarError("a learned policy predicts the error of a reused attention output",
                             "use target = 'attention' and granularity = 'attention' with policy")

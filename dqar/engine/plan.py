@@ -154,19 +154,22 @@ def reuse_window(cfg: ReuseConfig, num_evaluations: int) -> tuple[int, int]:
 
 
 def build_plan(cfg: ReuseConfig, num_evaluations: int, num_layers: int, key: dict[str, Any] | None = None) -> Plan:
-    """Turn a schedule config into a plan; with `plan_file` set, load and check that plan instead."""
+    """Turn a schedule config into a plan; with `plan_file` set, load and check that plan instead.
+
+    With `bound_patterns`, the plan is limited to `max_patterns` distinct rows (`bound_patterns`).
+    """
     if num_evaluations < 1 or num_layers < 1:
         raise DqarError(f"cannot plan {num_evaluations} evaluations x {num_layers} layers", "use at least one step and one layer")
     if cfg.plan_file:
         plan = load_plan(cfg.plan_file)
         plan.check_key(**(key or {}))
         plan.check_shape(num_evaluations, num_layers)
-        return plan
+        return Plan(mask=bound_patterns(plan.mask, cfg.max_patterns), key=plan.key) if cfg.bound_patterns else plan
     mask = np.zeros((num_evaluations, num_layers), dtype=bool)
     if cfg.enabled:
         eligible = eligibility(cfg, num_evaluations, num_layers)
         mask = refresh_mask(eligible, staleness_limits(cfg, num_evaluations))
-    return Plan(mask=mask, key=dict(key or {}))
+    return Plan(mask=bound_patterns(mask, cfg.max_patterns) if cfg.bound_patterns else mask, key=dict(key or {}))
 
 
 def eligibility(cfg: ReuseConfig, num_evaluations: int, num_layers: int) -> np.ndarray:
@@ -228,3 +231,58 @@ def max_run_staleness(mask: np.ndarray) -> int:
         run = np.where(row, run + 1, 0)
         worst = max(worst, int(run.max(initial=0)))
     return worst
+
+
+# ----- bounded patterns -----------------------------------------------------------------------------
+PAIR_LIMIT = 65536  # most row pairs whose intersections are offered as kept rows (beyond: the rows themselves)
+
+
+def bound_patterns(mask: np.ndarray, max_patterns: int) -> np.ndarray:
+    """(E, L) bool with at most `max_patterns` distinct rows, each cell reused only where `mask` reuses.
+
+    A mask that already fits comes back unchanged. Otherwise a set of kept rows is chosen and every
+    row is replaced by the kept row that is a subset of its reuses with the most reuses (so it only
+    computes more, and no reuse run gets longer). The all-compute row is always kept (one of the
+    slots: it is a subset of every row); the others are chosen greedily, each time the candidate
+    that retains the most reused cells over the whole mask (facility location, within 1 - 1/e of
+    the best choice). Candidates are the distinct rows and their pairwise intersections.
+    """
+    mask = np.asarray(mask, dtype=bool)  # (E, L)
+    if isinstance(max_patterns, bool) or not isinstance(max_patterns, (int, np.integer)) or max_patterns < 1:
+        raise DqarError(f"max_patterns = {max_patterns!r} is invalid", "use an integer >= 1")
+    rows, inverse, counts = np.unique(mask, axis=0, return_inverse=True, return_counts=True)  # (P, L), (E,), (P,)
+    if len(rows) <= max_patterns:
+        return mask.copy()
+    cands = _pattern_candidates(rows)  # (C, L), row 0 all-compute
+    retained = _retained_reuse(cands, rows) * counts  # (C, P) reused cells row p keeps when mapped to candidate c
+    kept = _greedy_keep(retained, max_patterns)  # candidate indices
+    choice = np.asarray(kept)[np.argmax(retained[kept], axis=0)]  # (P,) the kept candidate each row becomes
+    return cands[choice][inverse.reshape(-1)]
+
+
+def _pattern_candidates(rows: np.ndarray) -> np.ndarray:
+    """(C, L) bool: the all-compute row first, then the distinct rows (P, L) and, unless too many, their pairwise intersections."""
+    pool = rows
+    if len(rows) ** 2 <= PAIR_LIMIT:
+        pool = (rows[:, None, :] & rows[None, :, :]).reshape(-1, rows.shape[1])  # (P*P, L), includes each row itself
+    pool = np.unique(pool[pool.any(axis=1)], axis=0)  # distinct, without the all-compute row
+    return np.concatenate([np.zeros((1, rows.shape[1]), dtype=bool), pool])
+
+
+def _retained_reuse(cands: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(C, P) int: reuses of candidate c where it is a subset of row p, else 0."""
+    outside = cands.astype(np.int64) @ (~rows).astype(np.int64).T  # (C, P) reuses of c where p computes
+    return np.where(outside == 0, cands.sum(axis=1)[:, None], 0)
+
+
+def _greedy_keep(retained: np.ndarray, max_patterns: int) -> list[int]:
+    """Candidate 0 (all-compute), then the largest-gain candidates of `retained` (C, P) until `max_patterns` or no gain."""
+    kept, best = [0], retained[0].copy()  # (P,) reuse each row keeps so far
+    while len(kept) < max_patterns:
+        gain = np.maximum(retained - best, 0).sum(axis=1)  # (C,)
+        c = int(np.argmax(gain))
+        if gain[c] <= 0:
+            break
+        kept.append(c)
+        best = np.maximum(best, retained[c])
+    return kept

@@ -16,6 +16,12 @@ history (`LayerCache.read`, age 1) — with the attention entropy and the SNR of
   the layer whose estimated added error per reused cell is smallest; an order-N forecast over a
   gap of k evaluations is charged `error · k^(N+1)` (the extrapolation error of a smooth signal).
   A uniform k is the static constant-schedule plan; this only moves reuse between layers.
+With `max_patterns` N the plan has at most N distinct rows (the graph executor's whole-model
+graphs): derivation is repeated at a higher internal target, bisected, each plan bounded by
+`dqar.engine.plan.bound_patterns` (rows only compute more), until the bounded plan reaches the
+target reuse fraction (the smallest such internal target is kept; if none reaches it, the bounded
+plan with the most reuse). Under an error budget the plan is only bounded: bounding shortens reuse
+runs, so no cell's estimated error grows, and more reuse would not fit the budget.
 The plan must be sampled with the config it was calibrated for (its key names the forecast order
 and granularity). Sampling with the saved plan (`ReuseConfig(plan_file=...)`) makes no host syncs.
 """
@@ -28,7 +34,7 @@ import numpy as np
 
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
-from dqar.engine.plan import Plan, apply_refresh
+from dqar.engine.plan import Plan, apply_refresh, bound_patterns
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace
 from dqar.generate import generate, plan_key
@@ -72,8 +78,10 @@ STRUCTURES = ("cells", "layers")
 
 
 def check_goal(target_fraction: float | None, error_budget: float | None, max_staleness: int, structure: str = "cells",
-               first_evaluation: int = 1) -> None:
+               first_evaluation: int = 1, max_patterns: int | None = None) -> None:
     """Refuse a plan goal that cannot be met, before any trace is recorded."""
+    if max_patterns is not None and (isinstance(max_patterns, bool) or not isinstance(max_patterns, int) or max_patterns < 1):
+        raise DqarError(f"max_patterns = {max_patterns!r} is invalid for a plan", "use an integer >= 1 (distinct plan rows)")
     if not isinstance(first_evaluation, int) or first_evaluation < 1:
         raise DqarError(f"first_evaluation = {first_evaluation!r} is invalid", "use an integer >= 1 (evaluation 0 always computes)")
     if structure not in STRUCTURES:
@@ -90,17 +98,52 @@ def check_goal(target_fraction: float | None, error_budget: float | None, max_st
         raise DqarError(f"max_staleness = {max_staleness!r} is invalid for a plan", "use an integer >= 1")
 
 
+SEARCH_STEPS = 8  # bisection steps of the internal target when a pattern bound costs reuse
+
+
 def derive_plan(change: np.ndarray, *, target_fraction: float | None = None, error_budget: float | None = None,
                 max_staleness: int = 3, first_evaluation: int = 1, key: dict[str, Any] | None = None,
-                structure: str = "cells", order: int = 0) -> Plan:
+                structure: str = "cells", order: int = 0, max_patterns: int | None = None) -> Plan:
     """Greedy plan from per-(evaluation, layer) reuse errors (E, L); NaN cells are never reused.
 
     "cells" stops at `target_fraction` of all cells, or when no cell fits `error_budget` (the
     largest estimated relative error any reused cell may carry), whichever comes first; "layers"
     (per-layer refresh intervals, `order` = the forecast order the plan is run with) stops at the
-    first plan reaching `target_fraction`.
+    first plan reaching `target_fraction`. `max_patterns`: at most this many distinct rows (module docstring).
     """
-    check_goal(target_fraction, error_budget, max_staleness, structure, first_evaluation)
+    check_goal(target_fraction, error_budget, max_staleness, structure, first_evaluation, max_patterns)
+    derive = lambda target: _derive(change, target, error_budget, max_staleness, first_evaluation, key, structure, order)  # noqa: E731
+    plan = derive(target_fraction)
+    if max_patterns is None:
+        return plan
+    bounded = lambda p: Plan(mask=bound_patterns(p.mask, max_patterns), key={**p.key, "max_patterns": max_patterns})  # noqa: E731
+    best = bounded(plan)
+    if target_fraction is None or plan.num_patterns <= max_patterns:
+        return best
+    return _search_target(lambda t: bounded(derive(t)), best, target_fraction)
+
+
+def _search_target(bounded_at, first: Plan, target: float) -> Plan:
+    """Bisect the internal target in [target, 1] for the smallest one whose bounded plan reaches `target` reuse."""
+    reaches = lambda p: p.mask.sum() >= round(target * p.mask.size)  # noqa: E731
+    if reaches(first):
+        return first  # bounding cost nothing the target needed
+    best, lo, hi = first, target, 1.0
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        plan = bounded_at(mid)
+        if reaches(plan):
+            best, hi = plan, mid
+        else:
+            lo = mid
+            if not reaches(best) and plan.reuse_fraction > best.reuse_fraction:
+                best = plan
+    return best
+
+
+def _derive(change: np.ndarray, target_fraction: float | None, error_budget: float | None, max_staleness: int,
+            first_evaluation: int, key: dict[str, Any] | None, structure: str, order: int) -> Plan:
+    """The unbounded plan of `derive_plan`."""
     if structure == "layers":
         return layer_plan(change, target_fraction, max_staleness, first_evaluation, order, key)
     change = np.asarray(change, dtype=np.float64)
@@ -167,21 +210,20 @@ class Calibration:
 
 def calibration_key(model_name: str, run: RunConfig, structure: str) -> dict[str, Any]:
     """What a calibrated plan is valid for: model, sampler, steps, and (for a forecast or per-layer plan) the reuse it was ranked for."""
-    r = run.reuse
-    if not r.forecast_order and structure == "cells":
-        return plan_key(model_name, run)  # a copy-reuse cell plan, keyed as it always was
-    return {**plan_key(model_name, run), "granularity": r.granularity, "forecast_order": r.forecast_order,
-            "forecast_axis": r.forecast_axis, "structure": structure}
+    return {**plan_key(model_name, run), "structure": structure}
 
 
 def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction: float | None = None,
               error_budget: float | None = None, max_staleness: int | None = None, first_evaluation: int = 1,
-              structure: str = "cells", progress: bool = False) -> Calibration:
-    """Record a trace of `labels` under `run` (at its forecast order) and derive a plan keyed by what it is valid for."""
+              structure: str = "cells", max_patterns: int | None = None, progress: bool = False) -> Calibration:
+    """Record a trace of `labels` under `run` (at its forecast order) and derive a plan keyed by what it is valid for.
+
+    `max_patterns`: the plan has at most this many distinct rows (see the module docstring).
+    """
     staleness = run.reuse.max_staleness if max_staleness is None else max_staleness
-    check_goal(target_fraction, error_budget, staleness, structure, first_evaluation)
+    check_goal(target_fraction, error_budget, staleness, structure, first_evaluation, max_patterns)
     trace = record_trace(loaded, labels, run, progress=progress)
     plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget, max_staleness=staleness,
                        first_evaluation=first_evaluation, key=calibration_key(loaded.name, run, structure),
-                       structure=structure, order=run.reuse.forecast_order)
+                       structure=structure, order=run.reuse.forecast_order, max_patterns=max_patterns)
     return Calibration(plan=plan, trace=trace)
