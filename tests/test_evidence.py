@@ -66,7 +66,8 @@ def test_cli_calibrate_writes_a_keyed_plan(tmp_path, capsys):
     assert main(["calibrate", "--samples", "2", "--steps", "4", "--target", "0.3", "--out", str(out),
                  "--trace", str(tmp_path / "trace.json"), "--quiet"]) == 0
     plan = load_plan(out)
-    assert plan.key == {"model": "embedded", "sampler": "ddim", "steps": 4} and plan.reuse_fraction > 0
+    assert plan.key == {"model": "embedded", "sampler": "ddim", "steps": 4, "granularity": "attention", "forecast_order": 0,
+                        "forecast_axis": "evaluation", "structure": "cells"} and plan.reuse_fraction > 0
     assert json.loads((tmp_path / "trace.json").read_text())["shape"] == [4, plan.num_layers]
     assert "reuse" in capsys.readouterr().out
 

@@ -16,12 +16,13 @@ from torch._dynamo.utils import counters
 
 import dqar
 from dqar.cli import main
-from dqar.engine.config import ReuseConfig
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.engine.decider import store_rows
 from dqar.engine.forecast import weights
 from dqar.engine.quant import dequantize, quantize
 from dqar.engine.plan import Plan, build_plan, save_plan
 from dqar.errors import DqarError
+from dqar.generate import plan_key
 from dqar.models import save_pipeline_folder
 
 from conftest import E, NoSync, drive, make_pipe, make_tiny_transformer, pipe_images
@@ -405,6 +406,24 @@ def test_bad_forecast_config_is_one_line(bad, match):
     with pytest.raises(DqarError, match=match) as exc:
         ReuseConfig(**bad)
     assert "\n" not in str(exc.value) and exc.value.fix
+
+
+@pytest.mark.parametrize("run_with,match", [(dict(forecast_order=0), "forecast_order=2"), (dict(granularity="attention"), "granularity"),
+                                            (dict(forecast_axis="timestep"), "forecast_axis")])
+def test_a_forecast_plan_refuses_a_run_at_another_order_or_granularity(tmp_path, capsys, run_with, match):
+    made = dict(granularity="block", forecast_order=2, forecast_axis="evaluation")
+    path = tmp_path / "plan.json"
+    save_plan(Plan(mask=np.zeros((4, 2), dtype=bool), key={"model": "m", "sampler": "ddim", "steps": 4, **made}), path)
+    cfg = ReuseConfig(plan_file=str(path), **{**made, **run_with})
+    with pytest.raises(DqarError, match=match):
+        build_plan(cfg, 4, 2, key=plan_key("m", RunConfig(reuse=cfg, sample=SampleConfig(steps=4))))
+    build_plan(replace(cfg, **made), 4, 2, key=plan_key("m", RunConfig(reuse=replace(cfg, **made), sample=SampleConfig(steps=4))))
+    model = save_pipeline_folder(tmp_path / "model", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
+    body = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in {**made, **run_with}.items())
+    (tmp_path / "run.toml").write_text(f"[reuse]\nplan_file = {str(path)!r}\n{body}\n[sample]\nsteps = 4\n".replace("'", '"'))
+    rc = main(["sample", "--model", str(model), "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and match in err[0]
 
 
 @pytest.mark.parametrize("toml,match", [("forecast_order = 3", "forecast_order"), ("forecast_axis = 'steps'", "forecast_axis"),
