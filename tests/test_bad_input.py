@@ -70,6 +70,7 @@ CASES = [
     ("calibrate negative budget", "calibrate --model {model} --budget -1 --out {tmp}/p.json", "budget"),
     ("calibrate zero samples", "calibrate --model {model} --target 0.5 --samples 0 --out {tmp}/p.json", "--samples"),
     ("calibrate zero staleness", "calibrate --model {model} --target 0.5 --max-staleness 0 --out {tmp}/p.json", "max_staleness"),
+    ("calibrate zero max patterns", "calibrate --model {model} --target 0.5 --max-patterns 0 --out {tmp}/p.json", "--max-patterns"),
     ("calibrate unwritable plan", "calibrate --model {model} --target 0.5 --out {tmp}/afile/p.json", "cannot write"),
     ("fid-sample not an .npz", "fid-sample --model {model} --num-samples 4 --out {tmp}/s.png", ".npz"),
     ("fid unwritable JSON", "fid --samples {tmp}/images.npz --embedded --json-out {tmp}/afile/o.json", "cannot write"),

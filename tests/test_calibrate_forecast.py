@@ -119,3 +119,39 @@ def test_layer_plans_are_static_plans_with_per_layer_intervals():
     plan = derive_plan(uneven, target_fraction=target * 0.75, max_staleness=3, first_evaluation=2, structure="layers", order=2)
     assert plan.key["intervals"][1] < min(k for i, k in enumerate(plan.key["intervals"]) if i != 1)
     assert plan.reuse_fraction >= target * 0.75
+
+
+def test_a_pattern_bound_still_reaches_the_target():
+    """Bounding the greedy plan alone loses most of its reuse; derive_plan searches a higher internal target instead."""
+    from dqar.engine.plan import bound_patterns, max_run_staleness
+    from dqar.tuning.calibrate import estimated_error
+
+    rng = np.random.default_rng(0)
+    change = rng.uniform(0.01, 0.1, size=(30, 6))  # (E, L)
+    change[0] = np.nan
+    free = derive_plan(change, target_fraction=0.3, max_staleness=2)
+    assert free.num_patterns > 4 and bound_patterns(free.mask, 4).mean() < 0.2
+    plan = derive_plan(change, target_fraction=0.3, max_staleness=2, max_patterns=4, key={"steps": 30})
+    assert plan.num_patterns <= 4 and plan.reuse_fraction >= 0.3 and max_run_staleness(plan.mask) <= 2
+    assert plan.key == {"steps": 30, "max_patterns": 4} and not plan.mask[0].any()
+    assert np.array_equal(derive_plan(change, target_fraction=0.3, max_staleness=2, max_patterns=100).mask, free.mask)
+    budget = derive_plan(change, error_budget=0.12, max_staleness=3, max_patterns=3)  # bounded only: errors never grow
+    assert budget.num_patterns <= 3 and 0 < budget.mask.sum() and estimated_error(change, budget.mask).max() <= 0.12
+    layers = derive_plan(change, target_fraction=0.3, max_staleness=3, first_evaluation=2, structure="layers", order=2, max_patterns=1)
+    assert layers.num_patterns == 1 and not layers.mask.any()  # one row: all-compute
+    with pytest.raises(DqarError, match="max_patterns"):
+        derive_plan(change, target_fraction=0.3, max_patterns=0)
+
+
+def test_calibrate_max_patterns_on_a_tiny_trace_and_the_cli(tmp_path, capsys):
+    from dqar.tuning.calibrate import calibrate
+
+    run = RunConfig(sample=SampleConfig(steps=STEPS, cfg=1.0))
+    free = calibrate(tiny_loaded(), [3], run, target_fraction=0.5, max_staleness=2).plan
+    cal = calibrate(tiny_loaded(), [3], run, target_fraction=0.5, max_staleness=2, max_patterns=2)
+    assert free.num_patterns > 2 and cal.plan.num_patterns <= 2 and cal.plan.key["max_patterns"] == 2
+    out = tmp_path / "plan.json"
+    rc = main(["calibrate", "--target", "0.4", "--samples", "1", "--steps", "10", "--max-patterns", "3", "--out", str(out),
+               "--quiet", "--threads", "1"])
+    assert rc == 0 and load_plan(out).num_patterns <= 3
+    assert f"{load_plan(out).num_patterns} distinct rows (at most 3)" in capsys.readouterr().out

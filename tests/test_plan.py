@@ -112,3 +112,39 @@ def test_corrupt_plan_files_are_refused(tmp_path, text):
     path.write_text(text)
     with pytest.raises(DqarError, match="not a valid dqar plan"):
         load_plan(path)
+
+
+def test_bound_patterns_limits_a_linear_schedule_to_max_patterns():
+    e, l = 50, 28
+    free = build_plan(ReuseConfig(schedule="linear"), e, l)
+    assert free.num_patterns > 16  # a linear schedule has a row per eligible-layer count and refresh phase
+    assert np.array_equal(build_plan(ReuseConfig(schedule="linear", bound_patterns=False), e, l).mask, free.mask)
+    for n in (16, 4):
+        bounded = build_plan(ReuseConfig(schedule="linear", bound_patterns=True, max_patterns=n), e, l)
+        assert bounded.num_patterns <= n and not np.array_equal(bounded.mask, free.mask)
+        assert not (bounded.mask & ~free.mask).any()  # rows only compute more
+    few = build_plan(ReuseConfig(schedule="constant"), e, l)  # a constant schedule already fits
+    assert np.array_equal(build_plan(ReuseConfig(schedule="constant", bound_patterns=True), e, l).mask, few.mask)
+
+
+def test_bound_patterns_keeps_a_ramped_refresh_within_its_limits():
+    from dqar.engine.plan import staleness_limits
+
+    cfg = ReuseConfig(schedule="linear", refresh_interval=4, refresh_interval_end=2, max_staleness=10, bound_patterns=True, max_patterns=5)
+    m = build_plan(cfg, 40, 8).mask
+    assert Plan(mask=m).num_patterns <= 5
+    run = np.zeros(8, dtype=np.int64)
+    for row, limit in zip(m, staleness_limits(cfg, 40)):  # (L,) row, the evaluation's most consecutive reuses
+        run = np.where(row, run + 1, 0)
+        assert run.max() <= limit
+
+
+def test_bound_patterns_bounds_a_plan_file_and_refuses_online_deciders(tmp_path):
+    mask = np.random.default_rng(1).random((E, L)) < 0.5
+    mask[0] = False
+    path = tmp_path / "p.json"
+    save_plan(Plan(mask=mask), path)
+    got = build_plan(ReuseConfig(plan_file=str(path), bound_patterns=True, max_patterns=3), E, L)
+    assert got.num_patterns <= 3 and not (got.mask & ~mask).any()
+    with pytest.raises(DqarError, match="bound_patterns"):
+        ReuseConfig(gate=True, bound_patterns=True)

@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): plans over random valid ReuseConfigs; metrics over shapes, dtypes and ranges."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,6 +28,8 @@ def plan_cases(draw):
         warmup_frac=draw(fractions), cooldown_frac=draw(fractions), layer_frac=draw(fractions),
         refresh_interval=draw(st.integers(1, 8)), max_staleness=draw(st.integers(0, 8)),
         exp_rate=draw(st.floats(1e-3, 50.0)), step_stages=draw(st.integers(1, 8)),
+        refresh_interval_end=draw(st.sampled_from([0, 1, 3, 6])), bound_patterns=draw(st.booleans()),
+        max_patterns=draw(st.integers(1, 20)),
     )
     return cfg, e, l
 
@@ -38,7 +41,10 @@ def test_plan_invariants_hold_for_any_valid_config(case):
     mask = build_plan(cfg, e, l).mask
     assert mask.shape == (e, l) and mask.dtype == np.bool_
     assert not mask[0].any()  # nothing is cached before the first evaluation
-    assert max_run_staleness(mask) <= min(cfg.refresh_interval - 1, cfg.max_staleness)
+    assert max_run_staleness(mask) <= min(max(cfg.refresh_interval, cfg.refresh_interval_end) - 1, cfg.max_staleness)
+    if cfg.bound_patterns:
+        assert build_plan(cfg, e, l).num_patterns <= cfg.max_patterns
+        assert not (mask & ~build_plan(replace(cfg, bound_patterns=False), e, l).mask).any()  # only computes more
     assert not mask[: math.ceil(cfg.warmup_frac * e)].any()  # warmup window
     assert not mask[e - math.floor(cfg.cooldown_frac * e):].any()  # cooldown window
     if not cfg.enabled:
