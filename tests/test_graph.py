@@ -26,7 +26,7 @@ def model():
 
 
 def _compare(model, cfg, graph_outs, graph_stats, atol=1e-5):
-    with dqar.enable(model, cfg) as h:
+    with dqar.enable(model, cfg, executor="patch") as h:
         ref, ref_stats = drive(model, h, evaluations=E), h.stats
     want, got = ref_stats.to_dict(), graph_stats.to_dict()
     for name in GRAPH_FIELDS + HELD:
@@ -85,6 +85,75 @@ def test_graph_int8_anchored_history(model):
     _compare(model, cfg, outs, stats, atol=2e-3)
 
 
+class Guided:
+    """A handle whose generations are begun as CFG batches (no look at the labels: no host read)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def begin_generation(self, evaluations):
+        self.handle.begin_generation(evaluations, guided=True)
+
+    def end_generation(self):
+        self.handle.end_generation()
+
+
+SHARE = dict(schedule="constant", warmup_frac=0.0, cfg_share_from=0.5)
+
+
+@pytest.mark.parametrize("share", ["cond_to_uncond", "uncond_to_cond"])
+@pytest.mark.parametrize("extra", [{}, dict(forecast_order=2, refresh_interval=3, max_staleness=2)], ids=["copy", "order2"])
+def test_graph_shares_cfg_halves_like_patch(model, share, extra):
+    """cfg_share from half-way: the patch executor's outputs and stats, shared layers counted; no recompiles, no host syncs."""
+    cfg = ReuseConfig(**SHARE, cfg_share=share, **extra)
+    counters.clear()
+    with dqar.enable(model, cfg, executor="graph") as h:
+        outs, stats = drive(model, h, evaluations=E), h.stats
+        graphs, frames = counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"]
+        again = drive(model, h, evaluations=E)  # a second generation compiles nothing
+        assert counters["stats"]["unique_graphs"] == graphs and counters["stats"]["calls_captured"] == frames
+        assert h.stats.compile_seconds == 0.0 and h.stats.cfg_shared == stats.cfg_shared
+        assert all(torch.equal(a, b) for a, b in zip(outs, again))
+        quiet = drive(model, Guided(h), evaluations=E, guard=NoSync())  # known CFG batches: no host read (last, see above)
+    assert stats.cfg_shared > 0 and stats.reused > 0 and stats.fallback_evaluations == 0
+    assert stats.graphs == len({(r, e >= E // 2) for e, r in enumerate(map(tuple, stats.reuse_mask))})  # (row, share) patterns
+    assert (stats.forecasts > 0) == bool(extra)
+    _compare(model, cfg, outs, stats)
+    for a, b in zip(outs, quiet):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with dqar.enable(model, ReuseConfig(**SHARE, **extra), executor="graph") as h:  # the share acts: other outputs without it
+        plain = drive(model, h, evaluations=E)
+    for a, b in zip(outs[: E // 2], plain):  # before cfg_share_from: the same patterns
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[-1], plain[-1], atol=1e-3)
+
+
+def test_graph_shares_cfg_at_block_granularity(model):
+    """Whole-block reuse with cfg_share (the patch executor shares attn1 inside computed blocks): equal to it."""
+    cfg = ReuseConfig(**SHARE, granularity="block", cfg_share="uncond_to_cond")
+    with dqar.enable(model, cfg, executor="graph") as h:
+        outs, stats = drive(model, h, evaluations=E), h.stats
+    assert stats.cfg_shared > 0 and stats.reused > 0
+    _compare(model, cfg, outs, stats)
+
+
+def test_graph_without_cfg_batches_counts_no_sharing(model):
+    """An odd batch (no CFG halves) under cfg_share: nothing shared, every evaluation on a graph of the plain patterns."""
+    cfg = ReuseConfig(**SHARE, cfg_share="cond_to_uncond", max_patterns=2)
+    x, labels = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7, 1])
+    outs = {}
+    for executor in ("graph", "patch"):
+        with dqar.enable(model, cfg, executor=executor) as h, torch.no_grad():
+            h.begin_generation(E)
+            outs[executor] = [model(x, timestep=torch.full((3,), 999 - 80 * e), class_labels=labels).sample for e in range(E)]
+            h.end_generation()
+            assert h.stats.cfg_shared == 0
+            if executor == "graph":
+                assert h.stats.fallback_evaluations == 0 and h.stats.graphs == 2
+    for a, b in zip(outs["patch"], outs["graph"]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
 def test_patterns_beyond_the_bound_fall_back(model):
     """max_patterns = 1: the most frequent row gets a graph, the others run per block, are counted and named."""
     mask = np.array([[0, 0], [1, 0], [0, 0], [1, 1], [0, 0], [1, 0]], dtype=bool)
@@ -95,7 +164,7 @@ def test_patterns_beyond_the_bound_fall_back(model):
         outs, stats = drive(model, h, evaluations=E), h.stats
     assert stats.graphs == 1
     assert stats.fallback_evaluations == 3 and stats.fallback_rows == ["R.", "RR"]
-    with dqar.enable(model, cfg, plan=plan) as h:
+    with dqar.enable(model, cfg, plan=plan, executor="patch") as h:
         ref = drive(model, h, evaluations=E)
     for a, b in zip(ref, outs):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -112,7 +181,6 @@ def test_num_patterns_counts_distinct_rows():
 @pytest.mark.parametrize("cfg,match", [
     (ReuseConfig(target="kv"), "K/V"),
     (ReuseConfig(gate=True), "executor = 'patch'"),
-    (ReuseConfig(cfg_share="cond_to_uncond"), "executor = 'patch'"),
     (ReuseConfig(nonfinite_guard=True), "executor = 'compiled'"),
 ])
 def test_graph_refuses_what_it_cannot_run(model, cfg, match):
@@ -140,7 +208,7 @@ def test_graph_inside_a_stock_pipeline_loop():
     pipe = make_pipe()
     pipe.set_progress_bar_config(disable=True)
     cfg = ReuseConfig(schedule="constant", granularity="block", forecast_order=1, refresh_interval=3, max_staleness=2)
-    with dqar.enable(pipe, cfg):
+    with dqar.enable(pipe, cfg, executor="patch"):
         ref = pipe_images(pipe, steps=6)
     with dqar.enable(pipe, cfg, executor="graph") as h:
         got = pipe_images(pipe, steps=6)

@@ -7,6 +7,8 @@ gate multiply. Outputs match the stock block (tests check allclose).
 """
 from __future__ import annotations
 
+import torch
+
 from dqar.engine.attention import self_attention
 from dqar.engine.codec import combine
 from dqar.engine.quant import dequantize_values, encode
@@ -30,10 +32,23 @@ def _mlp_half(block, h, shift_mlp, scale_mlp, gate_mlp):
     return h + gate_mlp.unsqueeze(1) * block.ff(n)
 
 
-def compute(block, h, timestep, labels):
-    """Full block; also returns the attention output. (B, T, C) → ((B, T, C), (B, T, C))."""
+def cfg_half(x, share: str):
+    """The CFG half attn1 computes when sharing: (B, T, C) [conditional; unconditional] → (B/2, T, C)."""
+    half = x.shape[0] // 2
+    return x[:half] if share == "cond_to_uncond" else x[half:]
+
+
+def compute(block, h, timestep, labels, share: str = "none"):
+    """Full block; also returns the attention output. (B, T, C) → ((B, T, C), (B, T, C)).
+
+    `share` ("cond_to_uncond" | "uncond_to_cond"): attn1 runs on one CFG half, its output copied to both.
+    """
     norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block, h, timestep, labels)
-    a = self_attention(block.attn1, norm)
+    if share == "none":
+        a = self_attention(block.attn1, norm)
+    else:
+        a = self_attention(block.attn1, cfg_half(norm, share))  # (B/2, T, C)
+        a = torch.cat([a, a])  # (B, T, C)
     h = h + gate_msa.unsqueeze(1) * a
     return _mlp_half(block, h, shift_mlp, scale_mlp, gate_mlp), a
 
@@ -61,9 +76,9 @@ def reuse_forecast(block, h, timestep, labels, stored, weights):
     return reuse(block, h, timestep, labels, combine(stored, weights, h.dtype))
 
 
-def whole(block, h, timestep, labels):
+def whole(block, h, timestep, labels, share: str = "none"):
     """Full block; also returns its residual contribution (attention + MLP) for block-level reuse."""
-    out, _ = compute(block, h, timestep, labels)
+    out, _ = compute(block, h, timestep, labels, share)
     return out, out - h
 
 

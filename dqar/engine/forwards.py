@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from dqar.engine.attention import attend
+from dqar.engine.block import cfg_half
 from dqar.engine.signals import attention_entropy, attention_with_entropy, relative_change
 
 
@@ -38,8 +39,7 @@ def attention_compute(engine, layer: int, attn, original: Callable, hidden_state
     st = engine.state
     x = hidden_states  # (B, T, C)
     if st.sharing:
-        half = x.shape[0] // 2
-        x = x[:half] if engine.cfg.cfg_share == "cond_to_uncond" else x[half:]  # (B/2, T, C)
+        x = cfg_half(x, engine.cfg.cfg_share)  # (B/2, T, C)
         st.shared[st.evaluation, layer] = True
     sig = st.signals
     if sig is not None and sig.needs.entropy:

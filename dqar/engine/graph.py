@@ -33,13 +33,16 @@ GRAPH_HOOK = "dqar_graph"
 
 
 # ----- the traceable evaluation ------------------------------------------------------------------
-def layer(spec: H.Spec, reuse: bool, store: bool, blk, h, timestep, labels, bufs, weights, error_sum, bad):
-    """One block with the decision as constants; (B, T, C) → (B, T, C); the history `bufs` is updated in place."""
+def layer(spec: H.Spec, reuse: bool, store: bool, share: str, blk, h, timestep, labels, bufs, weights, error_sum, bad):
+    """One block with the decisions as constants; (B, T, C) → (B, T, C); the history `bufs` is updated in place.
+
+    `share`: "none", or the CFG direction in which a computed attn1 output is shared (computed on one half).
+    """
     if reuse:
         H.count_nonfinite(bufs, bad)
         cached = H.read(spec, bufs, weights, h.dtype)  # (B, T, C)
         return B.skip(h, cached) if spec.block else B.reuse(blk, h, timestep, labels, cached)
-    out, cached = (B.whole if spec.block else B.compute)(blk, h, timestep, labels)
+    out, cached = (B.whole if spec.block else B.compute)(blk, h, timestep, labels, share)
     if store:
         H.write(spec, bufs, cached, error_sum)
     return out
@@ -55,12 +58,12 @@ def head(model, h, timestep, labels):
     return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, model.out_channels, side * p, side * p)
 
 
-def evaluate(spec, row, store, model, x, timestep, labels, weights, state):
+def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state):
     """A whole model evaluation for one pattern; `state` = (per-layer buffers, error_sum, bad); (B, C, H, W) → (B, C', H, W)."""
     layers, error_sum, bad = state
     h = model.pos_embed(x)  # (B, T, C)
     for i, blk in enumerate(model.transformer_blocks):
-        h = layer(spec, row[i], store[i], blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+        h = layer(spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
     return head(model, h, timestep, labels)
 
 
@@ -71,8 +74,8 @@ def _own_code(fn: Callable, name: str) -> Callable:
 
 def check_graph_supported(engine_cfg, needs, blocks, transformer) -> None:
     """One line naming what to use for what the graph executor cannot run."""
-    if needs.any or engine_cfg.cfg_share != "none":
-        raise DqarError("the gate, signal traces, policies and cfg_share run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
+    if needs.any:
+        raise DqarError("the gate, signal traces and policies run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
     if engine_cfg.target == "kv":
         raise DqarError("the graph executor caches attention or block outputs, not K/V", "use target = 'attention' or executor = 'patch'")
     if engine_cfg.nonfinite_guard:
@@ -87,7 +90,13 @@ def check_graph_supported(engine_cfg, needs, blocks, transformer) -> None:
 
 
 class GraphEngine(ReuseEngine):
-    """`ReuseEngine` whose transformer forward is one compiled graph per pattern (hooks and lifecycle shared)."""
+    """`ReuseEngine` whose transformer forward is one compiled graph per pattern (hooks and lifecycle shared).
+
+    A pattern is (row, stores, CFG share): from `cfg_share_from` on, the host knows before each evaluation that attn1
+    runs on one CFG half (`state.sharing`), so the share direction is a constant of that evaluation's graph.
+    """
+
+    shares_cfg = True  # runs cfg_share inside its graphs
 
     def __init__(self, transformer: torch.nn.Module, cfg, decider, scheduler: Any = None):
         needs = getattr(decider, "needs", None)
@@ -101,7 +110,8 @@ class GraphEngine(ReuseEngine):
         self.graphs: dict[tuple, Callable] = shared.setdefault(("graphs", self.spec), {})  # (shape, dtype, device, row, store) -> graph
         self.compile_seconds: dict[tuple, float] = shared.setdefault(("seconds", self.spec), {})  # key -> first call (compile + capture)
         self.layer_kernels = shared.setdefault(("layers", self.spec), [_compiled(layer, f"dqar_layer_{i}") for i in range(num_layers)])
-        self.allowed: set[tuple] | None = None  # rows that get a graph in this generation (None: first come)
+        self.allowed: set[tuple] | None = None  # (row, share) patterns that get a graph in this generation (None: first come)
+        self.guided: bool | None = None  # whether `allowed` assumed CFG batches (sharing from share_from on)
         self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
         self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
         super().__init__(transformer, cfg, decider, scheduler, executor="compiled")
@@ -120,13 +130,21 @@ class GraphEngine(ReuseEngine):
         self.history.begin()
         self.state.cache = self.history  # the summary reads bytes, entries, forecasts and errors from it
         self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
+        self.guided = guided is not False  # unknown: assume CFG batches until an evaluation shows otherwise
         self.allowed = self._allowed_patterns()
         self.stores = self._store_set()
 
+    def _share(self, evaluation: int, guided: bool) -> str:
+        """The CFG share direction of an evaluation ("none" before `cfg_share_from` or without CFG batches)."""
+        return self.cfg.cfg_share if guided and 0 <= self.state.share_from <= evaluation else "none"
+
     def _allowed_patterns(self) -> set[tuple] | None:
-        """The `max_patterns` most frequent rows of a plan; None for a decider whose rows are not known ahead."""
+        """The `max_patterns` most frequent (row, share) patterns of a plan; None for a decider whose rows are not known ahead."""
         rows = getattr(self.decider, "_rows", None)
-        return {r for r, _ in Counter(rows).most_common(self.cfg.max_patterns)} if rows else None
+        if not rows:
+            return None
+        patterns = Counter((r, self._share(e, self.guided)) for e, r in enumerate(rows))
+        return {p for p, _ in patterns.most_common(self.cfg.max_patterns)}
 
     def _store_set(self) -> tuple[bool, ...] | None:
         """Layers that store every output they compute: those any evaluation of the plan stores (None: per evaluation).
@@ -149,24 +167,31 @@ class GraphEngine(ReuseEngine):
         row = tuple(bool(r) and self.history.has(i) for i, r in enumerate(st.row))
         store = self.stores if self.stores is not None else tuple(bool(s) for s in st.store)
         st.executed[st.evaluation] = row
+        share = self.cfg.cfg_share if st.sharing else "none"
+        if st.sharing:
+            st.shared[st.evaluation] = [not r for r in row]  # attn1 of every computing layer runs on one half
+        elif self.guided and (x.shape[0] % 2 or self._share(st.evaluation, True) != "none"):  # no CFG batch: plain patterns
+            self.guided = False
+            self.allowed = self._allowed_patterns()
         weights = self._weights(self.history.step(row, store), x.device)  # (L, K)
-        out = self._run(row, store, x, timestep, class_labels, weights, layers)
+        out = self._run(row, store, share, x, timestep, class_labels, weights, layers)
         return (out,) if not return_dict else _output(out)
 
     def _weights(self, rows: list[list[float]], device: torch.device) -> torch.Tensor:
         flat = tuple(w for r in rows for w in r)
         return device_weights(flat, device).reshape(len(rows), -1)
 
-    def _run(self, row, store, x, timestep, labels, weights, layers) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device, row, store)
-        graph = self.graphs.get(key) if self.allowed is None or row in self.allowed else None  # the bound holds per plan
+    def _run(self, row, store, share, x, timestep, labels, weights, layers) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, row, store, share)
+        allowed = self.allowed is None or (row, share) in self.allowed  # the bound holds per plan
+        graph = self.graphs.get(key) if allowed else None
         if key not in self.graphs and (self.allowed is None and len(self.graphs) < self.cfg.max_patterns or
-                              self.allowed is not None and row in self.allowed):
-            graph = self.graphs[key] = self._compile(row, store, x.device)
+                                       self.allowed is not None and allowed):
+            graph = self.graphs[key] = self._compile(row, store, share, x.device)
         if graph is None:
             self.generation["fallback"] += 1
             self.generation["fallback_rows"].add("".join("R" if r else "." for r in row))
-            return self._fallback(row, store, x, timestep, labels, weights, layers)
+            return self._fallback(row, store, share, x, timestep, labels, weights, layers)
         self.generation["graphs"].add(key)
         first = key not in self.compile_seconds
         start = time.perf_counter()
@@ -178,16 +203,16 @@ class GraphEngine(ReuseEngine):
             self.generation["compile"] += self.compile_seconds[key]
         return out.clone() if x.device.type == "cuda" else out  # a replay overwrites its outputs: hand out a copy
 
-    def _compile(self, row, store, device) -> Callable:
+    def _compile(self, row, store, share, device) -> Callable:
         graph = _compiled(evaluate, f"dqar_pattern_{len(self.graphs)}", "reduce-overhead" if device.type == "cuda" else None)
-        return functools.partial(graph, self.spec, row, store)
+        return functools.partial(graph, self.spec, row, store, share)
 
-    def _fallback(self, row, store, x, timestep, labels, weights, state) -> torch.Tensor:
+    def _fallback(self, row, store, share, x, timestep, labels, weights, state) -> torch.Tensor:
         """The same layers, each compiled on its own (one graph per layer and decision) and walked in Python."""
         layers, error_sum, bad = state
         h = self.transformer.pos_embed(x)  # (B, T, C)
         for i, blk in enumerate(self.blocks):
-            h = self.layer_kernels[i](self.spec, row[i], store[i], blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+            h = self.layer_kernels[i](self.spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
         return head(self.transformer, h, timestep, labels)
 
     # ----- stats -----------------------------------------------------------------------------------

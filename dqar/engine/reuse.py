@@ -62,6 +62,8 @@ class GenerationState:
 class ReuseEngine:
     """Attach reuse to a diffusers `DiTTransformer2DModel`; detach restores it exactly."""
 
+    shares_cfg = False  # whether a non-patch executor of this class runs cfg_share (the graph executor does)
+
     def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider, scheduler: Any = None,
                  executor: str = "patch"):
         if has_hook(transformer, EVALUATION_HOOK):
@@ -77,7 +79,7 @@ class ReuseEngine:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTORS)}")
         self.executor = executor  # "patch": hook attn1 / block; "fused"/"compiled": pure block functions (dqar.engine.fused)
         self.needs: Needs = getattr(self.decider, "needs", None) or Needs()
-        if executor != "patch" and (self.needs.any or cfg.cfg_share != "none"):
+        if executor != "patch" and (self.needs.any or cfg.cfg_share != "none" and not self.shares_cfg):
             raise DqarError(f"the gate, signal traces and cfg_share run on the 'patch' executor, not '{executor}'", "use executor = 'patch'")
         if self.needs.entropy and not all(is_plain_attention(b.attn1) for b in self.blocks):
             raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
