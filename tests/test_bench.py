@@ -15,7 +15,7 @@ from conftest import make_tiny_transformer
 def test_bench_quick_runs_on_cpu(tmp_path):
     model = save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
     rc = main(["bench", "--model", str(model), "--quick", "--no-compile", "--presets", "block_reuse", "quant_cache_only",
-               "--batch-sizes", "1", "--steps", "4", "--out", str(tmp_path / "b"), "--quiet"])
+               "--batch-sizes", "1", "--steps", "4", "--peers", "--out", str(tmp_path / "b"), "--quiet"])
     assert rc == 0
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     rows = {r["case"]: r for r in result["rows"]}
@@ -40,7 +40,7 @@ def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):
     from conftest import make_tiny_vae
 
     loaded = load_model(save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_layers=2), make_tiny_vae()))
-    s = BenchSettings(batch_sizes=(1,), steps=2, repeats=3, presets=("block_reuse",))
+    s = BenchSettings(batch_sizes=(1,), steps=2, repeats=3, presets=("block_reuse",), peers=())
     result = run_bench(loaded, __import__("torch").device("cpu"), s, progress=False)
     rows = {r["case"]: r for r in result["rows"]}
     assert {"stock_eager", "stock_compiled", "noreuse_compiled", "block_reuse_compiled"} <= set(rows) and result["stock"] == "DiTPipeline"
@@ -50,7 +50,8 @@ def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):
     assert not result["failed"]
 
 
-@pytest.mark.parametrize("kw", [{"repeats": 2}, {"batch_sizes": (0,)}, {"steps": 0}, {"presets": ("fast",)}])
+@pytest.mark.parametrize("kw", [{"repeats": 2}, {"batch_sizes": (0,)}, {"steps": 0}, {"presets": ("fast",)}, {"warmup": 0},
+                                {"peers": ("teacache",)}, {"executors": ("jit",)}, {"cases": ("nothing_*",)}])
 def test_bench_settings_refuse_bad_values(kw):
     with pytest.raises(DqarError):
         BenchSettings(**kw)
@@ -67,14 +68,14 @@ def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
     real = bench.cases_for
 
     def with_broken(loaded, batch, s):
-        runs, stats = real(loaded, batch, s)
-        runs["broken_case"] = broken
-        return runs, stats
+        cases = real(loaded, batch, s)
+        cases["broken_case"] = bench.Case(broken, lambda: "broken")
+        return cases
 
     monkeypatch.setattr(bench, "cases_for", with_broken)
     loaded = load_model(None)
     seen = []
-    s = BenchSettings(batch_sizes=(1, 2), steps=2, presets=(), compile=False, stock=False)
+    s = BenchSettings(batch_sizes=(1, 2), steps=2, presets=(), compile=False, stock=False, peers=())
     result = bench.run_bench(loaded, __import__("torch").device("cpu"), s, progress=False,
                              on_batch=lambda r: seen.append(len(r["rows"])))
     assert result["failed"] == {"broken_case@1": "RuntimeError: no compiler here", "broken_case@2": "RuntimeError: no compiler here"}
@@ -94,3 +95,77 @@ def test_gpu_session_script_parses_and_names_existing_commands():
     for module in ("dqar.embedded.train", "dqar.embedded.check", "dqar.cli"):
         assert f"-m {module}" in text and importlib.util.find_spec(module) is not None
     assert text.count("timeout ") >= 4  # every stage bounded
+
+
+def _tiny_bench(**kw):
+    import torch
+
+    from dqar.studies.bench import run_bench
+
+    from conftest import tiny_loaded
+
+    s = BenchSettings(**{"batch_sizes": (1,), "steps": 3, "repeats": 3, "executors": ("eager",), **kw})
+    return run_bench(tiny_loaded(), torch.device("cpu"), s, progress=False)
+
+
+def test_peer_rows_are_timed_beside_dqar_with_memory_fields(single_thread):
+    """The four diffusers peers (MagCache calibrated in its warm-up) are timed in the same rounds, with ratios and a memory field."""
+    from dqar.studies import bench
+    from dqar.studies.bench_peers import EAGER
+
+    result = _tiny_bench(presets=("block_reuse",), compile=False)
+    rows = {r["case"]: r for r in result["rows"]}
+    peers = ["peer_pab", "peer_first_block_cache", "peer_taylorseer", "peer_magcache"]
+    assert list(rows) == ["stock_eager", "noreuse_eager", "block_reuse_eager", *peers] and not result["failed"]
+    for name in peers:
+        r = rows[name]
+        assert len(r["times_s"]) == 3 and r["setting"] == EAGER and r["peak_memory_bytes"] is None
+        assert r["vs_stock_eager"] == pytest.approx(rows["stock_eager"]["median_s"] / r["median_s"])
+        assert r["peak_memory_method"] == bench.MEMORY_NONE
+    assert rows["block_reuse_eager"]["peak_memory_bytes"] > 0 and rows["block_reuse_eager"]["peak_memory_method"] == bench.MEMORY_CACHE
+    assert rows["block_reuse_eager"]["setting"] == "dqar executor patch" and result["memory_method"] == bench.MEMORY_CACHE
+    assert "| 1 | peer_magcache | eager (compile rows off) |" in bench.render_table(result)
+
+
+def test_a_peer_whose_compile_fails_falls_back_to_eager_and_says_so(monkeypatch, single_thread):
+    import torch
+
+    import dqar.studies.bench_peers as bp
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    monkeypatch.setattr(bp, "compile_model", lambda t: torch.compile(t, backend=no_compiler, dynamic=False))
+    result = _tiny_bench(presets=(), peers=("first_block_cache",), cases=("stock_eager", "peer_*"))
+    (row,) = [r for r in result["rows"] if r["case"] == "peer_first_block_cache"]
+    assert row["setting"].startswith("eager: torch.compile failed in the warm-up") and "no compiler on this machine" in row["setting"]
+    assert len(row["times_s"]) == 3 and not result["failed"] and {r["case"] for r in result["rows"]} == {"stock_eager", row["case"]}
+
+
+def test_cases_select_the_graph_section_rows_without_a_model():
+    """The documented graph-executor command times exactly the rows of docs/BENCHMARKS.md "Graph executor"."""
+    from dqar.studies.bench import case_names, selected
+
+    s = BenchSettings(presets=("full_dqar",), peers=(), executors=("compiled", "graph"),
+                      cases=("stock_*", "noreuse_graph", "full_dqar_graph", "full_dqar_compiled"))
+    assert [n for n, _ in selected(s)] == ["stock_eager", "stock_compiled", "noreuse_graph", "full_dqar_compiled", "full_dqar_graph"]
+    assert "noreuse_eager" not in case_names(s) and "full_dqar_compiled_modeldtype" in case_names(s)
+    assert "stock_compiled" not in case_names(BenchSettings(compile=False, peers=()))
+
+
+def test_cuda_rows_report_the_highest_allocator_peak():
+    from dqar.studies import bench, memory
+    from dqar.studies.timing import Run, Timing
+
+    runs = [Run(Timing(1.0, 1.0), peak) for peak in (10, 30, 20)]
+    assert bench._memory(runs, None) == (30, memory.METHOD_CUDA)
+    assert bench._memory([Run(Timing(1.0, 1.0), None)], None) == (None, bench.MEMORY_NONE)
+
+
+@pytest.mark.parametrize("flags,expect", [(["--batch-sizes", "0"], "batch sizes"), (["--presets", "fast"], "preset"),
+                                          (["--peers", "teacache"], "unknown peer"), (["--cases", "nothing_*"], "matches no case"),
+                                          (["--executors", "jit"], "unknown executor"), (["--steps", "0"], "steps")])
+def test_bench_bad_input_exits_2_with_one_line(flags, expect, capsys, tmp_path):
+    rc = main(["bench", *flags, "--out", str(tmp_path / "b"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err and err.count("\n") == 1, err

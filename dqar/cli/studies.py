@@ -16,18 +16,16 @@ def cmd_bench(args) -> int:
     from dqar.studies.timing import cpu_threads
 
     at_least("--threads", args.threads, 1)
-    quick = dict(batch_sizes=(1, 2), steps=10) if args.quick else {}
-    given = {k: v for k, v in (("batch_sizes", tuple(args.batch_sizes or ())), ("steps", args.steps), ("repeats", args.repeats)) if v}
-    settings = BenchSettings(**{**quick, **given, "compile": not args.no_compile, "presets": tuple(args.presets)})
+    settings = BenchSettings(**_bench_settings(args))  # checked before the model loads
     out = writable_folder(args.out)
     device, dtype = device_dtype(args)
-    if args.model == "random-dit-xl2":
-        loaded = models.random_dit_xl2(device, dtype, with_vae=True)
+    if args.model in models.RANDOM_DIT_XL2:
+        loaded = models.random_dit_xl2(device, dtype, with_vae=True, resolution=models.RANDOM_DIT_XL2[args.model])
     else:
         loaded = models.load_model(args.model, device=device, dtype=dtype)
 
     def write(result: dict) -> None:  # after every batch size: a killed run keeps what it finished
-        atomic_write_json(out / "bench.json", result)
+        atomic_write_json(out / "bench.json", result | {"command": shlex.join(["dqar", *args.argv])})
         atomic_write_text(out / "bench.md", render_table(result) + "\n")
 
     with cpu_threads(device, args.threads):  # on CPU one thread unless --threads: the sampling thread's CPU time is the clock
@@ -36,15 +34,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_settings(args) -> dict:
+    """BenchSettings keywords from the flags: --quick first, then the flags given."""
+    quick = dict(batch_sizes=(1, 2), steps=10) if args.quick else {}
+    flags = {"batch_sizes": tuple(args.batch_sizes) if args.batch_sizes is not None else None, "steps": args.steps,
+             "repeats": args.repeats, "executors": tuple(args.executors) if args.executors else None,
+             "peers": tuple(args.peers) if args.peers is not None else None, "cases": tuple(args.cases or ())}
+    given = {k: v for k, v in flags.items() if v is not None}
+    return {**quick, **given, "compile": not args.no_compile, "presets": tuple(args.presets)}
+
+
 def bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time the stock model (eager, torch.compile), dqar no-reuse (eager, compiled) and presets, with intervals")
+    p = sub.add_parser("bench", help="time the stock model (eager, torch.compile), dqar (no reuse, presets) on its executors and "
+                                     "diffusers' caching peers, with intervals and peak memory")
     model_args(p)
     p.set_defaults(model=None)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per generation (default 1 8 32)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per generation, e.g. 1 8 32 64 (default 1 8 32)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case, >= 3 (default 5)")
-    p.add_argument("--presets", nargs="+", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (stock_compiled and dqar's compiled executor)")
+    p.add_argument("--presets", nargs="*", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time (--presets alone: none)")
+    p.add_argument("--executors", nargs="+", default=None,
+                   help="dqar executors with rows: eager (patch), compiled, graph (default all three)")
+    p.add_argument("--peers", nargs="*", default=None,
+                   help="diffusers caching peers to time (pab first_block_cache taylorseer magcache: the default), each under "
+                        "torch.compile where it tolerates it, else eager; --peers alone: none")
+    p.add_argument("--cases", nargs="+", default=None, help="time only the cases with these names or shell patterns, e.g. 'stock_*' full_dqar_graph")
+    p.add_argument("--no-compile", action="store_true", help="skip every torch.compile row (stock_compiled, dqar compiled and graph; peers eager)")
     p.add_argument("--quick", action="store_true", help="batch sizes 1 2, 10 steps: a smoke run")
     p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
     threads_arg(p, "CPU threads while timing (default 1: the sampling thread's CPU time is the clock; more: wall time); ignored on GPU")
