@@ -82,3 +82,18 @@ def test_fused_path_refuses_kv_target(model):
 def test_unknown_executor(model):
     with pytest.raises(DqarError, match="executor"):
         dqar.enable(model, "full_dqar", executor="jit")
+
+
+def test_many_configurations_in_one_process_never_pass_the_recompile_limit():
+    """An ablation runs dozens of configurations through the shared compiled kernels: each codec variant (history length,
+    INT8 mode, error tracking) compiles as its own function. The limit is lowered so that two configurations would pass it."""
+    model = make_tiny_transformer(num_layers=2)
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for track in (True, False):
+            cfg = ReuseConfig(schedule="constant", warmup_frac=0.1, cache_dtype="int8", quant_mode="tensor", forecast_order=2,
+                              refresh_interval=3, max_staleness=2, track_quant_error=track, granularity="block")
+            with dqar.enable(model, cfg, executor="compiled") as h:
+                drive(model, h, evaluations=6)
+    limits = [k for k in counters["unimplemented"] if "recompile limit" in k.lower()]
+    assert counters["stats"]["unique_graphs"] > 2 and not limits, limits

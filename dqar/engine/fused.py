@@ -15,6 +15,7 @@ import torch
 
 from dqar.engine import block as B
 from dqar.engine.codec import Codec, forecast_anchored, rebase
+from dqar.engine.variants import Variants, forecast_key, rebase_key
 from dqar.errors import DqarError
 from dqar.engine.quant import QTensor
 
@@ -41,7 +42,8 @@ def make_kernels(compile: bool, mode: str | None = None) -> Kernels:
     """Wrap each block function with `torch.compile` (static shapes) when `compile` is set; shared by all handles."""
     names = ("compute", "compute_q", "reuse", "reuse_q", "reuse_forecast", "whole", "whole_q", "skip", "skip_q", "skip_forecast")
     wrap = (lambda f: torch.compile(f, dynamic=False, mode=mode)) if compile else (lambda f: f)
-    return Kernels(**{n: wrap(getattr(B, n)) for n in names}, codec=Codec(wrap(rebase), wrap(forecast_anchored), tensor_weights=compile))
+    codec = Codec(Variants(rebase, rebase_key, mode), Variants(forecast_anchored, forecast_key, mode), True) if compile else Codec()
+    return Kernels(**{n: wrap(getattr(B, n)) for n in names}, codec=codec)
 
 
 def check_supported(cfg, blocks) -> None:
