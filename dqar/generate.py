@@ -39,8 +39,8 @@ def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = No
     (its decider and plan, the default executor "auto": graph on CUDA where it applies, else patch).
     Reuse is attached when `run.reuse` is enabled, a decider or plan is given, or an executor other
     than "auto" / "patch" (a disabled config under the compiled executor is the compiled no-reuse
-    path; under "auto" or "patch" it is the stock model: nothing attached, stats None). `generator`: one `torch.Generator` per label, replacing the default seeds
-    `run.sample.seed + i`.
+    path; under "auto" or "patch" it is the stock model: nothing attached, stats None).
+    `generator`: one `torch.Generator` per label, replacing the default seeds `run.sample.seed + i`.
     """
     scheduler = make_scheduler(run.sample.sampler, loaded.scheduler_config)
     s = run.sample

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import dqar.generate
 from dqar.cli import main as cli_main
@@ -141,3 +142,70 @@ def test_bad_input_is_one_line(args, match, tmp_path, capsys):
     assert cli_main(["fid-sample", "--device", "cpu", "--out", out, *args]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+REUSE_TOML = """[reuse]
+schedule = "constant"
+warmup_frac = 0.0
+granularity = "attention"
+forecast_order = 2
+refresh_interval = 3
+max_staleness = 2
+cfg_share = "cond_to_uncond"
+cfg_share_from = 0.5
+"""
+
+
+def test_fid_sample_on_the_graph_executor_equals_patch(model_dir, tmp_path, monkeypatch, capsys):
+    """fid-sample --executor graph (world size 1, torchrun's environment): the patch executor's images within 1e-5; the
+    default on the CPU is patch; under torchrun itself the merged uint8 samples are the graph run's."""
+    config = tmp_path / "reuse.toml"
+    config.write_text(REUSE_TOML)
+    real, drawn = dqar.generate.generate, {}
+
+    def recording(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        drawn.setdefault(kwargs["executor"], []).append(gen)
+        return gen
+
+    monkeypatch.setattr(dqar.generate, "generate", recording)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    args = ["fid-sample", "--model", str(model_dir), "--num-samples", "4", "--batch-size", "2", "--steps", "6", "--cfg", "4",
+            "--seed", "5", "--config", str(config), "--device", "cpu", "--quiet"]
+    out = {}
+    for executor in ("graph", "patch", None):
+        out[executor] = tmp_path / f"{executor}.npz"
+        capsys.readouterr()
+        assert cli_main([*args, "--out", str(out[executor]), *(["--executor", executor] if executor else [])]) == 0
+        assert f"drawn on the {executor or 'patch'} executor" in capsys.readouterr().out
+    graph, patch = drawn["graph"], drawn["patch"]
+    assert [g.executor for g in graph] == ["graph"] * 2 and [g.executor for g in drawn["auto"]] == ["patch"] * 2
+    assert all(g.stats.graphs > 0 and g.stats.reused > 0 and g.stats.cfg_shared > 0 and g.stats.forecasts > 0 for g in graph)
+    for g, p in zip(graph, patch):
+        torch.testing.assert_close(g.output.images, p.output.images, atol=1e-5, rtol=0)
+        assert g.stats.reuse_mask == p.stats.reuse_mask and g.stats.cfg_shared == p.stats.cfg_shared
+    with np.load(out["graph"]) as g, np.load(out["patch"]) as p, np.load(out[None]) as a:
+        assert np.abs(g["arr_0"].astype(int) - p["arr_0"]).max() <= 1  # uint8 rounding of values 1e-5 apart
+        assert np.array_equal(a["arr_0"], p["arr_0"])
+
+    # the same job under torchrun, one rank, on the graph executor
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "dqar.cli", *args,
+           "--executor", "graph", "--out", str(tmp_path / "torchrun.npz")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "with 1 rank(s)" in proc.stdout and "drawn on the graph executor" in proc.stdout
+    with np.load(tmp_path / "torchrun.npz") as t, np.load(out["graph"]) as g:
+        assert np.abs(t["arr_0"].astype(int) - g["arr_0"]).max() <= 1
+
+
+def test_fid_sample_refuses_an_unknown_executor(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own one-line error
+        cli_main(["fid-sample", "--model", str(model_dir), "--num-samples", "2", "--out", str(tmp_path / "s.npz"),
+                  "--device", "cpu", "--executor", "jit"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'jit'" in err and "auto" in err and err.count("\n") == 1
+    with pytest.raises(DqarError, match="unknown executor 'jit'"):
+        run_job(job(model_dir, tmp_path / "j.npz", executor="jit"))

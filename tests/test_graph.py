@@ -228,3 +228,24 @@ def test_dqar_sample_runs_the_graph_executor_and_refuses_what_it_cannot_run(tmp_
     assert cli_main([*common, "--preset", "gate", "--executor", "graph", "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "patch" in err
+
+
+def test_dqar_sample_default_executor_is_auto_and_printed(tmp_path, capsys, monkeypatch):
+    """`dqar sample` without --executor: patch on the CPU, graph where the parameters are on CUDA (check monkeypatched)."""
+    import json
+
+    import dqar.engine.api as api
+    from dqar.cli import main as cli_main
+    from dqar.models import save_pipeline_folder
+
+    folder = save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_layers=2, num_classes=10, in_channels=1, learned_sigma=False))
+    common = ["sample", "--model", str(folder), "--steps", "6", "--classes", "0", "--preset", "quant_cache_only", "--quiet"]
+    seen = {}
+    for name, cuda in (("cpu", False), ("cuda", True)):
+        monkeypatch.setattr(api, "on_cuda", lambda transformer, cuda=cuda: cuda)
+        capsys.readouterr()
+        assert cli_main([*common, "--out", str(tmp_path / name)]) == 0
+        record = json.loads((tmp_path / name / "stats.json").read_text())
+        seen[name] = record["executor"], record["stats"]["graphs"], capsys.readouterr().out
+    assert seen["cpu"][:2] == ("patch", 0) and "on the patch executor" in seen["cpu"][2]
+    assert seen["cuda"][0] == "graph" and seen["cuda"][1] > 0 and "on the graph executor" in seen["cuda"][2]

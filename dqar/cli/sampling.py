@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dqar.engine.api import ALL_EXECUTORS
+from dqar.engine.api import EXECUTOR_CHOICES
 from dqar.cli.common import class_labels, load, model_args, quiet_arg, run_config, sampling_args, writable_file, writable_folder
 from dqar.errors import DqarError
 
@@ -19,14 +19,13 @@ def cmd_sample(args) -> int:
     loaded = load(args)
     labels = class_labels(args.classes, loaded)
     start = time.perf_counter()
-    executor = None if args.executor == "patch" else args.executor
-    gen = generate(loaded, labels, run, executor=executor, progress=not args.quiet)
+    gen = generate(loaded, labels, run, executor=args.executor, progress=not args.quiet)
     seconds = time.perf_counter() - start
     save_samples(gen.output.images, labels, out, scale=1 if gen.output.images.shape[-1] >= 128 else 4)
-    record = {"model": loaded.name, "labels": labels, "config": run.to_dict(), "seconds": seconds,
+    record = {"model": loaded.name, "labels": labels, "config": run.to_dict(), "seconds": seconds, "executor": gen.executor,
               "stats": gen.stats.to_dict() if gen.stats else None}
     atomic_write_json(out / "stats.json", record)
-    reuse = f", reuse {100 * gen.stats.reuse_fraction:.1f}%" if gen.stats else ""
+    reuse = f", reuse {100 * gen.stats.reuse_fraction:.1f}% on the {gen.executor} executor" if gen.stats else ", no reuse"
     print(f"wrote {len(labels)} samples to {out} in {seconds:.1f}s{reuse}")
     return 0
 
@@ -37,11 +36,16 @@ def sample_parser(sub) -> None:
     p.add_argument("--classes", nargs="+", default=None, help="class ids or names (default: one per class, or 8 ImageNet classes)")
     sampling_args(p)
     p.add_argument("--out", default="results/sample", help="output folder")
-    p.add_argument("--executor", default="patch", choices=ALL_EXECUTORS,
-                   help="patch (default: every option), fused / compiled (pure DiT block functions), graph (one compiled "
-                        "graph per plan row; plans only)")
+    executor_arg(p)
     quiet_arg(p)
     p.set_defaults(func=cmd_sample)
+
+
+def executor_arg(p) -> None:
+    p.add_argument("--executor", default="auto", choices=EXECUTOR_CHOICES,
+                   help="auto (default: graph on CUDA where it runs the config, else patch; not graph on a CPU, where it "
+                        "compiles for 30-150 s per configuration), patch (every option), fused / compiled (pure DiT block "
+                        "functions), graph (one compiled graph per plan row and CFG share; plans only)")
 
 
 def cmd_fid_sample(args) -> int:
@@ -49,13 +53,14 @@ def cmd_fid_sample(args) -> int:
 
     job = FidSampleJob(out=Path(args.out), num_samples=args.num_samples, batch_size=args.batch_size, run=run_config(args),
                        model=args.model, classes=tuple(args.classes) if args.classes else None, device=args.device,
-                       dtype=args.dtype, keep_shards=args.keep_shards, progress=not args.quiet)
+                       dtype=args.dtype, keep_shards=args.keep_shards, progress=not args.quiet, executor=args.executor)
     start = time.perf_counter()
     record = run_job(job)
     if record:  # rank 0
+        drawn = f", drawn on the {record['rank0_executor']} executor" if record["rank0_executor"] else ""
         print(f"wrote {record['num_samples']} samples {tuple(record['image_shape'])} to {args.out} "
               f"with {record['world_size']} rank(s) in {time.perf_counter() - start:.1f}s "
-              f"({record['rank0_resumed']} of rank 0's {record['rank0_batches']} batches resumed)")
+              f"({record['rank0_resumed']} of rank 0's {record['rank0_batches']} batches resumed{drawn})")
     return 0
 
 
@@ -70,6 +75,7 @@ def fid_sample_parser(sub) -> None:
     sampling_args(p)
     p.add_argument("--out", required=True, help="merged .npz (arr_0 uint8 (N, H, W, C), labels); parts in <out>.shards/")
     p.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after merging")
+    executor_arg(p)
     quiet_arg(p)
     p.set_defaults(func=cmd_fid_sample)
 

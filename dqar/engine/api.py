@@ -8,14 +8,16 @@ import torch
 from dqar.engine.config import ReuseConfig, RunConfig, preset
 from dqar.engine.decider import Decider, PlanDecider
 from dqar.engine.gate import GateDecider
-from dqar.engine.graph import GraphEngine
+from dqar.engine.graph import GraphEngine, check_graph_supported
 from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
 from dqar.engine.reuse import EXECUTORS, ReuseEngine
+from dqar.engine.signals import Needs
 from dqar.engine.stats import ReuseStats
 
 ALL_EXECUTORS = (*EXECUTORS, "graph")  # "graph": dqar.engine.graph.GraphEngine
+EXECUTOR_CHOICES = ("auto", *ALL_EXECUTORS)  # "auto" (the default): resolve_executor picks graph or patch
 
 
 def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
@@ -48,16 +50,39 @@ def _split(model: Any) -> tuple[torch.nn.Module, Any]:
     raise DqarError(f"cannot enable reuse on a {type(model).__name__}", "pass a diffusers DiTPipeline or DiTTransformer2DModel")
 
 
+def on_cuda(transformer: torch.nn.Module) -> bool:
+    """Whether the model's parameters are on a CUDA device (where "auto" may pick the graph executor)."""
+    param = next(transformer.parameters(), None)
+    return param is not None and param.device.type == "cuda"
+
+
+def resolve_executor(transformer: torch.nn.Module, cfg: ReuseConfig, decider) -> str:
+    """What "auto" runs: "graph" on CUDA where the graph executor supports the config and decider, else "patch".
+
+    Not "graph" on the CPU: there it compiles for 30-150 s per configuration (docs/BENCHMARKS.md, "Graph executor").
+    """
+    if not on_cuda(transformer):
+        return "patch"
+    try:
+        check_graph_supported(cfg, getattr(decider, "needs", None) or Needs(), list(getattr(transformer, "transformer_blocks", [])),
+                              transformer)
+    except DqarError:
+        return "patch"
+    return "graph"
+
+
 class ReuseHandle:
     """A live attachment. Inside a stock `DiTPipeline` call, each new `set_timesteps` starts a fresh generation."""
 
     def __init__(self, model: Any, config: ReuseConfig | RunConfig | str | None = None, *, plan: Plan | None = None, decider=None,
-                 key: dict | None = None, executor: str = "patch"):
+                 key: dict | None = None, executor: str = "auto"):
         transformer, scheduler = _split(model)
         self.config = _resolve_config(config)
-        if executor not in ALL_EXECUTORS:
-            raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(ALL_EXECUTORS)}")
+        if executor not in EXECUTOR_CHOICES:
+            raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTOR_CHOICES)}")
         decider = decider or make_decider(self.config, key, plan)
+        if executor == "auto":
+            executor = resolve_executor(transformer, self.config, decider)
         if executor == "graph":
             self._engine = GraphEngine(transformer, self.config, decider, scheduler)
         else:
@@ -90,6 +115,11 @@ class ReuseHandle:
         return getattr(self._engine.decider, "plan", None)
 
     @property
+    def executor(self) -> str:
+        """The executor running this handle ("auto" resolved): "patch", "fused", "compiled" or "graph"."""
+        return self._engine.executor
+
+    @property
     def engine(self) -> ReuseEngine:
         return self._engine
 
@@ -108,9 +138,11 @@ class ReuseHandle:
 def enable(model: Any, config: ReuseConfig | RunConfig | str | None = None, **kwargs) -> ReuseHandle:
     """Attach reuse to a `DiTPipeline` or `DiTTransformer2DModel`; default config is the `full_dqar` preset.
 
-    `executor="patch"` (default) wraps each block's `attn1` (or the block) and works with every option;
-    `"fused"` runs DiT blocks as pure functions with the decision outside; `"compiled"` additionally
-    compiles them with `torch.compile` — a bounded set of graphs shared by all blocks and evaluations;
-    `"graph"` runs a whole evaluation as one compiled graph per distinct plan row (CUDA graphs on CUDA).
+    `executor="auto"` (default): "graph" when the model is on CUDA and the graph executor runs the config
+    and decider, else "patch" (`resolve_executor`; `handle.executor` says which). `"patch"` wraps each
+    block's `attn1` (or the block) and works with every option; `"fused"` runs DiT blocks as pure
+    functions with the decision outside; `"compiled"` additionally compiles them with `torch.compile` —
+    a bounded set of graphs shared by all blocks and evaluations; `"graph"` runs a whole evaluation as
+    one compiled graph per distinct (plan row, CFG share) pattern (CUDA graphs on CUDA).
     """
     return ReuseHandle(model, config, **kwargs)

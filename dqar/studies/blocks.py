@@ -135,7 +135,7 @@ def peer_case(entry: G.Entry, row) -> Case:
 def bind(case: Case, loaded, labels) -> None:
     """Set the case's timed call: its run with diagnostics off, on its executor."""
     timed = timed_run(case.run)
-    executor = case.executor if case.executor in COMPILED else None  # None: patch; nothing attached without reuse
+    executor = case.executor if case.executor in COMPILED else "patch"  # patch: nothing attached without reuse
     case.fn = lambda: generate(loaded, labels, timed, executor=executor)
 
 
@@ -158,7 +158,7 @@ def diagnose(case: Case, loaded, labels) -> bool:
     """Reuse stats from an untimed run with diagnostics on, where the timed run had them off; True when one ran."""
     if case.executor == "peer" or timed_run(case.run) == case.run:
         return False
-    gen = generate(loaded, labels, case.run, executor=case.executor if case.executor in COMPILED else None)
+    gen = generate(loaded, labels, case.run, executor=case.executor if case.executor in COMPILED else "patch")
     case.stats = gen.stats
     return True
 

@@ -60,6 +60,7 @@ class FidSampleJob:
     dtype: str = "auto"  # auto | fp32 | fp16 | bf16
     keep_shards: bool = False  # keep `<out>.shards/` after a successful merge
     progress: bool = True  # progress bar on rank 0
+    executor: str = "auto"  # as dqar.enable takes it; "auto": graph on CUDA where it runs the config, else patch
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,15 @@ class ShardReport:
     batches: int  # parts this rank owns
     resumed: int  # parts found on disk and reused
     seconds: float
+    executor: str | None = None  # the executor that drew this rank's new parts ("auto" resolved; None: none drawn or no reuse)
 
 
 def check_job(job: FidSampleJob) -> None:
-    """Reject bad sizes and unwritable outputs before any model is loaded."""
+    """Reject bad sizes, an unknown executor and unwritable outputs before any model is loaded."""
+    from dqar.engine.api import EXECUTOR_CHOICES
+
+    if job.executor not in EXECUTOR_CHOICES:
+        raise DqarError(f"unknown executor '{job.executor}'", f"choose one of: {', '.join(EXECUTOR_CHOICES)}")
     for name, value in (("num-samples", job.num_samples), ("batch-size", job.batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise DqarError(f"--{name} = {value!r} is invalid", "use an integer >= 1")
@@ -137,7 +143,7 @@ def read_part(path: Path, indices: np.ndarray) -> dict | None:
 def _manifest(job: FidSampleJob, loaded, classes: list[int]) -> dict:
     """Everything that decides the pixels of sample i (not the rank count or the batch size)."""
     return {"model": loaded.name, "num_samples": job.num_samples, "classes": classes,
-            "dtype": str(loaded.transformer.dtype), "config": job.run.to_dict()}
+            "dtype": str(loaded.transformer.dtype), "executor": job.executor, "config": job.run.to_dict()}
 
 
 def check_manifest(job: FidSampleJob, manifest: dict, rank: Rank) -> None:
@@ -167,19 +173,20 @@ def generate_shard(job: FidSampleJob, loaded, labels: np.ndarray, rank: Rank) ->
     from dqar.images import to_uint8
 
     parts = rank_parts(job.num_samples, rank.rank, rank.world, job.batch_size)
-    start, resumed = time.perf_counter(), 0
+    start, resumed, executor = time.perf_counter(), 0, None
     bar = tqdm(total=len(parts), disable=not (job.progress and rank.rank == 0), desc=f"rank 0 of {rank.world}", unit="batch")
     for k, idx in enumerate(parts):
         path = part_path(job.out, rank.rank, k)
         if read_part(path, idx) is not None:
             resumed += 1
         else:
-            gen = generate(loaded, labels[idx].tolist(), job.run, generator=_generators(idx, job.run.sample.seed))
+            gen = generate(loaded, labels[idx].tolist(), job.run, executor=job.executor, generator=_generators(idx, job.run.sample.seed))
+            executor = gen.executor
             images = to_uint8(gen.output.images)  # (B, H, W, C) uint8
             atomic_write_npz(path, arr_0=images, labels=labels[idx], indices=idx)
         bar.update(1)
     bar.close()
-    return ShardReport(batches=len(parts), resumed=resumed, seconds=time.perf_counter() - start)
+    return ShardReport(batches=len(parts), resumed=resumed, seconds=time.perf_counter() - start, executor=executor)
 
 
 def merge_shards(job: FidSampleJob, labels: np.ndarray, world: int) -> np.ndarray:
@@ -254,7 +261,7 @@ def run_job(job: FidSampleJob) -> dict:
             images = merge_shards(job, labels, rank.world)
             record = {"out": str(job.out), "num_samples": job.num_samples, "image_shape": list(images.shape[1:]),
                       "world_size": rank.world, "batch_size": job.batch_size, "rank0_batches": report.batches,
-                      "rank0_resumed": report.resumed, "rank0_seconds": round(report.seconds, 3),
+                      "rank0_resumed": report.resumed, "rank0_seconds": round(report.seconds, 3), "rank0_executor": report.executor,
                       **_manifest(job, loaded, classes), "labels": "classes[i % len(classes)]", "seeds": "seed + i"}
             atomic_write_json(Path(job.out).with_suffix(".json"), record)
             if not job.keep_shards:

@@ -46,7 +46,7 @@ def _has_run(rec: dict, need: int) -> bool:
 
 def _images(rec: dict, run, ctx: dict):
     executor = rec["measurements"].get("executor")
-    executor = executor if executor in COMPILED else None
+    executor = executor if executor in COMPILED else "patch"  # the record's executor, not generate's default
     make = lambda r: generate(ctx["loaded"], ctx["labels"], timed_run(r), executor=executor)  # noqa: E731
     bar = ctx["bars"]
     bar.start(f"fidelity {rec['name']}", ctx["chunks"])
