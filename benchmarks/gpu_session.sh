@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# One short GPU session, as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
-#   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256)
-#      and score 100 samples per class of it (DDIM 50, CFG 4) with the shipped classifier;
-#      the shipped weights came from TRAIN_MIN=4 (docs/EMBEDDED.md);
-#   2. `dqar bench` DiT-XL/2-256 with random weights at batch 8, then at batches 1 and 32; the rows include the
-#      graph executor (noreuse_graph, <preset>_graph: one CUDA graph per plan row, compile + capture in their stats).
-# Each stage has its own time limit, so one slow stage does not cost the others.
+# One GPU session, at most 8 minutes (BUDGET seconds) on one H200, as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
+#   0. the environment: card, driver, memory, torch / diffusers / CUDA versions, the date (env.txt);
+#   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256) and score 100
+#      samples per class (DDIM 50, CFG 4) with the shipped classifier; the shipped weights came from TRAIN_MIN=4
+#      (docs/EMBEDDED.md) — outside the 8-minute bench budget;
+#   2. `dqar bench` on DiT-XL/2-256 with random weights at batch 8, every row, in two calls (each with its own stock eager
+#      and stock compiled rows, so every ratio is within one call's rounds): (a) dqar no reuse on its three executors,
+#      full_dqar and quant_cache_only (attention-only, 40% of the cells reused) on every executor; (b) the four diffusers
+#      peers, each under torch.compile where it tolerates it;
+#   3. batches 1, 32 and 64 with fewer rows (stock, no reuse / full_dqar / quant_cache_only on graph, two peers);
+#   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows.
+# Each stage runs under `timeout` with its share of the budget; a killed stage keeps the batch sizes it finished (bench
+# writes after every batch) and the next stage still runs. Raw JSON and Markdown go to $OUT.
 # Usage: OUT=results/gpu bash benchmarks/gpu_session.sh
-# Smoke run on a CPU: OUT=/tmp/s DEVICE=cpu TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded STEPS=4 bash benchmarks/gpu_session.sh
+# Smoke run on a CPU (no compiling: graph compiles take minutes there):
+#   OUT=/tmp/s DEVICE=cpu TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-results/gpu}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
@@ -15,17 +22,40 @@ DEVICE=${DEVICE:-cuda}
 TRAIN_MIN=${TRAIN_MIN:-0}
 PER_CLASS=${PER_CLASS:-100}
 MODEL=${MODEL:-random-dit-xl2}
+MODEL512=${MODEL512:-random-dit-xl2-512}
 STEPS=${STEPS:-50}
+REPEATS=${REPEATS:-3}
+BATCH=${BATCH:-8}
+SMALL=${SMALL:-1 32 64}
+EXTRA=${EXTRA:-}  # more flags for every bench call (the CPU smoke: --no-compile)
+BUDGET=${BUDGET:-470}  # seconds for the bench stages together (<= 480 with the environment stage)
 PY=${PY:-python3}
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+START=$(date +%s)
 
 stage() { echo "== $(date -u +%H:%M:%S) $*"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+# bench NAME SECONDS ARGS...: one dqar bench call under `timeout` (at most what is left), its JSON and Markdown copied to $OUT
+bench() {
+    local name=$1 limit=$2; shift 2
+    local rest; rest=$(left); [ "$limit" -gt "$rest" ] && limit=$rest
+    if [ "$limit" -le 10 ]; then echo "skipped $name: budget spent"; return; fi
+    stage "bench $name (limit ${limit}s)"
+    timeout "$limit" $PY -m dqar.cli bench --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" --out "$WORK/$name" --quiet "$@" \
+        > "$WORK/$name.log" 2>&1; echo "exit $? after $(( $(date +%s) - START ))s"
+    tail -n 3 "$WORK/$name.log"
+    for f in bench.json bench.md; do [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/${name}_$f"; done
+    cp "$WORK/$name.log" "$OUT/$name.log"
+}
 
 stage environment
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
-$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
+{
+    date -u +"date %Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    $PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
+} | tee "$OUT/env.txt"
 
 if [ "$TRAIN_MIN" != 0 ]; then
 stage train the embedded DiT
@@ -37,13 +67,17 @@ cp "$WORK/emb/transformer/"* "$OUT/emb/transformer/" && cp "$WORK/emb/train_log.
 stage quality check
 cp dqar/embedded/weights/classifier.* dqar/embedded/weights/fmnist_test_stats.npz "$WORK/emb/"
 timeout 60 $PY -m dqar.embedded.check --folder "$WORK/emb" --per-class "$PER_CLASS" --device "$DEVICE" | tee "$OUT/check.json"
+START=$(date +%s)  # the bench budget starts after training
 fi
 
-stage bench batch 8
-timeout 290 $PY -m dqar.cli bench --model "$MODEL" --device "$DEVICE" --batch-sizes 8 --presets scheduling_only quant_cache_only full_dqar block_reuse --steps "$STEPS" --out "$WORK/b8" --quiet
-cp "$WORK/b8/bench.json" "$OUT/bench_b8.json"
-
-stage bench batch 1 and 32
-timeout 150 $PY -m dqar.cli bench --model "$MODEL" --device "$DEVICE" --batch-sizes 1 32 --presets full_dqar block_reuse --steps "$STEPS" --out "$WORK/b132" --quiet
-cp "$WORK/b132/bench.json" "$OUT/bench_b1_b32.json"
-stage done
+# the fewer rows: stock eager / compiled, and on the graph executor no reuse and the two presets; two peers
+FEW=(--presets full_dqar quant_cache_only --executors graph --peers first_block_cache taylorseer)
+# shellcheck disable=SC2086
+bench b${BATCH}_256_dqar 200 --model "$MODEL" --batch-sizes "$BATCH" --presets full_dqar quant_cache_only --peers $EXTRA
+# shellcheck disable=SC2086
+bench b${BATCH}_256_peers 110 --model "$MODEL" --batch-sizes "$BATCH" --cases 'stock_*' 'peer_*' $EXTRA
+# shellcheck disable=SC2086
+bench small_256 100 --model "$MODEL" --batch-sizes $SMALL "${FEW[@]}" $EXTRA
+# shellcheck disable=SC2086
+bench b${BATCH}_512 60 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
+stage "done after $(( $(date +%s) - START ))s of the ${BUDGET}s bench budget"

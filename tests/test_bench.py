@@ -94,7 +94,13 @@ def test_gpu_session_script_parses_and_names_existing_commands():
     text = script.read_text()
     for module in ("dqar.embedded.train", "dqar.embedded.check", "dqar.cli"):
         assert f"-m {module}" in text and importlib.util.find_spec(module) is not None
-    assert text.count("timeout ") >= 4  # every stage bounded
+    import re
+
+    assert 'timeout "$limit"' in text and text.count("\nbench ") == 4  # every bench stage bounded, by what is left
+    limits = [int(m) for m in re.findall(r"^bench \S+ (\d+) ", text, re.M)]
+    assert int(re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", text).group(1)) <= 480 and sum(limits) <= 480
+    for flag in ("--peers", "--cases", "--executors", "random-dit-xl2-512", "nvidia-smi", "torch.__version__", "date -u"):
+        assert flag in text
 
 
 def _tiny_bench(**kw):
