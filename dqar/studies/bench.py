@@ -196,7 +196,7 @@ def compiled_transformer(transformer):
 
 
 def _specs(s: BenchSettings):
-    """(name, kind, builder) of every case the settings ask for; kind: stock | eager | compiled | graph | peer."""
+    """(name, kind, builder) of every case the settings name; kind: stock | stock_compiled | eager | compiled | graph | peer."""
     off = ReuseConfig(enabled=False)
     yield STOCK_EAGER, "stock", lambda b: _stock(b, False)
     yield STOCK_COMPILED, "stock_compiled", lambda b: _stock(b, True)
