@@ -265,3 +265,21 @@ def test_shipped_policy_loads_and_is_small():
     ckpt = load_policy(path)
     assert path.stat().st_size < 64_000 and num_parameters(ckpt.net) < 500_000
     assert ckpt.meta["model"] == "embedded" and ckpt.meta["num_layers"] == 8 and ckpt.meta["max_age"] == 3
+
+
+def test_policy_study_at_a_forecast_order_runs_every_method_at_that_order(tmp_path, single_thread):
+    from dqar.studies.policy_eval import EvaluateSettings, run_policy_study, write_policy_section
+
+    def study(order):
+        s = EvaluateSettings(samples=2, steps=6, targets=(0.3,), probe_samples=1, probe_iterations=1, calib_samples=1,
+                             forecast_order=order, out_dir=str(tmp_path))
+        with torch.no_grad():
+            return run_policy_study(s, progress=False)
+
+    quad = study(2)
+    assert {r["config"]["forecast_order"] for r in quad["rows"]} == {2}  # policy, gate, calibrated and distilled plans, static
+    assert {r["family"] for r in quad["rows"]} == {"policy", "policy_plan", "gate_snr", "gate_entropy", "calibrated", "static"}
+    doc = write_policy_section(quad, tmp_path)
+    assert "## Learned policy at forecast order 2" in doc.read_text() and (tmp_path / "fidelity_policy_order2.json").is_file()
+    with pytest.raises(DqarError, match="forecast_order = 3"):
+        EvaluateSettings(forecast_order=3)

@@ -62,16 +62,34 @@ class EvaluateSettings:
     calib_seed: int = 10_000
     out_dir: str = "docs"
     model: str | None = None  # None: the embedded model
+    forecast_order: int = 0  # every method reuses at this forecast order (the policy should be trained on its labels)
 
     def __post_init__(self) -> None:
+        if self.forecast_order not in (0, 1, 2):
+            raise DqarError(f"forecast_order = {self.forecast_order!r} is invalid", "use --forecast-order 0, 1 or 2")
         if self.samples < 2 or self.probe_samples < 1 or self.calib_samples < 1 or self.probe_iterations < 1:
             raise DqarError("the study needs >= 2 samples, >= 1 probe and calibration sample, >= 1 probe iteration",
                             "raise --samples / --probe-samples / --calib-samples")
         if not self.targets or any(not 0 < t < 1 for t in self.targets):
             raise DqarError(f"targets {self.targets} are invalid", "use reuse fractions in (0, 1), e.g. --targets 0.3 0.45 0.6")
 
+    @property
+    def dynamic(self) -> dict:
+        """What policy, gate, calibrated plans and static schedules share."""
+        return {**DYNAMIC, "forecast_order": self.forecast_order}
+
     def run(self, seed: int, reuse: ReuseConfig = ReuseConfig(enabled=False)) -> RunConfig:
         return RunConfig(reuse=reuse, sample=SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler, seed=seed))
+
+
+def section_for(order: int) -> str:
+    """The FIDELITY.md section of a study at `order` (order 0 keeps the shipped policy's section)."""
+    return SECTION if not order else f"{SECTION} at forecast order {order}"
+
+
+def stem_for(order: int) -> str:
+    """File name stem of the study's plot and JSON at `order`."""
+    return "fidelity_policy" + (f"_order{order}" if order else "")
 
 
 # ----- knobs ---------------------------------------------------------------------------------------
@@ -93,13 +111,14 @@ class Knob:
         return (math.log(self.lo), math.log(self.hi)) if self.space == "log" else (self.lo, self.hi)
 
 
-def knobs(policy: str) -> list[Knob]:
+def knobs(policy: str, order: int = 0) -> list[Knob]:
+    dyn = {**DYNAMIC, "forecast_order": order}
     return [
-        Knob("policy", 1e-5, 1.0, "log", lambda v: ReuseConfig(**DYNAMIC, policy=policy, policy_threshold=v),
+        Knob("policy", 1e-5, 1.0, "log", lambda v: ReuseConfig(**dyn, policy=policy, policy_threshold=v),
              lambda v: f"threshold {v:.4f}"),
-        Knob("gate_snr", 1e-5, 1e5, "log", lambda v: ReuseConfig(**DYNAMIC, gate=True, entropy_tau=1.0, snr_max=v),
+        Knob("gate_snr", 1e-5, 1e5, "log", lambda v: ReuseConfig(**dyn, gate=True, entropy_tau=1.0, snr_max=v),
              lambda v: f"τ 1, SNR ≤ {v:.3g}"),
-        Knob("gate_entropy", 0.0, 1.0, "linear", lambda v: ReuseConfig(**DYNAMIC, gate=True, entropy_tau=v, snr_max=1e9),
+        Knob("gate_entropy", 0.0, 1.0, "linear", lambda v: ReuseConfig(**dyn, gate=True, entropy_tau=v, snr_max=1e9),
              lambda v: f"τ {v:.4f}, SNR open"),
     ]
 
@@ -117,22 +136,23 @@ def search(knob: Knob, target: float, reuse_of: Callable[[ReuseConfig], float], 
     return best
 
 
-def static_grid() -> list[tuple[str, ReuseConfig]]:
+def static_grid(order: int = 0) -> list[tuple[str, ReuseConfig]]:
     out = []
     for sched in ("constant", "linear"):
         for refresh in (2, 3, 4):
             for warm in (0.0, 0.1, 0.2, 0.3):
                 for cool in (0.0, 0.1, 0.2):
-                    cfg = ReuseConfig(schedule=sched, refresh_interval=refresh, max_staleness=3, warmup_frac=warm, cooldown_frac=cool)
+                    cfg = ReuseConfig(schedule=sched, refresh_interval=refresh, max_staleness=3, warmup_frac=warm, cooldown_frac=cool,
+                                      forecast_order=order)
                     out.append((f"{sched}, refresh {refresh}, warmup {warm:.0%}, cooldown {cool:.0%}", cfg))
     return out
 
 
-def static_choices(steps: int, layers: int, target: float) -> list[tuple[str, ReuseConfig, float]]:
+def static_choices(steps: int, layers: int, target: float, order: int = 0) -> list[tuple[str, ReuseConfig, float]]:
     """The grid configurations whose plans come closest to `target`: one without and one with a cooldown."""
     from dqar.engine.plan import build_plan
 
-    scored = [(name, cfg, build_plan(cfg, steps, layers).reuse_fraction) for name, cfg in static_grid()]
+    scored = [(name, cfg, build_plan(cfg, steps, layers).reuse_fraction) for name, cfg in static_grid(order)]
     out = []
     for cooled in (False, True):
         pool = [s for s in scored if (s[1].cooldown_frac > 0) == cooled]
@@ -171,18 +191,19 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     layers = len(loaded.transformer.transformer_blocks)
     labels = cycle_labels(loaded.num_classes, settings.samples)
     n_static = 2
-    total = 2 + len(settings.targets) * (len(knobs(policy)) * (1 + settings.probe_iterations) + 2 + n_static)
+    order = settings.forecast_order
+    total = 2 + len(settings.targets) * (len(knobs(policy, order)) * (1 + settings.probe_iterations) + 2 + n_static)
     rows: list[dict] = []
     with tqdm(total=total, desc="policy study", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
         study = Study(loaded, make_reference(loaded, labels, settings.run(settings.seed), embedded_classifier()), Path(tmp))
         bar.update(1)
         calib_labels = cycle_labels(loaded.num_classes, settings.calib_samples)
-        trace = record_trace(loaded, calib_labels, settings.run(settings.calib_seed, ReuseConfig(**DYNAMIC)))
+        trace = record_trace(loaded, calib_labels, settings.run(settings.calib_seed, ReuseConfig(**settings.dynamic)))
         bar.update(1)
         baseline = baseline_row({"family": "baseline", "name": "no reuse"}, COLUMNS, study.reference)
         reuse_of = probe_reuse(loaded, settings)
         for target in settings.targets:
-            for knob in knobs(policy):
+            for knob in knobs(policy, order):
                 bar.set_postfix_str(f"{knob.family} @ {target:.0%}")
                 value, probe = search(knob, target, lambda cfg: (bar.update(1), reuse_of(cfg))[1], settings.probe_iterations)
                 rows.append(measure(study, settings, knob.family, knob.label(value), knob.make(value), target,
@@ -192,14 +213,15 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
                     plan = distill_plan(loaded, calib_labels, settings.run(settings.calib_seed, knob.make(value)))
                     path = study.save_plan(plan, f"distilled_{round(100 * target)}")
                     rows.append(measure(study, settings, "policy_plan", f"{knob.label(value)}, decisions on the calibration samples",
-                                        ReuseConfig(plan_file=path), target, {"knob": value}))
+                                        ReuseConfig(plan_file=path, forecast_order=order), target, {"knob": value}))
                     bar.update(1)
-            key = plan_key(loaded.name, settings.run(settings.seed))
+            key = plan_key(loaded.name, settings.run(settings.seed, ReuseConfig(**settings.dynamic)))
             plan = derive_plan(trace.change, target_fraction=target, max_staleness=DYNAMIC["max_staleness"], key=key)
             path = study.save_plan(plan, f"plan_{round(100 * target)}")
-            rows.append(measure(study, settings, "calibrated", f"target {target:.0%}", ReuseConfig(plan_file=path), target))
+            rows.append(measure(study, settings, "calibrated", f"target {target:.0%}", ReuseConfig(plan_file=path, forecast_order=order),
+                                target))
             bar.update(1)
-            for name, cfg, _ in static_choices(settings.steps, layers, target):
+            for name, cfg, _ in static_choices(settings.steps, layers, target, order):
                 rows.append(measure(study, settings, "static", name, cfg, target))
                 bar.update(1)
     return {"settings": asdict(settings), "policy": policy, "policy_meta": ckpt.meta, "model": loaded.name,
@@ -277,12 +299,13 @@ def _training_lines(report: dict | None) -> list[str]:
 def markdown(result: dict, report: dict | None, plot_name: str) -> str:
     s, b, v = result["settings"], result["baseline"], result["verdict"]
     lines = [
-        f"## {SECTION}",
+        f"## {section_for(s.get('forecast_order', 0))}",
         "",
         f"Produced by `dqar policy evaluate` on the {result['model']} model with the policy `{Path(result['policy']).name}`: "
         f"{s['samples']} samples (labels cycling over the classes, seeds {s['seed']}…{s['seed'] + s['samples'] - 1} — none used "
         f"to train, validate or tune anything), {s['sampler'].upper()} {s['steps']} steps, CFG {s['cfg']}. Policy, gate and "
-        "calibrated plans share: every layer eligible, no warmup (evaluation 0 computes), refresh 4, max staleness 3. Knobs were "
+        "calibrated plans share: every layer eligible, no warmup (evaluation 0 computes), refresh 4, max staleness 3"
+        + (f", forecast order {s['forecast_order']} (static schedules too)" if s.get("forecast_order") else "") + ". Knobs were "
         f"set per target reuse by {s['probe_iterations']} bisection steps on {s['probe_samples']} probe samples (seeds "
         f"{s['probe_seed']}+); calibrated plans come from a full-compute trace of {s['calib_samples']} samples (seeds "
         f"{s['calib_seed']}+, the policy's training range); static schedules are the grid configurations (constant/linear, "
@@ -332,11 +355,13 @@ def write_policy_section(result: dict, out_dir: str | Path) -> Path:
     from dqar.reporting.documents import write_section
 
     out = Path(out_dir)
-    plot(result, out / "fidelity_policy.png")
-    atomic_write_json(out / "fidelity_policy.json", result)
+    order = result["settings"].get("forecast_order", 0)
+    stem = stem_for(order)
+    plot(result, out / f"{stem}.png")
+    atomic_write_json(out / f"{stem}.json", result)
     side = Path(result["policy"]).with_suffix(".json")
     report = json.loads(side.read_text()) if side.is_file() else None
-    return write_section(out / "FIDELITY.md", SECTION, markdown(result, report, "fidelity_policy.png"))
+    return write_section(out / "FIDELITY.md", section_for(order), markdown(result, report, f"{stem}.png"))
 
 
 # ----- command line ----------------------------------------------------------------------------------
@@ -353,6 +378,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-iterations", type=int, default=d.probe_iterations, help=f"bisection steps (default {d.probe_iterations})")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help=f"calibration images (default {d.calib_samples})")
     p.add_argument("--out", default=d.out_dir, help=f"folder of FIDELITY.md, the plot and the JSON (default {d.out_dir})")
+    p.add_argument("--forecast-order", type=int, default=d.forecast_order,
+                   help="every method reuses at this forecast order; its own FIDELITY.md section (default 0: the shipped policy's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -364,14 +391,14 @@ def run_command(args) -> int:
 
     s = EvaluateSettings(policy=args.policy, model=args.model, samples=args.samples, seed=args.seed, steps=args.steps, cfg=args.cfg,
                          targets=tuple(args.targets), probe_samples=args.probe_samples, probe_iterations=args.probe_iterations,
-                         calib_samples=args.calib_samples, out_dir=args.out)
+                         calib_samples=args.calib_samples, out_dir=args.out, forecast_order=args.forecast_order)
     SampleConfig(steps=s.steps, cfg=s.cfg, seed=s.seed)  # validate early
     torch.set_grad_enabled(False)
     start, cpu = time.perf_counter(), time.process_time()
     result = run_policy_study(s, progress=not args.quiet)
     result["seconds"], result["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     doc = write_policy_section(result, s.out_dir)
-    print(f"wrote section '{SECTION}' of {doc} in {result['seconds']:.0f}s")
+    print(f"wrote section '{section_for(s.forecast_order)}' of {doc} in {result['seconds']:.0f}s")
     for t in result["verdict"]["per_target"]:
         print(f"  reuse {100 * t['target']:.0f}%: policy {_fmt(t['psnr_at']['policy'])} dB, best other "
               f"{FAMILIES.get(t['best_other'], '—')} {_fmt(t['psnr_at'].get(t['best_other']) if t['best_other'] else None)} dB "
