@@ -13,7 +13,7 @@ def result():
     import torch
 
     with torch.no_grad():  # as the CLI samples; grad mode is left as the other tests expect it
-        return run_forecast(ForecastSettings(samples=2, probe_samples=1, steps=10, dpm_steps=4, peers=False), progress=False)
+        return run_forecast(ForecastSettings(samples=2, probe_samples=1, steps=10, dpm_steps=20, peers=False), progress=False)
 
 
 def test_tiny_run_measures_every_configuration_and_writes_the_section(result, tmp_path):
@@ -24,6 +24,8 @@ def test_tiny_run_measures_every_configuration_and_writes_the_section(result, tm
     block = next(r for r in result["rows"] if r["name"] == "block, order 2, refresh 3")
     assert abs(block["work_skipped"] - block["reuse"]) < 1e-9  # a skipped block skips its attn1 and ff
     assert len(result["matched"]) == 3 and result["dpm_rows"]
+    chosen = [r for r in result["dpm_rows"] if r.get("chosen_on_probe")]  # the probe seeds' pick, scored on the evaluated seeds
+    assert len(chosen) == 1 and chosen[0]["flops_skipped"] >= 0.5 and "probe_psnr_db" in chosen[0]
     doc = write_forecast(result, tmp_path)
     text = doc.read_text()
     assert "## Forecast" in text and (tmp_path / "fidelity_forecast.png").is_file()
