@@ -649,3 +649,14 @@ def test_graph_preference_tries_the_graph_executor_first(loaded):
     executor, why = choose_executor(loaded, RunConfig(reuse=preset("gate"), sample=s), "graph")
     assert executor == "patch" and why.count("patch") >= 2  # both compiled executors gave their reason
     assert choose_executor(loaded, RunConfig(reuse=preset("gate"), sample=s), "patch") == ("patch", "asked for (--executor patch)")
+
+
+def test_auto_preference_is_the_graph_executor_on_cuda(loaded, monkeypatch):
+    """--executor auto on CUDA (the device check patched): graph first; the gate still falls back with reasons."""
+    from dqar.engine.config import RunConfig, SampleConfig, preset
+    from dqar.studies import blocks
+
+    monkeypatch.setattr(blocks, "on_cuda", lambda transformer: True)
+    s = SampleConfig(steps=3)
+    assert blocks.choose_executor(loaded, RunConfig(reuse=preset("quant_cache_only"), sample=s), "auto") == ("graph", None)
+    assert blocks.choose_executor(loaded, RunConfig(reuse=preset("gate"), sample=s), "auto")[0] == "patch"

@@ -100,8 +100,9 @@ def ablate_parser(sub) -> None:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
     p.add_argument("--executor", choices=["auto", "graph", "patch"], default="auto",
-                   help="auto (default): time each configuration compiled where the engine supports it, else eager; graph: the "
-                        "graph executor first (faster per generation, minutes of compiling per configuration on a CPU); patch: eager")
+                   help="auto (default): time each configuration on the graph executor on CUDA, compiled on a CPU, where the engine "
+                        "supports it, else eager; graph: the graph executor first on a CPU too (faster per generation, minutes of "
+                        "compiling per configuration there); patch: eager")
     p.set_defaults(func=cmd_ablate)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dqar.engine.api import enable
+from dqar.engine.api import enable, on_cuda
 from dqar.engine.config import RunConfig, SampleConfig
 from dqar.errors import DqarError, first_line
 from dqar.generate import Generation, generate, plan_key
@@ -24,10 +24,11 @@ from dqar.studies.timing import Run, round_robin
 
 EXECUTOR_PREFERENCES = ("auto", "graph", "patch")
 EXECUTOR_METHOD = (
-    "each configuration (the baseline included) is timed on the fastest executor that runs it here: 'compiled' "
-    "(dqar's torch.compile'd block functions) wherever the engine supports the configuration, else 'patch' (eager) — "
-    "or, with --executor graph, the graph executor first (one whole-model graph per plan row; not the default, as it "
-    "compiles for minutes per configuration on a CPU) — "
+    "each configuration (the baseline included) is timed on the fastest executor that runs it here: on CUDA the graph "
+    "executor (one whole-model CUDA graph per plan row) where it runs the configuration; on a CPU 'compiled' "
+    "(dqar's torch.compile'd block functions) wherever the engine supports the configuration — or, with --executor graph, "
+    "the graph executor first there too (not the CPU default, as it compiles for minutes per configuration on a CPU) — "
+    "else 'patch' (eager), "
     "with the reason in the Executor column; a compiled case that fails in its warm-up falls back to 'patch' "
     "(reason given); peers run eagerly through their own packages. Speedups are against the baseline on its executor; "
     "an eager configuration also gets its speedup against the eager baseline timed in the same rounds"
@@ -46,13 +47,15 @@ FASTEST_FIRST = {"auto": ("compiled", "patch"), "graph": ("graph", "compiled", "
 def choose_executor(loaded, run: RunConfig, preference: str) -> tuple[str, str | None]:
     """(executor, why not the first choice) for `run`: the first of the preference's executors the engine accepts.
 
-    'auto': compiled, else patch; 'graph': the graph executor first (one whole-model graph per plan row: the fastest
-    per generation, but it compiles for 0.5-2.5 minutes per configuration on a CPU, docs/BENCHMARKS.md); 'patch': eager.
+    'auto': on CUDA as 'graph', on a CPU compiled, else patch; 'graph': the graph executor first (one whole-model graph
+    per plan row: the fastest per generation, but it compiles for 0.5-2.5 minutes per configuration on a CPU,
+    docs/BENCHMARKS.md); 'patch': eager.
     """
     if preference == "patch":
         return "patch", "asked for (--executor patch)"
     reasons = []
-    for executor in FASTEST_FIRST[preference]:
+    order = FASTEST_FIRST["graph" if preference == "auto" and on_cuda(loaded.transformer) else preference]
+    for executor in order:
         if executor == "patch":
             break
         try:
