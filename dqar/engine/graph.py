@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import time
-import types
 import weakref
 from collections import Counter
 from dataclasses import replace
@@ -26,6 +25,7 @@ from dqar.engine import block as B
 from dqar.engine import history as H
 from dqar.engine.cache import device_weights
 from dqar.engine.reuse import ReuseEngine
+from dqar.engine.variants import own_code
 from dqar.engine.stats import ReuseStats
 from dqar.errors import DqarError
 
@@ -65,11 +65,6 @@ def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state
     for i, blk in enumerate(model.transformer_blocks):
         h = layer(spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
     return head(model, h, timestep, labels)
-
-
-def _own_code(fn: Callable, name: str) -> Callable:
-    """`fn` with its own code object, so that each pattern's graph has its own dynamo cache (no cache-size limit shared)."""
-    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def check_graph_supported(engine_cfg, needs, blocks, transformer) -> None:
@@ -227,7 +222,7 @@ _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDic
 
 def _compiled(fn: Callable, name: str, mode: str | None = None) -> Callable:
     """`torch.compile` of `fn` under its own code object: its dynamo cache holds only its own few entries."""
-    return torch.compile(_own_code(fn, name), dynamic=False, mode=mode)
+    return torch.compile(own_code(fn, name), dynamic=False, mode=mode)
 
 
 def _no_needs():
