@@ -1,5 +1,6 @@
 """The learned reuse policy: traces, training, checkpoints, and the decider while sampling (tiny models)."""
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +129,24 @@ def test_policy_refuses_another_model(tmp_path):
     path = saved(constant_policy(-9.0, num_layers=6), tmp_path)
     with pytest.raises(DqarError, match="6-layer"):
         run(make_tiny_transformer(num_layers=2), ReuseConfig(**SCHEDULE, policy=path))
+
+
+def test_policy_refuses_a_run_at_another_forecast_order(tmp_path):
+    ckpt = constant_policy(-9.0, num_layers=2)
+    ckpt.meta["forecast_order"] = 2
+    path = saved(ckpt, tmp_path)
+    with pytest.raises(DqarError, match="order-2 forecast labels") as exc:
+        run(make_tiny_transformer(num_layers=2), ReuseConfig(**SCHEDULE, policy=path))
+    assert "\n" not in str(exc.value) and "forecast_order = 2" in exc.value.fix
+    run(make_tiny_transformer(num_layers=2), ReuseConfig(**SCHEDULE, policy=path, forecast_order=2))
+
+
+def test_shipped_order2_policy_is_for_order_2():
+    from dqar.embedded import EMBEDDED_DIR
+    from dqar.engine.policy_net import load_policy
+
+    ckpt = load_policy(str(Path(EMBEDDED_DIR) / "policy_order2.safetensors"))
+    assert ckpt.meta["forecast_order"] == 2 and ckpt.meta["num_layers"] == 8
 
 
 # ----- traces, training, checkpoints ---------------------------------------------------------------

@@ -61,6 +61,11 @@ class PolicyDecider(EligibleDecider):
         if trained is not None and int(trained) != num_layers:
             raise DqarError(f"the policy was trained for a {trained}-layer model but this one has {num_layers} layers",
                             "train a policy for this model with `dqar policy collect` and `dqar policy train`")
+        order = meta.get("forecast_order")
+        if order is not None and int(order) != self.cfg.forecast_order:
+            raise DqarError(f"the policy was trained on order-{order} forecast labels but this run has forecast_order = "
+                            f"{self.cfg.forecast_order}", f"set forecast_order = {order}, or collect and train a policy at "
+                            f"this order (`dqar policy collect --forecast-order {self.cfg.forecast_order}`)")
         model, have = meta.get("model"), self.key.get("model")
         if model is not None and have is not None and model != have:
             raise DqarError(f"the policy was trained for model {model!r} but this run uses {have!r}",

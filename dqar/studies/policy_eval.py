@@ -265,6 +265,11 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "—" if v is None or not np.isfinite(v) else format(v, spec)
 
 
+def _reused(order: int) -> str:
+    """What a reuse returns at `order`, in the label's formula."""
+    return "o_(e−age)" if not order else f"the order-{order} forecast from o_(e−age), o_(e−age−1), …"
+
+
 def _training_lines(report: dict | None) -> list[str]:
     if not report:
         return ["(no training report found next to the checkpoint)"]
@@ -316,7 +321,7 @@ def markdown(result: dict, report: dict | None, plot_name: str) -> str:
         + (f" The study took {result['seconds']:.0f} s wall ({result.get('cpu_seconds', 0):.0f} s CPU)." if "seconds" in result else ""),
         "",
         "**How the policy was made** (label: the measured relative perturbation a reuse injects into the block's residual "
-        "stream, `‖gate_msa_e ⊙ (o_(e−age) − o_e)‖ / ‖h_e‖`, from full-compute generations; see docs/POLICY.md):",
+        f"stream, `‖gate_msa_e ⊙ ({_reused(s.get('forecast_order', 0))} − o_e)‖ / ‖h_e‖`, from full-compute generations; see docs/POLICY.md):",
         "",
         *_training_lines(report),
         "",
