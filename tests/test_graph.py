@@ -2,6 +2,8 @@
 
 Compiling on CPU is slow: a 2-layer model, few evaluations and few patterns per test.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import dqar
 from dqar.engine.config import ReuseConfig
-from dqar.engine.plan import Plan
+from dqar.engine.plan import Plan, build_plan
 from dqar.errors import DqarError
 
 from conftest import NoSync, drive, make_tiny_transformer
@@ -168,6 +170,16 @@ def test_patterns_beyond_the_bound_fall_back(model):
         ref = drive(model, h, evaluations=E)
     for a, b in zip(ref, outs):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bounded_schedule_never_falls_back(model):
+    """bound_patterns: a linear schedule with more rows than max_patterns is bounded, so every evaluation runs a graph."""
+    cfg = ReuseConfig(schedule="linear", warmup_frac=0.0, refresh_interval=3, max_staleness=2, max_patterns=2)
+    assert build_plan(cfg, E, 2).num_patterns > 2
+    for bounded, fallbacks in ((False, lambda n: n > 0), (True, lambda n: n == 0)):
+        with dqar.enable(model, replace(cfg, bound_patterns=bounded), executor="graph") as h:
+            drive(model, h, evaluations=E)
+            assert fallbacks(h.stats.fallback_evaluations) and h.stats.graphs <= 2, (bounded, h.stats.fallback_evaluations)
 
 
 def test_num_patterns_counts_distinct_rows():
