@@ -147,7 +147,7 @@ def test_fid_sample_killed_then_resumed_is_bitwise_equal(tmp_path, model_dir, ca
 
     assert cli_main(_fid_args(model_dir, killed)) == 0
     said = capsys.readouterr().out
-    assert f"({len(done)} of rank 0's {len(parts)} batches resumed)" in said, said
+    assert f"({len(done)} of rank 0's {len(parts)} batches resumed, drawn on the patch executor)" in said, said
     straight = tmp_path / "straight.npz"
     assert cli_main(_fid_args(model_dir, straight)) == 0
     with np.load(killed) as a, np.load(straight) as b:
