@@ -209,7 +209,7 @@ class Calibration:
 
 
 def calibration_key(model_name: str, run: RunConfig, structure: str) -> dict[str, Any]:
-    """What a calibrated plan is valid for: model, sampler, steps, and (for a forecast or per-layer plan) the reuse it was ranked for."""
+    """What a calibrated plan is valid for: model, sampler, steps, the reuse it was ranked for (granularity, forecast order, axis) and its structure."""
     return {**plan_key(model_name, run), "structure": structure}
 
 
