@@ -46,9 +46,9 @@ def fidelity_panels(series: list[dict], baseline_fd: float, xlabel: str, fd_ylab
     axes[1].set(xlabel=xlabel, ylabel=fd_ylabel, title="distribution")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # one legend, beside the panels: no point hidden
     fig.tight_layout()
-    save_png(fig, path, tight=False)
+    save_png(fig, path, tight=True)
     plt.close(fig)
 
 
