@@ -3,7 +3,7 @@
 Decisions are taken once per model evaluation, at its start: the entropy of each layer's
 last computed attention and the evaluation's SNR are compared with the thresholds on the
 device, packed into one integer and read back with a single host sync. Warmup, cooldown,
-the layer schedule and the staleness cap (`min(refresh_interval - 1, max_staleness)`) are
+the layer schedule and the staleness cap (`min(interval - 1, max_staleness)` at each evaluation, the interval ramped with `refresh_interval_end`) are
 host-side and cost nothing. With τ = 1 and an all-accepting SNR window the gate executes
 exactly the schedule's plan.
 """

@@ -5,7 +5,7 @@ reuse, the features (`dqar.engine.features`) are built on the device from the en
 the MLP predicts the relative error of reusing the cached attention output, and layers whose
 prediction is at most `policy_threshold` reuse (at most `policy_budget` of the layers, lowest
 prediction first). The flags come back in one read, counted in `signals.host_syncs`. Warmup,
-cooldown, the layer schedule and `min(refresh_interval - 1, max_staleness)` act as for the gate.
+cooldown, the layer schedule and the staleness cap act as for the gate.
 """
 from __future__ import annotations
 
