@@ -25,7 +25,7 @@ from dqar.engine import block as B
 from dqar.engine import history as H
 from dqar.engine.cache import device_weights
 from dqar.engine.reuse import ReuseEngine
-from dqar.engine.variants import own_code
+from dqar.engine.variants import compiled_copy
 from dqar.engine.stats import ReuseStats
 from dqar.errors import DqarError
 
@@ -104,7 +104,7 @@ class GraphEngine(ReuseEngine):
         self.history = shared.setdefault(("history", self.spec), H.StaticHistory(self.spec, num_layers, cfg.forecast_order))
         self.graphs: dict[tuple, Callable] = shared.setdefault(("graphs", self.spec), {})  # (shape, dtype, device, row, store) -> graph
         self.compile_seconds: dict[tuple, float] = shared.setdefault(("seconds", self.spec), {})  # key -> first call (compile + capture)
-        self.layer_kernels = shared.setdefault(("layers", self.spec), [_compiled(layer, f"dqar_layer_{i}") for i in range(num_layers)])
+        self.layer_kernels = shared.setdefault(("layers", self.spec), [compiled_copy(layer, f"dqar_layer_{i}") for i in range(num_layers)])
         self.allowed: set[tuple] | None = None  # (row, share) patterns that get a graph in this generation (None: first come)
         self.guided: bool | None = None  # whether `allowed` assumed CFG batches (sharing from share_from on)
         self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
@@ -199,7 +199,7 @@ class GraphEngine(ReuseEngine):
         return out.clone() if x.device.type == "cuda" else out  # a replay overwrites its outputs: hand out a copy
 
     def _compile(self, row, store, share, device) -> Callable:
-        graph = _compiled(evaluate, f"dqar_pattern_{len(self.graphs)}", "reduce-overhead" if device.type == "cuda" else None)
+        graph = compiled_copy(evaluate, f"dqar_pattern_{len(self.graphs)}", "reduce-overhead" if device.type == "cuda" else None)
         return functools.partial(graph, self.spec, row, store, share)
 
     def _fallback(self, row, store, share, x, timestep, labels, weights, state) -> torch.Tensor:
@@ -218,11 +218,6 @@ class GraphEngine(ReuseEngine):
 
 
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # transformer -> graphs, buffers
-
-
-def _compiled(fn: Callable, name: str, mode: str | None = None) -> Callable:
-    """`torch.compile` of `fn` under its own code object: its dynamo cache holds only its own few entries."""
-    return torch.compile(own_code(fn, name), dynamic=False, mode=mode)
 
 
 def _no_needs():

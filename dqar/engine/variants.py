@@ -11,10 +11,17 @@ from __future__ import annotations
 import types
 from typing import Any, Callable
 
+import torch
+
 
 def own_code(fn: Callable, name: str) -> Callable:
     """`fn` with its own code object named `name` (its own dynamo cache), same globals, defaults and closure."""
     return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def compiled_copy(fn: Callable, name: str, mode: str | None = None) -> Callable:
+    """`torch.compile` (static shapes, `mode`) of `fn` under its own code object: its dynamo cache holds only its own entries."""
+    return torch.compile(own_code(fn, name), dynamic=False, mode=mode)
 
 
 class Variants:
@@ -28,10 +35,7 @@ class Variants:
         k = self.key(*args)
         copy = self.copies.get(k)
         if copy is None:
-            import torch
-
-            name = f"{self.fn.__name__}_v{len(self.copies)}"
-            copy = self.copies[k] = torch.compile(own_code(self.fn, name), dynamic=False, mode=self.mode)
+            copy = self.copies[k] = compiled_copy(self.fn, f"{self.fn.__name__}_v{len(self.copies)}", self.mode)
         return copy(*args)
 
 
