@@ -434,3 +434,15 @@ def test_bad_forecast_config_at_the_cli_exits_2(tmp_path, capsys, toml, match):
     rc = main(["sample", "--model", str(model), "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "out")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and match in err[0] and "Traceback" not in err[0]
+
+
+def test_a_forecast_trace_measures_without_counting_forecasts():
+    """TracingDecider(forecast=True) reads what a reuse would return to measure change; that is no reuse and no forecast."""
+    from dqar.engine.decider import TracingDecider
+
+    model = make_tiny_transformer(num_layers=2)
+    with dqar.enable(model, ReuseConfig(forecast_order=2), decider=TracingDecider(4, forecast=True)) as h:
+        drive(model, h)
+        stats, trace = h.stats, h.engine.decider.trace()
+    assert stats.reused == 0 and stats.forecasts == 0
+    assert np.isfinite(trace.change[3:]).all()  # the forecast's change was measured

@@ -140,12 +140,12 @@ class LayerCache:
             return (self._forecast(layer, (1.0,)),)
         return tuple(dequantize(v) if isinstance(v, QTensor) else v for v in self.history[layer][0])
 
-    def weights(self, layer: int) -> tuple[float, ...]:
-        """Host-side weights of reusing `layer` now, one per entry used (newest first); call once per reuse."""
+    def weights(self, layer: int, count: bool = True) -> tuple[float, ...]:
+        """Host-side weights of reusing `layer` now, one per entry used (newest first); `count`: a reuse (counted as a forecast)."""
         if self.order == 0:
             return (1.0,)
         w = forecast.weights(self.where[layer], self.position, self.order)
-        self.forecasts += len(w) > 1
+        self.forecasts += count and len(w) > 1
         return w
 
     def weights_on(self, weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -155,9 +155,12 @@ class LayerCache:
             self._device_weights[key] = device_weights(weights, device)
         return self._device_weights[key]
 
-    def read(self, layer: int) -> torch.Tensor:
-        """What a reuse of `layer` returns now: a copy of its newest output, or the forecast from its history."""
-        w = self.weights(layer)
+    def read(self, layer: int, count: bool = True) -> torch.Tensor:
+        """What a reuse of `layer` returns now: a copy of its newest output, or the forecast from its history.
+
+        `count = False`: a measurement of what a reuse would return (signal traces), not a reuse.
+        """
+        w = self.weights(layer, count)
         if self.anchored:
             return self._forecast(layer, w)
         if len(w) == 1:

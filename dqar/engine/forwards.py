@@ -31,7 +31,7 @@ def attention(engine, layer: int, attn, original: Callable, hidden_states: torch
 
 def cached(st, layer: int) -> torch.Tensor:
     """What the change of a computed output is measured against: the cached output, or what a reuse would read now."""
-    return st.cache.read(layer) if st.signals.needs.change_of_reuse else st.cache.get(layer)[0]  # (B, T, C)
+    return st.cache.read(layer, count=False) if st.signals.needs.change_of_reuse else st.cache.get(layer)[0]  # (B, T, C)
 
 
 def attention_compute(engine, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
