@@ -21,10 +21,11 @@ class Generation:
     executor: str | None = None  # the executor that ran ("auto" resolved); None for the baseline
 
 
-def plan_key(model_name: str, run: RunConfig) -> dict:
+def plan_key(model_name: str | None, run: RunConfig) -> dict:
     """What a run checks a plan against: model, sampler, step count, and the reuse a forecast plan was ranked for.
 
-    A plan's key may hold fewer names (a copy-reuse plan records no forecast order); `Plan.check_key` compares the names it has.
+    A plan's key may hold fewer names (a copy-reuse plan records no forecast order); `Plan.check_key` compares the names it
+    has and skips a None value (`model_name = None` before the model is loaded).
     """
     r = run.reuse
     return {"model": model_name, "sampler": run.sample.sampler, "steps": run.sample.steps,

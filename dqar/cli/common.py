@@ -89,11 +89,10 @@ def check_reuse_files(run) -> None:
     """The plan and policy files a run config names: readable, and a plan made for this sampler, step count and reuse."""
     from dqar.engine.plan import load_plan
     from dqar.engine.policy_net import load_policy
+    from dqar.generate import plan_key
 
     if run.reuse.plan_file:
-        r = run.reuse
-        load_plan(r.plan_file).check_key(sampler=run.sample.sampler, steps=run.sample.steps, granularity=r.granularity,
-                                         forecast_order=r.forecast_order, forecast_axis=r.forecast_axis)
+        load_plan(run.reuse.plan_file).check_key(**plan_key(None, run))  # the run-time key; the model is checked once loaded
     if run.reuse.policy:
         load_policy(run.reuse.policy)
 

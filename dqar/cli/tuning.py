@@ -17,9 +17,10 @@ def cmd_calibrate(args) -> int:
     from dqar.tuning.calibrate import calibrate, check_goal
 
     set_threads(args.threads)
-    run = run_config(args)
+    run = run_config(args, check_files=False)  # checked below, after --forecast-order
     if args.forecast_order is not None:
         run = replace(run, reuse=with_overrides(run.reuse, forecast_order=args.forecast_order))
+    check_reuse_files(run)
     at_least("--samples", args.samples, 1)
     at_least("--max-patterns", args.max_patterns, 1)
     check_goal(args.target, args.budget, run.reuse.max_staleness if args.max_staleness is None else args.max_staleness, args.structure,
