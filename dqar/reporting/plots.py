@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dqar.io import atomic_write_bytes
 from dqar.metrics import pareto_front
-from dqar.reporting.findings import PSNR_BOUND_DB, TARGET_SPEEDUP
+from dqar.reporting.findings import PSNR_BOUND_DB, TARGET_SPEEDUP, ci, implausible
 
 PARETO_FILE = "pareto.png"
 HEATMAP_FILE = "reuse_heatmap.png"
@@ -21,10 +21,10 @@ def _pyplot():
     return plt
 
 
-def save_png(fig, path: Path, tight: bool = True) -> None:
-    """Write a matplotlib figure as a 110-dpi PNG, atomically."""
+def save_png(fig, path: Path) -> None:
+    """Write a matplotlib figure as a 110-dpi PNG (tight bounding box), atomically."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, **({"bbox_inches": "tight"} if tight else {}))
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -48,7 +48,7 @@ def fidelity_panels(series: list[dict], baseline_fd: float, xlabel: str, fd_ylab
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # one legend, beside the panels: no point hidden
     fig.tight_layout()
-    save_png(fig, path, tight=True)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -74,7 +74,7 @@ def pareto(records: list[dict], path: Path) -> None:
     plt = _pyplot()
     rows = _measured(records)
     pts = [(r["measurements"]["speedup"], r["fidelity"]["psnr_db"]) for r in rows]
-    cis = [r["measurements"].get("speedup_sim_ci") or r["measurements"].get("speedup_ci") for r in rows]
+    cis = [ci(r) for r in rows]
     fig, ax = plt.subplots(figsize=(8.5, 5.5), layout="constrained")
     groups = sorted({_group(r) for r in rows}, key=lambda g: (g != "main", g == "peers", g))
     cmap, markers = plt.get_cmap("tab20"), "o^sDvP*Xh<>p"
@@ -85,7 +85,7 @@ def pareto(records: list[dict], path: Path) -> None:
         for p, c in sel:  # the interval the report's claims compare
             if c is not None:
                 ax.plot(c, [p[1], p[1]], color=cmap(k % 20), lw=1, alpha=0.6, zorder=2)
-    flagged = [p for p, r in zip(pts, rows) if r["measurements"].get("implausible")]
+    flagged = [p for p, r in zip(pts, rows) if implausible(r)]
     if flagged:
         ax.scatter([p[0] for p in flagged], [p[1] for p in flagged], s=140, facecolors="none", edgecolors="tab:red",
                    lw=1.2, zorder=4, label="implausible (above FLOP ceiling)")

@@ -177,16 +177,17 @@ def matched_shares(probe: _Context, ctx: _Context, tick: Callable[[str], None], 
         pick_d, pick_t = _best_near(dq, share), _best_near(ts, share)
         row = {"share": share, "dqar_probe": pick_d, "taylorseer_probe": pick_t, "dqar": None, "taylorseer": None}
         if pick_d is not None:
-            row["dqar"] = measure_dqar(ctx, pick_d["name"], ReuseConfig(**_reuse_kwargs(pick_d["config"])), {})
+            row["dqar"] = measure_dqar(ctx, pick_d["name"], ReuseConfig(**_tuples(pick_d["config"])), {})
         if pick_t is not None:
             s = pick_t["settings"]
-            row["taylorseer"] = measure_peer(ctx, P.TaylorSeer(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}))
+            row["taylorseer"] = measure_peer(ctx, P.TaylorSeer(**_tuples(s)))
         out.append(row)
     return out
 
 
-def _reuse_kwargs(config: dict) -> dict:
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+def _tuples(settings: dict) -> dict:
+    """A config's or peer's settings read back from JSON: lists as the tuples the dataclasses hold."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()}
 
 
 # ----- the study ---------------------------------------------------------------------------------

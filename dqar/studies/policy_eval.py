@@ -111,8 +111,8 @@ class Knob:
         return (math.log(self.lo), math.log(self.hi)) if self.space == "log" else (self.lo, self.hi)
 
 
-def knobs(policy: str, order: int = 0) -> list[Knob]:
-    dyn = {**DYNAMIC, "forecast_order": order}
+def knobs(policy: str, dyn: dict = DYNAMIC) -> list[Knob]:
+    """Each dynamic method's knob over the shared settings `dyn` (`EvaluateSettings.dynamic`)."""
     return [
         Knob("policy", 1e-5, 1.0, "log", lambda v: ReuseConfig(**dyn, policy=policy, policy_threshold=v),
              lambda v: f"threshold {v:.4f}"),
@@ -192,7 +192,7 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     labels = cycle_labels(loaded.num_classes, settings.samples)
     n_static = 2
     order = settings.forecast_order
-    total = 2 + len(settings.targets) * (len(knobs(policy, order)) * (1 + settings.probe_iterations) + 2 + n_static)
+    total = 2 + len(settings.targets) * (len(knobs(policy, settings.dynamic)) * (1 + settings.probe_iterations) + 2 + n_static)
     rows: list[dict] = []
     with tqdm(total=total, desc="policy study", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
         study = Study(loaded, make_reference(loaded, labels, settings.run(settings.seed), embedded_classifier()), Path(tmp))
@@ -203,7 +203,7 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
         baseline = baseline_row({"family": "baseline", "name": "no reuse"}, COLUMNS, study.reference)
         reuse_of = probe_reuse(loaded, settings)
         for target in settings.targets:
-            for knob in knobs(policy, order):
+            for knob in knobs(policy, settings.dynamic):
                 bar.set_postfix_str(f"{knob.family} @ {target:.0%}")
                 value, probe = search(knob, target, lambda cfg: (bar.update(1), reuse_of(cfg))[1], settings.probe_iterations)
                 rows.append(measure(study, settings, knob.family, knob.label(value), knob.make(value), target,

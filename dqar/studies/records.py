@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from dqar.errors import DqarError
+from dqar.reporting.findings import is_baseline
 from dqar.studies import grid as G
 from dqar.studies import memory
 from dqar.studies import intervals as I
@@ -179,16 +180,12 @@ def measurements(own: list[Run], base: list[Run], samples: int, *, executor: str
 
 def with_simultaneous(records: list[dict]) -> None:
     """Give every record's measurements its simultaneous interval: Bonferroni over the study's distinct speedups."""
-    k = sum(1 for r in records if r.get("same_as") is None and not _is_baseline(r))
+    k = sum(1 for r in records if r.get("same_as") is None and not is_baseline(r))
     level = I.simultaneous_level(k)
     for r in records:
         m = r["measurements"]
         m["comparisons"] = k
-        m["speedup_sim_ci"] = [1.0, 1.0] if _is_baseline(r) else I.ratio_ci(m["baseline_times_s"], m["times_s"], level)
-
-
-def _is_baseline(r: dict) -> bool:
-    return not r["config"]["reuse"]["enabled"] and not r.get("peer")
+        m["speedup_sim_ci"] = [1.0, 1.0] if is_baseline(r) else I.ratio_ci(m["baseline_times_s"], m["times_s"], level)
 
 
 def _max_or_none(values) -> int | None:
