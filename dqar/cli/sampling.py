@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dqar.engine.api import EXECUTOR_CHOICES
 from dqar.cli.common import class_labels, load, model_args, quiet_arg, run_config, sampling_args, writable_file, writable_folder
 from dqar.errors import DqarError
 
@@ -42,6 +41,8 @@ def sample_parser(sub) -> None:
 
 
 def executor_arg(p) -> None:
+    from dqar.engine.api import EXECUTOR_CHOICES
+
     p.add_argument("--executor", default="auto", choices=EXECUTOR_CHOICES,
                    help="auto (default: graph on CUDA where it runs the config, else patch; not graph on a CPU, where it "
                         "compiles for 30-150 s per configuration), patch (every option), fused / compiled (pure DiT block "

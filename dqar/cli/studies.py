@@ -99,7 +99,9 @@ def ablate_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
-    p.add_argument("--executor", choices=["auto", "graph", "patch"], default="auto",
+    from dqar.studies.blocks import EXECUTOR_PREFERENCES
+
+    p.add_argument("--executor", choices=EXECUTOR_PREFERENCES, default="auto",
                    help="auto (default): time each configuration on the graph executor on CUDA, compiled on a CPU, where the engine "
                         "supports it, else eager; graph: the graph executor first on a CPU too (faster per generation, minutes of "
                         "compiling per configuration there); patch: eager")

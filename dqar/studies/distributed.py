@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 import zipfile
 from dataclasses import dataclass

@@ -1,11 +1,10 @@
 """Fidelity evidence for dynamic reuse on the embedded model → docs/FIDELITY.md ("Dynamic reuse").
 
-`dqar fidelity --section dynamic` (or `python -m dqar.studies.evidence dynamic`) samples a fixed set of
-labels once without reuse and once per configuration — static schedules, the online gate,
-calibrated plans and CFG-branch sharing — and compares every run with the baseline (paired
-PSNR / SSIM), the classifier (class accuracy) and the real test split (FD on classifier
-features). It writes a Markdown section with the table and the targets, a Pareto plot and
-the raw numbers as JSON. Calibration uses other seeds than the evaluated samples.
+`dqar fidelity --section dynamic` samples a fixed set of labels once without reuse and once per
+configuration — static schedules, the online gate, calibrated plans and CFG-branch sharing — and
+compares every run with the baseline (paired PSNR / SSIM), the classifier (class accuracy) and
+the real test split (FD on classifier features). It writes a Markdown section with the table and
+the targets, a Pareto plot and the raw numbers as JSON. Calibration uses other seeds than the evaluated samples.
 """
 from __future__ import annotations
 
