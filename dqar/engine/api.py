@@ -13,7 +13,6 @@ from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
 from dqar.engine.reuse import EXECUTORS, ReuseEngine
-from dqar.engine.signals import Needs
 from dqar.engine.stats import ReuseStats
 
 ALL_EXECUTORS = (*EXECUTORS, "graph")  # "graph": dqar.engine.graph.GraphEngine
@@ -64,8 +63,7 @@ def resolve_executor(transformer: torch.nn.Module, cfg: ReuseConfig, decider) ->
     if not on_cuda(transformer):
         return "patch"
     try:
-        check_graph_supported(cfg, getattr(decider, "needs", None) or Needs(), list(getattr(transformer, "transformer_blocks", [])),
-                              transformer)
+        check_graph_supported(cfg, decider, transformer)
     except DqarError:
         return "patch"
     return "graph"

@@ -67,16 +67,17 @@ def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state
     return head(model, h, timestep, labels)
 
 
-def check_graph_supported(engine_cfg, needs, blocks, transformer) -> None:
-    """One line naming what to use for what the graph executor cannot run."""
-    if needs.any:
+def check_graph_supported(engine_cfg, decider, transformer) -> None:
+    """One line naming what to use for what the graph executor cannot run (the config, the decider's needs, the model)."""
+    needs = getattr(decider, "needs", None)
+    if needs is not None and needs.any:
         raise DqarError("the gate, signal traces and policies run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
     if engine_cfg.target == "kv":
         raise DqarError("the graph executor caches attention or block outputs, not K/V", "use target = 'attention' or executor = 'patch'")
     if engine_cfg.nonfinite_guard:
         raise DqarError("nonfinite_guard reads the cache on the host each evaluation, which a graph cannot", "use executor = 'compiled'")
     try:
-        for blk in blocks:
+        for blk in getattr(transformer, "transformer_blocks", []):
             B.check_block(blk)
     except DqarError as exc:
         raise DqarError(f"the graph executor runs DiT ada_norm_zero blocks only ({exc.problem})", "use executor = 'patch'") from None
@@ -94,17 +95,22 @@ class GraphEngine(ReuseEngine):
     shares_cfg = True  # runs cfg_share inside its graphs
 
     def __init__(self, transformer: torch.nn.Module, cfg, decider, scheduler: Any = None):
-        needs = getattr(decider, "needs", None)
-        check_graph_supported(cfg, needs if needs is not None else _no_needs(), list(getattr(transformer, "transformer_blocks", [])),
-                              transformer)
+        check_graph_supported(cfg, decider, transformer)
         self.spec = H.make_spec(cfg, transformer.transformer_blocks[0].attn1.heads)
         # graphs and buffers outlive one attachment: a later handle on the same model and config reuses them (no recompiles)
         shared = _SHARED.setdefault(transformer, {})
         num_layers = len(transformer.transformer_blocks)
-        self.history = shared.setdefault(("history", self.spec), H.StaticHistory(self.spec, num_layers, cfg.forecast_order))
-        self.graphs: dict[tuple, Callable] = shared.setdefault(("graphs", self.spec), {})  # (shape, dtype, device, row, store) -> graph
-        self.compile_seconds: dict[tuple, float] = shared.setdefault(("seconds", self.spec), {})  # key -> first call (compile + capture)
-        self.layer_kernels = shared.setdefault(("layers", self.spec), [compiled_copy(layer, f"dqar_layer_{i}") for i in range(num_layers)])
+
+        def once(name: str, make: Callable[[], Any]) -> Any:  # built on the first handle of this model and spec only
+            key = (name, self.spec)
+            if key not in shared:
+                shared[key] = make()
+            return shared[key]
+
+        self.history = once("history", lambda: H.StaticHistory(self.spec, num_layers, cfg.forecast_order))
+        self.graphs: dict[tuple, Callable] = once("graphs", dict)  # (shape, dtype, device, row, store, share) -> graph
+        self.compile_seconds: dict[tuple, float] = once("seconds", dict)  # key -> first call (compile + capture)
+        self.layer_kernels = once("layers", lambda: [compiled_copy(layer, f"dqar_layer_{i}") for i in range(num_layers)])
         self.allowed: set[tuple] | None = None  # (row, share) patterns that get a graph in this generation (None: first come)
         self.guided: bool | None = None  # whether `allowed` assumed CFG batches (sharing from share_from on)
         self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
@@ -218,12 +224,6 @@ class GraphEngine(ReuseEngine):
 
 
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # transformer -> graphs, buffers
-
-
-def _no_needs():
-    from dqar.engine.signals import Needs
-
-    return Needs()
 
 
 def _as_batch(timestep, x: torch.Tensor) -> torch.Tensor:
