@@ -8,7 +8,6 @@ falls back to eager and its `setting` says why; a failure after the warm-up is a
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -17,7 +16,7 @@ import torch
 from dqar.errors import DqarError, first_line
 from dqar.generate import generate
 from dqar.studies import peers as P
-from dqar.studies.core import other_seeds
+from dqar.studies.peer_rows import attach_peer, model_copy
 
 PEERS: dict[str, Callable[[], Any]] = {"pab": P.PAB, "first_block_cache": P.FirstBlockCache, "taylorseer": P.TaylorSeer,
                                        "magcache": P.MagCache}  # default settings of each
@@ -50,10 +49,8 @@ class PeerCase:
 
     def _attach(self) -> None:
         """Copy the transformer and apply the peer (MagCache: calibrated here, eagerly, on other seeds)."""
-        self.eager = replace(self.loaded, transformer=copy.deepcopy(self.loaded.transformer))
-        calib = other_seeds(self.run)
-        self.attached = P.attach(PEERS[self.name](), self.eager.transformer, self.run.sample.steps,
-                                 calibrate=lambda: generate(self.eager, self.labels, calib))
+        row = attach_peer(PEERS[self.name](), model_copy(self.loaded), self.labels, self.run)
+        self.attached, self.eager = row.attached, row.loaded
         self.model = replace(self.eager, transformer=compile_model(self.eager.transformer)) if self.compile else self.eager
 
     def _generate(self):

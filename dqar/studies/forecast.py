@@ -11,7 +11,6 @@ A DPM-Solver++ part compares the two forecast axes. Every verdict is computed fr
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -20,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.engine.flops import attention_flops, dit_shape, mlp_flops
-from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.studies import peers as P
+from dqar.studies.peer_rows import attach_peer, model_copy
 from dqar.studies.core import Study, baseline_row, embedded_evaluator, make_reference, other_seeds, study_row
 
 SECTION = "Forecast"
@@ -142,20 +141,17 @@ def measure_peer(ctx: _Context, peer: Any) -> dict:
     reason = P.unavailable(peer)
     if reason:
         return {**head, "not_run": reason}
-    loaded = replace(ctx.study.loaded, transformer=copy.deepcopy(ctx.study.loaded.transformer))
-    blocks = list(loaded.transformer.transformer_blocks)
-    steps = ctx.run.sample.steps
+    loaded = model_copy(ctx.study.loaded)
     try:
-        attached = P.attach(peer, loaded.transformer, steps,
-                            calibrate=lambda: generate(loaded, ctx.study.labels, other_seeds(ctx.run)))
-        with P.count_calls(blocks) as counts, attached.generation():
-            gen = generate(loaded, ctx.study.labels, ctx.run)
-        attached.detach()
+        row = attach_peer(peer, loaded, ctx.study.labels, ctx.run)
+        with P.count_calls(list(loaded.transformer.transformer_blocks)) as counts:
+            gen = row.generate()
+        row.attached.detach()
     except Exception as exc:  # foreign code on a model it may not support: a row that says why
         return {**head, "not_run": f"{type(exc).__name__}: {first_line(exc)}"}
     scores = score(gen.output.images, ctx.study.reference)
     return study_row(head, COLUMNS, None, scores, work_skipped=skipped_share(counts, ctx.base_counts, ctx.weights),
-                     settings=settings, package=attached.package)
+                     settings=settings, package=row.attached.package)
 
 
 def _best_near(rows: Sequence[dict], share: float) -> dict | None:

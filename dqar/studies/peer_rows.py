@@ -36,20 +36,31 @@ class PeerRow:
             return generate(self.loaded, self.labels, self.run)
 
 
+def model_copy(loaded):
+    """`loaded` with a deep copy of its transformer (a peer's hooks never touch the shared model)."""
+    return replace(loaded, transformer=copy.deepcopy(loaded.transformer))
+
+
+def attach_peer(peer: Any, model, labels, run: RunConfig) -> PeerRow:
+    """Apply `peer` to `model`'s transformer (a copy); a peer that calibrates (MagCache) does so on other seeds."""
+    calib_run = other_seeds(run)
+    attached = P.attach(peer, model.transformer, run.sample.steps, calibrate=lambda: generate(model, labels, calib_run))
+    return PeerRow(attached, model, run, list(labels))
+
+
 def start_peer(entry: G.Entry, loaded, labels, ref: Reference) -> PeerRow:
     """Copy the transformer, count a baseline generation on the copy, apply the peer, count one generation with it."""
     reason = P.unavailable(entry.peer)
     if reason:
         raise PeerNotRun(reason)
-    model = replace(loaded, transformer=copy.deepcopy(loaded.transformer))
+    model = model_copy(loaded)
     blocks = list(model.transformer.transformer_blocks)
-    s = entry.run.sample
     with P.count_calls(blocks) as base_counts:
         base_gen = generate(model, labels, entry.run)
     calib_run = other_seeds(entry.run)
     try:
-        attached = P.attach(entry.peer, model.transformer, s.steps, calibrate=lambda: generate(model, labels, calib_run))
-        row = PeerRow(attached, model, entry.run, list(labels))
+        row = attach_peer(entry.peer, model, labels, entry.run)
+        attached = row.attached
         with P.count_calls(blocks) as counts:
             row.counted = row.generate()
     except Exception as exc:  # foreign library code on a model it may not support: report, do not abort the study
