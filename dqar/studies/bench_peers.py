@@ -18,8 +18,7 @@ from dqar.generate import generate
 from dqar.studies import peers as P
 from dqar.studies.peer_rows import attach_peer, model_copy
 
-PEERS: dict[str, Callable[[], Any]] = {"pab": P.PAB, "first_block_cache": P.FirstBlockCache, "taylorseer": P.TaylorSeer,
-                                       "magcache": P.MagCache}  # default settings of each
+PEERS: dict[str, Callable[[], Any]] = {m: P.PEERS[m] for m in ("pab", "first_block_cache", "taylorseer", "magcache")}  # diffusers' own, default settings
 PREFIX = "peer_"
 COMPILED = ("torch.compile (default mode, static shapes) with the peer's diffusers hooks attached (graph breaks at the hooks; "
             "frames past dynamo's recompile limit run eagerly)")
