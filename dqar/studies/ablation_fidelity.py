@@ -9,7 +9,6 @@ once the images outnumber the classifier's feature size by FD_SAMPLES_PER_FEATUR
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from dqar import metrics as M
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
-from dqar.studies.core import SEED_OFFSET, Evaluator, Reference, score
+from dqar.studies.core import SEED_OFFSET, Evaluator, Reference, other_seeds, reference_from, score
 from dqar.studies.intervals import fd_delta_ci, wilson
 
 FD_SAMPLES_PER_FEATURE = 1.5  # FD needs a well-conditioned feature covariance: N ≥ 1.5 × feature size
@@ -62,15 +61,12 @@ def fidelity(images: torch.Tensor, ref: Reference) -> dict:
 
 
 def _fidelity(images: torch.Tensor, ref: Reference) -> dict:
-    out = score(images, ref)
-    n = len(images)
+    n, need = len(images), fd_min_samples(ref.evaluator)
+    out = score(images, ref, fd=need is None or n >= need)  # FD left out on too few images
     out.update(samples=n, class_accuracy_ci=None, baseline_class_accuracy=ref.accuracy, fd_delta_ci=None)
     if out["class_accuracy"] is not None:
         out["class_accuracy_ci"] = wilson(round(out["class_accuracy"] * n), n)
-    need = fd_min_samples(ref.evaluator)
-    if need is not None and n < need:
-        out.update(fd=None, fd_delta=None)
-    elif need is not None:
+    if need is not None and n >= need:
         ev = ref.evaluator
         own, base = (M.classifier_features(x, ev.classifier).numpy() for x in (images, ref.images))
         out["fd_delta_ci"] = fd_delta_ci(own, base, ev.stats)
@@ -79,7 +75,7 @@ def _fidelity(images: torch.Tensor, ref: Reference) -> dict:
 
 def chunk(run: RunConfig, j: int, samples: int) -> RunConfig:
     """`run` for chunk j of a fidelity run: every seed moved by j × samples."""
-    return replace(run, sample=replace(run.sample, seed=run.sample.seed + j * samples))
+    return other_seeds(run, j * samples)
 
 
 def images_of(make: Callable[[RunConfig], object], run: RunConfig, chunks: int, samples: int,
@@ -96,9 +92,5 @@ def reference(images: torch.Tensor, labels: Sequence[int], evaluator: Evaluator 
     """The baseline's fidelity-run images as the reference of the fidelity runs at its sampling setting."""
     from threadpoolctl import threadpool_limits
 
-    labels = list(labels)
-    if evaluator is None:
-        return Reference(images, labels)
     with threadpool_limits(limits=1, user_api="blas"):
-        return Reference(images, labels, evaluator, None, M.class_accuracy(images, labels, evaluator.classifier),
-                         M.fd_to_reference(images, evaluator.classifier, evaluator.stats))
+        return reference_from(images, labels, evaluator)

@@ -77,7 +77,13 @@ def make_reference(loaded, labels: Sequence[int], run: RunConfig, evaluator: Eva
 
 
 def reference_of(gen: Generation, labels: Sequence[int], evaluator: Evaluator | None) -> Reference:
-    images, labels = gen.output.images, list(labels)
+    return reference_from(gen.output.images, labels, evaluator, gen)
+
+
+def reference_from(images: torch.Tensor, labels: Sequence[int], evaluator: Evaluator | None,
+                   gen: Generation | None = None) -> Reference:
+    """The reference of `images` (its generation, when there is one): its class accuracy and FD when there is an evaluator."""
+    labels = list(labels)
     if evaluator is None:
         return Reference(images, labels, None, gen)
     return Reference(images, labels, evaluator, gen, M.class_accuracy(images, labels, evaluator.classifier),
@@ -85,8 +91,9 @@ def reference_of(gen: Generation, labels: Sequence[int], evaluator: Evaluator | 
 
 
 # ----- scoring ---------------------------------------------------------------------------------
-def score(images: torch.Tensor, ref: Reference) -> dict:
-    """Paired metrics against the reference's images; classifier metrics when the reference has an evaluator."""
+def score(images: torch.Tensor, ref: Reference, fd: bool = True) -> dict:
+    """Paired metrics against the reference's images; classifier metrics when the reference has an evaluator
+    (`fd = False`: FD left out, e.g. on too few images for it)."""
     out = {
         "psnr_db": M.psnr(images, ref.images),
         "ssim": M.ssim(images, ref.images) if min(images.shape[-2:]) >= M.SSIM_WINDOW else None,
@@ -97,8 +104,10 @@ def score(images: torch.Tensor, ref: Reference) -> dict:
     ev = ref.evaluator
     if ev is not None:
         acc = M.class_accuracy(images, ref.labels, ev.classifier)
-        fd = M.fd_to_reference(images, ev.classifier, ev.stats)
-        out.update(class_accuracy=acc, accuracy_drop_points=100.0 * (ref.accuracy - acc), fd=fd, fd_delta=fd - ref.fd)
+        out.update(class_accuracy=acc, accuracy_drop_points=100.0 * (ref.accuracy - acc))
+        if fd:
+            d = M.fd_to_reference(images, ev.classifier, ev.stats)
+            out.update(fd=d, fd_delta=d - ref.fd)
     return out
 
 
