@@ -28,7 +28,6 @@ import torch
 
 from dqar.engine import forecast
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
-from dqar.engine.forecast import FORECAST_ORDERS
 from dqar.errors import DqarError
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace, relative_change
@@ -59,9 +58,7 @@ class CollectSettings:
     forecast_order: int = 0  # what a reuse returns (the engine's forecast_order): labels measure that reuse's error
 
     def __post_init__(self) -> None:
-        if self.forecast_order not in FORECAST_ORDERS or isinstance(self.forecast_order, bool):
-            raise DqarError(f"forecast_order = {self.forecast_order!r} is not supported",
-                            f"use one of: {', '.join(map(str, FORECAST_ORDERS))}")
+        ReuseConfig(forecast_order=self.forecast_order)  # validates (the engine's check)
         for name, lo in (("generations", 1), ("batch", 1), ("max_age", 1), ("entropy_rows", 1), ("steps", 2), ("seed", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
