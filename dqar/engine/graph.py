@@ -128,12 +128,15 @@ class GraphEngine(ReuseEngine):
 
     def begin_generation(self, num_evaluations: int, scheduler: Any = None, guided: bool | None = None) -> None:
         super().begin_generation(num_evaluations, scheduler, guided)
-        self.history.begin()
-        self.state.cache = self.history  # the summary reads bytes, entries, forecasts and errors from it
         self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
         self.guided = guided is not False  # unknown: assume CFG batches until an evaluation shows otherwise
         self.allowed = self._allowed_patterns()
         self.stores = self._store_set()
+
+    def _new_cache(self, num_layers: int) -> H.StaticHistory:
+        """The static history, emptied: the summary reads bytes, entries, forecasts and errors from it."""
+        self.history.begin()
+        return self.history
 
     def _share(self, evaluation: int, guided: bool) -> str:
         """The CFG share direction of an evaluation ("none" before `cfg_share_from` or without CFG batches)."""

@@ -144,7 +144,7 @@ class ReuseEngine:
             share_from = math.ceil(self.cfg.cfg_share_from * num_evaluations)
         self.state = GenerationState(
             num_evaluations=num_evaluations,
-            cache=LayerCache(num_layers, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order, self.codec),
+            cache=self._new_cache(num_layers),
             executed=np.zeros((num_evaluations, num_layers), dtype=bool),
             rows_per_eval=[],
             timesteps_ref=getattr(scheduler, "timesteps", None),
@@ -154,6 +154,10 @@ class ReuseEngine:
             guided=guided,
             shared=np.zeros((num_evaluations, num_layers), dtype=bool),
         )
+
+    def _new_cache(self, num_layers: int):
+        """The cache of a new generation: a `LayerCache` (the graph executor reuses its static history instead)."""
+        return LayerCache(num_layers, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order, self.codec)
 
     def _positions(self, num_evaluations: int, scheduler: Any) -> np.ndarray:
         """(E,) forecast-axis positions, from the scheduler's timesteps (read once per generation) for axis 'timestep'."""
