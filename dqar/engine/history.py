@@ -133,10 +133,11 @@ class StaticHistory:
         """The buffers for outputs of `shape` (B, T, C), zeroed once per generation (no host sync)."""
         key = (tuple(shape), dtype, device)
         if key not in self.buffers:
-            like = torch.zeros(shape, dtype=dtype, device=device)
-            layers = tuple(_allocate(self.spec, like) for _ in range(self.num_layers))
-            error_sum = torch.zeros((), dtype=torch.float32, device=device)
-            bad = torch.zeros((), dtype=torch.int64, device=device)
+            with torch.inference_mode(False):  # plain tensors: inference ones break in-place updates (and recompile) outside it
+                like = torch.zeros(shape, dtype=dtype, device=device)
+                layers = tuple(_allocate(self.spec, like) for _ in range(self.num_layers))
+                error_sum = torch.zeros((), dtype=torch.float32, device=device)
+                bad = torch.zeros((), dtype=torch.int64, device=device)
             for t in (*(b for layer in layers for b in layer), error_sum, bad):
                 torch._dynamo.mark_static_address(t)  # fixed addresses: captured graphs update them in place
             self.buffers[key] = (layers, error_sum, bad)

@@ -1,0 +1,56 @@
+"""Issue 21 item 5, "auto never storms": what "auto" picks and why, the fallback's shared layer functions,
+one forecast-weights upload per generation, buffers outside inference mode.
+
+Most tests run the graph executor's code eagerly (`compiled_copy` patched to a plain copy of the function, counted),
+so they take seconds; tests/test_graph.py checks the real compiled graphs.
+"""
+import pytest
+import torch
+
+import dqar
+import dqar.engine.api as api
+import dqar.engine.graph as graph
+import dqar.engine.variants as variants
+from dqar.engine import history as H
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
+
+from conftest import drive, make_tiny_transformer
+
+E = 6
+FORECAST = ReuseConfig(schedule="constant", granularity="block", forecast_order=2, refresh_interval=3, max_staleness=2,
+                       warmup_frac=0.0)
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """`compiled_copy` in graph and variants returns the function uncompiled; the names of the copies made are recorded."""
+    made = []
+
+    def copy(fn, name, mode=None):
+        made.append(name)
+        return variants.own_code(fn, name)
+
+    monkeypatch.setattr(graph, "compiled_copy", copy)
+    monkeypatch.setattr(variants, "compiled_copy", copy)
+    return made
+
+
+def _patch_outputs(model, cfg, evaluations=E):
+    with dqar.enable(model, cfg, executor="patch") as h:
+        return drive(model, h, evaluations=evaluations)
+
+
+def _close(got, want):
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+# ----- 4. buffers are plain tensors, whatever the caller's mode -------------------------------------
+@pytest.mark.parametrize("kind,order", [("model", 0), ("model", 2), ("int8", 0), ("anchored", 1)])
+def test_buffers_allocated_under_inference_mode_are_not_inference_tensors(kind, order):
+    spec = H.Spec(block=False, kind=kind, slots=order + 1)
+    hist = H.StaticHistory(spec, 2, order)
+    with torch.inference_mode():
+        layers, error_sum, bad = hist.use((2, 4, 8), torch.float32, torch.device("cpu"))
+    tensors = [*(t for layer in layers for t in layer), error_sum, bad]
+    assert tensors and not any(t.is_inference() for t in tensors)
