@@ -45,6 +45,46 @@ def _close(got, want):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+# ----- 1. "auto" and its reason -------------------------------------------------------------------
+def test_auto_picks_compiled_when_the_plan_has_more_patterns_than_max_patterns(monkeypatch):
+    monkeypatch.setattr(api, "on_cuda", lambda transformer: True)
+    model = make_tiny_transformer(num_layers=4)
+    many = ReuseConfig(schedule="linear", max_patterns=1)
+    with dqar.enable(model, many) as h:
+        assert h.executor == "compiled" and type(h.engine) is api.ReuseEngine
+        assert h.executor_reason.startswith("compiled: ") and "above max_patterns 1" in h.executor_reason
+        assert "bound_patterns = true" in h.executor_reason
+    with dqar.enable(model, ReuseConfig(schedule="linear", max_patterns=1, bound_patterns=True)) as h:
+        assert h.executor == "graph" and h.executor_reason == "graph: 1 patterns fit max_patterns 1"
+    with dqar.enable(model, ReuseConfig(schedule="linear")) as h:
+        assert h.executor == "graph" and h.executor_reason.startswith("graph: ") and "fit max_patterns 16" in h.executor_reason
+    # cfg_share runs on graph or patch only: beyond the bound it is patch
+    with dqar.enable(model, ReuseConfig(schedule="linear", max_patterns=1, cfg_share="cond_to_uncond")) as h:
+        assert h.executor == "patch" and "above max_patterns 1" in h.executor_reason
+
+
+def test_auto_counts_patterns_at_the_run_configs_steps(monkeypatch):
+    """With a RunConfig the count uses its sample steps (else SampleConfig's default); one evaluation has one pattern."""
+    monkeypatch.setattr(api, "on_cuda", lambda transformer: True)
+    model = make_tiny_transformer(num_layers=4)
+    cfg = ReuseConfig(schedule="linear", max_patterns=1)
+    with dqar.enable(model, RunConfig(reuse=cfg, sample=SampleConfig(steps=1))) as h:
+        assert h.executor == "graph" and h.executor_reason == "graph: 1 patterns fit max_patterns 1"
+    with dqar.enable(model, RunConfig(reuse=cfg, sample=SampleConfig(steps=20))) as h:
+        assert h.executor == "compiled" and "over 20 evaluations" in h.executor_reason
+
+
+def test_auto_reasons_off_cuda_unsupported_and_asked(monkeypatch):
+    model = make_tiny_transformer(num_layers=2)
+    with dqar.enable(model, ReuseConfig()) as h:
+        assert h.executor == "patch" and h.executor_reason == "patch: not on CUDA"
+    with dqar.enable(model, ReuseConfig(), executor="fused") as h:
+        assert h.executor_reason == "fused: asked for"
+    monkeypatch.setattr(api, "on_cuda", lambda transformer: True)
+    with dqar.enable(model, ReuseConfig(target="kv")) as h:
+        assert h.executor == "patch" and "K/V" in h.executor_reason
+
+
 # ----- 4. buffers are plain tensors, whatever the caller's mode -------------------------------------
 @pytest.mark.parametrize("kind,order", [("model", 0), ("model", 2), ("int8", 0), ("anchored", 1)])
 def test_buffers_allocated_under_inference_mode_are_not_inference_tensors(kind, order):

@@ -5,13 +5,16 @@ from typing import Any
 
 import torch
 
-from dqar.engine.config import ReuseConfig, RunConfig, preset
-from dqar.engine.decider import Decider, PlanDecider
+import math
+
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
+from dqar.engine.decider import Decider, DeciderContext, PlanDecider
+from dqar.engine.fused import check_supported
 from dqar.engine.gate import GateDecider
-from dqar.engine.graph import GraphEngine, check_graph_supported
+from dqar.engine.graph import GraphEngine, check_graph_supported, pattern_counts
 from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
-from dqar.engine.plan import Plan
+from dqar.engine.plan import Plan, load_plan
 from dqar.engine.reuse import EXECUTORS, ReuseEngine
 from dqar.engine.stats import ReuseStats
 
@@ -55,18 +58,58 @@ def on_cuda(transformer: torch.nn.Module) -> bool:
     return param is not None and param.device.type == "cuda"
 
 
-def resolve_executor(transformer: torch.nn.Module, cfg: ReuseConfig, decider) -> str:
-    """What "auto" runs: "graph" on CUDA where the graph executor supports the config and decider, else "patch".
+def plan_patterns(transformer: torch.nn.Module, cfg: ReuseConfig, decider, steps: int) -> tuple[int, int] | None:
+    """(distinct (row, CFG share) patterns, evaluations) of the decider's plan, CFG batches assumed; None: rows not known ahead.
+
+    The evaluation count is only known at begin_generation, so this plans at a representative one: a given plan's or
+    plan file's own length, else `steps` (the run config's sample steps, one evaluation each). `bound_patterns` applies
+    as in `build_plan`.
+    """
+    if not isinstance(decider, PlanDecider):
+        return None
+    try:
+        evaluations = decider.fixed.num_evaluations if decider.fixed else load_plan(cfg.plan_file).num_evaluations if cfg.plan_file else steps
+        decider.begin(DeciderContext(evaluations, len(transformer.transformer_blocks)))
+    except DqarError:
+        return None  # a plan that does not fit fails at begin_generation with its own message
+    share_from = math.ceil(cfg.cfg_share_from * evaluations) if cfg.enabled and cfg.cfg_share != "none" else -1
+    return len(pattern_counts(decider._rows, lambda e: cfg.cfg_share if 0 <= share_from <= e else "none")), evaluations
+
+
+def compiled_takes(cfg: ReuseConfig, decider, transformer: torch.nn.Module) -> bool:
+    """Whether the compiled executor runs the config and decider (what `ReuseEngine` checks for it)."""
+    needs = getattr(decider, "needs", None)
+    if needs is not None and needs.any or cfg.cfg_share != "none":
+        return False
+    try:
+        check_supported(cfg, list(transformer.transformer_blocks))
+    except DqarError:
+        return False
+    return True
+
+
+def resolve_executor(transformer: torch.nn.Module, cfg: ReuseConfig, decider, steps: int | None = None) -> tuple[str, str]:
+    """What "auto" runs, with the reason: "graph" on CUDA where the graph executor supports the config and decider and the
+    plan's patterns fit `max_patterns` (else per-block fallbacks would storm: "compiled" where it runs), else "patch".
 
     Not "graph" on the CPU: there it compiles for 30-150 s per configuration (docs/BENCHMARKS.md, "Graph executor").
     """
     if not on_cuda(transformer):
-        return "patch"
+        return "patch", "patch: not on CUDA"
     try:
         check_graph_supported(cfg, decider, transformer)
-    except DqarError:
-        return "patch"
-    return "graph"
+    except DqarError as exc:
+        return "patch", f"patch: {exc.problem}"
+    counted = plan_patterns(transformer, cfg, decider, steps or SampleConfig().steps)
+    if counted is None:
+        return "graph", f"graph: the decider's rows are not known ahead; at most max_patterns {cfg.max_patterns} get a graph"
+    patterns, evaluations = counted
+    if patterns <= cfg.max_patterns:
+        return "graph", f"graph: {patterns} patterns fit max_patterns {cfg.max_patterns}"
+    source = "the given plan" if decider.fixed else f"plan file {cfg.plan_file}" if cfg.plan_file else f"schedule {cfg.schedule!r}'s plan"
+    why = (f"{source} has {patterns} distinct patterns over {evaluations} evaluations, above max_patterns "
+           f"{cfg.max_patterns} (set bound_patterns = true)")
+    return ("compiled", f"compiled: {why}") if compiled_takes(cfg, decider, transformer) else ("patch", f"patch: {why}")
 
 
 class ReuseHandle:
@@ -75,12 +118,14 @@ class ReuseHandle:
     def __init__(self, model: Any, config: ReuseConfig | RunConfig | str | None = None, *, plan: Plan | None = None, decider=None,
                  key: dict | None = None, executor: str = "auto"):
         transformer, scheduler = _split(model)
+        steps = config.sample.steps if isinstance(config, RunConfig) else None
         self.config = _resolve_config(config)
         if executor not in EXECUTOR_CHOICES:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTOR_CHOICES)}")
         decider = decider or make_decider(self.config, key, plan)
+        self.executor_reason = f"{executor}: asked for"  # why this executor runs (a short sentence)
         if executor == "auto":
-            executor = resolve_executor(transformer, self.config, decider)
+            executor, self.executor_reason = resolve_executor(transformer, self.config, decider, steps)
         if executor == "graph":
             self._engine = GraphEngine(transformer, self.config, decider, scheduler)
         else:

@@ -147,7 +147,7 @@ class GraphEngine(ReuseEngine):
         rows = getattr(self.decider, "_rows", None)
         if not rows:
             return None
-        patterns = Counter((r, self._share(e, self.guided)) for e, r in enumerate(rows))
+        patterns = pattern_counts(rows, lambda e: self._share(e, self.guided))
         return {p for p, _ in patterns.most_common(self.cfg.max_patterns)}
 
     def _store_set(self) -> tuple[bool, ...] | None:
@@ -224,6 +224,11 @@ class GraphEngine(ReuseEngine):
         g = self.generation
         return replace(super()._summarize(st), graphs=len(g["graphs"]), fallback_evaluations=g["fallback"],
                        fallback_rows=sorted(g["fallback_rows"]), compile_seconds=round(g["compile"], 3))
+
+
+def pattern_counts(rows, share: Callable[[int], str]) -> Counter:
+    """How many evaluations run each (row, CFG share) pattern; `share(e)`: the share direction of evaluation e."""
+    return Counter((tuple(bool(r) for r in row), share(e)) for e, row in enumerate(rows))
 
 
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # transformer -> graphs, buffers
