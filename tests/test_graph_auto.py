@@ -85,6 +85,19 @@ def test_auto_reasons_off_cuda_unsupported_and_asked(monkeypatch):
         assert h.executor == "patch" and "K/V" in h.executor_reason
 
 
+# ----- 2. the fallback shares its compiled layer functions ------------------------------------------
+def test_fallback_shares_one_compiled_copy_per_decision_among_layers(eager):
+    """8 layers, every evaluation beyond one pattern falls back: copies per (reuse, store, share), not per layer."""
+    model = make_tiny_transformer(num_layers=8)
+    cfg = ReuseConfig(schedule="linear", warmup_frac=0.0, max_patterns=1)
+    with dqar.enable(model, cfg, executor="graph") as h:
+        outs, stats = drive(model, h, evaluations=E), h.stats
+        layer_copies = [n for n in eager if not n.startswith("dqar_pattern_")]
+        assert stats.fallback_evaluations > 0 and len(layer_copies) <= 5 < 8  # per decision, whatever the layer count
+        assert len(layer_copies) == len(h.engine.layer_kernels.copies)
+    _close(outs, _patch_outputs(model, cfg))
+
+
 # ----- 4. buffers are plain tensors, whatever the caller's mode -------------------------------------
 @pytest.mark.parametrize("kind,order", [("model", 0), ("model", 2), ("int8", 0), ("anchored", 1)])
 def test_buffers_allocated_under_inference_mode_are_not_inference_tensors(kind, order):

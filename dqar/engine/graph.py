@@ -25,7 +25,7 @@ from dqar.engine import block as B
 from dqar.engine import history as H
 from dqar.engine.cache import device_weights
 from dqar.engine.reuse import ReuseEngine
-from dqar.engine.variants import compiled_copy
+from dqar.engine.variants import Variants, compiled_copy
 from dqar.engine.stats import ReuseStats
 from dqar.errors import DqarError
 
@@ -110,7 +110,9 @@ class GraphEngine(ReuseEngine):
         self.history = once("history", lambda: H.StaticHistory(self.spec, num_layers, cfg.forecast_order))
         self.graphs: dict[tuple, Callable] = once("graphs", dict)  # (shape, dtype, device, row, store, share) -> graph
         self.compile_seconds: dict[tuple, float] = once("seconds", dict)  # key -> first call (compile + capture)
-        self.layer_kernels = once("layers", lambda: [compiled_copy(layer, f"dqar_layer_{i}") for i in range(num_layers)])
+        # the fallback's layer function: one compiled copy per (reuse, store, share), shared by all (identical) layers,
+        # so no code object sees more than the shapes and dtypes of one decision (dynamo's recompile limit is 8)
+        self.layer_kernels = once("layers", lambda: Variants(layer, _decision_key))
         self.allowed: set[tuple] | None = None  # (row, share) patterns that get a graph in this generation (None: first come)
         self.guided: bool | None = None  # whether `allowed` assumed CFG batches (sharing from share_from on)
         self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
@@ -212,11 +214,11 @@ class GraphEngine(ReuseEngine):
         return functools.partial(graph, self.spec, row, store, share)
 
     def _fallback(self, row, store, share, x, timestep, labels, weights, state) -> torch.Tensor:
-        """The same layers, each compiled on its own (one graph per layer and decision) and walked in Python."""
+        """The same layers, compiled once per decision (shared by all layers) and walked in Python."""
         layers, error_sum, bad = state
         h = self.transformer.pos_embed(x)  # (B, T, C)
         for i, blk in enumerate(self.blocks):
-            h = self.layer_kernels[i](self.spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+            h = self.layer_kernels(self.spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
         return head(self.transformer, h, timestep, labels)
 
     # ----- stats -----------------------------------------------------------------------------------
@@ -229,6 +231,11 @@ class GraphEngine(ReuseEngine):
 def pattern_counts(rows, share: Callable[[int], str]) -> Counter:
     """How many evaluations run each (row, CFG share) pattern; `share(e)`: the share direction of evaluation e."""
     return Counter((tuple(bool(r) for r in row), share(e)) for e, row in enumerate(rows))
+
+
+def _decision_key(spec, reuse, store, share, *_) -> tuple:
+    """What the fallback's layer function specializes on besides shapes (the spec is fixed per engine)."""
+    return reuse, store, share
 
 
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # transformer -> graphs, buffers
