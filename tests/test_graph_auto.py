@@ -98,6 +98,57 @@ def test_fallback_shares_one_compiled_copy_per_decision_among_layers(eager):
     _close(outs, _patch_outputs(model, cfg))
 
 
+# ----- 3. forecast weights: one upload per generation ---------------------------------------------
+@pytest.fixture
+def uploads(monkeypatch):
+    seen = []
+    real = graph.device_weights
+
+    def count(weights, device):
+        seen.append(len(weights))
+        return real(weights, device)
+
+    monkeypatch.setattr(graph, "device_weights", count)
+    return seen
+
+
+def test_forecast_weights_go_up_once_per_generation(eager, uploads):
+    model = make_tiny_transformer(num_layers=2)
+    with dqar.enable(model, FORECAST, executor="graph") as h:
+        first, stats = drive(model, h, evaluations=E), h.stats
+        assert len(uploads) == 1 and uploads[0] == E * 2 * 3  # the (E, L, K) table
+        second = drive(model, h, evaluations=E)
+        assert len(uploads) == 2
+    assert stats.forecasts > 0
+    want = _patch_outputs(model, FORECAST)
+    _close(first, want), _close(second, want)
+
+
+def test_no_weights_upload_at_forecast_order_zero(eager, uploads):
+    model = make_tiny_transformer(num_layers=2)
+    cfg = ReuseConfig(schedule="constant", warmup_frac=0.0)
+    with dqar.enable(model, cfg, executor="graph") as h:
+        outs = drive(model, h, evaluations=E)
+    assert uploads == []
+    _close(outs, _patch_outputs(model, cfg))
+
+
+def test_weight_table_matches_the_host_bookkeeping():
+    """The simulated table is what `StaticHistory.step` computes evaluation by evaluation."""
+    spec = H.Spec(block=True, kind="model", slots=3)
+    rows = [(False, False), (True, False), (True, True), (False, True), (True, True), (True, False)]
+    stores = [(True, True)] * len(rows)
+    positions = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    table = H.weight_table(2, 2, 3, rows, stores, positions)
+    hist = H.StaticHistory(spec, 2, 2)
+    hist.use((1, 4, 8), torch.float32, torch.device("cpu"))
+    for e, row in enumerate(rows):
+        hist.at(positions[e])
+        row = tuple(r and hist.has(i) for i, r in enumerate(row))
+        assert hist.step(row, stores[e]) == table[e]
+    assert hist.forecasts > 0
+
+
 # ----- 4. buffers are plain tensors, whatever the caller's mode -------------------------------------
 @pytest.mark.parametrize("kind,order", [("model", 0), ("model", 2), ("int8", 0), ("anchored", 1)])
 def test_buffers_allocated_under_inference_mode_are_not_inference_tensors(kind, order):
@@ -107,3 +158,5 @@ def test_buffers_allocated_under_inference_mode_are_not_inference_tensors(kind, 
         layers, error_sum, bad = hist.use((2, 4, 8), torch.float32, torch.device("cpu"))
     tensors = [*(t for layer in layers for t in layer), error_sum, bad]
     assert tensors and not any(t.is_inference() for t in tensors)
+    with torch.inference_mode():
+        assert not hist.weight_buffer(torch.device("cpu")).is_inference()

@@ -116,6 +116,8 @@ class GraphEngine(ReuseEngine):
         self.allowed: set[tuple] | None = None  # (row, share) patterns that get a graph in this generation (None: first come)
         self.guided: bool | None = None  # whether `allowed` assumed CFG batches (sharing from share_from on)
         self.stores: tuple[bool, ...] | None = None  # layers that store what they compute in this generation
+        self.table: list | None = None  # (E, L, K) forecast weights of a plan's generation (host)
+        self.table_device: torch.Tensor | None = None
         self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
         super().__init__(transformer, cfg, decider, scheduler, executor="compiled")
         self.executor = "graph"
@@ -134,6 +136,8 @@ class GraphEngine(ReuseEngine):
         self.guided = guided is not False  # unknown: assume CFG batches until an evaluation shows otherwise
         self.allowed = self._allowed_patterns()
         self.stores = self._store_set()
+        self.table = self._weight_table(num_evaluations)
+        self.table_device: torch.Tensor | None = None  # (E, L, K) on the device, uploaded at the first evaluation
 
     def _new_cache(self, num_layers: int) -> H.StaticHistory:
         """The static history, emptied: the summary reads bytes, entries, forecasts and errors from it."""
@@ -151,6 +155,14 @@ class GraphEngine(ReuseEngine):
             return None
         patterns = pattern_counts(rows, lambda e: self._share(e, self.guided))
         return {p for p, _ in patterns.most_common(self.cfg.max_patterns)}
+
+    def _weight_table(self, num_evaluations: int) -> list | None:
+        """(E, L, K) forecast weights of the generation on the host, for a plan (rows and stores known ahead); None otherwise."""
+        rows, stores = getattr(self.decider, "_rows", None), getattr(self.decider, "_store", None)
+        if self.cfg.forecast_order == 0 or not rows or not stores or len(rows) != num_evaluations:
+            return None
+        stores = [self.stores] * num_evaluations if self.stores is not None else stores
+        return H.weight_table(len(self.blocks), self.cfg.forecast_order, self.spec.slots, rows, stores, self.state.positions)
 
     def _store_set(self) -> tuple[bool, ...] | None:
         """Layers that store every output they compute: those any evaluation of the plan stores (None: per evaluation).
@@ -179,13 +191,25 @@ class GraphEngine(ReuseEngine):
         elif self.guided and (x.shape[0] % 2 or self._share(st.evaluation, True) != "none"):  # no CFG batch: plain patterns
             self.guided = False
             self.allowed = self._allowed_patterns()
-        weights = self._weights(self.history.step(row, store), x.device)  # (L, K)
+        weights = self._weights(st.evaluation, self.history.step(row, store), x.device)  # (L, K)
         out = self._run(row, store, share, x, timestep, class_labels, weights, layers)
         return (out,) if not return_dict else _output(out)
 
-    def _weights(self, rows: list[list[float]], device: torch.device) -> torch.Tensor:
-        flat = tuple(w for r in rows for w in r)
-        return device_weights(flat, device).reshape(len(rows), -1)
+    def _weights(self, evaluation: int, rows: list[list[float]], device: torch.device) -> torch.Tensor:
+        """The static (L, K) weights buffer, filled on the device: unused at order 0 (a copy reads one slot), else
+        from the generation's table (one upload per generation) or, for deciders without known rows, this evaluation's."""
+        buf = self.history.weight_buffer(device)
+        if self.cfg.forecast_order == 0:
+            return buf
+        if self.table is not None and self.table[evaluation] == rows:
+            if self.table_device is None:
+                with torch.inference_mode(False):
+                    flat = tuple(w for t in self.table for r in t for w in r)
+                    self.table_device = device_weights(flat, device).reshape(len(self.table), *buf.shape)
+            buf.copy_(self.table_device[evaluation])  # device → device
+        else:
+            buf.copy_(device_weights(tuple(w for r in rows for w in r), device).reshape(buf.shape))
+        return buf
 
     def _run(self, row, store, share, x, timestep, labels, weights, layers) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, row, store, share)

@@ -114,6 +114,7 @@ class StaticHistory:
         self.spec, self.num_layers, self.order = spec, num_layers, order
         self.buffers: dict[tuple, tuple] = {}  # (shape, dtype, device) -> (per-layer buffers, error_sum, bad)
         self.current: tuple | None = None
+        self._weights: dict[torch.device, torch.Tensor] = {}  # device -> static (L, slots) weights
         self.begin()
 
     def begin(self) -> None:
@@ -154,15 +155,20 @@ class StaticHistory:
         self._entry, self._anchor = _entry_bytes(self.spec, self.current[0][0])
         return self.current
 
+    def weight_buffer(self, device: torch.device) -> torch.Tensor:
+        """The static (L, slots) forecast weights a graph reads, one per device (filled by device-side copies)."""
+        if device not in self._weights:
+            with torch.inference_mode(False):
+                self._weights[device] = torch.zeros((self.num_layers, self.spec.slots), dtype=torch.float32, device=device)
+            torch._dynamo.mark_static_address(self._weights[device])
+        return self._weights[device]
+
     def step(self, row: tuple[bool, ...], store: tuple[bool, ...]) -> list[list[float]]:
         """Host bookkeeping of one evaluation: (L, slots) weights of each reusing layer (zeros elsewhere); stores recorded."""
-        out = [[0.0] * self.spec.slots for _ in range(self.num_layers)]
+        out = row_weights(self.where, row, self.position, self.order, self.spec.slots)
+        self.forecasts += sum(bool(r) and self.order > 0 and len(self.where[i]) > 1 for i, r in enumerate(row))  # len(w) > 1
         for layer, (reuse, keep) in enumerate(zip(row, store)):
-            if reuse:
-                w = forecast.weights(self.where[layer], self.position, self.order) if self.order else (1.0,)
-                self.forecasts += len(w) > 1
-                out[layer][: len(w)] = w
-            elif keep:
+            if not reuse and keep:
                 self._record_store(layer)
         return out
 
@@ -185,3 +191,30 @@ class StaticHistory:
 
     def nonfinite_count(self) -> int:
         return 0 if self.current is None else int(self.current[2])
+
+
+def row_weights(where: list[list[float]], row, position: float, order: int, slots: int) -> list[list[float]]:
+    """(L, slots) weights of one evaluation from each layer's stored positions `where` (newest first); zeros off reuses."""
+    out = [[0.0] * slots for _ in where]
+    for layer, reuse in enumerate(row):
+        if reuse:
+            w = forecast.weights(where[layer], position, order) if order else (1.0,)
+            out[layer][: len(w)] = w
+    return out
+
+
+def weight_table(num_layers: int, order: int, slots: int, rows, stores, positions) -> list[list[list[float]]]:
+    """(E, L, slots) weights of a whole generation, simulating `step`'s bookkeeping over known rows (exact for plans).
+
+    A layer reuses only once it has stored (as the engine's `row & has`); `stores` are the rows of what computing layers keep.
+    """
+    where: list[list[float]] = [[] for _ in range(num_layers)]
+    table = []
+    for row, store, position in zip(rows, stores, positions):
+        row = tuple(bool(r) and bool(where[i]) for i, r in enumerate(row))
+        table.append(row_weights(where, row, float(position), order, slots))
+        for layer, (reuse, keep) in enumerate(zip(row, store)):
+            if not reuse and keep:
+                where[layer].insert(0, float(position))
+                del where[layer][slots:]
+    return table
