@@ -12,7 +12,18 @@ from dqar.models import save_pipeline_folder
 from conftest import make_tiny_transformer
 
 
-def test_bench_quick_runs_on_cpu(tmp_path):
+def bench_render(result):
+    from dqar.studies.bench_report import render_table
+
+    return render_table(result)
+
+
+def test_bench_quick_runs_on_cpu(tmp_path, monkeypatch):
+    """The CLI writes bench.json atomically after every warm-up and every timed case, not once per batch size."""
+    import dqar.io
+
+    real, writes = dqar.io.atomic_write_json, []
+    monkeypatch.setattr(dqar.io, "atomic_write_json", lambda path, obj: (writes.append([r["complete"] for r in obj["rows"]]), real(path, obj)))
     model = save_pipeline_folder(tmp_path / "m", make_tiny_transformer(num_classes=10, in_channels=1, learned_sigma=False))
     rc = main(["bench", "--model", str(model), "--quick", "--no-compile", "--presets", "block_reuse", "quant_cache_only",
                "--batch-sizes", "1", "--steps", "4", "--peers", "--out", str(tmp_path / "b"), "--quiet"])
@@ -21,15 +32,18 @@ def test_bench_quick_runs_on_cpu(tmp_path):
     rows = {r["case"]: r for r in result["rows"]}
     assert set(rows) == {"stock_eager", "noreuse_eager", "block_reuse_eager", "quant_cache_only_eager"}
     for r in rows.values():
-        assert len(r["times_s"]) == len(r["wall_times_s"]) == 5 and r["median_s"] == statistics.median(r["times_s"])
+        assert len(r["times_s"]) == len(r["wall_times_s"]) == 3 and r["median_s"] == statistics.median(r["times_s"])
         assert r["per_sample_s"] == pytest.approx(r["median_s"] / r["batch"])
         assert r["vs_stock_eager"] == pytest.approx(rows["stock_eager"]["median_s"] / r["median_s"])
         lo, hi = r["vs_stock_eager_ci"]
         assert lo <= r["vs_stock_eager"] <= hi and r["vs_stock_compiled"] is None  # --no-compile: no stock_compiled row
+        assert r["vs_stock_best"] is None and r["complete"] and len(r["warmup_s"]) == 1  # --quick: one warm-up pass
     assert rows["stock_eager"]["vs_stock_eager_ci"] == [1.0, 1.0]
     assert rows["block_reuse_eager"]["reuse_fraction"] > 0
     assert "no VAE" in result["stock"] and result["clock"] == "thread_time"
     assert "| 1 | block_reuse_eager |" in (tmp_path / "b" / "bench.md").read_text()
+    assert len(writes) == 4 + 4 * 3 and writes[4] == [False] and writes[-1] == [True] * 4  # 4 warm-ups, 4 cases x 3 rounds
+    assert rows["block_reuse_eager"]["graphs"] == 0 and rows["block_reuse_eager"]["fallback_evaluations"] == 0
 
 
 def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):
@@ -47,7 +61,9 @@ def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):
     for r in rows.values():
         assert r["vs_stock_compiled"] == pytest.approx(rows["stock_compiled"]["median_s"] / r["median_s"])
         assert r["vs_stock_eager_ci"][0] <= r["vs_stock_eager"] <= r["vs_stock_eager_ci"][1]
-    assert not result["failed"]
+        assert (r["vs_stock_best"], r["vs_stock_best_ci"]) == (r["vs_stock_compiled"], r["vs_stock_compiled_ci"])  # CPU: one stock compiled row
+    assert not result["failed"] and "stock_compiled_cudagraphs" not in rows and result["stock_best"] == {"1": "stock_compiled"}
+    assert "stock_compiled_cudagraphs left out" in result["notes"][0] and "vs stock best" in bench_render(result)
 
 
 @pytest.mark.parametrize("kw", [{"repeats": 2}, {"batch_sizes": (0,)}, {"steps": 0}, {"presets": ("fast",)}, {"warmup": 0},
@@ -75,11 +91,12 @@ def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
     monkeypatch.setattr(bench, "cases_for", with_broken)
     loaded = load_model(None)
     seen = []
-    s = BenchSettings(batch_sizes=(1, 2), steps=2, presets=(), compile=False, stock=False, peers=())
+    s = BenchSettings(batch_sizes=(1, 2), steps=2, presets=(), compile=False, stock=False, peers=(), repeats=3, warmup=1)
     result = bench.run_bench(loaded, __import__("torch").device("cpu"), s, progress=False,
-                             on_batch=lambda r: seen.append(len(r["rows"])))
+                             on_update=lambda r: seen.append(len(r["rows"])))
     assert result["failed"] == {"broken_case@1": "RuntimeError: no compiler here", "broken_case@2": "RuntimeError: no compiler here"}
-    assert {r["case"] for r in result["rows"]} == {"stock_eager", "noreuse_eager"} and seen == [2, 4]
+    assert {r["case"] for r in result["rows"]} == {"stock_eager", "noreuse_eager"}
+    assert seen == [0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 3, 4, 4, 4, 4, 4]  # per batch: 2 warm-ups, then 2 cases x 3 rounds
     assert "Not timed: broken_case@1 failed in warm-up — RuntimeError: no compiler here" in bench.render_table(result)
 
 
@@ -154,7 +171,9 @@ def test_cases_select_the_graph_section_rows_without_a_model():
 
     s = BenchSettings(presets=("full_dqar",), peers=(), executors=("compiled", "graph"),
                       cases=("stock_*", "noreuse_graph", "full_dqar_graph", "full_dqar_compiled"))
-    assert [n for n, _ in selected(s)] == ["stock_eager", "stock_compiled", "noreuse_graph", "full_dqar_compiled", "full_dqar_graph"]
+    assert [n for n, _ in selected(s)] == ["stock_eager", "stock_compiled", "stock_compiled_cudagraphs", "noreuse_graph",
+                                           "full_dqar_compiled", "full_dqar_graph"]
+    assert "stock_compiled_cudagraphs" not in [n for n, _ in selected(s, cuda=False)]
     assert "noreuse_eager" not in case_names(s) and "full_dqar_compiled_modeldtype" in case_names(s)
     assert "stock_compiled" not in case_names(BenchSettings(compile=False, peers=()))
 
@@ -175,3 +194,78 @@ def test_bench_bad_input_exits_2_with_one_line(flags, expect, capsys, tmp_path):
     rc = main(["bench", *flags, "--out", str(tmp_path / "b"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and err.count("\n") == 1, err
+
+
+class _TableClock:
+    """Injected clock: a fake case's run returns its name; its time comes from a table (seconds = wall)."""
+
+    name, description = "fake", "fake clock"
+
+    def __init__(self, table):
+        self.table = table
+
+    def measure(self, fn):
+        from dqar.studies.timing import Timing
+
+        out = fn()
+        return out, Timing(self.table[out], self.table[out])
+
+
+def _fake_cases(names, stats=None):
+    from dqar.studies.bench import Case
+
+    return {n: Case((lambda n=n: n), lambda: "fake", (lambda n=n: (stats or {}).get(n))) for n in names}
+
+
+def test_every_timed_case_is_handed_on_with_partial_rows_and_warmup_stats(monkeypatch):
+    """Round-robin timing, but the result goes out after every case: rows short of their rounds say complete: false;
+    each row keeps its warm-up seconds and dqar's graphs, fallbacks and compile seconds, logged per case as it warms."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import dqar.studies.bench as bench
+    from dqar.models import load_model
+
+    st = SimpleNamespace(graphs=3, fallback_evaluations=0, compile_seconds=1.5, reuse_fraction=0.5, cache_bytes_peak=10)
+    monkeypatch.setattr(bench, "cases_for", lambda loaded, batch, s: _fake_cases(["stock_eager", "dqar_x"], {"dqar_x": st}))
+    updates, lines = [], []
+    s = BenchSettings(batch_sizes=(1,), steps=2, presets=(), compile=False, stock=False, peers=(), repeats=3, warmup=2)
+    clock = _TableClock({"stock_eager": 2.0, "dqar_x": 1.0})
+    result = bench.run_bench(load_model(None), torch.device("cpu"), s, progress=False, clock=clock, log=lines.append,
+                             on_update=lambda r: updates.append({x["case"]: (len(x["times_s"]), x["complete"]) for x in r["rows"]}))
+    assert len(updates) == 2 * 2 + 2 * 3 and updates[4] == {"stock_eager": (1, False)}  # 2 passes x 2 warm-ups, 2 cases x 3 rounds
+    assert updates[5] == {"stock_eager": (1, False), "dqar_x": (1, False)} and updates[-1] == {"stock_eager": (3, True), "dqar_x": (3, True)}
+    assert lines[1] == "warm-up dqar_x@1 (pass 1 of 2): 1.0 s, graphs 3, fallbacks 0" and len(lines) == 4
+    row = {r["case"]: r for r in result["rows"]}["dqar_x"]
+    assert row["warmup_s"] == [1.0, 1.0] and (row["graphs"], row["fallback_evaluations"], row["compile_seconds"]) == (3, 0, 3.0)
+    assert row["vs_stock_eager"] == 2.0 and result["warmup"]["dqar_x@1"]["graphs"] == 3
+
+
+def test_stock_best_is_the_faster_stock_compiled_row(monkeypatch):
+    """With a (fake) CUDA-graphs stock row faster than stock_compiled, every row's vs_stock_best is against it."""
+    import torch
+
+    import dqar.studies.bench as bench
+    from dqar.models import load_model
+
+    assert bench.stock_best({"stock_compiled": 2.0, "stock_compiled_cudagraphs": 1.5, "x": 0.1}) == "stock_compiled_cudagraphs"
+    assert bench.stock_best({"stock_compiled": 2.0}) == "stock_compiled" and bench.stock_best({"stock_eager": 1.0}) is None
+    names = ["stock_eager", "stock_compiled", "stock_compiled_cudagraphs", "dqar_x"]
+    monkeypatch.setattr(bench, "cases_for", lambda loaded, batch, s: _fake_cases(names))
+    s = BenchSettings(batch_sizes=(2,), steps=2, presets=(), compile=False, stock=False, peers=(), repeats=3, warmup=1)
+    clock = _TableClock({"stock_eager": 4.0, "stock_compiled": 3.0, "stock_compiled_cudagraphs": 2.0, "dqar_x": 1.0})
+    result = bench.run_bench(load_model(None), torch.device("cpu"), s, progress=False, clock=clock)
+    rows = {r["case"]: r for r in result["rows"]}
+    assert result["stock_best"] == {"2": "stock_compiled_cudagraphs"}
+    assert rows["dqar_x"]["vs_stock_best"] == 2.0 and rows["dqar_x"]["vs_stock_compiled"] == 3.0 and rows["dqar_x"]["vs_stock_best_ci"] == [2.0, 2.0]
+    assert "batch 2: stock_compiled_cudagraphs" in bench_render(result) and "| 2.00× [2.00, 2.00] |" in bench_render(result)
+
+
+def test_quick_is_a_smoke_run_without_compile_rows():
+    from dqar.cli.app import build_parser
+    from dqar.cli.studies import _bench_settings
+
+    s = BenchSettings(**_bench_settings(build_parser().parse_args(["bench", "--quick"])))
+    assert (s.compile, s.repeats, s.warmup, s.steps, s.batch_sizes) == (False, 3, 1, 10, (2,))
+    assert BenchSettings(**_bench_settings(build_parser().parse_args(["bench", "--quick", "--repeats", "4"]))).repeats == 4

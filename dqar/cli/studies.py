@@ -24,24 +24,24 @@ def cmd_bench(args) -> int:
     else:
         loaded = models.load_model(args.model, device=device, dtype=dtype)
 
-    def write(result: dict) -> None:  # after every batch size: a killed run keeps what it finished
+    def write(result: dict) -> None:  # after every warm-up and every timed case, atomically: a killed run keeps every measurement
         atomic_write_json(out / "bench.json", result | {"command": shlex.join(["dqar", *args.argv])})
         atomic_write_text(out / "bench.md", render_table(result) + "\n")
 
     with cpu_threads(device, args.threads):  # on CPU one thread unless --threads: the sampling thread's CPU time is the clock
-        result = run_bench(loaded, device, settings, progress=not args.quiet, on_batch=write)
+        result = run_bench(loaded, device, settings, progress=not args.quiet, on_update=write)
     print(render_table(result))
     return 0
 
 
 def _bench_settings(args) -> dict:
     """BenchSettings keywords from the flags: --quick first, then the flags given."""
-    quick = dict(batch_sizes=(1, 2), steps=10) if args.quick else {}
+    quick = dict(batch_sizes=(2,), steps=10, repeats=3, warmup=1) if args.quick else {}
     flags = {"batch_sizes": tuple(args.batch_sizes) if args.batch_sizes is not None else None, "steps": args.steps,
              "repeats": args.repeats, "executors": tuple(args.executors) if args.executors else None,
              "peers": tuple(args.peers) if args.peers is not None else None, "cases": tuple(args.cases or ())}
     given = {k: v for k, v in flags.items() if v is not None}
-    return {**quick, **given, "compile": not args.no_compile, "presets": tuple(args.presets)}
+    return {**quick, **given, "compile": not (args.no_compile or args.quick), "presets": tuple(args.presets)}
 
 
 def bench_parser(sub) -> None:
@@ -59,8 +59,11 @@ def bench_parser(sub) -> None:
                    help="diffusers caching peers to time (pab first_block_cache taylorseer magcache: the default), each under "
                         "torch.compile where it tolerates it, else eager; --peers alone: none")
     p.add_argument("--cases", nargs="+", default=None, help="time only the cases with these names or shell patterns, e.g. 'stock_*' full_dqar_graph")
-    p.add_argument("--no-compile", action="store_true", help="skip every torch.compile row (stock_compiled, dqar compiled and graph; peers eager)")
-    p.add_argument("--quick", action="store_true", help="batch sizes 1 2, 10 steps: a smoke run")
+    p.add_argument("--no-compile", action="store_true", help="skip every torch.compile row (stock_compiled, stock_compiled_cudagraphs, dqar compiled and graph; "
+                                                               "peers eager)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run (about 2 minutes on a slow 2-core CPU): no torch.compile rows (as --no-compile; peers eager), "
+                        "batch size 2, 10 steps, 3 repeats, 1 warm-up pass; --batch-sizes, --steps, --repeats still apply")
     p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
     threads_arg(p, "CPU threads while timing (default 1: the sampling thread's CPU time is the clock; more: wall time); ignored on GPU")
     quiet_arg(p, "no progress bars")

@@ -1,13 +1,14 @@
 """`dqar bench`: the stock transformer (eager, torch.compile), dqar (no reuse, presets) on its executors and diffusers'
 caching peers, in one process.
 
-Rows: `stock_eager`, `stock_compiled`; `noreuse_<executor>` and `<preset>_<executor>` for the executors asked for
+Rows: `stock_eager`, `stock_compiled` and, on CUDA only, `stock_compiled_cudagraphs` (mode reduce-overhead); `noreuse_<executor>` and `<preset>_<executor>` for the executors asked for
 (eager = patch, compiled, graph; a gate preset's decisions frozen into a plan for the compiled ones; `_compiled_modeldtype`:
 the same plan with a model-dtype cache); `peer_<name>` (dqar.studies.bench_peers: under torch.compile where it tolerates it).
-Every case draws the same labels and noise; all cases of one batch size are warmed up in `warmup` passes, then timed
-round-robin over the repeats on the device's clock (dqar.studies.timing: the sampling thread's CPU time on CPU, CUDA events
+Every case draws the same labels and noise; all cases of one batch size are warmed up in `warmup` passes (each
+case's warm-up seconds, graphs and fallbacks logged), then timed round-robin over the repeats on the device's clock (dqar.studies.timing: the sampling thread's CPU time on CPU, CUDA events
 on GPU, wall time beside); every ratio is a ratio of medians with a paired bootstrap interval (dqar.studies.intervals),
-against the stock eager and the stock compiled model. Peak memory: the CUDA allocator's, reset before each run; on CPU only
+against the stock eager, the stock compiled and the faster stock compiled row (`stock_best`). The result is handed on
+after every timed case (rows still short of their rounds: `complete: false`). Peak memory: the CUDA allocator's, reset before each run; on CPU only
 the dqar cache's bytes. Timed runs have diagnostics off. Ratios are what travels between machines.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import platform
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -23,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
-from dqar.errors import DqarError
+from dqar.errors import DqarError, first_line
 from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
@@ -31,14 +33,19 @@ from dqar.sampling import make_scheduler
 from dqar.studies import memory
 from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers
 from dqar.studies.blocks import timed_run
+from dqar.studies.bench_report import render_table  # noqa: F401 - re-exported
 from dqar.studies.intervals import ratio_ci
-from dqar.studies.timing import clock_for, median, round_robin, seconds, walls, warm_up
+from dqar.studies.timing import Run, clock_for, measure_once, median, seconds, walls
 from dqar.tuning.distill import executed_plan
 
 BLOCK_PRESET = "block_reuse"
-STOCK_EAGER, STOCK_COMPILED = "stock_eager", "stock_compiled"
+STOCK_EAGER, STOCK_COMPILED, STOCK_CUDAGRAPHS = "stock_eager", "stock_compiled", "stock_compiled_cudagraphs"
+STOCK_COMPILED_ROWS = (STOCK_COMPILED, STOCK_CUDAGRAPHS)  # the candidates for stock_best
 EXECUTORS = ("eager", "compiled", "graph")  # dqar's rows: patch (eager), per-block compiled, one graph per plan row
 COMPILE_SETTING = "torch.compile (default mode, static shapes)"
+CUDAGRAPHS_SETTING = "torch.compile (mode reduce-overhead: CUDA graphs, static shapes)"
+NO_CUDAGRAPHS = (f"{STOCK_CUDAGRAPHS} left out: torch.compile mode reduce-overhead has no CUDA graphs on this device, so stock_best "
+                 f"is {STOCK_COMPILED}")
 MEMORY_CACHE = "dqar cache only: ReuseStats.cache_bytes_peak of the last timed run (process memory is not measured on CPU)"
 MEMORY_NONE = "not measured on CPU (no dqar cache in this row)"
 
@@ -53,7 +60,7 @@ class BenchSettings:
     repeats: int = 5
     warmup: int = 2  # untimed passes over every case before the rounds (compilation happens there)
     presets: tuple[str, ...] = ("full_dqar", "quant_cache_only", BLOCK_PRESET)
-    compile: bool = True  # include the torch.compile rows (stock_compiled, dqar compiled and graph; peers try it)
+    compile: bool = True  # include the torch.compile rows (stock_compiled(_cudagraphs), dqar compiled and graph; peers try it)
     stock: bool = True  # include diffusers' DiTPipeline where the model allows it
     seed: int = 0
     executors: tuple[str, ...] = EXECUTORS  # which of dqar's executors get rows
@@ -93,10 +100,17 @@ class BenchRow:
     vs_stock_eager_ci: list[float] | None = None
     vs_stock_compiled: float | None = None
     vs_stock_compiled_ci: list[float] | None = None
+    vs_stock_best: float | None = None  # against the faster of stock_compiled and stock_compiled_cudagraphs (header: stock_best)
+    vs_stock_best_ci: list[float] | None = None
     reuse_fraction: float | None = None
     setting: str = ""  # how the row ran: eager, torch.compile, dqar's executor, a peer's fallback
     peak_memory_bytes: int | None = None
     peak_memory_method: str = ""
+    complete: bool = True  # False while the row has fewer than `repeats` rounds (a partial write)
+    warmup_s: list[float] = field(default_factory=list)  # wall seconds of each warm-up pass (the first compiles)
+    graphs: int | None = None  # dqar's ReuseStats of the last run (None without dqar)
+    fallback_evaluations: int | None = None
+    compile_seconds: float | None = None  # dqar's first-call seconds over the warm-up passes
 
 
 @dataclass
@@ -172,11 +186,11 @@ def _pipeline_case(loaded, labels, s: BenchSettings, transformer) -> Callable:
     return lambda: pipe(labels, num_inference_steps=s.steps, guidance_scale=s.cfg, generator=gen(), output_type="pt")
 
 
-def _stock(b: _Batch, compiled: bool) -> Case:
+def _stock(b: _Batch, mode: str | None) -> Case:
     """The stock model, nothing of dqar attached: diffusers' DiTPipeline where it runs the model, else dqar's no-reuse
-    loop (bit-identical to it, tests/test_sampling.py); `compiled`: the whole transformer under torch.compile."""
-    transformer = compiled_transformer(b.loaded.transformer) if compiled else b.loaded.transformer
-    setting = COMPILE_SETTING if compiled else "eager"
+    loop (bit-identical to it, tests/test_sampling.py); `mode`: the whole transformer under torch.compile in that mode."""
+    transformer = compiled_transformer(b.loaded.transformer, mode) if mode else b.loaded.transformer
+    setting = {None: "eager", "default": COMPILE_SETTING, "reduce-overhead": CUDAGRAPHS_SETTING}[mode]
     if b.s.stock and stock_supported(b.loaded) is None:
         return Case(_pipeline_case(b.loaded, b.labels, b.s, transformer), lambda: setting)
     model = replace(b.loaded, transformer=transformer)
@@ -190,16 +204,17 @@ def _peer(b: _Batch, name: str) -> Case:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_transformer(transformer):
-    """The whole transformer under torch.compile, in the mode and dtype of dqar's compiled executor (default mode, static shapes)."""
-    return torch.compile(transformer, dynamic=False)
+def compiled_transformer(transformer, mode: str = "default"):
+    """The whole transformer under torch.compile (static shapes); default mode: as dqar's compiled executor."""
+    return torch.compile(transformer, mode=mode, dynamic=False)
 
 
 def _specs(s: BenchSettings):
     """(name, kind, builder) of every case the settings name; kind: stock | stock_compiled | eager | compiled | graph | peer."""
     off = ReuseConfig(enabled=False)
-    yield STOCK_EAGER, "stock", lambda b: _stock(b, False)
-    yield STOCK_COMPILED, "stock_compiled", lambda b: _stock(b, True)
+    yield STOCK_EAGER, "stock", lambda b: _stock(b, None)
+    yield STOCK_COMPILED, "stock_compiled", lambda b: _stock(b, "default")
+    yield STOCK_CUDAGRAPHS, "stock_cudagraphs", lambda b: _stock(b, "reduce-overhead")  # CUDA only (selected)
     for kind, executor in zip(EXECUTORS, ("patch", "compiled", "graph")):
         yield f"noreuse_{kind}", kind, functools.partial(lambda b, e: _dqar(b, off, e), e=executor)
     for name in s.presets:
@@ -226,14 +241,15 @@ def _planned(b: _Batch, name: str, executor: str, **change) -> Case:
 
 
 def _wanted(s: BenchSettings, kind: str) -> bool:
-    if kind in ("compiled", "graph", "stock_compiled"):
-        return s.compile and (kind == "stock_compiled" or kind in s.executors)
+    if kind in ("compiled", "graph", "stock_compiled", "stock_cudagraphs"):
+        return s.compile and (kind.startswith("stock") or kind in s.executors)
     return kind in ("stock", "peer") or kind in s.executors
 
 
-def selected(s: BenchSettings) -> list[tuple[str, Callable]]:
-    """(name, builder) of the cases this run times: the kinds the settings include, then the --cases patterns."""
-    out = [(n, build) for n, kind, build in _specs(s) if _wanted(s, kind)]
+def selected(s: BenchSettings, cuda: bool = True) -> list[tuple[str, Callable]]:
+    """(name, builder) of the cases this run times: the kinds the settings include (`cuda`: the device has CUDA graphs),
+    then the --cases patterns."""
+    out = [(n, build) for n, kind, build in _specs(s) if _wanted(s, kind) and (cuda or kind != "stock_cudagraphs")]
     return [(n, b) for n, b in out if not s.cases or any(fnmatch.fnmatchcase(n, p) for p in s.cases)]
 
 
@@ -245,47 +261,89 @@ def case_names(s: BenchSettings) -> list[str]:
 def cases_for(loaded, batch: int, s: BenchSettings) -> dict[str, Case]:
     """Name → case for one batch size."""
     b = _Batch(loaded, _labels(loaded, batch), s)
-    return {name: build(b) for name, build in selected(s)}
+    return {name: build(b) for name, build in selected(s, _on_cuda(loaded))}
+
+
+def _on_cuda(loaded) -> bool:
+    return next(loaded.transformer.parameters()).device.type == "cuda"
+
+
+def stock_best(medians: dict[str, float]) -> str | None:
+    """The stock compiled row with the lowest median among those timed (name → median seconds), or None."""
+    timed = [(medians[n], n) for n in STOCK_COMPILED_ROWS if medians.get(n) is not None]
+    return min(timed)[1] if timed else None
 
 
 def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = True,
-              on_batch: Callable[[dict], None] | None = None, clock=None) -> dict:
+              on_update: Callable[[dict], None] | None = None, clock=None, log: Callable[[str], None] | None = None) -> dict:
     """Time every case at every batch size; returns a JSON-ready dict.
 
-    A case that raises during its warm-up is dropped from the timing and listed under "failed"
-    with its error, so one broken backend does not cost the other rows. `on_batch` receives the
-    result so far after each batch size (the CLI writes it, so a killed run keeps finished batches).
-    `clock`: the timing clock (default: the device's; tests inject one). Peak memory: per run on CUDA
-    (reset before each), the dqar cache's peak on CPU.
+    A case that raises during its warm-up is dropped from the timing and listed under "failed" with its error, so one
+    broken backend does not cost the other rows. `on_update` receives the result so far after every warm-up and every
+    timed case (the CLI writes it: a killed run keeps every measurement; rows short of their rounds have
+    `complete: false`). `clock`: the timing clock (default: the device's; tests inject one). `log`: one line per
+    warm-up (default: stderr while `progress`). Peak memory: per run on CUDA (reset before each), the dqar cache's on CPU.
     """
     clock = clock or clock_for(device)
-    rows: list[BenchRow] = []
-    failed: dict[str, str] = {}
-    result = _header(loaded, device, s, clock) | {"rows": [], "failed": failed}
+    log = log or ((lambda m: tqdm.write(m, file=sys.stderr)) if progress else (lambda m: None))
+    cuda = device.type == "cuda"
+    result = _header(loaded, device, s, clock) | {"stock_best": {}, "rows": [], "failed": {}, "warmup": {}}
+    if s.compile and not cuda:
+        result["notes"] = [NO_CUDAGRAPHS]
+    done: list[dict] = []
+
+    def publish(rows: list[BenchRow]) -> None:
+        result["rows"] = done + [asdict(r) for r in rows]
+        if on_update:
+            on_update(result)
+
     for batch in s.batch_sizes:
         cases = cases_for(loaded, batch, s)
-        runs = {name: c.run for name, c in cases.items()}
-        with tqdm(total=len(runs) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
-            failed |= {f"{name}@{batch}": error for name, error in _warm(runs, s, bar).items()}
-            timed = round_robin(runs, clock, s.repeats, device=device if device.type == "cuda" else None,
-                                on_step=lambda _: bar.update(1))
-        rows.extend(_rows(batch, timed, cases))
-        result["rows"] = [asdict(r) for r in rows]
-        if on_batch:
-            on_batch(result)
+        with tqdm(total=len(cases) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
+            warm = _warm(cases, batch, s, clock, result, bar, log, publish)
+            runs: dict[str, list[Run]] = {name: [] for name in cases}
+            names, rows = list(cases), []
+            for k in range(s.repeats):  # round k starts one case later than round k - 1
+                for i in range(len(names)):
+                    name = names[(i + k) % len(names)]
+                    runs[name].append(measure_once(cases[name].run, clock, device if cuda else None))
+                    bar.update(1)
+                    rows = _rows(batch, runs, cases, warm, s.repeats, result)
+                    publish(rows)
+        done += [asdict(r) for r in rows]
+    result["rows"] = done
     return result
 
 
-def _warm(runs: dict, s: BenchSettings, bar) -> dict[str, str]:
-    """`s.warmup` passes over all cases (one compile can change another case's guards; the next pass settles that
-    before the timing); a case that raises is dropped from `runs`: name → its one-line error."""
-    errors = {}
+def _warm(cases: dict[str, Case], batch: int, s: BenchSettings, clock, result: dict, bar, log, publish) -> dict[str, dict]:
+    """`s.warmup` passes over all cases (one compile can change another case's guards; the next pass settles that before
+    the timing), each case's seconds, graphs and fallbacks logged and handed on; a case that raises is dropped from
+    `cases` and listed in result["failed"]. Returns name → {seconds: [per pass], compile_seconds}."""
+    warm: dict[str, dict] = {}
     for done in range(s.warmup):
-        for name, error in warm_up(runs, 1, on_step=lambda _: bar.update(1))[1].items():
-            errors[name] = error
-            del runs[name]
-            bar.update(s.warmup - done - 1 + s.repeats)
-    return errors
+        for name in list(cases):
+            try:
+                _, timing = clock.measure(cases[name].run)
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot run here: report it, keep the rest
+                result["failed"][f"{name}@{batch}"] = f"{type(exc).__name__}: {first_line(exc)}"[:300]
+                del cases[name]
+                warm.pop(name, None)
+                result["warmup"].pop(f"{name}@{batch}", None)
+                bar.update(s.warmup - done + s.repeats)
+                continue
+            st = cases[name].stats()
+            w = warm.setdefault(name, {"seconds": [], "compile_seconds": None if st is None else 0.0})
+            w["seconds"].append(timing.wall)
+            if st is not None:
+                w["compile_seconds"] += float(st.compile_seconds)
+            g, f = (st.graphs, st.fallback_evaluations) if st is not None else ("–", "–")
+            passes = f" (pass {done + 1} of {s.warmup})" if s.warmup > 1 else ""
+            log(f"warm-up {name}@{batch}{passes}: {timing.wall:.1f} s, graphs {g}, fallbacks {f}")
+            result["warmup"][f"{name}@{batch}"] = {**w, "graphs": None if st is None else st.graphs,
+                                                   "fallback_evaluations": None if st is None else st.fallback_evaluations}
+            bar.update(1)
+            publish([])
+    return warm
 
 
 def _header(loaded, device: torch.device, s: BenchSettings, clock) -> dict:
@@ -308,19 +366,41 @@ def _memory(runs: list, st) -> tuple[int | None, str]:
     return None, MEMORY_NONE
 
 
-def _rows(batch: int, timed: dict, cases: dict[str, Case]) -> list[BenchRow]:
-    times = {name: seconds(runs) for name, runs in timed.items()}
-    refs = {ref: times.get(ref) for ref in (STOCK_EAGER, STOCK_COMPILED)}
+@functools.lru_cache(maxsize=4096)
+def _ci(base: tuple, own: tuple) -> list[float] | None:
+    return ratio_ci(base, own)
+
+
+def _vs(base: list[float] | None, own: list[float], repeats: int) -> tuple[float | None, list[float] | None]:
+    """Ratio of medians over the paired rounds both have; its interval once both have every round."""
+    if not base:
+        return None, None
+    n = min(len(base), len(own))
+    ci = _ci(tuple(base), tuple(own)) if len(base) == len(own) == repeats else None
+    return median(base[:n]) / median(own[:n]), ci
+
+
+def _rows(batch: int, timed: dict[str, list[Run]], cases: dict[str, Case], warm: dict[str, dict], repeats: int,
+          result: dict) -> list[BenchRow]:
+    """The rows of one batch so far (those with at least one round); sets result["stock_best"][batch]."""
+    times = {name: seconds(runs) for name, runs in timed.items() if runs}
+    best = stock_best({n: median(t) for n, t in times.items()})
+    result["stock_best"][str(batch)] = best
     out = []
     for name, ts in times.items():
         st = cases[name].stats()
-        ratio = {ref: (median(t) / median(ts), ratio_ci(t, ts)) if t else (None, None) for ref, t in refs.items()}
+        eager, compiled, vs_best = (_vs(times.get(ref), ts, repeats) for ref in (STOCK_EAGER, STOCK_COMPILED, best))
         peak, how = _memory(timed[name], st)
         out.append(BenchRow(case=name, batch=batch, median_s=median(ts), per_sample_s=median(ts) / batch, times_s=ts,
-                            wall_times_s=walls(timed[name]), vs_stock_eager=ratio[STOCK_EAGER][0], vs_stock_eager_ci=ratio[STOCK_EAGER][1],
-                            vs_stock_compiled=ratio[STOCK_COMPILED][0], vs_stock_compiled_ci=ratio[STOCK_COMPILED][1],
+                            wall_times_s=walls(timed[name]), vs_stock_eager=eager[0], vs_stock_eager_ci=eager[1],
+                            vs_stock_compiled=compiled[0], vs_stock_compiled_ci=compiled[1],
+                            vs_stock_best=vs_best[0], vs_stock_best_ci=vs_best[1],
                             reuse_fraction=st.reuse_fraction if st is not None else None, setting=cases[name].setting(),
-                            peak_memory_bytes=peak, peak_memory_method=how))
+                            peak_memory_bytes=peak, peak_memory_method=how, complete=len(ts) == repeats,
+                            warmup_s=warm.get(name, {}).get("seconds", []),
+                            graphs=st.graphs if st is not None else None,
+                            fallback_evaluations=st.fallback_evaluations if st is not None else None,
+                            compile_seconds=warm.get(name, {}).get("compile_seconds")))
     return out
 
 
@@ -328,32 +408,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _ratio(v: float | None, ci: list[float] | None) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.2f}×"
-
-
-def _mib(r: dict) -> str:
-    return f"{r['peak_memory_bytes'] / 2 ** 20:.3g}" if r.get("peak_memory_bytes") is not None else "–"
-
-
-def render_table(result: dict) -> str:
-    """Markdown table of a bench result."""
-    st = result["settings"]
-    lines = [f"model {result['model']} · {result['device']} · {result['dtype']} · torch {result['torch']} · {result.get('date', '')} · "
-             f"DDIM {st['steps']} · CFG {st['cfg']} · median of {st['repeats']} rounds · clock: {result.get('clock_method', '')}",
-             "", f"Stock: {result.get('stock', '')}. Ratios: stock time / case time, with 95% paired-bootstrap intervals "
-             f"(an interval that contains 1.00 is no difference on this machine). Peak MiB: {result.get('memory_method', '')}.",
-             "", "| batch | case | setting | s / sample | vs stock eager | vs stock compiled | reuse % | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        ru = f"{100 * r['reuse_fraction']:.1f}" if r["reuse_fraction"] is not None else "–"
-        lines.append(f"| {r['batch']} | {r['case']} | {r.get('setting', '')} | {r['per_sample_s']:.4f} "
-                     f"| {_ratio(r['vs_stock_eager'], r['vs_stock_eager_ci'])} "
-                     f"| {_ratio(r['vs_stock_compiled'], r['vs_stock_compiled_ci'])} | {ru} | {_mib(r)} |")
-    for case, error in result.get("failed", {}).items():
-        lines.append(f"\nNot timed: {case} failed in warm-up — {error}")
-    return "\n".join(lines)

@@ -120,15 +120,20 @@ def round_robin(cases: dict[str, Callable[[], Any]], clock, repeats: int, *, dev
     for k in range(repeats):
         for i in range(len(names)):
             name = names[(i + k) % len(names)]
-            if device is not None:
-                memory.reset(device)
-            result, timing = clock.measure(cases[name])
-            peak = memory.read_peak(device) if device is not None else None
-            runs[name].append(Run(timing, peak, keep(name, result) if keep else None))
-            del result
+            runs[name].append(measure_once(cases[name], clock, device, (lambda r, n=name: keep(n, r)) if keep else None))
             if on_step:
                 on_step(name)
     return runs
+
+
+def measure_once(fn: Callable[[], Any], clock, device: torch.device | None = None,
+                 keep: Callable[[Any], Any] | None = None) -> Run:
+    """One timed call of `fn` on `clock`; `device`: its allocator peak (reset before); `keep(result)`: what to retain."""
+    if device is not None:
+        memory.reset(device)
+    result, timing = clock.measure(fn)
+    peak = memory.read_peak(device) if device is not None else None
+    return Run(timing, peak, keep(result) if keep else None)
 
 
 def seconds(runs: list[Run]) -> list[float]:
