@@ -231,7 +231,7 @@ class GraphEngine(ReuseEngine):
         if first:
             self.compile_seconds[key] = time.perf_counter() - start
             self.generation["compile"] += self.compile_seconds[key]
-        return out.clone() if x.device.type == "cuda" else out  # a replay overwrites its outputs: hand out a copy
+        return out.clone()  # a CUDA-graph replay overwrites its outputs: hand out a copy (on every device, so tests see it)
 
     def _compile(self, row, store, share, device) -> Callable:
         graph = compiled_copy(evaluate, f"dqar_pattern_{len(self.graphs)}", "reduce-overhead" if device.type == "cuda" else None)
