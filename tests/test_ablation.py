@@ -660,3 +660,14 @@ def test_auto_preference_is_the_graph_executor_on_cuda(loaded, monkeypatch):
     s = SampleConfig(steps=3)
     assert blocks.choose_executor(loaded, RunConfig(reuse=preset("quant_cache_only"), sample=s), "auto") == ("graph", None)
     assert blocks.choose_executor(loaded, RunConfig(reuse=preset("gate"), sample=s), "auto")[0] == "patch"
+
+
+def test_quick_ablation_compiles_nothing_on_a_cpu():
+    """--quick is a smoke run: on a CPU it times every configuration eagerly unless --executor says otherwise."""
+    from argparse import Namespace
+
+    from dqar.cli.studies import ablate_executor
+
+    assert ablate_executor(Namespace(executor=None, quick=True, device="cpu")) == "patch"
+    assert ablate_executor(Namespace(executor=None, quick=False, device="cpu")) == "auto"
+    assert ablate_executor(Namespace(executor="compiled", quick=True, device="cpu")) == "compiled"

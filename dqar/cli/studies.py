@@ -70,6 +70,15 @@ def bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def ablate_executor(args) -> str:
+    """--executor as given; without it "auto", except --quick on a CPU: "patch" (a smoke run compiles nothing)."""
+    if args.executor is not None:
+        return args.executor
+    from dqar.device import resolve_device
+
+    return "patch" if args.quick and resolve_device(args.device).type != "cuda" else "auto"
+
+
 def cmd_ablate(args) -> int:
     from dqar.studies.ablation import REPORT_FILE, AblationOptions, run_ablation
 
@@ -77,7 +86,7 @@ def cmd_ablate(args) -> int:
     at_least("--steps", args.steps, 1)
     opts = AblationOptions(model=args.model, out=writable_folder(args.out), quick=args.quick, resume=args.resume, config=args.config,
                            device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
-                           stop_after=args.stop_after, steps=args.steps, threads=args.threads, executor=args.executor,
+                           stop_after=args.stop_after, steps=args.steps, threads=args.threads, executor=ablate_executor(args),
                            command=shlex.join(["dqar", *args.argv]))
     done = run_ablation(opts)  # reads the grid and any previous results before it loads the model
     report = Path(args.out) / REPORT_FILE
@@ -94,7 +103,8 @@ def ablate_parser(sub) -> None:
     p = sub.add_parser("ablate", help="ablation study: presets and sweeps against a baseline, with a report")
     model_args(p)
     p.add_argument("--out", default="results/ablation", help="output folder (default results/ablation)")
-    p.add_argument("--quick", action="store_true", help="the small shipped grid (quick.toml) instead of default.toml")
+    p.add_argument("--quick", action="store_true", help="a smoke run: the small shipped grid (quick.toml) instead of default.toml, and on a CPU "
+                        "every configuration eagerly (patch executor, no torch.compile) unless --executor is given")
     p.add_argument("--resume", action="store_true", help="continue the study in --out, skipping finished configurations")
     p.add_argument("--config", default=None, help="a grid TOML file replacing the shipped one (format: dqar/grids/default.toml)")
     threads_arg(p, "CPU threads while timing (default 1: stable timings); ignored on GPU")
@@ -104,8 +114,8 @@ def ablate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
     from dqar.studies.blocks import EXECUTOR_PREFERENCES
 
-    p.add_argument("--executor", choices=EXECUTOR_PREFERENCES, default="auto",
-                   help="auto (default): time each configuration on the graph executor on CUDA, compiled on a CPU, where the engine "
+    p.add_argument("--executor", choices=EXECUTOR_PREFERENCES, default=None,
+                   help="auto (default; patch under --quick on a CPU): time each configuration on the graph executor on CUDA, compiled on a CPU, where the engine "
                         "supports it, else eager; graph: the graph executor first on a CPU too (faster per generation, minutes of "
                         "compiling per configuration there); patch: eager")
     p.set_defaults(func=cmd_ablate)
