@@ -1,11 +1,10 @@
 """Python API: `handle = dqar.enable(pipe_or_transformer, config)`, `handle.stats`, `handle.disable()`."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-
-import math
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.engine.decider import Decider, DeciderContext, PlanDecider
