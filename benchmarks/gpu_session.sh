@@ -11,11 +11,15 @@
 #   3. batches 1, 32 and 64 with fewer rows (stock, no reuse / full_dqar / quant_cache_only on graph, two peers);
 #   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows.
 # Each stage runs under `timeout` with its share of the budget; a killed stage keeps the batch sizes it finished (bench
-# writes after every batch) and the next stage still runs. Raw JSON and Markdown go to $OUT.
+# writes after every case) and the next stage still runs. Raw JSON and Markdown go to $OUT.
+# Set-up fails fast: the script first installs the carried wheels (.whl/, made on a machine with PyPI by
+# benchmarks/gpu_wheels.sh; the device call carries .whl) through benchmarks/gpu_install.sh, which checks
+# `import torch, diffusers, dqar` and CUDA and stops the script with one line if any check fails; the environment stage
+# must succeed too. Only the bench stages may fail (under `timeout`) without stopping the next stage.
 # Usage: OUT=results/gpu bash benchmarks/gpu_session.sh
-# Smoke run on a CPU (no compiling: graph compiles take minutes there):
-#   OUT=/tmp/s DEVICE=cpu TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile bash benchmarks/gpu_session.sh
-set -u
+# Smoke run on a CPU with diffusers installed (no compiling: graph compiles take minutes there):
+#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile bash benchmarks/gpu_session.sh
+set -euo pipefail
 OUT=${OUT:-results/gpu}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
 DEVICE=${DEVICE:-cuda}
@@ -43,17 +47,26 @@ bench() {
     local rest; rest=$(left); [ "$limit" -gt "$rest" ] && limit=$rest
     if [ "$limit" -le 10 ]; then echo "skipped $name: budget spent"; return; fi
     stage "bench $name (limit ${limit}s)"
+    local rc=0
     timeout "$limit" $PY -m dqar.cli bench --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" --out "$WORK/$name" --quiet "$@" \
-        > "$WORK/$name.log" 2>&1; echo "exit $? after $(( $(date +%s) - START ))s"
+        > "$WORK/$name.log" 2>&1 || rc=$?
+    echo "exit $rc after $(( $(date +%s) - START ))s"
+    grep "^warm-up" "$WORK/$name.log" || true  # per case: warm-up (compile) seconds, graphs, fallbacks
     tail -n 3 "$WORK/$name.log"
     for f in bench.json bench.md; do [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/${name}_$f"; done
     cp "$WORK/$name.log" "$OUT/$name.log"
 }
 
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    stage install the carried wheels
+    # shellcheck source=benchmarks/gpu_install.sh
+    source benchmarks/gpu_install.sh "$WORK/site" || { echo "set-up failed: see the line above"; exit 1; }
+fi
+
 stage environment
 {
     date -u +"date %Y-%m-%dT%H:%M:%SZ"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
     $PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } | tee "$OUT/env.txt"
 
@@ -61,7 +74,7 @@ if [ "$TRAIN_MIN" != 0 ]; then
 stage train the embedded DiT
 mkdir -p "$OUT/emb/transformer"
 timeout $((${TRAIN_MIN%.*} * 60 + 60)) $PY -m dqar.embedded.train --out "$WORK/emb" --minutes "$TRAIN_MIN" --batch-size 256 \
-    --seed 0 --device "$DEVICE" --data "$DATA" --no-progress 2>&1 | grep -v "^step" ; tail -c 400 "$WORK/emb/train_log.json"
+    --seed 0 --device "$DEVICE" --data "$DATA" --no-progress 2>&1 | { grep -v "^step" || true; }; tail -c 400 "$WORK/emb/train_log.json"
 cp "$WORK/emb/transformer/"* "$OUT/emb/transformer/" && cp "$WORK/emb/train_log.json" "$OUT/emb/"
 
 stage quality check

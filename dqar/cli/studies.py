@@ -29,7 +29,8 @@ def cmd_bench(args) -> int:
         atomic_write_text(out / "bench.md", render_table(result) + "\n")
 
     with cpu_threads(device, args.threads):  # on CPU one thread unless --threads: the sampling thread's CPU time is the clock
-        result = run_bench(loaded, device, settings, progress=not args.quiet, on_update=write)
+        result = run_bench(loaded, device, settings, progress=not args.quiet, on_update=write,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))  # warm-up lines, --quiet too
     print(render_table(result))
     return 0
 
