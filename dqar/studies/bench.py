@@ -24,8 +24,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from dqar.engine.api import on_cuda
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
-from dqar.errors import DqarError, first_line
+from dqar.errors import DqarError
 from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
@@ -35,7 +36,7 @@ from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers
 from dqar.studies.blocks import timed_run
 from dqar.studies.bench_report import render_table  # noqa: F401 - re-exported
 from dqar.studies.intervals import ratio_ci
-from dqar.studies.timing import Run, clock_for, measure_once, median, seconds, walls
+from dqar.studies.timing import Run, clock_for, median, round_robin, seconds, walls, warm_up
 from dqar.tuning.distill import executed_plan
 
 BLOCK_PRESET = "block_reuse"
@@ -261,11 +262,7 @@ def case_names(s: BenchSettings) -> list[str]:
 def cases_for(loaded, batch: int, s: BenchSettings) -> dict[str, Case]:
     """Name → case for one batch size."""
     b = _Batch(loaded, _labels(loaded, batch), s)
-    return {name: build(b) for name, build in selected(s, _on_cuda(loaded))}
-
-
-def _on_cuda(loaded) -> bool:
-    return next(loaded.transformer.parameters()).device.type == "cuda"
+    return {name: build(b) for name, build in selected(s, on_cuda(loaded.transformer))}
 
 
 def stock_best(medians: dict[str, float]) -> str | None:
@@ -302,14 +299,15 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
         with tqdm(total=len(cases) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
             warm = _warm(cases, batch, s, clock, result, bar, log, publish)
             runs: dict[str, list[Run]] = {name: [] for name in cases}
-            names, rows = list(cases), []
-            for k in range(s.repeats):  # round k starts one case later than round k - 1
-                for i in range(len(names)):
-                    name = names[(i + k) % len(names)]
-                    runs[name].append(measure_once(cases[name].run, clock, device if cuda else None))
-                    bar.update(1)
-                    rows = _rows(batch, runs, cases, warm, s.repeats, result)
-                    publish(rows)
+            rows: list[BenchRow] = []
+
+            def timed(_name: str) -> None:  # after every timed case: the rows so far, handed on
+                rows[:] = _rows(batch, runs, cases, warm, s.repeats, result)
+                bar.update(1)
+                publish(rows)
+
+            round_robin({n: c.run for n, c in cases.items()}, clock, s.repeats, device=device if cuda else None, on_step=timed,
+                        runs=runs)
         done += [asdict(r) for r in rows]
     result["rows"] = done
     return result
@@ -322,15 +320,15 @@ def _warm(cases: dict[str, Case], batch: int, s: BenchSettings, clock, result: d
     warm: dict[str, dict] = {}
     for done in range(s.warmup):
         for name in list(cases):
-            try:
-                _, timing = clock.measure(cases[name].run)
-            except Exception as exc:  # noqa: BLE001 - a backend that cannot run here: report it, keep the rest
-                result["failed"][f"{name}@{batch}"] = f"{type(exc).__name__}: {first_line(exc)}"[:300]
+            measured, errors = warm_up({name: functools.partial(clock.measure, cases[name].run)}, 1)
+            if errors:  # a backend that cannot run here: report it, keep the rest
+                result["failed"][f"{name}@{batch}"] = errors[name]
                 del cases[name]
                 warm.pop(name, None)
                 result["warmup"].pop(f"{name}@{batch}", None)
                 bar.update(s.warmup - done + s.repeats)
                 continue
+            _, timing = measured[name]
             st = cases[name].stats()
             w = warm.setdefault(name, {"seconds": [], "compile_seconds": None if st is None else 0.0})
             w["seconds"].append(timing.wall)

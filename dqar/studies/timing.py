@@ -108,15 +108,17 @@ class Run:
 
 
 def round_robin(cases: dict[str, Callable[[], Any]], clock, repeats: int, *, device: torch.device | None = None,
-                keep: Callable[[str, Any], Any] | None = None, on_step: Callable[[str], None] | None = None) -> dict[str, list[Run]]:
+                keep: Callable[[str, Any], Any] | None = None, on_step: Callable[[str], None] | None = None,
+                runs: dict[str, list[Run]] | None = None) -> dict[str, list[Run]]:
     """`repeats` rounds timing every (warmed-up) case once; round k starts at case k, so no case always runs first.
 
     Drift of a shared machine then hits every case alike, and the i-th runs of two cases are neighbours
     in time (a pair the bootstrap resamples together). `device`: peak memory around each run.
     `keep(name, result)`: what to retain of a result (outside the timed call); None keeps nothing.
+    `runs`: the caller's name → runs to append to (so `on_step` can read the rounds so far); default a new one.
     """
     names = list(cases)
-    runs: dict[str, list[Run]] = {n: [] for n in names}
+    runs = {n: [] for n in names} if runs is None else runs
     for k in range(repeats):
         for i in range(len(names)):
             name = names[(i + k) % len(names)]
