@@ -175,8 +175,7 @@ class StaticHistory:
     def _record_store(self, layer: int) -> None:
         where = self.where[layer]
         before = len(where)
-        where.insert(0, self.position)
-        del where[self.spec.slots:]
+        push(where, self.position, self.spec.slots)
         self.stores += 1
         self.entries_now += len(where) - before
         self.bytes_now += (len(where) - before) * self._entry + (self._anchor if before == 0 else 0)
@@ -215,6 +214,11 @@ def weight_table(num_layers: int, order: int, slots: int, rows, stores, position
         table.append(row_weights(where, row, float(position), order, slots))
         for layer, (reuse, keep) in enumerate(zip(row, store)):
             if not reuse and keep:
-                where[layer].insert(0, float(position))
-                del where[layer][slots:]
+                push(where[layer], float(position), slots)
     return table
+
+
+def push(where: list[float], position: float, slots: int) -> None:
+    """Record a store at `position` in one layer's positions (newest first), keeping at most `slots`."""
+    where.insert(0, position)
+    del where[slots:]
