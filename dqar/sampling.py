@@ -1,4 +1,4 @@
-"""Class-conditional DiT sampling (DDIM, DPM-Solver++ 2M) with classifier-free guidance.
+"""DiT sampling (DDIM, DPM-Solver++ 2M) and flow-matching sampling (Flux, SD3), with classifier-free guidance.
 
 `sample` reproduces `diffusers.DiTPipeline.__call__` bit for bit when no reuse
 engine is attached: the same noise draw, the same batched 2N guidance forward
@@ -10,6 +10,10 @@ once before the loop (no host-device copy per step).
 
 Schedulers: DDIM (Song et al., 2021, arXiv:2010.02502) and DPM-Solver++(2M)
 (Lu et al., 2022, arXiv:2211.01095).
+
+`sample_flow` drives `FlowMatchEulerDiscreteScheduler` (rectified flow, Esser et al., 2024,
+arXiv:2403.03206) as `FluxPipeline.__call__` and `StableDiffusion3Pipeline.__call__` do, and
+reproduces their `output_type="latent"` output bit for bit (docs/SAMPLING.md).
 """
 from __future__ import annotations
 
@@ -17,14 +21,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from dqar.errors import DqarError
 
-SCHEDULERS = ("ddim", "dpm")
+SCHEDULERS = ("ddim", "dpm", "flow")  # "flow": FlowMatchEulerDiscreteScheduler, for `sample_flow` only
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ def make_scheduler(name: str, scheduler_config: dict) -> Any:
         return DDIMScheduler.from_config(scheduler_config)
     if name == "dpm":
         return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     raise DqarError(f"unknown scheduler '{name}'", f"choose one of: {', '.join(SCHEDULERS)}")
 
 
@@ -77,6 +84,9 @@ def _check(steps: int, cfg: float, eta: float, scheduler) -> None:
         raise DqarError(f"steps = {steps!r} is invalid", "use an integer >= 1")
     if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and cfg >= 0):
         raise DqarError(f"cfg = {cfg!r} is invalid", "use a guidance scale >= 0 (<= 1 disables guidance)")
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise DqarError("flow matching needs a flow-matching transformer (Flux, SD3), not a class-conditional DiT",
+                        "sample a DiT with a ddim or dpm scheduler, or a Flux / SD3 transformer with sample_flow")
     if eta != 0 and not isinstance(scheduler, DDIMScheduler):
         raise DqarError(f"eta = {eta} applies to DDIM only", "use eta = 0 with this scheduler")
 
@@ -164,3 +174,224 @@ def sample(
         if reuse is not None:
             reuse.end_generation()
     return SampleOutput(images=_decode(latents, vae), latents=latents, num_evaluations=num_evaluations)
+
+
+# ----- flow matching: Flux and SD3 ----------------------------------------------------------------
+FLUX_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                         "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}  # FLUX.1-dev's
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}  # SD3-medium's and SD3.5's
+FLOW_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+@dataclass(frozen=True)
+class FlowOutput:
+    """What one call of `sample_flow` produced."""
+
+    latents: torch.Tensor  # the pipeline's output_type="latent": Flux packed (N, h/2 * w/2, 4 C), SD3 (N, C, h, w)
+    images: torch.Tensor | None  # (N, 3, H, W) float32 in [0, 1] on the CPU when a VAE was given, else None
+    num_evaluations: int  # transformer forwards: steps * forwards_per_step
+    forwards_per_step: int  # 1, or 2 with Flux's separate-forward CFG (evaluation 2i: "cond", 2i + 1: "uncond")
+    timesteps: torch.Tensor  # (steps,) in [0, 1000], the scheduler's, on the model's device
+    sigmas: torch.Tensor  # (steps + 1,) the scheduler's (ending in 0), on the model's device
+
+
+def flow_family(transformer) -> str:
+    """"flux" or "sd3": the flow-matching family of a transformer (by class, subclasses included); others are refused."""
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in FLOW_FAMILIES:
+            return FLOW_FAMILIES[cls.__name__]
+    raise DqarError(f"flow matching needs a flow-matching transformer (Flux, SD3), got {type(transformer).__name__}",
+                    "pass a FluxTransformer2DModel or SD3Transformer2DModel, or sample a DiT with sample (ddim, dpm)")
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """The dynamic shift `mu`: linear in the image sequence length (diffusers' `calculate_shift`)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def set_flow_timesteps(scheduler, steps: int, *, family: str, image_seq_len: int, device=None,
+                       mu: float | None = None) -> torch.Tensor:
+    """Set `scheduler`'s sigmas and timesteps as FluxPipeline ("flux") or StableDiffusion3Pipeline ("sd3") does.
+
+    Flux: sigmas linspace(1, 1/steps, steps) and a `mu` from the image sequence length (the scheduler applies it under
+    `use_dynamic_shifting`, else its static `shift`). SD3: the scheduler's own spacing with its static `shift`; a `mu`
+    only under `use_dynamic_shifting`. A given `mu` is used as is. Returns the (steps,) timesteps in [0, 1000].
+    """
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise DqarError(f"flow sampling drives FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}",
+                        "pass make_scheduler('flow', config) or the pipeline's own scheduler")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        raise DqarError(f"steps = {steps!r} is invalid", "use an integer >= 1")
+    c = scheduler.config
+    # max_shift's fallback differs between the two pipelines (1.15 Flux, 1.16 SD3); configs that ship set it
+    shift_args = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5))
+    if family == "flux":
+        mu = calculate_shift(image_seq_len, *shift_args, c.get("max_shift", 1.15)) if mu is None else mu
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
+    else:
+        if mu is None and c.get("use_dynamic_shifting", None):
+            mu = calculate_shift(image_seq_len, *shift_args, c.get("max_shift", 1.16))
+        scheduler.set_timesteps(steps, device=device, **({} if mu is None else {"mu": mu}))
+    scheduler.set_begin_index(0)  # as FluxPipeline: the first step finds its index without a device read
+    return scheduler.timesteps
+
+
+def evaluation_sigmas(scheduler, forwards_per_step: int = 1) -> tuple[float, ...]:
+    """The sigma of each evaluation of a set schedule, on the host (one read; call it once per generation)."""
+    return tuple(float(s) for s in scheduler.sigmas[:-1].cpu() for _ in range(forwards_per_step))
+
+
+def _check_embeds(transformer, pos: tuple, neg: tuple, guided: bool, family: str) -> None:
+    """(N, T, D) prompt and (N, P) pooled embeddings that fit the transformer; negatives of the same shapes under CFG."""
+    c = transformer.config
+    embeds, pooled = pos
+    if not (torch.is_tensor(embeds) and embeds.ndim == 3 and embeds.shape[-1] == c.joint_attention_dim):
+        raise DqarError(f"prompt_embeds must be (N, T, {c.joint_attention_dim}), got "
+                        f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}",
+                        "pass the text encoders' output for this transformer")
+    if not (torch.is_tensor(pooled) and tuple(pooled.shape) == (len(embeds), c.pooled_projection_dim)):
+        raise DqarError(f"pooled_prompt_embeds must be ({len(embeds)}, {c.pooled_projection_dim}), got "
+                        f"{tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__}",
+                        "pass one pooled embedding per prompt")
+    if guided and any(x is None for x in neg):
+        what = "true CFG (cfg > 1) on Flux" if family == "flux" else "CFG (cfg > 1)"
+        raise DqarError(f"{what} needs negative_prompt_embeds and negative_pooled_prompt_embeds",
+                        "pass both (the embeddings of the negative or empty prompt), or use cfg <= 1")
+    if guided and (tuple(neg[0].shape) != tuple(embeds.shape) or tuple(neg[1].shape) != tuple(pooled.shape)):
+        raise DqarError(f"negative embeddings {tuple(neg[0].shape)}, {tuple(neg[1].shape)} differ from the prompt's "
+                        f"{tuple(embeds.shape)}, {tuple(pooled.shape)}", "pad or truncate them to the same shapes")
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) to Flux's packed (N, h/2 * w/2, 4 C): 2x2 patches as tokens (FluxPipeline._pack_latents)."""
+    n, c, h, w = latents.shape
+    latents = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (N, h/2, w/2, C, 2, 2)
+    return latents.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Packed (N, h/2 * w/2, 4 C) back to (N, C, h, w) (FluxPipeline._unpack_latents)."""
+    n, _, c4 = latents.shape
+    latents = latents.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (N, C, h/2, 2, w/2, 2)
+    return latents.reshape(n, c4 // 4, h, w)
+
+
+def _image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
+    """(h/2 * w/2, 3) Flux position ids: (0, row, column) per packed token."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample_flow(
+    transformer,
+    scheduler,
+    *,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 28,
+    cfg: float | None = None,
+    guidance: float = 3.5,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    vae=None,
+    vae_scale_factor: int | None = None,
+    mu: float | None = None,
+    reuse=None,
+    progress: bool = False,
+) -> FlowOutput:
+    """Sample a Flux or SD3 transformer with flow matching, as its stock pipeline does with `prompt_embeds` given.
+
+    `cfg`: Flux's `true_cfg_scale` (default 1: none; > 1 runs a "cond" and an "uncond" forward per step, each inside
+    `transformer.cache_context`) or SD3's `guidance_scale` (default 7; > 1 batches [uncond; cond] rows, in that
+    order). CFG needs the negative embeddings. `guidance`: the guidance embedding of a guidance-distilled Flux
+    (`guidance_embeds`), ignored otherwise. `height`/`width` in pixels (default: the pipeline's). `latents`: initial
+    noise in the pipeline's layout (Flux packed). `vae`: also decode. `reuse`: an engine with
+    `begin_generation(scheduler=, num_evaluations=, guided=)` and `end_generation()`; every transformer forward is one
+    evaluation, so separate-forward CFG makes 2 * steps (guided=False); SD3's batched CFG makes steps (guided=True).
+    """
+    family = flow_family(transformer)
+    flux = family == "flux"
+    cfg = (1.0 if flux else 7.0) if cfg is None else cfg
+    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and cfg >= 0):
+        raise DqarError(f"cfg = {cfg!r} is invalid", "use a guidance scale >= 0 (<= 1 disables guidance)")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance)):
+        raise DqarError(f"guidance = {guidance!r} is invalid", "use a finite guidance-embedding scale (Flux-dev: 3.5)")
+    guided = cfg > 1
+    neg = (negative_prompt_embeds, negative_pooled_prompt_embeds)
+    _check_embeds(transformer, (prompt_embeds, pooled_prompt_embeds), neg, guided, family)
+    n, device, dtype = len(prompt_embeds), transformer.device, prompt_embeds.dtype  # the pipelines' latent dtype
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise DqarError(f"{len(generator)} generators for {n} prompts", "pass one generator per prompt")
+    scale = vae_scale_factor or (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8)
+    multiple = scale * (2 if flux else transformer.config.patch_size)
+    default = scale * (128 if flux else transformer.config.sample_size)
+    height, width = height or default, width or default
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % multiple:
+            raise DqarError(f"{name} = {v!r} is invalid", f"use a positive multiple of {multiple} pixels")
+    h, w = height // scale, width // scale  # latent size
+    embeds, pooled = prompt_embeds.to(device), pooled_prompt_embeds.to(device)
+    neg_embeds, neg_pooled = (x.to(device) for x in neg) if guided else (None, None)
+
+    if flux:
+        if latents is None:
+            noise = randn_tensor((n, transformer.config.in_channels // 4, h, w), generator=generator, device=device, dtype=dtype)
+            latents = _pack(noise)  # (N, h/2 * w/2, 4 C)
+        latents = latents.to(device=device, dtype=dtype)
+        img_ids = _image_ids(h // 2, w // 2, device, dtype)  # (h/2 * w/2, 3)
+        txt_ids = torch.zeros(embeds.shape[1], 3).to(device=device, dtype=transformer.dtype)  # (T, 3)
+        seq_len = latents.shape[1]
+        g = torch.full([1], guidance, device=device, dtype=torch.float32).expand(n) if transformer.config.guidance_embeds else None
+    else:
+        if latents is None:
+            latents = randn_tensor((n, transformer.config.in_channels, h, w), generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=dtype)  # (N, C, h, w)
+        seq_len = (h // transformer.config.patch_size) * (w // transformer.config.patch_size)
+        if guided:
+            embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])  # (2N, ...) uncond first
+    timesteps = set_flow_timesteps(scheduler, steps, family=family, image_seq_len=seq_len, device=device, mu=mu)
+    per_step = 2 if flux and guided else 1
+    num_evaluations = per_step * len(timesteps)
+    if reuse is not None:
+        reuse.begin_generation(scheduler=scheduler, num_evaluations=num_evaluations, guided=guided and not flux)
+    try:
+        for t in tqdm(timesteps, disable=not progress, desc="sampling"):
+            if flux:
+                t_batch = t.expand(latents.shape[0]).to(latents.dtype) / 1000  # (N,) in [0, 1]
+                common = dict(hidden_states=latents, timestep=t_batch, guidance=g, txt_ids=txt_ids, img_ids=img_ids,
+                              joint_attention_kwargs={}, return_dict=False)
+                with transformer.cache_context("cond"):
+                    pred = transformer(pooled_projections=pooled, encoder_hidden_states=embeds, **common)[0]
+                if guided:
+                    with transformer.cache_context("uncond"):
+                        neg_pred = transformer(pooled_projections=neg_pooled, encoder_hidden_states=neg_embeds, **common)[0]
+                    pred = neg_pred + cfg * (pred - neg_pred)  # (N, h/2 * w/2, 4 C)
+            else:
+                model_input = torch.cat([latents] * 2) if guided else latents  # (2N or N, C, h, w)
+                pred = transformer(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
+                                   encoder_hidden_states=embeds, pooled_projections=pooled, joint_attention_kwargs=None,
+                                   return_dict=False)[0]
+                if guided:
+                    uncond, cond = pred.chunk(2)  # (N, C, h, w) each
+                    pred = uncond + cfg * (cond - uncond)
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    finally:
+        if reuse is not None:
+            reuse.end_generation()
+    images = None
+    if vae is not None:
+        x = _unpack(latents, h, w) if flux else latents  # (N, C, h, w)
+        x = (x / vae.config.scaling_factor) + (vae.config.shift_factor or 0.0)
+        images = (vae.decode(x, return_dict=False)[0] * 0.5 + 0.5).clamp(0, 1).float().cpu()  # (N, 3, H, W), as postprocess
+    return FlowOutput(latents=latents, images=images, num_evaluations=num_evaluations, forwards_per_step=per_step,
+                      timesteps=timesteps, sigmas=scheduler.sigmas)

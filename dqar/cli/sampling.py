@@ -8,11 +8,29 @@ from dqar.cli.common import class_labels, load, model_args, quiet_arg, run_confi
 from dqar.errors import DqarError
 
 
+def refuse_flow(args) -> None:
+    """`--sampler flow` (or `sampler = "flow"` in --config): flow matching needs a Flux or SD3 transformer; these commands load DiTs."""
+    sampler = getattr(args, "sampler", None)
+    if sampler is None and getattr(args, "config", None):
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            sampler = tomllib.loads(Path(args.config).read_text()).get("sample", {}).get("sampler")
+        except (OSError, ValueError, AttributeError):
+            return  # run_config reports an unreadable or malformed file
+    if sampler == "flow":
+        raise DqarError("flow matching needs a flow-matching transformer (Flux, SD3); this command samples class-conditional DiTs",
+                        "use --sampler ddim or dpm, or dqar.sampling.sample_flow with a Flux or SD3 transformer (docs/SAMPLING.md)")
+
+
 def cmd_sample(args) -> int:
     from dqar.generate import generate
     from dqar.images import save_samples
     from dqar.io import atomic_write_json
 
+    refuse_flow(args)
     run = run_config(args)
     out = writable_folder(args.out)
     loaded = load(args)
@@ -52,6 +70,7 @@ def executor_arg(p) -> None:
 def cmd_fid_sample(args) -> int:
     from dqar.studies.distributed import FidSampleJob, run_job
 
+    refuse_flow(args)
     job = FidSampleJob(out=Path(args.out), num_samples=args.num_samples, batch_size=args.batch_size, run=run_config(args),
                        model=args.model, classes=tuple(args.classes) if args.classes else None, device=args.device,
                        dtype=args.dtype, keep_shards=args.keep_shards, progress=not args.quiet, executor=args.executor)
