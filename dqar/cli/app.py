@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dqar.cli import fidelity, sampling, studies, tuning
+from dqar.cli import fidelity, sampling, smoke, studies, tuning
 from dqar.cli.common import EXIT_USAGE, Parser
 from dqar.errors import DqarError
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.calibrate_parser(sub)
     fidelity.fidelity_parser(sub)
     tuning.policy_parser(sub)
+    smoke.smoke_parser(sub)
     return parser
 
 
