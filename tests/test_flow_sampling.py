@@ -236,6 +236,17 @@ def test_reuse_contract_batched_cfg_and_end_on_error():
     assert rec.events[-2][:4] == ("begin", STEPS, STEPS, False) and rec.events[-1][0] == "end"
 
 
+@pytest.mark.parametrize("family,cfg", [("flux", 1.0), ("flux", 3.0), ("sd3", 5.0)])
+def test_loop_reads_nothing_back_from_the_device(family, cfg):
+    """On the meta device any host read (.item(), bool(), nonzero) raises, so the loop running proves there is none."""
+    transformer = tiny_flux(guidance_embeds=cfg == 1.0) if family == "flux" else tiny_sd3()
+    e = {k: v.to("meta") for k, v in {**embeds(transformer, 1), **negatives(transformer, 2)}.items()}
+    config = FLUX_SCHEDULER_CONFIG if family == "flux" else SD3_SCHEDULER_CONFIG
+    out = sample_flow(transformer.to("meta"), make_scheduler("flow", config), **e, cfg=cfg, height=SIZE, width=SIZE,
+                      steps=STEPS, generator=torch.Generator().manual_seed(0))
+    assert out.latents.device.type == "meta" and out.sigmas.device.type == "meta"
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
