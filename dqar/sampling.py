@@ -42,7 +42,8 @@ class SampleOutput:
 
 
 def make_scheduler(name: str, scheduler_config: dict) -> Any:
-    """A fresh scheduler: "ddim" (DDIM) or "dpm" (DPM-Solver++ 2M) built from a scheduler config dict."""
+    """A fresh scheduler built from a scheduler config dict: "ddim" (DDIM), "dpm" (DPM-Solver++ 2M) or "flow"
+    (FlowMatchEulerDiscreteScheduler, for `sample_flow`)."""
     if name == "ddim":
         return DDIMScheduler.from_config(scheduler_config)
     if name == "dpm":
@@ -340,6 +341,9 @@ def sample_flow(
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % multiple:
             raise DqarError(f"{name} = {v!r} is invalid", f"use a positive multiple of {multiple} pixels")
     h, w = height // scale, width // scale  # latent size
+    want = (n, (h // 2) * (w // 2), transformer.config.in_channels) if flux else (n, transformer.config.in_channels, h, w)
+    if latents is not None and tuple(latents.shape) != want:
+        raise DqarError(f"latents {tuple(latents.shape)} do not fit {height}x{width} px", f"pass latents of shape {want}, or none")
     embeds, pooled = prompt_embeds.to(device), pooled_prompt_embeds.to(device)
     neg_embeds, neg_pooled = (x.to(device) for x in neg) if guided else (None, None)
 

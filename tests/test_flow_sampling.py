@@ -99,6 +99,7 @@ def sd3():
 
 @pytest.mark.parametrize("guidance", [3.5, 1.0])
 def test_flux_guidance_distilled_is_bit_identical(flux_dev, guidance):
+    """FluxPipeline with a guidance-distilled transformer: one forward per step, the guidance embedding, no CFG."""
     e = embeds(flux_dev, seed=1)
     expected = flux_pipeline(flux_dev)(**e, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=guidance,
                                        generator=torch.Generator().manual_seed(5), output_type="latent").images
@@ -120,6 +121,18 @@ def test_flux_true_cfg_is_bit_identical_with_two_forwards_per_step(flux_plain):
     unguided = sample_flow(flux_plain, make_scheduler("flow", FLUX_SCHEDULER_CONFIG), **e, height=SIZE, width=SIZE,
                            steps=STEPS, generator=torch.Generator().manual_seed(6))
     assert not torch.equal(unguided.latents, out.latents)  # the guidance did something
+
+
+def test_given_latents_and_a_reused_scheduler(flux_dev):
+    """Initial latents in the pipeline's packed layout give the pipeline's result; a second call on one scheduler repeats."""
+    e = embeds(flux_dev, seed=1)
+    noise = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(9))  # (N, h/2 * w/2, 4 C)
+    expected = flux_pipeline(flux_dev)(**e, latents=noise, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                                       output_type="latent").images
+    scheduler = make_scheduler("flow", FLUX_SCHEDULER_CONFIG)
+    first = sample_flow(flux_dev, scheduler, **e, latents=noise, height=SIZE, width=SIZE, steps=STEPS)
+    second = sample_flow(flux_dev, scheduler, **e, latents=noise, height=SIZE, width=SIZE, steps=STEPS)
+    assert torch.equal(first.latents, expected) and torch.equal(second.latents, expected)
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0])
@@ -259,6 +272,7 @@ def test_loop_reads_nothing_back_from_the_device(family, cfg):
         ({"cfg": 3.0, "negative_prompt_embeds": torch.zeros(2, 6, 32), "negative_pooled_prompt_embeds": torch.zeros(2, 32)},
          "same shapes"),
         ({"generator": [torch.Generator()]}, "one generator per prompt"),
+        ({"latents": torch.zeros(2, 4, 8, 8)}, r"shape \(2, 16, 16\)"),
         ({"scheduler": make_scheduler("ddim", {})}, "FlowMatchEulerDiscreteScheduler"),
     ],
 )
