@@ -226,6 +226,8 @@ def set_flow_timesteps(scheduler, steps: int, *, family: str, image_seq_len: int
                         "pass make_scheduler('flow', config) or the pipeline's own scheduler")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         raise DqarError(f"steps = {steps!r} is invalid", "use an integer >= 1")
+    if family not in FLOW_FAMILIES.values():
+        raise DqarError(f"unknown flow family '{family}'", f"choose one of: {', '.join(FLOW_FAMILIES.values())}")
     c = scheduler.config
     # max_shift's fallback differs between the two pipelines (1.15 Flux, 1.16 SD3); configs that ship set it
     shift_args = (c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5))

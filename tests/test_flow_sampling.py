@@ -283,6 +283,13 @@ def test_invalid_inputs_raise(flux_plain, kw, match):
         sample_flow(flux_plain, scheduler, **args)
 
 
+def test_schedule_inputs_are_checked():
+    with pytest.raises(DqarError, match="unknown flow family 'wan'"):
+        set_flow_timesteps(make_scheduler("flow", FLUX_SCHEDULER_CONFIG), 4, family="wan", image_seq_len=16)
+    with pytest.raises(DqarError, match="steps"):
+        set_flow_timesteps(make_scheduler("flow", FLUX_SCHEDULER_CONFIG), 0, family="flux", image_seq_len=16)
+
+
 def test_a_dit_is_refused_both_ways():
     dit = make_tiny_transformer(num_layers=1)
     with pytest.raises(DqarError, match="flow-matching transformer"):
