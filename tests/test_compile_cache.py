@@ -82,3 +82,24 @@ def test_an_unwritable_file_warns_instead_of_raising(isolated, tmp_path):
     (tmp_path / "dir.bin").mkdir()
     out = compile_cache.save(tmp_path / "dir.bin", log=lines.append)
     assert out["saved"] is None and "not saved" in out["warning"] and len(lines) == 1
+
+
+def test_bench_loads_before_the_first_warm_up_and_saves_before_the_timing(tmp_path, monkeypatch):
+    """run_bench: the cache is loaded first and saved after each batch's warm-ups, so a stage killed while timing keeps it."""
+    from dqar.studies import bench
+    from dqar.studies.bench import BenchSettings, run_bench
+
+    from conftest import tiny_loaded
+
+    events = []
+    monkeypatch.setattr(compile_cache, "load", lambda path=None, log=None: events.append("load") or {"path": str(path)})
+    monkeypatch.setattr(compile_cache, "save", lambda path=None, log=None: events.append("save") or {"path": str(path)})
+    s = BenchSettings(batch_sizes=(1, 2), steps=2, repeats=3, presets=(), compile=False, peers=(), executors=("eager",))
+    result = run_bench(tiny_loaded(), torch.device("cpu"), s, progress=False, cache_path=tmp_path / "c.bin",
+                       log=lambda m: events.append("warm-up") if m.startswith("warm-up") else None,
+                       on_update=lambda r: events.append("timed" if any(row["times_s"] for row in r["rows"]) else "published"))
+    first, second = (i for i, e in enumerate(events) if e == "save")
+    assert events[0] == "load" and events.count("save") == 2
+    assert [e for e in events[1:first] if e != "published"] == ["warm-up"] * 4  # 2 passes over stock_eager, noreuse_eager
+    assert events[first + 1] == "timed" and "timed" in events[first + 1:second]  # saved before any round is timed
+    assert result["compile_cache"]["load"] == {"path": str(tmp_path / "c.bin")}

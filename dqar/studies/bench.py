@@ -31,7 +31,7 @@ from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.sampling import make_scheduler
-from dqar.studies import memory
+from dqar.studies import compile_cache, memory
 from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers
 from dqar.studies.blocks import timed_run
 from dqar.studies.bench_report import render_table  # noqa: F401 - re-exported
@@ -272,7 +272,8 @@ def stock_best(medians: dict[str, float]) -> str | None:
 
 
 def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = True,
-              on_update: Callable[[dict], None] | None = None, clock=None, log: Callable[[str], None] | None = None) -> dict:
+              on_update: Callable[[dict], None] | None = None, clock=None, log: Callable[[str], None] | None = None,
+              cache_path=None) -> dict:
     """Time every case at every batch size; returns a JSON-ready dict.
 
     A case that raises during its warm-up is dropped from the timing and listed under "failed" with its error, so one
@@ -280,6 +281,8 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
     timed case (the CLI writes it: a killed run keeps every measurement; rows short of their rounds have
     `complete: false`). `clock`: the timing clock (default: the device's; tests inject one). `log`: one line per
     warm-up (default: stderr while `progress`). Peak memory: per run on CUDA (reset before each), the dqar cache's on CPU.
+    The compile cache (dqar.studies.compile_cache: `cache_path` or $DQAR_COMPILE_CACHE) is loaded before the first warm-up
+    and saved after each batch size's warm-ups, so a run killed while timing keeps what it compiled.
     """
     clock = clock or clock_for(device)
     log = log or ((lambda m: tqdm.write(m, file=sys.stderr)) if progress else (lambda m: None))
@@ -287,6 +290,9 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
     result = _header(loaded, device, s, clock) | {"stock_best": {}, "rows": [], "failed": {}, "warmup": {}}
     if s.compile and not cuda:
         result["notes"] = [NO_CUDAGRAPHS]
+    cache = {"load": compile_cache.load(cache_path, log=log), "save": None}
+    if cache["load"] is not None:
+        result["compile_cache"] = cache
     done: list[dict] = []
 
     def publish(rows: list[BenchRow]) -> None:
@@ -298,6 +304,8 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
         cases = cases_for(loaded, batch, s)
         with tqdm(total=len(cases) * (s.warmup + s.repeats), desc=f"bench batch {batch}", disable=not progress) as bar:
             warm = _warm(cases, batch, s, clock, result, bar, log, publish)
+            if cache["load"] is not None:
+                cache["save"] = compile_cache.save(cache_path, log=log)
             runs: dict[str, list[Run]] = {name: [] for name in cases}
             rows: list[BenchRow] = []
 
