@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session, at most 8 minutes (BUDGET seconds) on one H200, as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
-#   0. the environment: card, driver, memory, torch / diffusers / CUDA versions, the date (env.txt);
+#   the environment: card, driver, memory, torch / diffusers / CUDA versions, the date (env.txt);
+#   0. `dqar smoke` (fail fast, under `timeout $SMOKE_LIMIT`, 90 s): noreuse_graph and full_dqar_graph at 2 steps, batch 2,
+#      against the patch executor, PASS/FAIL on CUDA-graph capture, recompiles, fp16 equality and host syncs; a FAIL or a
+#      timeout stops the script (smoke.json and smoke.log kept in $OUT), so no GPU time goes to a broken path;
 #   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256) and score 100
 #      samples per class (DDIM 50, CFG 4) with the shipped classifier; the shipped weights came from TRAIN_MIN=4
 #      (docs/EMBEDDED.md) — outside the 8-minute bench budget;
@@ -16,9 +19,13 @@
 # benchmarks/gpu_wheels.sh; the device call carries .whl) through benchmarks/gpu_install.sh, which checks
 # `import torch, diffusers, dqar` and CUDA and stops the script with one line if any check fails; the environment stage
 # must succeed too. Only the bench stages may fail (under `timeout`) without stopping the next stage.
+# Compile cache: DQAR_COMPILE_CACHE (default $OUT/compile_cache.bin) is loaded by the smoke and every bench call and saved
+# after their warm-ups, so a rerun in the same GPU window does not compile again (OUT under the checkout's ignored results/
+# stays on a warm machine between calls; CACHE_FROM=<an earlier call's file, carried> seeds a fresh $OUT).
 # Usage: OUT=results/gpu bash benchmarks/gpu_session.sh
-# Smoke run on a CPU with diffusers installed (no compiling: graph compiles take minutes there):
-#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile bash benchmarks/gpu_session.sh
+# Smoke run on a CPU with diffusers installed (the bench stages without compiling: graph compiles take minutes there;
+# stage 0 compiles three small graphs of the embedded model, about 80 s cold):
+#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile SMOKE_LIMIT=300 bash benchmarks/gpu_session.sh
 set -euo pipefail
 OUT=${OUT:-results/gpu}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
@@ -33,10 +40,13 @@ BATCH=${BATCH:-8}
 SMALL=${SMALL:-1 32 64}
 EXTRA=${EXTRA:-}  # more flags for every bench call (the CPU smoke: --no-compile)
 BUDGET=${BUDGET:-470}  # seconds for the bench stages together (<= 480 with the environment stage)
+SMOKE_LIMIT=${SMOKE_LIMIT:-90}  # seconds for stage 0
 PY=${PY:-python3}
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+export DQAR_COMPILE_CACHE=${DQAR_COMPILE_CACHE:-$OUT/compile_cache.bin}
+if [ -n "${CACHE_FROM:-}" ] && [ -f "$CACHE_FROM" ] && [ ! -f "$DQAR_COMPILE_CACHE" ]; then cp "$CACHE_FROM" "$DQAR_COMPILE_CACHE"; fi
 START=$(date +%s)
 
 stage() { echo "== $(date -u +%H:%M:%S) $*"; }
@@ -51,7 +61,7 @@ bench() {
     timeout "$limit" $PY -m dqar.cli bench --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" --out "$WORK/$name" --quiet "$@" \
         > "$WORK/$name.log" 2>&1 || rc=$?
     echo "exit $rc after $(( $(date +%s) - START ))s"
-    grep "^warm-up" "$WORK/$name.log" || true  # per case: warm-up (compile) seconds, graphs, fallbacks
+    grep "^warm-up\|compile cache" "$WORK/$name.log" || true  # per case: warm-up (compile) seconds, graphs, fallbacks; the cache
     tail -n 3 "$WORK/$name.log"
     for f in bench.json bench.md; do [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/${name}_$f"; done
     cp "$WORK/$name.log" "$OUT/$name.log"
@@ -69,6 +79,17 @@ stage environment
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
     $PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } | tee "$OUT/env.txt"
+
+stage "0: smoke (limit ${SMOKE_LIMIT}s)"
+rc=0
+timeout "$SMOKE_LIMIT" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --out "$WORK/smoke" 2>&1 | tee "$OUT/smoke.log" || rc=$?
+[ -f "$WORK/smoke/smoke.json" ] && cp "$WORK/smoke/smoke.json" "$OUT/smoke.json"
+case $rc in  # any failure stops the script before the bench stages; smoke.json (when written) has what it saw
+    0) ;;
+    1) echo "stage 0: a check FAILed (the FAIL lines above): stopped before the bench stages"; exit 1 ;;
+    124) echo "stage 0 ran past ${SMOKE_LIMIT}s (compiling?): stopped; the compile cache keeps what it compiled, a rerun compiles less"; exit 1 ;;
+    *) echo "stage 0 could not run (exit $rc, the line above): stopped before the bench stages"; exit 1 ;;
+esac
 
 if [ "$TRAIN_MIN" != 0 ]; then
 stage train the embedded DiT

@@ -94,6 +94,7 @@ def run_smoke(loaded, device: torch.device, s: SmokeSettings, log: Callable[[str
         for check in CHECKS:
             c = seen["checks"][check]
             log(f"{c['status']:<4} {name} {check}: {c['detail']}")
+        log(_timing_line(name, seen))
         result["passed"] = result["passed"] and all(c["status"] != FAIL for c in seen["checks"].values())
         result["compile_cache"]["save"] = compile_cache.save(cache_path, log=log)
         if on_update:
@@ -156,6 +157,14 @@ def _report(seen: _Seen, graph, device: torch.device, atol: float, rtol: float) 
             "stats": None if st is None else {k: getattr(st, k) for k in ("graphs", "fallback_evaluations", "compile_seconds",
                                                                          "reuse_fraction", "host_syncs", "evaluations")},
             "cudagraph_skips": seen.skips, "cudagraph_nodes": seen.captured, "new_graphs_second": seen.new_graphs_second}
+
+
+def _timing_line(name: str, seen: dict) -> str:
+    """Seconds of the patch run and both graph generations (the first compiles), for sizing the stages after it."""
+    secs = ", ".join(f"{who} {t:.1f} s" for who, t in zip(("patch", "graph 1 (compiles)", "graph 2"), seen["seconds"]))
+    st = seen["stats"] or {}
+    return (f"     {name}: {secs or 'nothing ran'}; graphs {st.get('graphs', '–')}, fallbacks {st.get('fallback_evaluations', '–')}, "
+            f"reuse {st.get('reuse_fraction', 0.0):.0%}")
 
 
 def _check(status: str, detail: str) -> dict:
