@@ -78,6 +78,35 @@ def test_a_recompile_in_the_second_generation_fails():
     assert smoke._recompiles(smoke._Seen())["status"] == "PASS"
 
 
+def test_a_real_recompile_is_caught_and_fails(monkeypatch):
+    """A graph case whose second generation meets a new shape recompiles: error_on_recompile stops it, FAIL."""
+    fn, calls = torch.compile(lambda x: x.sin() + 1, dynamic=False), []
+
+    def gen():
+        calls.append(1)
+        x = torch.zeros(2, 3) if len(calls) < 3 else torch.zeros(4, 3)  # the third call (graph 2) has a new shape
+        return Generation(type("Out", (), {"latents": fn(x)})(), None, "graph")
+    case = type("Case", (), {"run": staticmethod(gen), "setting": staticmethod(lambda: "fake")})()
+    seen = smoke._Seen()
+    smoke._generations(seen, case, case)
+    assert seen.recompiled and len(seen.generations) == 2 and smoke._recompiles(seen)["status"] == "FAIL"
+    report = smoke._report(seen, case, torch.device("cpu"), 1e-4, 1e-4)
+    assert report["checks"]["matches_patch"]["status"] == "FAIL" and "recompile" in report["checks"]["matches_patch"]["detail"]
+
+
+def test_cudagraph_skip_reasons_are_collected():
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    reasons = []
+    with smoke._skip_reasons(reasons):
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+    log_cudagraph_skip_and_bump_counter("outside: not collected")
+    assert reasons == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+    st = type("St", (), {"graphs": 1, "fallback_evaluations": 0})()
+    check = smoke._cuda_graphs(smoke._Seen(skips=1, skip_reasons=reasons, captured=0), st, torch.device("cuda"))
+    assert check["status"] == "FAIL" and "mutated inputs" in check["detail"]
+
+
 def test_cuda_graph_check_needs_captures_and_no_skips():
     st = type("St", (), {"graphs": 2, "fallback_evaluations": 0})()
     cuda = torch.device("cuda")

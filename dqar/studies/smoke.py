@@ -10,12 +10,15 @@ The cases are bench's own (`dqar.studies.bench.cases_for`: the same run configs,
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import torch
+from torch._dynamo.exc import RecompileError
 from torch._dynamo.utils import counters
 
 from dqar.engine.config import preset
@@ -109,15 +112,51 @@ class _Seen:
     generations: list = field(default_factory=list)  # [patch, graph first, graph second]
     seconds: list = field(default_factory=list)
     skips: int = 0  # inductor cudagraph_skips added over both graph generations
+    skip_reasons: list = field(default_factory=list)  # inductor's "skipping cudagraphs due to ..." lines meanwhile
     captured: int | None = None  # cudagraph-tree nodes recorded (None: not countable)
     new_graphs_second: int = 0  # dynamo graphs compiled during the second generation
     error: str | None = None
     recompiled: str | None = None  # the RecompileError of the second generation
 
 
+class _Lines(logging.Handler):
+    def __init__(self, into: list):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _skip_reasons(into: list):
+    """Collect inductor's CUDA-graph skip reasons (its `cudagraphs` artifact logger) into `into`."""
+    try:
+        from torch._inductor.cudagraph_utils import cudagraphs_log
+    except ImportError:  # a torch without it: the counter alone tells
+        yield
+        return
+    handler = _Lines(into)
+    cudagraphs_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        cudagraphs_log.removeHandler(handler)
+
+
 def _case(graph, patch, device: torch.device, atol: float, rtol: float) -> dict:
     seen = _Seen()
     skips0, nodes0 = counters["inductor"]["cudagraph_skips"], _cudagraph_nodes(device)
+    with _skip_reasons(seen.skip_reasons):
+        _generations(seen, graph, patch)
+    seen.skips = counters["inductor"]["cudagraph_skips"] - skips0
+    nodes1 = _cudagraph_nodes(device)
+    seen.captured = None if nodes0 is None or nodes1 is None else nodes1 - nodes0
+    return _report(seen, graph, device, atol, rtol)
+
+
+def _generations(seen: _Seen, graph, patch) -> None:
+    """Patch once, graph twice (the second under error_on_recompile), into `seen`; an error stops and is kept."""
     try:
         for run in (patch.run, graph.run):
             start = time.perf_counter()
@@ -128,16 +167,12 @@ def _case(graph, patch, device: torch.device, atol: float, rtol: float) -> dict:
         try:
             with torch._dynamo.config.patch(error_on_recompile=True):
                 seen.generations.append(graph.run())
-        except torch._dynamo.exc.RecompileError as exc:
+        except RecompileError as exc:
             seen.recompiled = first_line(exc)
         seen.seconds.append(time.perf_counter() - start)
         seen.new_graphs_second = counters["stats"]["unique_graphs"] - graphs0
     except Exception as exc:  # noqa: BLE001 - a broken case is what the smoke reports
         seen.error = f"{type(exc).__name__}: {first_line(exc)}"
-    seen.skips = counters["inductor"]["cudagraph_skips"] - skips0
-    nodes1 = _cudagraph_nodes(device)
-    seen.captured = None if nodes0 is None or nodes1 is None else nodes1 - nodes0
-    return _report(seen, graph, device, atol, rtol)
 
 
 def _report(seen: _Seen, graph, device: torch.device, atol: float, rtol: float) -> dict:
@@ -156,7 +191,7 @@ def _report(seen: _Seen, graph, device: torch.device, atol: float, rtol: float) 
             "seconds": [round(t, 3) for t in seen.seconds], "error": seen.error,
             "stats": None if st is None else {k: getattr(st, k) for k in ("graphs", "fallback_evaluations", "compile_seconds",
                                                                          "reuse_fraction", "host_syncs", "evaluations")},
-            "cudagraph_skips": seen.skips, "cudagraph_nodes": seen.captured, "new_graphs_second": seen.new_graphs_second}
+            "cudagraph_skips": seen.skips, "cudagraph_skip_reasons": seen.skip_reasons[:5], "cudagraph_nodes": seen.captured, "new_graphs_second": seen.new_graphs_second}
 
 
 def _timing_line(name: str, seen: dict) -> str:
@@ -176,7 +211,8 @@ def _cuda_graphs(seen: _Seen, st, device: torch.device) -> dict:
         return _check(NA_CPU, "no CUDA graphs on this device")
     graphs = st.graphs if st is not None else 0
     if seen.skips:
-        return _check(FAIL, f"inductor skipped {seen.skips} CUDA graph(s) (counters['inductor']['cudagraph_skips'])")
+        why = f": {seen.skip_reasons[0]}" if seen.skip_reasons else " (counters['inductor']['cudagraph_skips'])"
+        return _check(FAIL, f"inductor skipped {seen.skips} CUDA graph(s){why}")
     if graphs == 0 or st.fallback_evaluations:
         return _check(FAIL, f"{graphs} whole-model graphs, {st.fallback_evaluations if st else 0} fallback evaluations")
     if seen.captured == 0:
