@@ -71,7 +71,7 @@ FAST = dict(progress=False, executor="patch", fidelity_samples_per_label=2)  # e
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, loaded, evaluator):
     out = tmp_path_factory.mktemp("quick") / "ablation"
-    done = run_ablation(AblationOptions(out=out, quick=True, repeats=3, **FAST), loaded=loaded, evaluator=evaluator)
+    done = run_ablation(AblationOptions(out=out, quick=True, repeats=3, fidelity_runs=None, **FAST), loaded=loaded, evaluator=evaluator)
     return done
 
 
@@ -242,8 +242,9 @@ def assert_claims_match_tables(md: str) -> None:
 
 # ----- grid ---------------------------------------------------------------------------------------
 def test_shipped_grids_parse_and_every_step_count_has_its_own_baseline():
-    for quick in (False, True):
-        study = G.load_grid(G.builtin_grid(quick))
+    assert G.builtin_grid(True) == G.builtin_grid("quick") and G.builtin_grid(False) == G.builtin_grid("default")
+    for name in G.GRIDS:
+        study = G.load_grid(G.builtin_grid(name))
         entries = G.expand(study)
         assert study.repeats >= 3 and [e.name for e in entries[:4]] == list(study.main)
         for e in entries:
@@ -263,6 +264,8 @@ def test_shipped_grids_parse_and_every_step_count_has_its_own_baseline():
     ("[[sweep]]\nname = 'a'\nvary = { warmup_frac = [7.0] }\n", "warmup_frac"),
     ("[study]\nrepeats = 1\n", "repeats"),
     ("[study]\nmain = ['full_dqar']\n", "must include 'baseline'"),
+    ("[study]\nfidelity_runs = -1\n", "fidelity_runs"),
+    ("[study]\nfidelity_runs = true\n", "fidelity_runs"),
     ("[[sweep]]\nname = 'a'\nvary = { warmup_frac = [0.1] }\n[[sweep]]\nname = 'a'\nvary = { warmup_frac = [0.1] }\n", "appears twice"),
 ])
 def test_grid_rejects_unknown_and_invalid_keys(tmp_path, text, needle):
@@ -671,3 +674,72 @@ def test_quick_ablation_compiles_nothing_on_a_cpu():
     assert ablate_executor(Namespace(executor=None, quick=True, device="cpu")) == "patch"
     assert ablate_executor(Namespace(executor=None, quick=False, device="cpu")) == "auto"
     assert ablate_executor(Namespace(executor="compiled", quick=True, device="cpu")) == "compiled"
+
+
+# ----- quick stays quick ------------------------------------------------------------------------------
+QUICK_GENERATIONS = 85  # every generate call of `dqar ablate --quick` (warm-ups, diagnostics, timed rounds, peers, fidelity runs)
+
+
+def test_full_grid_keeps_every_point_and_default_is_a_subset_of_it():
+    """--grid full is the whole study (58 configurations, 9 peers); the default grid measures only configurations of it."""
+    full, default, quick = (G.expand(G.load_grid(G.builtin_grid(n))) for n in ("full", "default", "quick"))
+    assert len(full) == 58 and len({e.config_hash for e in full}) == 49 and sum(e.peer is not None for e in full) == 9
+    assert {e.config_hash for e in default} <= {e.config_hash for e in full}
+    assert {e.sweep for e in default} == {e.sweep for e in full}  # every sweep stays, with fewer points
+    assert {e.peer.method for e in default if e.peer} == {e.peer.method for e in full if e.peer}
+    assert len({e.config_hash for e in default}) <= 34 and len(quick) <= 10 and len({e.config_hash for e in quick}) <= 8
+
+
+def test_quick_run_stays_within_its_generation_budget(tmp_path, loaded, evaluator, monkeypatch):
+    """`dqar ablate --quick` as shipped (its grid, repeats, fidelity run and CPU executor): a budget on generations, no
+    compiled case, every baseline warmed up once for the whole run (blocks share it), chunk 0 of a fidelity run reused."""
+    from argparse import Namespace
+
+    from dqar.cli.studies import ablate_executor
+    from dqar.studies import blocks, peer_rows, verify
+
+    calls, warmed = {"timing": 0, "fidelity": 0}, []
+    for module, kind in ((blocks, "timing"), (peer_rows, "timing"), (verify, "fidelity")):
+        def counted(*a, _real=module.generate, _kind=kind, **k):
+            calls[_kind] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(module, "generate", counted)
+    real_warm = blocks.warm
+    monkeypatch.setattr(blocks, "warm", lambda case, *a: (warmed.append(case.name), real_warm(case, *a))[1])
+    executor = ablate_executor(Namespace(executor=None, quick=True, device="cpu"))
+    done = run_ablation(AblationOptions(out=tmp_path / "q", quick=True, progress=False, executor=executor), loaded=loaded,
+                        evaluator=evaluator)
+    data = done.results
+    assert done.completed == done.total and data["status"] == "complete" and data["study"]["repeats"] == 3
+    assert not any(r["measurements"]["executor"] in blocks.COMPILED for r in data["records"])
+    assert len(warmed) == len(set(warmed))  # no case, no baseline, warmed up twice
+    chunks = data["study"]["fidelity_samples"] // data["study"]["num_samples"]
+    verified = [r for r in data["records"] if r["fidelity"]["samples"] == data["study"]["fidelity_samples"] and r.get("same_as") is None]
+    assert len([r for r in verified if r["config"]["reuse"]["enabled"]]) == data["study"]["fidelity_runs"] == 1
+    assert calls["fidelity"] == len(verified) * (chunks - 1)  # chunk 0 of each fidelity run is its warm-up's images
+    assert verified[0]["fidelity"]["fd"] is not None  # the fidelity run reaches FD
+    assert sum(calls.values()) <= QUICK_GENERATIONS, calls
+
+
+def test_a_fidelity_run_from_the_warm_up_images_equals_one_generated_whole(loaded):
+    from dqar.engine.config import RunConfig, SampleConfig, preset
+    from dqar.generate import generate
+    from dqar.studies import ablation_fidelity as AF
+
+    run = RunConfig(reuse=preset("full_dqar"), sample=SampleConfig(steps=4))
+    make = lambda r: generate(loaded, [0, 1, 2], r, executor="patch")  # noqa: E731
+    whole = AF.images_of(make, run, 3, 3)
+    assert torch.equal(AF.images_of(make, run, 3, 3, first=make(run).output.images), whole)
+
+
+def test_cli_grid_choice_and_conflicts(tmp_path, small_grid, capsys):
+    out = str(tmp_path / "o")
+    assert cli_main(["ablate", "--grid", "full", "--config", str(small_grid), "--out", out]) == 2
+    assert "--config and --grid" in capsys.readouterr().err
+    assert cli_main(["ablate", "--quick", "--grid", "full", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quick" in err[0]
+    with pytest.raises(SystemExit):
+        cli_main(["ablate", "--grid", "huge", "--out", out])
+    with pytest.raises(DqarError, match="unknown grid"):
+        AblationOptions(grid="huge")

@@ -85,7 +85,12 @@ def cmd_ablate(args) -> int:
 
     at_least("--threads", args.threads, 1)
     at_least("--steps", args.steps, 1)
-    opts = AblationOptions(model=args.model, out=writable_folder(args.out), quick=args.quick, resume=args.resume, config=args.config,
+    if args.config is not None and args.grid is not None:
+        from dqar.errors import DqarError
+
+        raise DqarError("--config and --grid both name the grid", "pass one of them")
+    opts = AblationOptions(model=args.model, out=writable_folder(args.out), quick=args.quick, grid=args.grid or "default",
+                           resume=args.resume, config=args.config,
                            device=args.device, dtype=args.dtype, progress=not args.quiet, repeats=args.repeats,
                            stop_after=args.stop_after, steps=args.steps, threads=args.threads, executor=ablate_executor(args),
                            command=shlex.join(["dqar", *args.argv]))
@@ -104,8 +109,16 @@ def ablate_parser(sub) -> None:
     p = sub.add_parser("ablate", help="ablation study: presets and sweeps against a baseline, with a report")
     model_args(p)
     p.add_argument("--out", default="results/ablation", help="output folder (default results/ablation)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: the small shipped grid (quick.toml) instead of default.toml, and on a CPU "
-                        "every configuration eagerly (patch executor, no torch.compile) unless --executor is given")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of every report section (about 1.5 minutes on a shared 2-core CPU): --grid quick (the main "
+                        "comparison, two short sweeps, one peer, 3 rounds, one fidelity run with FD besides the baseline's), and on a CPU "
+                        "every configuration eagerly (patch executor: no torch.compile, so no compile time) unless --executor is given")
+    from dqar.studies.grid import GRIDS
+
+    p.add_argument("--grid", choices=GRIDS, default=None,
+                   help="the shipped grid (dqar/grids/NAME.toml): default (every sweep and peer method, fewer points; within 15 minutes "
+                        "on a slow 2-core CPU), full (every point and peer setting: about 21 minutes there), quick (as --quick, but on "
+                        "the default executor)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out, skipping finished configurations")
     p.add_argument("--config", default=None, help="a grid TOML file replacing the shipped one (format: dqar/grids/default.toml)")
     threads_arg(p, "CPU threads while timing (default 1: stable timings); ignored on GPU")

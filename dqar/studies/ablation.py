@@ -5,14 +5,16 @@ Protocol (written into the report's methodology):
 - configurations are timed in blocks (the main comparison, each sweep, the peers; dqar.studies.blocks),
   each on the fastest executor that runs it here, diagnostics off; the baseline of every sampling
   setting of a block is a case of the block, so the baseline and the configurations are timed in the
-  same rounds; one untimed warm-up per case, then `repeats` rounds (dqar.studies.timing); on CPU
-  the clock is the sampling thread's CPU time (one torch thread), wall time beside it;
+  same rounds; one untimed warm-up per case (a baseline warmed up in an earlier block of the run is not warmed up
+  again: the blocks share it), then `repeats` rounds (dqar.studies.timing); on CPU the clock is the sampling
+  thread's CPU time (one torch thread), wall time beside it;
 - speedup = median(baseline runs) / median(configuration runs), with a paired bootstrap interval
   (dqar.studies.intervals); quantization error, finite checks and host-sync counts come from an
   untimed run with diagnostics on;
 - fidelity: paired metrics and class accuracy on the timing batch for every configuration, and a
   larger untimed fidelity run (FD) for the main configurations and the finalists a recommendation or
-  the target rests on (dqar.studies.ablation_fidelity);
+  the target rests on, or at most the grid's `fidelity_runs` of them (dqar.studies.verify); its first chunk is
+  the timing batch, whose warm-up images it reuses;
 - a configuration whose resolved config equals one already measured reuses that measurement;
 - a peer (dqar.studies.peers) runs on a fresh deep copy of the transformer: untimed, one counted baseline
   generation on the copy, the peer applied (MagCache calibrated first, on seeds offset like calibrated
@@ -44,6 +46,7 @@ from dqar.studies import ablation_fidelity as AF
 from dqar.studies import blocks as B
 from dqar.studies import grid as G
 from dqar.studies import records as REC
+from dqar.studies.ablation_bars import Bars
 from dqar.studies.core import Evaluator, embedded_evaluator, other_seeds, reference_of
 from dqar.studies.peer_rows import PeerNotRun, start_peer
 from dqar.studies.timing import clock_for, cpu_threads, order_method
@@ -53,6 +56,8 @@ __all__ = ["REPORT_FILE", "RESULTS_FILE", "AblationOptions", "Evaluator", "Outco
 
 REPORT_FILE = "ABLATION_REPORT.md"
 COMPARISON_FILE = "comparison.png"
+SHARED_BASELINES = ("; a baseline (or eager baseline) already warmed up in an earlier block of the run is timed again in "
+                    "every block, but not warmed up again")
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class AblationOptions:
 
     model: str | None = None  # None: the embedded model
     out: Path = Path("results/ablation")
-    quick: bool = False  # the small shipped grid (quick.toml)
+    quick: bool = False  # the small shipped grid (quick.toml): as grid="quick"
+    grid: str = "default"  # a grid shipped in dqar/grids/ (G.GRIDS), unless `config` is given
     resume: bool = False  # continue a study in `out`
     config: str | None = None  # a grid file replacing the shipped one
     device: str = "auto"
@@ -74,8 +80,13 @@ class AblationOptions:
     command: str | None = None  # the command line that started the study, recorded in the results
     executor: str = "auto"  # "auto": compiled where the engine supports it; "graph": the graph executor first; "patch": eager
     fidelity_samples_per_label: int | None = None  # override the grid's (tests)
+    fidelity_runs: int | None | str = "grid"  # tests: "grid" keeps the grid's cap, None lifts it, an int replaces it
 
     def __post_init__(self) -> None:
+        if self.grid not in G.GRIDS:
+            raise DqarError(f"unknown grid '{self.grid}'", f"use one of: {', '.join(G.GRIDS)}, or --config FILE")
+        if self.quick and self.grid not in ("default", "quick"):
+            raise DqarError(f"--quick runs the quick grid, not --grid {self.grid}", "pass one of them")
         if self.executor not in B.EXECUTOR_PREFERENCES:
             raise DqarError(f"unknown executor choice '{self.executor}'", f"use one of: {', '.join(B.EXECUTOR_PREFERENCES)}")
 
@@ -130,6 +141,9 @@ class _State:
     refs: dict = field(default_factory=dict)  # SampleConfig -> Reference (the timing batch, the baseline on its executor)
     eager_refs: dict = field(default_factory=dict)  # SampleConfig -> Reference of the eager baseline
     executors: dict = field(default_factory=dict)  # SampleConfig -> the baseline's executor
+    bases: dict = field(default_factory=dict)  # (SampleConfig, executor) -> warmed-up baseline case, shared by the blocks
+    eager: dict = field(default_factory=dict)  # SampleConfig -> warmed-up eager baseline case, shared by the blocks
+    warm_images: dict = field(default_factory=dict)  # (timed run, executor) -> warm-up images: chunk 0 of a fidelity run
 
 
 def _records(st: _State, entries: Sequence[G.Entry]) -> list[dict]:
@@ -191,9 +205,12 @@ def _baseline(s, timed: list[G.Entry], st: _State, ctx: dict) -> B.Case:
     if own is not None:
         case = B.entry_case(loaded, labels, own, ctx["executor"])
     else:
-        case = B.baseline_case(loaded, labels, s, st.executors.get(s) or B.baseline_executor(loaded, s, ctx["executor"]))
-    B.warm(case, loaded, labels)
-    ctx["bars"].tick()
+        executor = st.executors.get(s) or B.baseline_executor(loaded, s, ctx["executor"])
+        if (s, executor) in st.bases:
+            return st.bases[(s, executor)]  # warmed up in an earlier block: the blocks share it
+        case = B.baseline_case(loaded, labels, s, executor)
+    _warm(case, st, ctx)
+    st.bases[(s, case.executor)] = case
     st.executors.setdefault(s, case.executor)
     if s not in st.refs:
         st.refs[s] = reference_of(case.warm, labels, ctx["evaluator"])
@@ -202,10 +219,11 @@ def _baseline(s, timed: list[G.Entry], st: _State, ctx: dict) -> B.Case:
 
 def _eager(s, st: _State, ctx: dict, eager: dict) -> B.Case:
     """The warmed-up eager baseline of `s` (created once per block); its images are the reference of eager cases."""
+    if s not in eager and s in st.eager:
+        eager[s] = st.eager[s]  # warmed up in an earlier block
     if s not in eager:
-        eager[s] = B.baseline_case(ctx["loaded"], ctx["labels"], s, "patch")
-        B.warm(eager[s], ctx["loaded"], ctx["labels"])
-        ctx["bars"].tick()
+        eager[s] = st.eager[s] = B.baseline_case(ctx["loaded"], ctx["labels"], s, "patch")
+        _warm(eager[s], st, ctx)
         if s not in st.eager_refs:
             st.eager_refs[s] = reference_of(eager[s].warm, ctx["labels"], ctx["evaluator"])
     return eager[s]
@@ -221,11 +239,25 @@ def _member(e: G.Entry, st: _State, ctx: dict, bases: dict, eager: dict) -> B.Ca
         case = B.peer_case(e, start_peer(e, loaded, labels, st.refs[s] if bases[s].executor == "patch" else st.eager_refs[s]))
     else:
         case = B.entry_case(loaded, labels, calibrated(e, loaded, labels, ctx["out"]) if e.calibration else e, ctx["executor"])
-    B.warm(case, loaded, labels)
-    bars.tick()
+    _warm(case, st, ctx)
     if B.diagnose(case, loaded, labels):
         bars.tick()
     return case
+
+
+def _warm(case: B.Case, st: _State, ctx: dict) -> None:
+    """The case's untimed warm-up; its images are kept as chunk 0 of a fidelity run (dqar.studies.verify)."""
+    B.warm(case, ctx["loaded"], ctx["labels"])
+    ctx["bars"].tick()
+    if ctx["chunks"] > 1 and case.executor != "peer":
+        st.warm_images[warm_key(case.run, case.executor)] = case.warm.output.images
+
+
+def warm_key(run, executor: str) -> tuple[str, str]:
+    """What a warm-up's images are filed under: the timed run and the executor it ran on (compiled ones, else patch)."""
+    import json
+
+    return json.dumps(B.timed_run(run).to_dict(), sort_keys=True, default=list), executor if executor in B.COMPILED else "patch"
 
 
 def _cases(timed: list[G.Entry], st: _State, ctx: dict) -> tuple[list[B.Case], dict, dict]:
@@ -306,11 +338,13 @@ def _setup(opts: AblationOptions, loaded):
     """(study, previous results or None, loaded model)."""
     from dqar.device import resolve_device, resolve_dtype
 
-    study = G.load_grid(opts.config or G.builtin_grid(opts.quick), repeats=opts.repeats)
+    study = G.load_grid(opts.config or G.builtin_grid("quick" if opts.quick else opts.grid), repeats=opts.repeats)
     if opts.steps is not None:
         study = G.with_sample(study, steps=opts.steps)
     if opts.fidelity_samples_per_label is not None:
         study = replace(study, fidelity_samples_per_label=opts.fidelity_samples_per_label)
+    if opts.fidelity_runs != "grid":
+        study = replace(study, fidelity_runs=opts.fidelity_runs)
     old = load_results(Path(opts.out))
     if old is not None and not opts.resume:
         raise DqarError(f"{Path(opts.out) / RESULTS_FILE} already holds {len(old['records'])} finished configurations",
@@ -334,10 +368,10 @@ def run_ablation(opts: AblationOptions, *, loaded=None, evaluator: Evaluator | N
 
 
 def _methods(study: G.Study, clock, evaluator, samples: int, chunks: int) -> dict:
-    return {"timing_method": order_method(study.repeats), "clock": clock.name, "clock_method": clock.description,
-            "executor_choice": None, "executor_method": B.EXECUTOR_METHOD,
+    return {"timing_method": order_method(study.repeats) + SHARED_BASELINES, "clock": clock.name,
+            "clock_method": clock.description, "executor_choice": None, "executor_method": B.EXECUTOR_METHOD,
             "fidelity_samples": samples * chunks, "fd_min_samples": AF.fd_min_samples(evaluator),
-            "fidelity_runs_method": AF.method(evaluator, samples, chunks)}
+            "fidelity_runs_method": AF.method(evaluator, samples, chunks, study.fidelity_runs)}
 
 
 def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> Outcome:
@@ -362,9 +396,10 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> O
         st.seconds_before = float(old.get("run_seconds") or 0.0)
         st.results["command"] = old.get("command") or opts.command
         st.results["block_seconds"] = dict(old.get("block_seconds") or {})
-    bars = _Bars(len(entries), len(st.done), opts.progress)
+    bars = Bars(len(entries), len(st.done), opts.progress)
     ctx = {"out": out, "loaded": loaded, "labels": labels, "evaluator": evaluator, "repeats": study.repeats, "device": device,
-           "env": env, "entries": entries, "executor": opts.executor, "clock": clock, "bars": bars, "chunks": chunks}
+           "env": env, "entries": entries, "executor": opts.executor, "clock": clock, "bars": bars, "chunks": chunks,
+           "fidelity_runs": study.fidelity_runs, "warm_images": st.warm_images, "warm_key": warm_key}
     ran, interrupted = 0, False
     write = lambda status="partial": _write(out, st, entries, status)  # noqa: E731
     try:
@@ -397,41 +432,3 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> O
     _write(out, st, entries, "complete" if complete else "partial", figures=True)
     return Outcome(st.results, out, finished, len(entries), ran, interrupted, time.perf_counter() - t0,
                    tuple(st.results["not_run"]))
-
-
-class _Bars:
-    """An overall progress bar over configurations and one per block over its runs."""
-
-    def __init__(self, total: int, done: int, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self._tqdm, self.enabled = tqdm, enabled
-        self.overall = tqdm(total=total, initial=done, desc="ablation", unit="config", disable=not enabled, position=0)
-        self.inner = None
-
-    def start(self, name: str, runs: int) -> None:
-        self.close_inner()
-        self.inner = self._tqdm(total=runs, desc=name[:40], unit="run", leave=False, disable=not self.enabled, position=1)
-
-    def expect(self, more: int) -> None:
-        """The runs still to come: the bar's total becomes what ran so far plus `more`."""
-        if self.inner is not None:
-            self.inner.total = self.inner.n + more
-            self.inner.refresh()
-
-    def tick(self) -> None:
-        if self.inner is not None:
-            self.inner.update(1)
-
-    def finish(self, configs: int) -> None:
-        self.close_inner()
-        self.overall.update(configs)
-
-    def close_inner(self) -> None:
-        if self.inner is not None:
-            self.inner.close()
-            self.inner = None
-
-    def close(self) -> None:
-        self.close_inner()
-        self.overall.close()

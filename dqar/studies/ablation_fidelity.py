@@ -29,8 +29,8 @@ def fd_min_samples(evaluator: Evaluator | None) -> int | None:
     return int(-(-FD_SAMPLES_PER_FEATURE * len(evaluator.stats["mu"]) // 1))
 
 
-def method(evaluator: Evaluator | None, samples: int, chunks: int) -> str:
-    """How fidelity is measured, in words."""
+def method(evaluator: Evaluator | None, samples: int, chunks: int, cap: int | None = None) -> str:
+    """How fidelity is measured, in words (`cap`: the grid's fidelity_runs)."""
     n = samples * chunks
     fd = fd_min_samples(evaluator)
     fd_text = ("" if evaluator is None else
@@ -38,8 +38,15 @@ def method(evaluator: Evaluator | None, samples: int, chunks: int) -> str:
                f"({FD_SAMPLES_PER_FEATURE:g} × the classifier's {len(evaluator.stats['mu'])} features)")
     return (f"timing batch ({samples} images) for every configuration: paired PSNR, SSIM, max abs, class accuracy with its "
             f"95% Wilson interval; fidelity run ({n} images: the labels {chunks}× with seeds moved by {samples} per chunk, "
-            f"untimed, on the configuration's executor) for the main configurations and the finalists of the "
-            f"recommendation and the target{fd_text}")
+            f"untimed, on the configuration's executor; chunk 0 is the timing batch's warm-up) for {_which(cap)} besides "
+            f"the baseline of each sampling setting{fd_text}")
+
+
+def _which(cap: int | None) -> str:
+    if cap is None:
+        return "the main configurations and the finalists of the recommendation and the target"
+    return (f"at most {cap} configuration{'s' * (cap != 1)} with reuse (the grid's fidelity_runs): the recommendation's "
+            "front first, then the main configurations and the target's finalists")
 
 
 def check_seeds(seed: int, samples: int, chunks: int) -> None:
@@ -79,10 +86,11 @@ def chunk(run: RunConfig, j: int, samples: int) -> RunConfig:
 
 
 def images_of(make: Callable[[RunConfig], object], run: RunConfig, chunks: int, samples: int,
-              tick: Callable[[], None] = lambda: None) -> torch.Tensor:
-    """The fidelity run's images: `make(run)` → Generation, once per chunk, concatenated."""
-    out = []
-    for j in range(chunks):
+              tick: Callable[[], None] = lambda: None, first: torch.Tensor | None = None) -> torch.Tensor:
+    """The fidelity run's images: `make(run)` → Generation, once per chunk, concatenated; `first`: chunk 0's images
+    where they are already made (the timing batch's warm-up on the same executor)."""
+    out = [] if first is None else [first]
+    for j in range(len(out), chunks):
         out.append(make(chunk(run, j, samples)).output.images)
         tick()
     return torch.cat(out)

@@ -6,6 +6,8 @@ A grid file has three parts (see dqar/grids/default.toml):
     repeats = 3                  # timed repeats per configuration (>= 3; the median is reported)
     samples_per_label = 1        # each default label is sampled this many times
     main = ["baseline", "scheduling_only", "quant_cache_only", "full_dqar"]
+    fidelity_samples_per_label = 20  # images per label of the untimed fidelity runs
+    fidelity_runs = 1            # optional cap: at most this many configurations with reuse get a fidelity run
 
     [sample]                     # SampleConfig fields shared by every configuration
     steps = 20
@@ -52,7 +54,8 @@ else:  # pragma: no cover
 
 BASELINE = "baseline"
 MIN_REPEATS = 3
-STUDY_KEYS = {"repeats", "samples_per_label", "main", "fidelity_samples_per_label"}
+STUDY_KEYS = {"repeats", "samples_per_label", "main", "fidelity_samples_per_label", "fidelity_runs"}
+GRIDS = ("quick", "default", "full")  # the grids shipped in dqar/grids/ (`dqar ablate --grid NAME`)
 FIDELITY_SAMPLES_PER_LABEL = 20  # images per label of the untimed fidelity runs (dqar.studies.ablation_fidelity)
 SWEEP_KEYS = {"name", "base", "vary", "points"}
 TOP_KEYS = {"study", "sample", "sweep", "peer"}
@@ -72,6 +75,7 @@ class Study:
     text_hash: str  # sha256 of the grid text (first 16 hex digits)
     peers: tuple[tuple[dict, Any], ...] = ()  # (the grid's table, its peer config from dqar.studies.peers)
     fidelity_samples_per_label: int = FIDELITY_SAMPLES_PER_LABEL  # images per label of the fidelity runs
+    fidelity_runs: int | None = None  # cap on fidelity runs of reuse configurations; None: every main one and the finalists
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,12 @@ def slug(name: str) -> str:
     return f"{s}-{digest}" if s else digest
 
 
-def builtin_grid(quick: bool = False) -> Path:
-    """The path of a grid shipped with the package: default.toml, or quick.toml."""
-    name = "quick.toml" if quick else "default.toml"
-    return Path(str(resources.files("dqar") / "grids" / name))
+def builtin_grid(name: bool | str = False) -> Path:
+    """The path of a grid shipped with the package: a name of GRIDS (True: "quick", False: "default")."""
+    name = "quick" if name is True else "default" if name is False else name
+    if name not in GRIDS:
+        raise DqarError(f"unknown grid '{name}'", f"{_suggest(name, list(GRIDS))}use one of: {', '.join(GRIDS)}, or --config FILE")
+    return Path(str(resources.files("dqar") / "grids" / f"{name}.toml"))
 
 
 def load_grid(path: str | Path, repeats: int | None = None) -> Study:
@@ -159,6 +165,9 @@ def parse_grid(data: dict, source: str = "grid", text: str = "", repeats: int | 
     fidelity = study.get("fidelity_samples_per_label", FIDELITY_SAMPLES_PER_LABEL)
     if not isinstance(fidelity, int) or isinstance(fidelity, bool) or fidelity < per_label:
         raise DqarError(f"{source}: fidelity_samples_per_label = {fidelity!r}", f"use an integer >= samples_per_label ({per_label})")
+    runs = study.get("fidelity_runs")
+    if runs is not None and (not isinstance(runs, int) or isinstance(runs, bool) or runs < 0):
+        raise DqarError(f"{source}: fidelity_runs = {runs!r}", "use an integer >= 0, or leave it out (every main configuration and the finalists)")
     main = tuple(study.get("main", tuple(PRESETS)))
     for name in main:
         preset(name)
@@ -169,7 +178,7 @@ def parse_grid(data: dict, source: str = "grid", text: str = "", repeats: int | 
     if not isinstance(sweeps, list):
         raise DqarError(f"{source}: 'sweep' must be an array of tables", "write each sweep as [[sweep]]")
     digest = hashlib.sha256((text or json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
-    out = Study(n_rep, per_label, main, sample, tuple(sweeps), source, digest, _peers(data.get("peer", []), source), fidelity)
+    out = Study(n_rep, per_label, main, sample, tuple(sweeps), source, digest, _peers(data.get("peer", []), source), fidelity, runs)
     expand(out)  # validate every sweep point now, not hours into a run
     return out
 

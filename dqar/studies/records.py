@@ -97,6 +97,9 @@ def study_block(study: G.Study, labels, names, evaluator: Evaluator | None, devi
     return {
         "grid": study.source,
         "grid_hash": study.text_hash,
+        "configurations": len(entries),
+        "distinct_configurations": len({e.config_hash for e in entries}),
+        "fidelity_runs": study.fidelity_runs,  # the grid's cap on fidelity runs (None: main configurations + finalists)
         "repeats": study.repeats,
         "samples_per_label": study.samples_per_label,
         "labels": labels,
