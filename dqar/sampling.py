@@ -190,8 +190,8 @@ class FlowOutput:
 
     latents: torch.Tensor  # the pipeline's output_type="latent": Flux packed (N, h/2 * w/2, 4 C), SD3 (N, C, h, w)
     images: torch.Tensor | None  # (N, 3, H, W) float32 in [0, 1] on the CPU when a VAE was given, else None
-    num_evaluations: int  # transformer forwards: steps * forwards_per_step
-    forwards_per_step: int  # 1, or 2 with Flux's separate-forward CFG (evaluation 2i: "cond", 2i + 1: "uncond")
+    num_evaluations: int  # model evaluations = denoising steps (what plans count)
+    forwards_per_step: int  # transformer forwards per evaluation: 1, or 2 with Flux's separate-forward CFG ("cond", "uncond")
     timesteps: torch.Tensor  # (steps,) in [0, 1000], the scheduler's, on the model's device
     sigmas: torch.Tensor  # (steps + 1,) the scheduler's (ending in 0), on the model's device
 
@@ -242,9 +242,9 @@ def set_flow_timesteps(scheduler, steps: int, *, family: str, image_seq_len: int
     return scheduler.timesteps
 
 
-def evaluation_sigmas(scheduler, forwards_per_step: int = 1) -> tuple[float, ...]:
-    """The sigma of each evaluation of a set schedule, on the host (one read; call it once per generation)."""
-    return tuple(float(s) for s in scheduler.sigmas[:-1].cpu() for _ in range(forwards_per_step))
+def evaluation_sigmas(scheduler) -> tuple[float, ...]:
+    """The sigma of each evaluation (denoising step) of a set schedule, on the host (one read; once per generation)."""
+    return tuple(float(s) for s in scheduler.sigmas[:-1].cpu())
 
 
 def _check_embeds(transformer, pos: tuple, neg: tuple, guided: bool, family: str) -> None:
@@ -319,8 +319,9 @@ def sample_flow(
     order). CFG needs the negative embeddings. `guidance`: the guidance embedding of a guidance-distilled Flux
     (`guidance_embeds`), ignored otherwise. `height`/`width` in pixels (default: the pipeline's). `latents`: initial
     noise in the pipeline's layout (Flux packed). `vae`: also decode. `reuse`: an engine with
-    `begin_generation(scheduler=, num_evaluations=, guided=)` and `end_generation()`; every transformer forward is one
-    evaluation, so separate-forward CFG makes 2 * steps (guided=False); SD3's batched CFG makes steps (guided=True).
+    `begin_generation(scheduler=, num_evaluations=, guided=)` and `end_generation()`; one denoising step is one
+    evaluation (`num_evaluations = steps`): separate-forward CFG runs it as two forwards in cache contexts "cond" and
+    "uncond" (guided=False; the engine keeps one history per context), SD3's batched CFG as one (guided=True).
     """
     family = flow_family(transformer)
     flux = family == "flux"
@@ -367,7 +368,7 @@ def sample_flow(
             embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])  # (2N, ...) uncond first
     timesteps = set_flow_timesteps(scheduler, steps, family=family, image_seq_len=seq_len, device=device, mu=mu)
     per_step = 2 if flux and guided else 1
-    num_evaluations = per_step * len(timesteps)
+    num_evaluations = len(timesteps)  # denoising steps; each runs per_step forwards
     if reuse is not None:
         reuse.begin_generation(scheduler=scheduler, num_evaluations=num_evaluations, guided=guided and not flux)
     try:

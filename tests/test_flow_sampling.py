@@ -117,7 +117,7 @@ def test_flux_true_cfg_is_bit_identical_with_two_forwards_per_step(flux_plain):
     out = sample_flow(flux_plain, make_scheduler("flow", FLUX_SCHEDULER_CONFIG), **e, **neg, cfg=4.0, height=SIZE,
                       width=SIZE, steps=STEPS, generator=torch.Generator().manual_seed(6))
     assert torch.equal(out.latents, expected)
-    assert out.num_evaluations == 2 * STEPS and out.forwards_per_step == 2
+    assert out.num_evaluations == STEPS and out.forwards_per_step == 2
     unguided = sample_flow(flux_plain, make_scheduler("flow", FLUX_SCHEDULER_CONFIG), **e, height=SIZE, width=SIZE,
                            steps=STEPS, generator=torch.Generator().manual_seed(6))
     assert not torch.equal(unguided.latents, out.latents)  # the guidance did something
@@ -191,7 +191,7 @@ def test_flux_schedule_matches_the_pipeline(size, steps):
     assert float(scheduler.sigmas[-1]) == 0.0 and torch.equal(timesteps, scheduler.sigmas[:-1] * 1000)
     gaps = (scheduler.sigmas[:-2] - scheduler.sigmas[1:-1]).tolist()
     assert steps < 4 or max(gaps) / min(gaps) > 1.05  # shifted: not evenly spaced
-    assert evaluation_sigmas(scheduler, 2) == tuple(float(s) for s in scheduler.sigmas[:-1] for _ in range(2))
+    assert evaluation_sigmas(scheduler) == tuple(float(s) for s in scheduler.sigmas[:-1])
 
 
 def test_dynamic_mu_grows_with_resolution():
@@ -228,8 +228,8 @@ def test_reuse_contract_separate_forward_cfg(monkeypatch):
     monkeypatch.setattr(flux, "cache_context", spy)
     out = sample_flow(flux, make_scheduler("flow", FLUX_SCHEDULER_CONFIG), **embeds(flux, 1), **negatives(flux, 2),
                       cfg=3.0, height=SIZE, width=SIZE, steps=STEPS, reuse=rec)
-    assert rec.events == [("begin", 2 * STEPS, STEPS, False, 0), ("end", 2 * STEPS)]
-    assert names == ["cond", "uncond"] * STEPS and out.num_evaluations == 2 * STEPS
+    assert rec.events == [("begin", STEPS, STEPS, False, 0), ("end", 2 * STEPS)]  # plans count steps; 2 forwards each
+    assert names == ["cond", "uncond"] * STEPS and out.num_evaluations == STEPS
 
 
 def test_reuse_contract_batched_cfg_and_end_on_error():

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from dqar.engine.adapter import check_family, describe
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.engine.decider import Decider, DeciderContext, PlanDecider
 from dqar.engine.fused import check_supported
@@ -48,7 +49,7 @@ def _split(model: Any) -> tuple[torch.nn.Module, Any]:
         return model.transformer, model.scheduler
     if isinstance(model, torch.nn.Module):
         return model, None
-    raise DqarError(f"cannot enable reuse on a {type(model).__name__}", "pass a diffusers DiTPipeline or DiTTransformer2DModel")
+    raise DqarError(f"cannot enable reuse on a {type(model).__name__}", "pass a diffusers pipeline or its transformer (DiT, PixArt, SD3, Flux, …)")
 
 
 def on_cuda(transformer: torch.nn.Module) -> bool:
@@ -68,7 +69,7 @@ def plan_patterns(transformer: torch.nn.Module, cfg: ReuseConfig, decider, steps
         return None
     try:
         evaluations = decider.fixed.num_evaluations if decider.fixed else load_plan(cfg.plan_file).num_evaluations if cfg.plan_file else steps
-        decider.begin(DeciderContext(evaluations, len(transformer.transformer_blocks)))
+        decider.begin(DeciderContext(evaluations, len(describe(transformer).blocks)))
     except DqarError:
         return None  # a plan that does not fit fails at begin_generation with its own message
     share_from = math.ceil(cfg.cfg_share_from * evaluations) if cfg.enabled and cfg.cfg_share != "none" else -1
@@ -81,7 +82,9 @@ def compiled_takes(cfg: ReuseConfig, decider, transformer: torch.nn.Module) -> b
     if needs is not None and needs.any or cfg.cfg_share != "none":
         return False
     try:
-        check_supported(cfg, list(transformer.transformer_blocks))
+        layout = describe(transformer)
+        check_family(layout, cfg, needs, "compiled")
+        check_supported(cfg, list(layout.blocks))
     except DqarError:
         return False
     return True

@@ -1,43 +1,62 @@
-"""The patch executor's forwards (hot path): each layer's `attn1` or whole block, deciding from the engine's host row.
+"""The patch executor's forwards (hot path): each layer's attention or whole block, deciding from the engine's host row.
 
 Each function is bound to (engine, layer, module) and called by a `dqar.engine.hooks.LayerHook`
-as `forward(original, *args, **kwargs)`, `original` being the forward it replaces. Nothing
-here reads a device value back to the host.
+as `forward(original, *args, **kwargs)`, `original` being the forward it replaces. A layer's
+output streams live in consecutive cache slots from `engine.slots[layer]` (`dqar.engine.adapter`).
+Nothing here reads a device value back to the host.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from dqar.engine.adapter import form_of, outputs, pack
 from dqar.engine.attention import attend
 from dqar.engine.block import cfg_half
 from dqar.engine.signals import attention_entropy, attention_with_entropy, relative_change
 
 
-def attention(engine, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """`attn1`: the cached output (or its forecast) where the row says reuse, else computed (and stored where the store row says)."""
-    st = engine.state
-    if st.row[layer] and st.cache.has(layer):
+def attention(engine, layer: int, attn, original: Callable, *args, **kwargs) -> Any:
+    """Self/joint attention: the cached output (or its forecast) where the row says reuse, else computed (and stored
+    where the store row says). A joint attention's (image, text) outputs are kept per stream."""
+    st, slot = engine.state, engine.slots[layer]
+    if st.row[layer] and st.cache.has(slot):
         st.executed[st.evaluation, layer] = True
-        return st.cache.read(layer)  # (B, T, C) a copy or a forecast
-    out = attention_compute(engine, layer, attn, original, hidden_states, *args, **kwargs)  # (B, T, C)
-    if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-        st.signals.put_change(layer, relative_change(out, cached(st, layer)))
+        if not engine.forms.get(layer):
+            return st.cache.read(slot)  # (B, T, C) a copy or a forecast
+        return tuple(_read(st, slot + i, i) for i in range(engine.forms[layer]))
+    out = attention_compute(engine, layer, attn, original, *args, **kwargs)  # (B, T, C), or a tuple of streams
+    if torch.is_tensor(out):
+        if st.signals is not None and st.signals.needs.change and st.cache.has(slot):
+            st.signals.put_change(layer, relative_change(out, cached(st, slot)))
+        if st.store[layer]:
+            st.cache.put(slot, out)
+        return out
+    engine.forms[layer] = len(out)
     if st.store[layer]:
-        st.cache.put(layer, out)
+        for i, stream in enumerate(out):
+            if stream is not None:
+                st.cache.put(slot + i, stream)
     return out
 
 
-def cached(st, layer: int) -> torch.Tensor:
+def _read(st, slot: int, stream: int) -> torch.Tensor | None:
+    """One stream of a reuse: its forecast (counted once per layer), or None where the block outputs nothing there."""
+    return st.cache.read(slot, count=stream == 0) if st.cache.has(slot) else None
+
+
+def cached(st, slot: int) -> torch.Tensor:
     """What the change of a computed output is measured against: the cached output, or what a reuse would read now."""
-    return st.cache.read(layer, count=False) if st.signals.needs.change_of_reuse else st.cache.get(layer)[0]  # (B, T, C)
+    return st.cache.read(slot, count=False) if st.signals.needs.change_of_reuse else st.cache.get(slot)[0]  # (B, T, C)
 
 
-def attention_compute(engine, layer: int, attn, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """attn1 computed: on one CFG half when sharing (copied to the other), measuring entropy when needed."""
+def attention_compute(engine, layer: int, attn, original: Callable, *args, **kwargs) -> Any:
+    """Attention computed: on one CFG half when sharing (copied to the other), measuring entropy when needed (DiT attn1)."""
     st = engine.state
-    x = hidden_states  # (B, T, C)
+    if not st.sharing and st.signals is None:
+        return original(*args, **kwargs)
+    x, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())  # (B, T, C)
     if st.sharing:
         x = cfg_half(x, engine.cfg.cfg_share)  # (B/2, T, C)
         st.shared[st.evaluation, layer] = True
@@ -46,21 +65,30 @@ def attention_compute(engine, layer: int, attn, original: Callable, hidden_state
         out, entropy = attention_with_entropy(attn, x, sig.rows(x.shape[1], x.device))
         sig.put_entropy(layer, entropy)
     else:
-        out = original(x, *args, **kwargs)
+        out = original(x, *rest, **kwargs)
     return torch.cat([out, out]) if st.sharing else out
 
 
-def block(engine, layer: int, original: Callable, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A whole block: its input plus the cached residual (attention + MLP) where the row says reuse."""
-    st = engine.state
-    if st.row[layer] and st.cache.has(layer):
+def block(engine, layer: int, original: Callable, *args, **kwargs) -> Any:
+    """A whole block: its inputs plus the cached residual (attention + MLP) of each output stream where the row says reuse."""
+    st, slot, spec = engine.state, engine.slots[layer], engine.layout.specs[layer]
+    hidden, encoder = engine.layout.inputs(layer, args, kwargs)  # (B, T, C), (B, S, C) or None
+    if st.row[layer] and st.cache.has(slot):
         st.executed[st.evaluation, layer] = True
-        return hidden_states + st.cache.read(layer)  # (B, T, C) residual of attention + MLP, a copy or a forecast
-    out = original(hidden_states, *args, **kwargs)
-    if st.signals is not None and st.signals.needs.change and st.cache.has(layer):
-        st.signals.put_change(layer, relative_change(out - hidden_states, cached(st, layer)))
+        h = hidden + st.cache.read(slot)  # (B, T, C) residual of attention + MLP, a copy or a forecast
+        if not engine.forms.get(layer):
+            return h
+        e = encoder + st.cache.read(slot + 1, count=False) if encoder is not None and st.cache.has(slot + 1) else None
+        return pack(spec, engine.forms[layer], h, e)
+    out = original(*args, **kwargs)
+    h, e = outputs(spec, out)
+    engine.forms[layer] = form_of(out)
+    if st.signals is not None and st.signals.needs.change and st.cache.has(slot):
+        st.signals.put_change(layer, relative_change(h - hidden, cached(st, slot)))
     if st.store[layer]:
-        st.cache.put(layer, out - hidden_states)
+        st.cache.put(slot, h - hidden)
+        if e is not None and encoder is not None:
+            st.cache.put(slot + 1, e - encoder)  # (B, S, C) the text stream's residual
     return out
 
 

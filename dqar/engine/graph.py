@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from dqar.engine import block as B
 from dqar.engine import history as H
+from dqar.engine.adapter import DIT_CLASS, describe
 from dqar.engine.cache import device_weights
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.variants import Variants, compiled_copy
@@ -69,6 +70,9 @@ def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state
 
 def check_graph_supported(engine_cfg, decider, transformer) -> None:
     """One line naming what to use for what the graph executor cannot run (the config, the decider's needs, the model)."""
+    family = describe(transformer).family
+    if family != DIT_CLASS:
+        raise DqarError(f"the graph executor runs the class-conditional DiT ({DIT_CLASS}), not {family}", "use executor = 'patch'")
     needs = getattr(decider, "needs", None)
     if needs is not None and needs.any:
         raise DqarError("the gate, signal traces and policies run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
@@ -93,6 +97,7 @@ class GraphEngine(ReuseEngine):
     """
 
     shares_cfg = True  # runs cfg_share inside its graphs
+    separate_branches = False  # one static history: CFG branches as separate forwards run on 'patch'
 
     def __init__(self, transformer: torch.nn.Module, cfg, decider, scheduler: Any = None):
         check_graph_supported(cfg, decider, transformer)

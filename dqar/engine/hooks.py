@@ -1,10 +1,11 @@
 """dqar's diffusers hooks: how the engine attaches to a transformer and composes with other registry hooks.
 
 Every module dqar changes gets a named `diffusers.hooks.ModelHook` in its `HookRegistry`: the
-transformer an `EvaluationHook` (one forward is one model evaluation), each block or its `attn1`
-a `LayerHook` whose forward is the engine's reuse forward for that layer. Hooks other libraries
-register before or after dqar keep acting when dqar detaches; a registry dqar created and left
-empty is removed again, so a detached module is exactly what it was. The hooks hold no state of
+transformer an `EvaluationHook` (one forward is one model evaluation, of the pipeline's cache
+context where it sets one), each block or its attention module a `LayerHook` whose forward is
+the engine's reuse forward for that layer. Hooks other libraries register before or after dqar
+keep acting when dqar detaches; a registry dqar created and left empty is removed again, so a
+detached module is exactly what it was. The hooks hold no state of
 their own beyond the engine they call into.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+
+from dqar.engine.branches import ContextTracker
 
 EVALUATION_HOOK = "dqar_evaluation"
 ATTENTION_HOOK = "dqar_attn1"
@@ -27,13 +30,16 @@ class EvaluationHook(ModelHook):
     def __init__(self, engine):
         super().__init__()
         self.engine = engine
+        self.contexts = ContextTracker(engine)  # diffusers' cache_context("cond" / "uncond") reaches the engine through it
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
-        self.engine.on_evaluation(args, kwargs)
+        if not self.engine.counting:
+            self.engine.on_evaluation(args, kwargs)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.engine.after_evaluation(output)
+        if not self.engine.counting:
+            self.engine.after_evaluation(output)
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

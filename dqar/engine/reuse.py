@@ -11,18 +11,19 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from dqar.engine import forecast, forwards
+from dqar.engine import branches, forecast, forwards
+from dqar.engine.adapter import check_family, describe
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.codec import Codec
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
-from dqar.engine.flops import attention_flops, dit_shape, forward_flops, skipped_flops
+from dqar.engine.flops import FlopModel, counted_flops, counted_model, dit_model, shape_key
 from dqar.engine.fused import check_supported, fused_forward, make_kernels
 from dqar.engine.hooks import (ATTENTION_HOOK, BLOCK_HOOK, EVALUATION_HOOK, EvaluationHook, LayerHook, add_hook, has_hook,
                                refresh_child_registries, remove_hook)
@@ -57,34 +58,43 @@ class GenerationState:
     positions: np.ndarray | None = None  # (E,) where each evaluation lies on the forecast axis (host)
     finished: int = 0  # evaluations whose forward has returned
     stats: ReuseStats | None = None  # the summary, once the generation has ended
+    branch: str | None = None  # the cache context whose branch the fields above mirror (`dqar.engine.branches`)
+    branches: dict = field(default_factory=dict)  # the other branches: context → Branch
+    call: tuple | None = None  # (args, kwargs) of the first forward: its shapes give counted FLOPs (non-DiT families)
 
 
 class ReuseEngine:
     """Attach reuse to a diffusers `DiTTransformer2DModel`; detach restores it exactly."""
 
     shares_cfg = False  # whether a non-patch executor of this class runs cfg_share (the graph executor does)
+    separate_branches = True  # whether it keeps a history per CFG branch run as a separate forward (the graph executor does not)
 
     def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider, scheduler: Any = None,
                  executor: str = "patch"):
         if has_hook(transformer, EVALUATION_HOOK):
             raise DqarError("reuse is already attached to this transformer", "call handle.disable() before enabling it again")
-        if not hasattr(transformer, "transformer_blocks"):
-            raise DqarError(f"{type(transformer).__name__} has no transformer_blocks", "pass a diffusers DiTTransformer2DModel or DiTPipeline")
+        self.layout = describe(transformer)  # the layers and their output streams, from diffusers' block registry
         self.transformer = transformer
         self.cfg = cfg
         self.decider = decider
         self.scheduler = scheduler  # optional: a pipeline's scheduler, to detect new generations
-        self.blocks = list(transformer.transformer_blocks)
+        self.blocks = list(self.layout.blocks)
+        self.slots = self.layout.slots  # first cache slot of each layer (one slot per output stream)
         if executor not in EXECUTORS:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTORS)}")
-        self.executor = executor  # "patch": hook attn1 / block; "fused"/"compiled": pure block functions (dqar.engine.fused)
+        self.executor = executor  # "patch": hook attention / block; "fused"/"compiled": pure block functions (dqar.engine.fused)
         self.needs: Needs = getattr(self.decider, "needs", None) or Needs()
+        check_family(self.layout, cfg, self.needs, executor)
         if executor != "patch" and (self.needs.any or cfg.cfg_share != "none" and not self.shares_cfg):
             raise DqarError(f"the gate, signal traces and cfg_share run on the 'patch' executor, not '{executor}'", "use executor = 'patch'")
         if self.needs.entropy and not all(is_plain_attention(b.attn1) for b in self.blocks):
             raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
         if executor != "patch":
             check_supported(cfg, self.blocks)
+        self.forms: dict[int, int] = {}  # layer → its output's form (0 a tensor, n a tuple), seen when it computes
+        self.context: str | None = None  # the pipeline's cache context ("cond" / "uncond"), set through the evaluation hook
+        self.counting = False  # a FLOP count on fake tensors is running: the hooks pass through
+        self._flop_counts: dict[tuple, dict[str, int]] = {}  # input shapes → counted FLOPs (non-DiT families)
         self.kernels = make_kernels(compile=executor == "compiled") if executor != "patch" else None
         self.codec = self.kernels.codec if self.kernels is not None else Codec()
         self.state: GenerationState | None = None
@@ -106,7 +116,8 @@ class ReuseEngine:
                     out.append((block.attn1, ATTENTION_HOOK, functools.partial(forwards.attention_compute, self, layer, block.attn1)))
             else:
                 forward = forwards.kv if self.cfg.target == "kv" else forwards.attention
-                out.append((block.attn1, ATTENTION_HOOK, functools.partial(forward, self, layer, block.attn1)))
+                attn = self.layout.attention_module(layer)
+                out.append((attn, ATTENTION_HOOK, functools.partial(forward, self, layer, attn)))
         return out
 
     def _attach(self) -> None:
@@ -142,22 +153,29 @@ class ReuseEngine:
         share_from = -1
         if self.cfg.enabled and self.cfg.cfg_share != "none":
             share_from = math.ceil(self.cfg.cfg_share_from * num_evaluations)
+        first = self._new_branch(num_evaluations)
         self.state = GenerationState(
             num_evaluations=num_evaluations,
-            cache=self._new_cache(num_layers),
-            executed=np.zeros((num_evaluations, num_layers), dtype=bool),
-            rows_per_eval=[],
+            cache=first.cache,
+            executed=first.executed,
+            rows_per_eval=first.rows_per_eval,
             timesteps_ref=getattr(scheduler, "timesteps", None),
             positions=self._positions(num_evaluations, scheduler),
             signals=signals,
             share_from=share_from,
             guided=guided,
-            shared=np.zeros((num_evaluations, num_layers), dtype=bool),
+            shared=first.shared,
+            branch=self.context,
         )
+
+    def _new_branch(self, num_evaluations: int) -> branches.Branch:
+        num_layers = len(self.blocks)
+        return branches.Branch(cache=self._new_cache(num_layers), executed=np.zeros((num_evaluations, num_layers), dtype=bool),
+                               shared=np.zeros((num_evaluations, num_layers), dtype=bool), rows_per_eval=[])
 
     def _new_cache(self, num_layers: int):
         """The cache of a new generation: a `LayerCache` (the graph executor reuses its static history instead)."""
-        return LayerCache(num_layers, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order, self.codec)
+        return LayerCache(self.layout.num_slots, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order, self.codec)
 
     def _positions(self, num_evaluations: int, scheduler: Any) -> np.ndarray:
         """(E,) forecast-axis positions, from the scheduler's timesteps (read once per generation) for axis 'timestep'."""
@@ -184,7 +202,7 @@ class ReuseEngine:
         return self._summarize(st)
 
     def _policies(self) -> tuple[StorePolicy, ...]:
-        heads = self.blocks[0].attn1.heads
+        heads = self.layout.heads()
         int8 = self.cfg.cache_dtype == "int8"
         main = StorePolicy(int8=int8, mode=self.cfg.quant_mode, num_heads=heads)
         if self.cfg.target == "kv":
@@ -197,6 +215,8 @@ class ReuseEngine:
         """Before each transformer forward: one call is one model evaluation."""
         self._maybe_autobegin()
         st = self.state
+        if self.context != st.branch:
+            self._switch_branch(st)
         st.evaluation += 1
         st.stats = None  # more evaluations in this generation: summarize again at its end
         e = st.evaluation
@@ -205,8 +225,10 @@ class ReuseEngine:
                 f"the transformer was called {e + 1} times but the generation was begun for {st.num_evaluations} evaluations",
                 "call begin_generation with the sampler's number of model evaluations",
             )
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W), or (B, T, C) tokens
         st.rows_per_eval.append(hidden.shape[0])
+        if st.call is None and not self.layout.is_dit:
+            st.call = (args, dict(kwargs))
         st.cache.at(float(st.positions[e]))
         st.shape = (hidden.shape[-2], hidden.shape[-1])
         if st.signals is not None:
@@ -220,15 +242,17 @@ class ReuseEngine:
 
     def _check_finite(self, st: GenerationState) -> None:
         """Guard on: one host read, NaN/Inf entries recompute. Guard off: counted on the device, reported after."""
-        reusing = [layer for layer, r in enumerate(st.row) if r and st.cache.has(layer)]
+        reusing = [layer for layer, r in enumerate(st.row) if r and st.cache.has(self.slots[layer])]
         if not reusing:
             return
+        slots = [(layer, s) for layer in reusing for s in range(self.slots[layer], self.slots[layer] + self.layout.specs[layer].streams)
+                 if st.cache.has(s)]
         if not self.cfg.nonfinite_guard:
-            st.cache.count_nonfinite(reusing)
+            st.cache.count_nonfinite([s for _, s in slots])
             return
-        ok = st.cache.finite_flags(reusing).tolist()  # the one host read of this check
+        ok = st.cache.finite_flags([s for _, s in slots]).tolist()  # the one host read of this check
         st.host_syncs += 1
-        bad = {layer for layer, fine in zip(reusing, ok) if not fine}
+        bad = {layer for (layer, _), fine in zip(slots, ok) if not fine}
         if bad:
             st.row = tuple(r and layer not in bad for layer, r in enumerate(st.row))
             st.nonfinite += len(bad)
@@ -274,34 +298,73 @@ class ReuseEngine:
         elif self.state is None:
             raise DqarError("no generation has begun", "sample with dqar.sampling.sample(..., reuse=handle) or call handle.begin_generation(steps)")
 
+    def _switch_branch(self, st: GenerationState) -> None:
+        """A forward in another cache context: make its branch current (a new one starts with its own history)."""
+        if not self.separate_branches and st.evaluation >= 0:
+            raise DqarError(f"the '{self.executor}' executor keeps one history, but the pipeline runs CFG branches as separate "
+                            "forwards (cache_context)", "use executor = 'patch' for this pipeline")
+        branches.switch(st, self.context, lambda: self._new_branch(st.num_evaluations))
+
     # ----- stats ---------------------------------------------------------------------------
-    def _nonfinite_reused(self, st: GenerationState) -> int:
-        count = st.cache.nonfinite_count()
+    def _nonfinite_reused(self, runs) -> int:
+        count = sum(b.cache.nonfinite_count() for b in runs)
         if count:
             warnings.warn(f"{count} reused cache entries held NaN/Inf in this generation; set nonfinite_guard = true to recompute them",
                           RuntimeWarning, stacklevel=3)
         return count
 
+    def _flops(self, st: GenerationState) -> FlopModel:
+        """Per-row FLOPs of this generation's forwards: analytic for the DiT, counted on fake tensors (once per shape) else."""
+        if self.layout.is_dit:
+            return dit_model(self.transformer.config, *st.shape, len(self.blocks), self.cfg.target, self.cfg.granularity)
+        args, kwargs = st.call
+        key = shape_key(args, kwargs)
+        if key not in self._flop_counts:
+            self._flop_counts[key] = self._count_flops(args, kwargs)
+        block = self.cfg.granularity == "block"
+        paths = [s.path if block else f"{s.path}.{s.attention}" for s in self.layout.specs]
+        return counted_model(self._flop_counts[key], (args[0] if args else kwargs["hidden_states"]).shape[0], paths)
+
+    def _count_flops(self, args: tuple, kwargs: dict) -> dict[str, int]:
+        """One forward on fake tensors with every hook passing through (no row reuses, nothing stored): FLOPs per module."""
+        num_layers = len(self.blocks)
+        idle = GenerationState(num_evaluations=1, cache=self._new_branch(1).cache, executed=np.zeros((1, num_layers), dtype=bool),
+                               rows_per_eval=[], evaluation=0, row=(False,) * num_layers, store=(False,) * num_layers,
+                               shared=np.zeros((1, num_layers), dtype=bool))
+        saved, self.state, self.counting = self.state, idle, True
+        try:
+            return counted_flops(self.transformer, args, kwargs)
+        finally:
+            self.state, self.counting = saved, False
+
     def _summarize(self, st: GenerationState) -> ReuseStats:
-        done = st.evaluation + 1
-        mask = st.executed[:done]
-        shape = dit_shape(self.transformer.config, *st.shape)
-        per_row_skip = skipped_flops(shape, self.cfg.target, self.cfg.granularity)
-        rows = np.asarray(st.rows_per_eval[:done], dtype=np.int64)
-        shared = st.shared[:done] & ~mask  # (E, L) attn1 computed on half the rows
-        share_skip = int((shared.sum(axis=1) * (rows // 2)).sum()) * attention_flops(shape)
+        runs = branches.ran(st)
+        done = max(b.evaluation + 1 for b in runs)
+        mask = np.logical_or.reduce([b.executed[:done] for b in runs])
+        fm = self._flops(st)
+        total = skipped = shared_cells = 0
+        for b in runs:
+            n = b.evaluation + 1
+            rows = np.asarray(b.rows_per_eval[:n], dtype=np.int64)
+            shared = b.shared[:n] & ~b.executed[:n]  # (E, L) attn1 computed on half the rows
+            shared_cells += int(shared.sum())
+            total += int(rows.sum()) * fm.forward
+            skipped += int(((b.executed[:n].astype(np.int64) @ fm.skip) * rows).sum())
+            skipped += int((shared.sum(axis=1) * (rows // 2)).sum()) * fm.attention
+        caches = [b.cache for b in runs]
+        errors = [c.mean_error() for c in caches]
         syncs = st.host_syncs + (st.signals.host_syncs if st.signals is not None else 0)
         return summarize(
             mask,
-            cache_bytes=st.cache.bytes_now,
-            cache_bytes_peak=st.cache.bytes_peak,
-            quant_error=st.cache.mean_error(),
-            flops_total=int(rows.sum()) * forward_flops(shape),
-            flops_skipped=int((mask.sum(axis=1) * rows).sum()) * per_row_skip + share_skip,
+            cache_bytes=sum(c.bytes_now for c in caches),
+            cache_bytes_peak=sum(c.bytes_peak for c in caches),
+            quant_error=None if all(e is None for e in errors) else float(np.mean([e for e in errors if e is not None])),
+            flops_total=total,
+            flops_skipped=skipped,
             host_syncs=syncs,
             nonfinite_recomputes=st.nonfinite,
-            nonfinite_reused=self._nonfinite_reused(st),
-            forecasts=st.cache.forecasts,
-            cache_entries_peak=st.cache.entries_peak,
-            cfg_shared=int(shared.sum()),
+            nonfinite_reused=self._nonfinite_reused(runs),
+            forecasts=sum(c.forecasts for c in caches),
+            cache_entries_peak=sum(c.entries_peak for c in caches),
+            cfg_shared=shared_cells,
         )
