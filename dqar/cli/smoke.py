@@ -39,7 +39,9 @@ def cmd_smoke(args) -> int:
 
 def smoke_parser(sub) -> None:
     p = sub.add_parser("smoke", help="fail fast: 2 steps, batch 2, noreuse_graph and full_dqar_graph against the patch executor; "
-                                     "PASS/FAIL on CUDA-graph capture, recompiles, equality and host syncs (exit 1 on a FAIL)")
+                                     "PASS/FAIL on CUDA-graph capture, recompiles, equality and host syncs (exit 1 on a FAIL)",
+                       description="--model also takes random-dit-xl2 and random-dit-xl2-512 (DiT-XL/2 shapes, random weights, as "
+                                   "dqar bench); $DQAR_COMPILE_CACHE names a compile-cache file loaded first and saved after every case")
     model_args(p)
     p.add_argument("--steps", type=int, default=2, help="DDIM steps (default 2)")
     p.add_argument("--batch", type=int, default=2, help="images per generation (default 2)")

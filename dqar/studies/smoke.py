@@ -60,6 +60,7 @@ class SmokeSettings:
         for tol in (self.atol, self.rtol):
             if tol is not None and tol < 0:
                 raise DqarError(f"tolerance {tol} is invalid", "use a tolerance >= 0")
+        self.bench()  # bench's own checks of the cases, before any model loads
 
     def bench(self) -> BenchSettings:
         """Bench settings whose cases are these graph cases and their patch twins (`_eager`), nothing compiled besides."""
