@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import (AutoencoderKLWan, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
+                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
 
 from dqar.sampling import FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
@@ -17,14 +17,15 @@ def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def pixart():
+def pixart(alpha: bool = False):
+    """PixArt-Σ's pipeline, or PixArt-α's (`alpha`) around the same kind of transformer."""
     torch.manual_seed(0)
     t = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
                                  in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=16,
                                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
                                  use_additional_conditions=False).eval()
-    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=t,
-                               scheduler=DPMSolverMultistepScheduler())
+    cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    pipe = cls(tokenizer=None, text_encoder=None, vae=None, transformer=t, scheduler=DPMSolverMultistepScheduler())
     pipe.vae_scale_factor = 8
     e = torch.randn(1, 6, 16, generator=_g(1))
     kwargs = dict(prompt=None, negative_prompt=None, prompt_embeds=e, prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
@@ -33,11 +34,13 @@ def pixart():
     return pipe, kwargs
 
 
-def sd3():
+def sd3(dual_attention: bool = False):
+    """SD3; `dual_attention`: SD3.5-medium's blocks (a second self-attention on the first layers, q/k RMS norms)."""
     torch.manual_seed(0)
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if dual_attention else {}
     t = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
                               num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-                              pooled_projection_dim=64, out_channels=4).eval()
+                              pooled_projection_dim=64, out_channels=4, **extra).eval()
     pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG), vae=None,
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None, transformer=t)
@@ -79,7 +82,8 @@ def wan():
     return pipe, kwargs
 
 
-FAMILIES = {"pixart": pixart, "sd3": sd3, "flux": flux, "flux_true_cfg": lambda: flux(true_cfg=True), "wan": wan}
+FAMILIES = {"pixart_sigma": pixart, "pixart_alpha": lambda: pixart(alpha=True), "sd3": sd3, "sd35": lambda: sd3(dual_attention=True),
+            "flux": flux, "flux_true_cfg": lambda: flux(true_cfg=True), "wan": wan}
 
 
 def run(pipe, kwargs, steps: int, seed: int = 0) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_dit_only_executors_are_refused_at_enable(family, executor):
 def test_dit_only_options_are_refused_with_a_reason(family, config):
     name, pipe, _, _ = family
     cfg = replace(dqar.preset("full_dqar"), **config)
-    if name == "pixart" and "cfg_share" not in config:  # PixArt's blocks are BasicTransformerBlocks: the gate and K/V attach
+    if name.startswith("pixart") and "cfg_share" not in config:  # PixArt's blocks are BasicTransformerBlocks: the gate and K/V attach
         dqar.enable(pipe, cfg, executor="patch").disable()
         return
     with pytest.raises(DqarError, match=type(pipe.transformer).__name__):
@@ -177,3 +177,36 @@ def test_attention_granularity_needs_an_isolated_attention(monkeypatch):
         dqar.enable(pipe, replace(dqar.preset("full_dqar"), granularity="attention"))
     assert "granularity = 'block'" in err.value.fix
     dqar.enable(pipe, replace(dqar.preset("full_dqar"), granularity="block")).disable()  # block granularity still runs
+
+
+@pytest.mark.parametrize("order,dtype", [(0, "int8"), (1, "model"), (2, "model")])
+def test_forecast_orders_and_histories_act_on_flux(order, dtype):
+    pipe, kwargs = flux(true_cfg=True)
+    cfg = replace(dqar.preset("full_dqar"), forecast_order=order, cache_dtype=dtype)
+    outs, steps = {}, 12  # enough steps for a three-entry history (order 2)
+    with torch.no_grad(), dqar.enable(pipe, cfg) as handle:
+        outs["reuse"] = run(pipe, kwargs, steps)
+        stats = handle.stats
+    assert stats.reused > 0 and (stats.forecasts > 0) == (order > 0) and (stats.quant_error is not None) == (dtype == "int8")
+    with torch.no_grad(), dqar.enable(pipe, replace(cfg, forecast_order=(order + 1) % 3)):
+        outs["other"] = run(pipe, kwargs, steps)
+    assert not torch.equal(outs["reuse"], outs["other"])  # the order changes what a reuse returns
+
+
+def test_enable_names_its_parameters():
+    import inspect
+    params = inspect.signature(dqar.enable).parameters
+    assert [p for p in ("executor", "decider", "plan", "key") if params[p].kind is inspect.Parameter.KEYWORD_ONLY] == [
+        "executor", "decider", "plan", "key"]
+    with pytest.raises(TypeError):
+        dqar.enable(torch.nn.Linear(2, 2), "full_dqar", executer="patch")
+
+
+def test_a_plan_for_another_layer_count_is_refused():
+    from dqar.engine.plan import Plan
+    pipe, kwargs = flux()
+    layers = len(adapter.describe(pipe.transformer).blocks)
+    with dqar.enable(pipe, "full_dqar", plan=Plan(np.zeros((STEPS, layers + 1), dtype=bool))):
+        with pytest.raises(DqarError, match="layer"):
+            with torch.no_grad():
+                run(pipe, kwargs, STEPS)

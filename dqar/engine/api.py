@@ -180,14 +180,20 @@ class ReuseHandle:
             self.disable()
 
 
-def enable(model: Any, config: ReuseConfig | RunConfig | str | None = None, **kwargs) -> ReuseHandle:
-    """Attach reuse to a `DiTPipeline` or `DiTTransformer2DModel`; default config is the `full_dqar` preset.
+def enable(model: Any, config: ReuseConfig | RunConfig | str | None = None, *, executor: str = "auto", decider: Decider | None = None,
+           plan: Plan | None = None, key: dict | None = None) -> ReuseHandle:
+    """Attach reuse to a diffusers pipeline or transformer; default config is the `full_dqar` preset.
 
-    `executor="auto"` (default): "graph" when the model is on CUDA and the graph executor runs the config
-    and decider, else "patch" (`resolve_executor`; `handle.executor` says which). `"patch"` wraps each
-    block's `attn1` (or the block) and works with every option; `"fused"` runs DiT blocks as pure
-    functions with the decision outside; `"compiled"` additionally compiles them with `torch.compile` —
-    a bounded set of graphs shared by all blocks and evaluations; `"graph"` runs a whole evaluation as
-    one compiled graph per distinct (plan row, CFG share) pattern (CUDA graphs on CUDA).
+    Any transformer whose blocks diffusers' `TransformerBlockRegistry` describes: DiT, PixArt-α / Σ, SD3 / 3.5, Flux.1,
+    Wan, … (`dqar.engine.adapter`); others are refused here, in one line. Inside a stock pipeline each call is a new
+    generation, and CFG run as separate forwards (`cache_context("cond" / "uncond")`) keeps one history per branch.
+
+    `executor="auto"` (default): "graph" when a DiT is on CUDA and the graph executor runs the config and decider,
+    else "compiled" or "patch" (`resolve_executor`; `handle.executor` and `handle.executor_reason` say which and why).
+    `"patch"` wraps each block's attention (or the block) and runs every family; `"fused"` runs DiT blocks as pure
+    functions with the decision outside; `"compiled"` additionally compiles them with `torch.compile`; `"graph"` runs
+    a whole DiT evaluation as one compiled graph per distinct (plan row, CFG share) pattern (CUDA graphs on CUDA).
+    `decider`: decisions other than the config's (a plan, the gate, a policy); `plan`: a fixed `Plan` to follow;
+    `key`: what a plan or policy is for (model, sampler, steps), checked against what it was made for.
     """
-    return ReuseHandle(model, config, **kwargs)
+    return ReuseHandle(model, config, executor=executor, decider=decider, plan=plan, key=key)
