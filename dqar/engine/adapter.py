@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dqar.engine.executors import EXECUTORS
 from dqar.errors import DqarError
 
 # Per block class, its self- or joint-attention submodule: where attention granularity reuses. Other blocks: block only.
@@ -170,7 +171,7 @@ def form_of(out: Any) -> int:
 def check_family(layout: Layout, cfg, needs, executor: str) -> None:
     """Refuse at enable what a family cannot run, with one line naming what works."""
     family = layout.family
-    if executor != "patch" and not layout.is_dit:
+    if EXECUTORS[executor].dit_only and not layout.is_dit:
         raise DqarError(f"the '{executor}' executor runs the class-conditional DiT ({DIT_CLASS}), not {family}",
                         "use executor = 'patch' (or 'auto') for this model")
     if not layout.dit_blocks:

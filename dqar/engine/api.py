@@ -15,10 +15,11 @@ from dqar.engine.graph import GraphEngine, check_graph_supported, pattern_counts
 from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan, load_plan
-from dqar.engine.reuse import EXECUTORS, ReuseEngine
+from dqar.engine.executors import EXECUTORS
+from dqar.engine.reuse import ReuseEngine
 from dqar.engine.stats import ReuseStats
 
-ALL_EXECUTORS = (*EXECUTORS, "graph")  # "graph": dqar.engine.graph.GraphEngine
+ALL_EXECUTORS = tuple(EXECUTORS)  # "graph": dqar.engine.graph.GraphEngine; the others dqar.engine.reuse.ReuseEngine
 EXECUTOR_CHOICES = ("auto", *ALL_EXECUTORS)  # "auto" (the default): resolve_executor picks graph or patch
 
 

@@ -96,9 +96,6 @@ class GraphEngine(ReuseEngine):
     runs on one CFG half (`state.sharing`), so the share direction is a constant of that evaluation's graph.
     """
 
-    shares_cfg = True  # runs cfg_share inside its graphs
-    separate_branches = False  # one static history: CFG branches as separate forwards run on 'patch'
-
     def __init__(self, transformer: torch.nn.Module, cfg, decider, scheduler: Any = None):
         check_graph_supported(cfg, decider, transformer)
         self.spec = H.make_spec(cfg, transformer.transformer_blocks[0].attn1.heads)
@@ -124,8 +121,7 @@ class GraphEngine(ReuseEngine):
         self.table: list | None = None  # (E, L, K) forecast weights of a plan's generation (host)
         self.table_device: torch.Tensor | None = None
         self.generation = {"graphs": set(), "fallback": 0, "fallback_rows": set(), "compile": 0.0}
-        super().__init__(transformer, cfg, decider, scheduler, executor="compiled")
-        self.executor = "graph"
+        super().__init__(transformer, cfg, decider, scheduler, executor="graph")
 
     def _attach(self) -> None:
         """The graph forward first, so the evaluation hook (registered after it) wraps it: decisions, then the graph."""

@@ -23,6 +23,7 @@ from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.codec import Codec
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
+from dqar.engine.executors import EXECUTORS
 from dqar.engine.flops import FlopModel, counted_flops, counted_model, dit_model, shape_key
 from dqar.engine.fused import check_supported, fused_forward, make_kernels
 from dqar.engine.hooks import (ATTENTION_HOOK, BLOCK_HOOK, EVALUATION_HOOK, EvaluationHook, LayerHook, add_hook, has_hook,
@@ -31,7 +32,6 @@ from dqar.engine.signals import Needs, SignalRecorder, is_plain_attention
 from dqar.engine.stats import ReuseStats, summarize
 from dqar.errors import DqarError
 
-EXECUTORS = ("patch", "fused", "compiled")
 
 
 @dataclass
@@ -64,10 +64,8 @@ class GenerationState:
 
 
 class ReuseEngine:
-    """Attach reuse to a diffusers `DiTTransformer2DModel`; detach restores it exactly."""
+    """Attach reuse to a diffusers transformer (any family `dqar.engine.adapter` describes); detach restores it exactly."""
 
-    shares_cfg = False  # whether a non-patch executor of this class runs cfg_share (the graph executor does)
-    separate_branches = True  # whether it keeps a history per CFG branch run as a separate forward (the graph executor does not)
 
     def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider, scheduler: Any = None,
                  executor: str = "patch"):
@@ -83,19 +81,22 @@ class ReuseEngine:
         if executor not in EXECUTORS:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTORS)}")
         self.executor = executor  # "patch": hook attention / block; "fused"/"compiled": pure block functions (dqar.engine.fused)
+        self.caps = EXECUTORS[executor]
+        if executor == "graph" and type(self)._attach is ReuseEngine._attach:
+            raise DqarError("the graph executor is dqar.engine.graph.GraphEngine", "enable it with dqar.enable(..., executor='graph')")
         self.needs: Needs = getattr(self.decider, "needs", None) or Needs()
         check_family(self.layout, cfg, self.needs, executor)
-        if executor != "patch" and (self.needs.any or cfg.cfg_share != "none" and not self.shares_cfg):
+        if self.needs.any and not self.caps.signals or cfg.cfg_share != "none" and not self.caps.cfg_share:
             raise DqarError(f"the gate, signal traces and cfg_share run on the 'patch' executor, not '{executor}'", "use executor = 'patch'")
         if self.needs.entropy and not all(is_plain_attention(b.attn1) for b in self.blocks):
             raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
-        if executor != "patch":
+        if self.caps.kernels:
             check_supported(cfg, self.blocks)
         self.forms: dict[int, int] = {}  # layer → its output's form (0 a tensor, n a tuple), seen when it computes
         self.context: str | None = None  # the pipeline's cache context ("cond" / "uncond"), set through the evaluation hook
         self.counting = False  # a FLOP count on fake tensors is running: the hooks pass through
         self._flop_counts: dict[tuple, dict[str, int]] = {}  # input shapes → counted FLOPs (non-DiT families)
-        self.kernels = make_kernels(compile=executor == "compiled") if executor != "patch" else None
+        self.kernels = make_kernels(compile=self.caps.compile) if self.caps.kernels else None
         self.codec = self.kernels.codec if self.kernels is not None else Codec()
         self.state: GenerationState | None = None
         self.last_stats: ReuseStats | None = None
@@ -300,7 +301,7 @@ class ReuseEngine:
 
     def _switch_branch(self, st: GenerationState) -> None:
         """A forward in another cache context: make its branch current (a new one starts with its own history)."""
-        if not self.separate_branches and st.evaluation >= 0:
+        if not self.caps.branches and st.evaluation >= 0:
             raise DqarError(f"the '{self.executor}' executor keeps one history, but the pipeline runs CFG branches as separate "
                             "forwards (cache_context)", "use executor = 'patch' for this pipeline")
         branches.switch(st, self.context, lambda: self._new_branch(st.num_evaluations))
