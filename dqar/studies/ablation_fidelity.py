@@ -73,7 +73,9 @@ def _fidelity(images: torch.Tensor, ref: Reference) -> dict:
     out.update(samples=n, class_accuracy_ci=None, baseline_class_accuracy=ref.accuracy, fd_delta_ci=None)
     if out["class_accuracy"] is not None:
         out["class_accuracy_ci"] = wilson(round(out["class_accuracy"] * n), n)
-    if need is not None and n >= need:
+    if need is not None and n >= need and torch.equal(images, ref.images):
+        out["fd_delta_ci"] = [0.0, 0.0]  # the reference itself (a baseline's own run): every resample's ΔFD is 0
+    elif need is not None and n >= need:
         ev = ref.evaluator
         own, base = (M.classifier_features(x, ev.classifier).numpy() for x in (images, ref.images))
         out["fd_delta_ci"] = fd_delta_ci(own, base, ev.stats)
