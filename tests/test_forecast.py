@@ -30,6 +30,18 @@ from conftest import E, NoSync, drive, make_pipe, make_tiny_transformer, pipe_im
 B, T, C = 2, 4, 3  # synthetic batch rows, tokens, channels
 
 
+@pytest.fixture(autouse=True)
+def synthetic_is_a_dit(monkeypatch):
+    """The synthetic model stands in for the DiT: its blocks are registered with diffusers as a BasicTransformerBlock's."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    from dqar.engine import adapter
+
+    TransformerBlockRegistry.register(Block, TransformerBlockMetadata(return_hidden_states_index=0))
+    monkeypatch.setitem(adapter.ATTENTION_MODULES, "Block", "attn1")
+    monkeypatch.setattr(adapter, "DIT_FAMILIES", adapter.DIT_FAMILIES | {"Synthetic"})
+
+
 class Clock:
     """The synthetic model's host-side position of the evaluation in progress."""
 

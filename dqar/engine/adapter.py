@@ -28,7 +28,8 @@ ATTENTION_MODULES = {
     "QwenImageTransformerBlock": "attn",  # Qwen-Image (joint attention)
     "WanTransformerBlock": "attn1",  # Wan (self-attention; cross-attention is attn2)
 }
-DIT_CLASS = "DiTTransformer2DModel"  # the class-conditional DiT: analytic FLOPs, fused/compiled/graph executors, the gate
+DIT_CLASS = "DiTTransformer2DModel"  # the class-conditional DiT: analytic FLOPs, fused/compiled/graph executors, cfg_share
+DIT_FAMILIES = {DIT_CLASS}  # transformer classes run as the DiT (a test double of its shape may join)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Layout:
 
     @property
     def is_dit(self) -> bool:
-        return self.family == DIT_CLASS
+        return self.family in DIT_FAMILIES
 
     @property
     def dit_blocks(self) -> bool:

@@ -38,37 +38,53 @@ def device_weights(weights: tuple[float, ...], device: torch.device) -> torch.Te
     return host.to(device)
 
 
-class LayerCache:
-    """Per layer, the newest `order + 1` stored values with their positions; reads a copy or a forecast."""
+class HostHistory:
+    """The host side of a reuse history, shared by `LayerCache` and the graph executor's `StaticHistory`.
 
-    def __init__(self, num_layers: int, policies: tuple[StorePolicy, ...], track_error: bool, order: int = 0, codec: Codec = Codec()):
-        self.policies = policies  # one per tensor of an entry
+    Per slot (a layer's output stream), the forecast-axis positions of its stored entries, newest first;
+    the current evaluation's position; bytes and entries held (now and peak) and reuses that forecast.
+    Nothing here touches a device tensor.
+    """
+
+    def __init__(self, num_slots: int, order: int):
         self.order = order
-        self.codec = codec
-        self.anchored = order > 0 and len(policies) == 1 and policies[0].int8  # INT8 entries as differences from an anchor
-        self.anchors: list[QTensor | None] = [None] * num_layers
-        self.history: list[list[Entry]] = [[] for _ in range(num_layers)]  # newest first
-        self.where: list[list[float]] = [[] for _ in range(num_layers)]  # forecast-axis position of each entry
-        self._flags: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # 0-dim bool per entry: all finite
+        self.where: list[list[float]] = [[] for _ in range(num_slots)]  # forecast-axis position of each entry
         self.position = 0.0  # the current evaluation's position on the forecast axis
-        self.track_error = track_error and any(p.int8 for p in policies)
-        self.bytes_now = 0
-        self.bytes_peak = 0
-        self.entries_now = 0
-        self.entries_peak = 0
+        self.bytes_now = self.bytes_peak = self.entries_now = self.entries_peak = 0
         self.forecasts = 0  # reuses read as an extrapolation of two or more stored values
-        self.error_sum: torch.Tensor | None = None  # 0-dim float32 on the device, relative L2 error summed
-        self.error_count = 0
-        self.finite: list[torch.Tensor | None] = [None] * num_layers  # per layer: 0-dim bool, every stored value finite
-        self.nonfinite_reused: torch.Tensor | None = None  # 0-dim int64 on the device: reuses of non-finite entries
-        self._device_weights: dict[tuple, torch.Tensor] = {}
 
     def at(self, position: float) -> None:
         """The evaluation that begins lies at `position` on the forecast axis (host float)."""
         self.position = position
 
-    def has(self, layer: int) -> bool:
-        return bool(self.history[layer])
+    def has(self, slot: int) -> bool:
+        return bool(self.where[slot])
+
+    def account(self, entries: int, nbytes: int) -> None:
+        """Entries and bytes added (negative: dropped) by one store."""
+        self.entries_now += entries
+        self.bytes_now += nbytes
+        self.bytes_peak = max(self.bytes_peak, self.bytes_now)
+        self.entries_peak = max(self.entries_peak, self.entries_now)
+
+
+class LayerCache(HostHistory):
+    """Per layer, the newest `order + 1` stored values with their positions; reads a copy or a forecast."""
+
+    def __init__(self, num_layers: int, policies: tuple[StorePolicy, ...], track_error: bool, order: int = 0, codec: Codec = Codec()):
+        super().__init__(num_layers, order)
+        self.policies = policies  # one per tensor of an entry
+        self.codec = codec
+        self.anchored = order > 0 and len(policies) == 1 and policies[0].int8  # INT8 entries as differences from an anchor
+        self.anchors: list[QTensor | None] = [None] * num_layers
+        self.history: list[list[Entry]] = [[] for _ in range(num_layers)]  # newest first
+        self._flags: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # 0-dim bool per entry: all finite
+        self.track_error = track_error and any(p.int8 for p in policies)
+        self.error_sum: torch.Tensor | None = None  # 0-dim float32 on the device, relative L2 error summed
+        self.error_count = 0
+        self.finite: list[torch.Tensor | None] = [None] * num_layers  # per layer: 0-dim bool, every stored value finite
+        self.nonfinite_reused: torch.Tensor | None = None  # 0-dim int64 on the device: reuses of non-finite entries
+        self._device_weights: dict[tuple, torch.Tensor] = {}
 
     def put(self, layer: int, *tensors: torch.Tensor) -> None:
         """Store `tensors` for `layer` as its newest entry."""
@@ -94,10 +110,7 @@ class LayerCache:
         dropped = hist[self.order + 1:]
         del hist[self.order + 1:], self.where[layer][self.order + 1:], flags[self.order + 1:]
         self.finite[layer] = flags[0] if len(flags) == 1 else torch.stack(flags).all()
-        self.bytes_now += _bytes(entry) - sum(_bytes(old) for old in dropped)
-        self.entries_now += 1 - len(dropped)
-        self.bytes_peak = max(self.bytes_peak, self.bytes_now)
-        self.entries_peak = max(self.entries_peak, self.entries_now)
+        self.account(1 - len(dropped), _bytes(entry) - sum(_bytes(old) for old in dropped))
 
     def _put_anchored(self, layer: int, x: torch.Tensor) -> None:
         """The anchored INT8 history: x quantized as the new anchor, x and the kept entries as differences from it."""
@@ -113,10 +126,7 @@ class LayerCache:
         self.history[layer] = [(QTensor(values=v, scale=s, dtype=x.dtype, mode=policy.mode),) for v, s in zip(diffs, diff_scales)]
         self.where[layer] = [self.position, *self.where[layer][: self.order]]
         self.finite[layer] = torch.stack([torch.isfinite(s).all() for s in (scale, *diff_scales)]).all()
-        self.bytes_now += _bytes(self.history[layer]) + self.anchors[layer].nbytes - before
-        self.entries_now += len(diffs) - count
-        self.bytes_peak = max(self.bytes_peak, self.bytes_now)
-        self.entries_peak = max(self.entries_peak, self.entries_now)
+        self.account(len(diffs) - count, _bytes(self.history[layer]) + self.anchors[layer].nbytes - before)
 
     def finite_flags(self, layers: list[int]) -> torch.Tensor:
         """(len(layers),) bool on the device: which of these layers' histories are all finite."""

@@ -70,8 +70,9 @@ def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state
 
 def check_graph_supported(engine_cfg, decider, transformer) -> None:
     """One line naming what to use for what the graph executor cannot run (the config, the decider's needs, the model)."""
-    family = describe(transformer).family
-    if family != DIT_CLASS:
+    layout = describe(transformer)
+    family = layout.family
+    if not layout.is_dit:
         raise DqarError(f"the graph executor runs the class-conditional DiT ({DIT_CLASS}), not {family}", "use executor = 'patch'")
     needs = getattr(decider, "needs", None)
     if needs is not None and needs.any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dqar.engine import forecast
+from dqar.engine.cache import HostHistory
 from dqar.engine.codec import combine, forecast_anchored, rebase
 from dqar.engine.quant import dequantize_values, encode
 
@@ -104,14 +105,16 @@ def count_nonfinite(bufs: tuple[torch.Tensor, ...], bad: torch.Tensor) -> None:
 
 
 # ----- the host side ------------------------------------------------------------------------------
-class StaticHistory:
+class StaticHistory(HostHistory):
     """The graph executor's cache: device buffers for one (shape, dtype) and the host bookkeeping of one generation.
 
-    Offers what the engine's summary reads of a `LayerCache`: bytes, entries, forecasts, error, non-finite count.
+    Offers what the engine's summary reads of a `LayerCache` (the shared `HostHistory`): bytes, entries, forecasts,
+    error, non-finite count.
     """
 
     def __init__(self, spec: Spec, num_layers: int, order: int):
-        self.spec, self.num_layers, self.order = spec, num_layers, order
+        self.spec, self.num_layers = spec, num_layers
+        super().__init__(num_layers, order)
         self.buffers: dict[tuple, tuple] = {}  # (shape, dtype, device) -> (per-layer buffers, error_sum, bad)
         self.current: tuple | None = None
         self._weights: dict[torch.device, torch.Tensor] = {}  # device -> static (L, slots) weights
@@ -119,16 +122,9 @@ class StaticHistory:
 
     def begin(self) -> None:
         """A new generation: empty histories on the host; device buffers are zeroed when first used."""
-        self.where: list[list[float]] = [[] for _ in range(self.num_layers)]  # positions, newest first
-        self.position = 0.0
-        self.bytes_now = self.bytes_peak = self.entries_now = self.entries_peak = self.forecasts = self.stores = 0
+        HostHistory.__init__(self, self.num_layers, self.order)
+        self.stores = 0
         self._zeroed: set[tuple] = set()
-
-    def at(self, position: float) -> None:
-        self.position = position
-
-    def has(self, layer: int) -> bool:
-        return bool(self.where[layer])
 
     def use(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple:
         """The buffers for outputs of `shape` (B, T, C), zeroed once per generation (no host sync)."""
@@ -177,10 +173,7 @@ class StaticHistory:
         before = len(where)
         push(where, self.position, self.spec.slots)
         self.stores += 1
-        self.entries_now += len(where) - before
-        self.bytes_now += (len(where) - before) * self._entry + (self._anchor if before == 0 else 0)
-        self.bytes_peak = max(self.bytes_peak, self.bytes_now)
-        self.entries_peak = max(self.entries_peak, self.entries_now)
+        self.account(len(where) - before, (len(where) - before) * self._entry + (self._anchor if before == 0 else 0))
 
     def mean_error(self) -> float | None:
         """Mean INT8 round-trip error of the stores (one host read, after a generation)."""
