@@ -33,7 +33,6 @@ from dqar.engine.stats import ReuseStats, summarize
 from dqar.errors import DqarError
 
 
-
 @dataclass
 class GenerationState:
     """Everything that changes during one generation; replaced at the start of the next."""
@@ -65,7 +64,6 @@ class GenerationState:
 
 class ReuseEngine:
     """Attach reuse to a diffusers transformer (any family `dqar.engine.adapter` describes); detach restores it exactly."""
-
 
     def __init__(self, transformer: torch.nn.Module, cfg: ReuseConfig, decider: Decider, scheduler: Any = None,
                  executor: str = "patch"):
