@@ -1,22 +1,30 @@
 """One generation with a run config: scheduler + reuse handle + sampler, composed.
 
-Every study, the calibrator, policy collection and bench sample through `generate`.
+Every study, the calibrator, policy collection and bench sample through `generate`. A DiT samples class labels with
+`dqar.sampling.sample`; a flow model (Flux, SD3: `loaded.family`) samples with `sample_flow`, and its "labels" are prompt
+ids: random-weight models have no text encoder, so id i is a seeded random prompt embedding (`prompt_embeddings`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import torch
 
 from dqar.engine.api import enable
 from dqar.engine.config import RunConfig
 from dqar.engine.plan import Plan
 from dqar.engine.stats import ReuseStats
-from dqar.sampling import SampleOutput, make_scheduler, sample
+from dqar.errors import DqarError
+from dqar.sampling import FlowOutput, SampleOutput, make_scheduler, sample, sample_flow
+
+PROMPT_SEED = 1_000_003  # prompt id i's embeddings come from torch.Generator().manual_seed(PROMPT_SEED + i)
 
 
 @dataclass(frozen=True)
 class Generation:
-    output: SampleOutput
+    output: SampleOutput | FlowOutput  # FlowOutput for a flow model (images None without a VAE)
     stats: ReuseStats | None  # None for the baseline (nothing attached)
     executor: str | None = None  # the executor that ran ("auto" resolved); None for the baseline
 
@@ -43,6 +51,8 @@ def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = No
     path; under "auto" or "patch" it is the stock model: nothing attached, stats None).
     `generator`: one `torch.Generator` per label, replacing the default seeds `run.sample.seed + i`.
     """
+    if getattr(loaded, "family", "dit") != "dit":
+        return _generate_flow(loaded, labels, run, decider, plan, executor, progress, generator)
     scheduler = make_scheduler(run.sample.sampler, loaded.scheduler_config)
     s = run.sample
     seeding = {"seed": s.seed} if generator is None else {"generator": generator}
@@ -53,4 +63,48 @@ def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = No
         return Generation(sample(loaded.transformer, labels, **kwargs), None)
     with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), **given) as handle:
         out = sample(loaded.transformer, labels, reuse=handle, **kwargs)
+        return Generation(out, handle.stats, handle.executor)
+
+
+def prompt_embeddings(loaded, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random ((N, T, joint_attention_dim), (N, pooled_projection_dim)) embeddings of prompt ids, unit Gaussian,
+    on the model's device in its dtype (cached: the same ids cost nothing on the next call)."""
+    c, t = loaded.transformer.config, loaded.transformer
+    ids = tuple(int(i) for i in ids)
+    bad = [i for i in ids if not 0 <= i <= loaded.null_class]
+    if not ids or bad:
+        raise DqarError(f"prompt id {bad[0] if bad else 'list'} is invalid for {loaded.name}",
+                        f"use ids in [0, {loaded.num_classes - 1}] (one seeded random prompt each)")
+    return _embeddings(ids, loaded.text_tokens, c.joint_attention_dim, c.pooled_projection_dim, t.device, t.dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _embeddings(ids: tuple, tokens: int, dim: int, pooled: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gens = [torch.Generator().manual_seed(PROMPT_SEED + i) for i in ids]
+    embeds = torch.stack([torch.randn(tokens, dim, generator=g) for g in gens])  # (N, T, D)
+    pools = torch.stack([torch.randn(pooled, generator=g) for g in gens])  # (N, P)
+    return embeds.to(device=device, dtype=dtype), pools.to(device=device, dtype=dtype)
+
+
+def _generate_flow(loaded, labels, run: RunConfig, decider, plan, executor, progress, generator) -> Generation:
+    """Flow matching (`sample_flow`): labels are prompt ids; CFG (cfg > 1) uses the negative prompt id `null_class`.
+
+    Flux: cfg <= 1 is one forward per step with the guidance embedding (`loaded.guidance`); cfg > 1 is true CFG
+    (two forwards). SD3: cfg > 1 batches [uncond; cond]. Noise: sample i draws from seed `run.sample.seed + i`.
+    """
+    s = run.sample
+    scheduler = make_scheduler("flow", loaded.scheduler_config)
+    embeds, pooled = prompt_embeddings(loaded, labels)
+    neg = prompt_embeddings(loaded, [loaded.null_class] * len(embeds)) if s.cfg > 1 else (None, None)
+    gens = generator if generator is not None else [torch.Generator().manual_seed(s.seed + i) for i in range(len(embeds))]
+    kwargs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg[0],
+                  negative_pooled_prompt_embeds=neg[1], height=loaded.resolution, width=loaded.resolution, steps=s.steps,
+                  cfg=s.cfg, guidance=loaded.guidance if loaded.guidance is not None else 3.5, generator=gens,
+                  vae=loaded.vae, progress=progress)
+    given = {k: v for k, v in (("decider", decider), ("plan", plan), ("executor", executor)) if v is not None}
+    if not run.reuse.enabled and decider is None and plan is None and executor in (None, "auto", "patch"):
+        return Generation(sample_flow(loaded.transformer, scheduler, **kwargs), None)
+    key = plan_key(loaded.name, run) | {"sampler": "flow"}
+    with enable(loaded.transformer, run.reuse, key=key, **given) as handle:
+        out = sample_flow(loaded.transformer, scheduler, reuse=handle, **kwargs)
         return Generation(out, handle.stats, handle.executor)

@@ -1,4 +1,5 @@
-"""Loading DiT models: the embedded model, local folders, hub ids, and random DiT-XL/2 for benchmarks.
+"""Loading DiT models: the embedded model, local folders, hub ids, and random DiT-XL/2, Flux.1-dev and SD3.5-medium
+shapes for benchmarks.
 
 The only module that knows diffusers' on-disk layouts. Accepted folders:
 - DiTPipeline layout: `transformer/` (+ optional `vae/`, `scheduler/`, `model_index.json`);
@@ -91,12 +92,18 @@ class LoadedModel:
     name: str  # "embedded", a hub id, an absolute folder path, or a RANDOM_DIT_XL2 name
     pixel_space: bool  # True: the model denoises pixels; images are the final latents
     class_names: tuple[str, ...] | None  # one name per class id, when known
+    family: str = "dit"  # "dit" (class-conditional, dqar.sampling.sample) | "flux" | "sd3" (flow matching, sample_flow)
+    resolution: int | None = None  # flow models: the default image side in pixels
+    text_tokens: int = 0  # flow models: prompt-embedding length T ((N, T, joint_attention_dim) embeddings)
+    guidance: float | None = None  # guidance-distilled Flux: the guidance embedding's scale (Flux.1-dev: 3.5)
 
 
 def load_model(model: str | os.PathLike | None = None, *, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `model`: None / "embedded", a local folder, or a hub id (HF cache first, then the network)."""
     if model is None or str(model) == "embedded":
         return _load_embedded(device, dtype)
+    if str(model).startswith("random-"):
+        return _load_random(str(model), device, dtype)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -139,8 +146,9 @@ def _load_folder(root: Path, device, dtype) -> LoadedModel:
     return _loaded(transformer, vae, scheduler_config, str(root), device, names)
 
 
-def _loaded(transformer, vae, scheduler_config, name, device, class_names=None, pixel_space=None) -> LoadedModel:
-    num_classes = int(transformer.config.num_embeds_ada_norm)
+def _loaded(transformer, vae, scheduler_config, name, device, class_names=None, pixel_space=None,
+            num_classes: int | None = None) -> LoadedModel:
+    num_classes = int(transformer.config.num_embeds_ada_norm) if num_classes is None else num_classes
     if class_names is not None and len(class_names) != num_classes:
         raise DqarError(f"{len(class_names)} class names for {num_classes} classes in {name}", "fix class_names.json")
     return LoadedModel(
@@ -250,6 +258,98 @@ def random_dit_xl2(device="cpu", dtype: torch.dtype = torch.float32, *, seed: in
         transformer = transformer.to(dtype)
         vae = vae.to(dtype) if vae is not None else None
     return _loaded(transformer, vae, DIT_SCHEDULER_CONFIG, names[resolution], device, pixel_space=False)
+
+
+# Flux.1-dev (black-forest-labs/FLUX.1-dev transformer/config.json): 19 dual-stream + 38 single-stream blocks,
+# hidden 3072 = 24 heads x 128, 64 packed latent channels (16 x 2x2), T5 4096-d text, CLIP 768-d pooled, guidance embedding.
+FLUX_DEV_CONFIG: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+# SD3.5-medium (stabilityai/stable-diffusion-3.5-medium): 24 joint blocks, hidden 1536 = 24 x 64, the first 13 with a
+# second self-attention (MMDiT-X), q/k RMS norms, 16 latent channels, patch 2.
+SD35_MEDIUM_CONFIG: dict[str, Any] = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
+    "out_channels": 16, "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}
+FLUX_TINY_CONFIG: dict[str, Any] = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 2, "num_single_layers": 2,
+                                    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                                    "pooled_projection_dim": 32, "axes_dims_rope": (4, 4, 8)}
+SD3_TINY_CONFIG: dict[str, Any] = {**SD35_MEDIUM_CONFIG, "sample_size": 8, "patch_size": 1, "in_channels": 4, "num_layers": 2,
+                                   "attention_head_dim": 8, "num_attention_heads": 4, "joint_attention_dim": 32,
+                                   "caption_projection_dim": 32, "pooled_projection_dim": 64, "out_channels": 4,
+                                   "pos_embed_max_size": 96, "dual_attention_layers": (0,)}
+
+
+@dataclass(frozen=True)
+class FlowShape:
+    """A random-weight flow model: its transformer config and what its generations are fed."""
+
+    family: str  # "flux" | "sd3"
+    config: dict
+    resolution: int  # default image side, px (latents: 1/8)
+    text_tokens: int  # Flux: T5's 512 tokens; SD3: 77 CLIP + 256 T5 = 333
+    guidance: float | None  # Flux-dev's distilled guidance scale; None: no guidance embedding
+
+
+RANDOM_FLOW: dict[str, FlowShape] = {
+    "random-flux-dev": FlowShape("flux", FLUX_DEV_CONFIG, 1024, 512, 3.5),
+    "random-sd35-medium": FlowShape("sd3", SD35_MEDIUM_CONFIG, 1024, 333, None),
+    "random-flux-tiny": FlowShape("flux", FLUX_TINY_CONFIG, 64, 8, 3.5),  # CPU tests: 2 + 2 blocks, hidden 32
+    "random-sd3-tiny": FlowShape("sd3", SD3_TINY_CONFIG, 64, 8, None),  # CPU tests: 2 blocks (one dual), hidden 32
+}
+RANDOM_NAMES = (*RANDOM_DIT_XL2, *RANDOM_FLOW)
+FLOW_PROMPTS = 1000  # a flow model's "class ids": seeds of random prompt embeddings (id FLOW_PROMPTS: the negative prompt)
+
+
+def _load_random(name: str, device, dtype) -> LoadedModel:
+    """A `random-*` name: DiT-XL/2 (256, 512 px) or a flow shape; `<name>@<px>` sets a flow model's resolution."""
+    base, _, px = name.partition("@")
+    if base in RANDOM_DIT_XL2 and not px:
+        return random_dit_xl2(device, dtype, with_vae=True, resolution=RANDOM_DIT_XL2[base])
+    if base not in RANDOM_FLOW:
+        raise DqarError(f"unknown random model '{name}'", f"use one of: {', '.join(RANDOM_NAMES)} (flow models: <name>@<px>)")
+    if px and not (px.isdigit() and int(px) > 0 and int(px) % 16 == 0):
+        raise DqarError(f"resolution '{px}' in '{name}' is invalid", "use a positive multiple of 16 pixels, e.g. random-flux-dev@512")
+    return random_flow(base, device, dtype, resolution=int(px) if px else None)
+
+
+def random_flow(name: str, device="cpu", dtype: torch.dtype = torch.float32, *, seed: int = 0, resolution: int | None = None,
+                **config) -> LoadedModel:
+    """A Flux or SD3 transformer of `RANDOM_FLOW[name]`'s shape with random weights (no VAE, no text encoders).
+
+    Built directly on `device` in `dtype` (default dtype set while constructing): Flux.1-dev is 11.9 B parameters,
+    23.8 GB in bf16 and never on the host; device="meta" allocates nothing. `config`: keys overriding the shape's
+    (e.g. num_layers=2 for a test). Generations feed it seeded random prompt embeddings (dqar.generate).
+    """
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from dqar.sampling import FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
+
+    if name not in RANDOM_FLOW:
+        raise DqarError(f"unknown random flow model '{name}'", f"use one of: {', '.join(RANDOM_FLOW)}")
+    shape = RANDOM_FLOW[name]
+    cls = FluxTransformer2DModel if shape.family == "flux" else SD3Transformer2DModel
+    unknown = sorted(set(config) - set(shape.config))
+    if unknown:
+        raise DqarError(f"unknown {cls.__name__} config key '{unknown[0]}'", f"use some of: {', '.join(shape.config)}")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype`: no float32 copy of a 12 B model
+    try:
+        with torch.device(device):
+            transformer = cls(**{**shape.config, **config})
+    finally:
+        torch.set_default_dtype(default)
+    with _quiet_diffusers():
+        transformer = transformer.to(dtype)  # float32 buffers (SD3's pos_embed) as from_pretrained(torch_dtype=) casts them
+    loaded = _loaded(transformer, None, FLUX_SCHEDULER_CONFIG if shape.family == "flux" else SD3_SCHEDULER_CONFIG,
+                     name, device, pixel_space=False, num_classes=FLOW_PROMPTS)
+    guidance = shape.guidance if transformer.config.get("guidance_embeds") else None
+    return _with(loaded, family=shape.family, resolution=resolution or shape.resolution, text_tokens=shape.text_tokens,
+                 guidance=guidance)
 
 
 @contextlib.contextmanager

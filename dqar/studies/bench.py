@@ -4,12 +4,15 @@ caching peers, in one process.
 Rows: `stock_eager`, `stock_compiled` and, on CUDA only, `stock_compiled_cudagraphs` (mode reduce-overhead); `noreuse_<executor>` and `<preset>_<executor>` for the executors asked for
 (eager = patch, compiled, graph; a gate preset's decisions frozen into a plan for the compiled ones; `_compiled_modeldtype`:
 the same plan with a model-dtype cache); `peer_<name>` (dqar.studies.bench_peers: under torch.compile where it tolerates it).
+Flow models (Flux, SD3: dqar.models.RANDOM_FLOW) sample with `sample_flow` through `generate`; a row whose executor or peer
+refuses the family at enable is not timed but listed under "not_applicable" with the refusal (`Case.refused`).
 Every case draws the same labels and noise; all cases of one batch size are warmed up in `warmup` passes (each
 case's warm-up seconds, graphs and fallbacks logged), then timed round-robin over the repeats on the device's clock (dqar.studies.timing: the sampling thread's CPU time on CPU, CUDA events
 on GPU, wall time beside); every ratio is a ratio of medians with a paired bootstrap interval (dqar.studies.intervals),
 against the stock eager, the stock compiled and the faster stock compiled row (`stock_best`). The result is handed on
 after every timed case (rows still short of their rounds: `complete: false`). Peak memory: the CUDA allocator's, reset before each run; on CPU only
-the dqar cache's bytes. Timed runs have diagnostics off. Ratios are what travels between machines.
+the dqar cache's bytes. Timed runs have diagnostics off. Ratios are what travels between machines. Each dqar row also
+reports its skipped FLOPs and the bound they set, 1 / (1 - skipped): the most reuse alone can gain over no reuse.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.sampling import make_scheduler
 from dqar.studies import compile_cache, memory
-from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers
+from dqar.studies.bench_family import flops, for_model, refusal, stock_supported
+from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers, flow_peer_refusal
 from dqar.studies.blocks import timed_run
 from dqar.studies.bench_report import render_table  # noqa: F401 - re-exported
 from dqar.studies.intervals import ratio_ci
@@ -56,8 +60,8 @@ class BenchSettings:
     """What `dqar bench` measures."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # images per generation (CFG doubles the rows)
-    steps: int = 50
-    cfg: float = 4.0
+    steps: int | None = None  # None: the model's (DEFAULTS: DiT 50, flow models 28)
+    cfg: float | None = None  # None: the model's (DiT 4; Flux 1: guidance-distilled, one forward; SD3 4.5, batched CFG)
     repeats: int = 5
     warmup: int = 2  # untimed passes over every case before the rounds (compilation happens there)
     presets: tuple[str, ...] = ("full_dqar", "quant_cache_only", BLOCK_PRESET)
@@ -73,7 +77,7 @@ class BenchSettings:
             raise DqarError(f"batch sizes {self.batch_sizes} are invalid", "use positive integers, e.g. --batch-sizes 1 8 32")
         if self.repeats < 3:
             raise DqarError(f"repeats = {self.repeats} is too few for a median", "use --repeats 3 or more")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise DqarError(f"steps = {self.steps} is invalid", "use steps >= 1")
         if self.warmup < 1:
             raise DqarError(f"warmup = {self.warmup} is invalid", "use warmup >= 1 (compilation must happen before the rounds)")
@@ -112,6 +116,8 @@ class BenchRow:
     graphs: int | None = None  # dqar's ReuseStats of the last run (None without dqar)
     fallback_evaluations: int | None = None
     compile_seconds: float | None = None  # dqar's first-call seconds over the warm-up passes
+    flops_skipped_fraction: float | None = None  # dqar's ReuseStats of the last run (None without dqar)
+    speedup_bound: float | None = None  # 1 / (1 - flops_skipped_fraction): the most skipping those FLOPs can gain
 
 
 @dataclass
@@ -121,6 +127,7 @@ class Case:
     run: Callable[[], Any]
     setting: Callable[[], str]
     stats: Callable[[], Any] = lambda: None
+    refused: str | None = None  # why the row does not apply to this model (its executor or peer refuses it): not timed
 
 
 @dataclass
@@ -142,15 +149,6 @@ class _Batch:
         return replace(cfg, gate=False), self.plans[name]
 
 
-def stock_supported(loaded) -> str | None:
-    """Why diffusers' DiTPipeline cannot run this model, or None when it can."""
-    if loaded.vae is None:
-        return "no VAE (DiTPipeline always decodes)"
-    if loaded.null_class != 1000:
-        return f"{loaded.num_classes} classes (DiTPipeline hard-codes null class 1000)"
-    return None
-
-
 def _labels(loaded, batch: int) -> list[int]:
     return cycle_labels(loaded.num_classes, batch, stride=7)
 
@@ -161,6 +159,9 @@ def _run(s: BenchSettings, cfg: ReuseConfig) -> RunConfig:
 
 def _dqar(b: _Batch, cfg: ReuseConfig, executor: str, plan: Plan | None = None) -> Case:
     """dqar attached on `executor` (patch, compiled, graph) under `cfg`; the setting names the executor that ran."""
+    why = refusal(b.loaded, cfg, executor)
+    if why:
+        return _refused(why)
     run = _run(b.s, cfg)
     last = []
 
@@ -176,6 +177,13 @@ def _dqar(b: _Batch, cfg: ReuseConfig, executor: str, plan: Plan | None = None) 
         return f"dqar executor {ran}{planned}" if ran else "nothing of dqar attached (reuse off on the patch executor)"
 
     return Case(one, setting, lambda: last[0].stats if last else None)
+
+
+def _refused(why: str) -> Case:
+    def run():
+        raise DqarError(why, "the row is not timed")
+
+    return Case(run, lambda: why, refused=why)
 
 
 def _pipeline_case(loaded, labels, s: BenchSettings, transformer) -> Callable:
@@ -200,6 +208,9 @@ def _stock(b: _Batch, mode: str | None) -> Case:
 
 
 def _peer(b: _Batch, name: str) -> Case:
+    why = flow_peer_refusal(b.loaded) if getattr(b.loaded, "family", "dit") != "dit" else None
+    if why:
+        return _refused(why)
     peer = PeerCase(b.loaded, b.labels, _run(b.s, ReuseConfig(enabled=False)), name, b.s.compile)
     return Case(peer, lambda: peer.setting)
 
@@ -237,6 +248,9 @@ def _preset_specs(name: str):
 
 
 def _planned(b: _Batch, name: str, executor: str, **change) -> Case:
+    why = refusal(b.loaded, replace(preset(name), **change), executor)
+    if why:  # before b.reuse: a gate preset would be traced on a model that refuses it
+        return _refused(why)
     cfg, plan = b.reuse(name)
     return _dqar(b, replace(cfg, **change), executor, plan)
 
@@ -260,7 +274,8 @@ def case_names(s: BenchSettings) -> list[str]:
 
 
 def cases_for(loaded, batch: int, s: BenchSettings) -> dict[str, Case]:
-    """Name → case for one batch size."""
+    """Name → case for one batch size (settings left None resolved for the model: `for_model`)."""
+    s = for_model(s, loaded)
     b = _Batch(loaded, _labels(loaded, batch), s)
     return {name: build(b) for name, build in selected(s, on_cuda(loaded.transformer))}
 
@@ -284,10 +299,12 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
     The compile cache (dqar.studies.compile_cache: `cache_path` or $DQAR_COMPILE_CACHE) is loaded before the first warm-up
     and saved after each batch size's warm-ups, so a run killed while timing keeps what it compiled.
     """
+    s = for_model(s, loaded)
     clock = clock or clock_for(device)
     log = log or ((lambda m: tqdm.write(m, file=sys.stderr)) if progress else (lambda m: None))
     cuda = device.type == "cuda"
-    result = _header(loaded, device, s, clock) | {"stock_best": {}, "rows": [], "failed": {}, "warmup": {}}
+    result = _header(loaded, device, s, clock) | {"stock_best": {}, "rows": [], "failed": {}, "not_applicable": {},
+                                                  "warmup": {}}
     if s.compile and not cuda:
         result["notes"] = [NO_CUDAGRAPHS]
     cache = {"load": compile_cache.load(cache_path, log=log), "save": None}
@@ -328,6 +345,10 @@ def _warm(cases: dict[str, Case], batch: int, s: BenchSettings, clock, result: d
     warm: dict[str, dict] = {}
     for done in range(s.warmup):
         for name in list(cases):
+            if cases[name].refused:  # the model's family is refused by this row's executor or peer: listed, not timed
+                result["not_applicable"][f"{name}@{batch}"] = cases.pop(name).refused
+                bar.update(s.warmup - done + s.repeats)
+                continue
             measured, errors = warm_up({name: functools.partial(clock.measure, cases[name].run)}, 1)
             if errors:  # a backend that cannot run here: report it, keep the rest
                 result["failed"][f"{name}@{batch}"] = errors[name]
@@ -358,6 +379,8 @@ def _header(loaded, device: torch.device, s: BenchSettings, clock) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "clock": clock.name, "clock_method": clock.description,
             "memory_method": memory.METHOD_CUDA + ", highest of the row's timed runs" if device.type == "cuda" else MEMORY_CACHE,
+            "family": getattr(loaded, "family", "dit"), "resolution": getattr(loaded, "resolution", None),
+            "guidance": getattr(loaded, "guidance", None),
             "stock": "DiTPipeline" if s.stock and why is None else
             f"dqar's no-reuse loop around the stock transformer ({why if s.stock else 'stock pipeline off'})"}
 
@@ -406,7 +429,7 @@ def _rows(batch: int, timed: dict[str, list[Run]], cases: dict[str, Case], warm:
                             warmup_s=warm.get(name, {}).get("seconds", []),
                             graphs=st.graphs if st is not None else None,
                             fallback_evaluations=st.fallback_evaluations if st is not None else None,
-                            compile_seconds=warm.get(name, {}).get("compile_seconds")))
+                            compile_seconds=warm.get(name, {}).get("compile_seconds"), **flops(st)))
     return out
 
 

@@ -1,0 +1,80 @@
+"""`dqar bench` on the tiny random Flux and SD3 shapes (CPU): rows, FLOPs bounds, refused executors and peers."""
+import pytest
+import torch
+
+from dqar.errors import DqarError
+from dqar.models import RANDOM_FLOW, load_model
+from dqar.studies.bench import BenchSettings, render_table, run_bench
+from dqar.studies.timing import cpu_threads
+
+REFUSED = {"noreuse_compiled", "noreuse_graph", "full_dqar_compiled", "full_dqar_graph", "full_dqar_compiled_modeldtype"}
+
+
+def _bench(name, **kw):
+    cpu = torch.device("cpu")
+    s = BenchSettings(**{"batch_sizes": (1,), "steps": 4, "repeats": 3, "warmup": 1, "presets": ("full_dqar",), **kw})
+    with cpu_threads(cpu, 1):
+        return run_bench(load_model(name), cpu, s, progress=False)
+
+
+@pytest.mark.parametrize("name,family,cfg", [("random-flux-tiny", "flux", 1.0), ("random-sd3-tiny", "sd3", 4.5)])
+def test_flow_bench_rows_flops_and_refused_executors(name, family, cfg):
+    """stock eager, dqar no reuse and full_dqar on the patch executor are timed; the compiled and graph executors refuse
+    the family at enable and are listed with the engine's reason, not timed and not failed."""
+    result = _bench(name, peers=(), cases=("stock_eager", "noreuse_*", "full_dqar_*"))  # compile on: its dqar rows are refused
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"stock_eager", "noreuse_eager", "full_dqar_eager"} and result["failed"] == {}
+    assert result["family"] == family and result["settings"]["cfg"] == cfg and result["resolution"] == 64
+    assert {k.split("@")[0] for k in result["not_applicable"]} == REFUSED
+    assert all("executor runs the class-conditional DiT (DiTTransformer2DModel)" in why for why in result["not_applicable"].values())
+    full = rows["full_dqar_eager"]
+    assert full["flops_skipped_fraction"] > 0 and full["speedup_bound"] == pytest.approx(1 / (1 - full["flops_skipped_fraction"]))
+    assert full["vs_stock_eager"] is not None and full["vs_stock_eager_ci"] is not None and full["complete"]
+    assert rows["stock_eager"]["flops_skipped_fraction"] is None and "sample_flow" in result["stock"]
+    table = render_table(result)
+    assert "| 1 | full_dqar_eager |" in table and "| 1 | stock_eager |" in table and "flow-matching Euler 4" in table
+    assert "Not applicable: full_dqar_graph@1 — the graph executor runs the class-conditional DiT" in table
+
+
+def test_flow_bench_peers_on_flux_and_refused_on_sd3():
+    """diffusers' peers run on Flux through enable_cache (MagCache calibrated on this model); SD3's transformer has no
+    enable_cache in diffusers, so its peer rows are not applicable, with that reason."""
+    peers = ("pab", "first_block_cache", "taylorseer", "magcache")
+    flux = _bench("random-flux-tiny", presets=(), compile=False, peers=peers, cases=("stock_eager", "peer_*"))
+    assert {r["case"] for r in flux["rows"]} == {"stock_eager", *(f"peer_{p}" for p in peers)} and flux["failed"] == {}
+    assert "guidance-distilled (guidance 3.5, one forward)" in render_table(flux)
+    sd3 = _bench("random-sd3-tiny", presets=(), compile=False, peers=peers, cases=("stock_eager", "peer_*"))
+    assert [r["case"] for r in sd3["rows"]] == ["stock_eager"]
+    assert set(sd3["not_applicable"]) == {f"peer_{p}@1" for p in peers}
+    assert all("has no enable_cache" in why for why in sd3["not_applicable"].values())
+
+
+def test_flow_models_build_the_exact_shapes_without_memory():
+    """Flux.1-dev: 19 + 38 blocks, hidden 3072 (11.9 B parameters); SD3.5-medium: 24 blocks, 13 dual; on meta, nothing allocated."""
+    flux = load_model("random-flux-dev", device="meta", dtype=torch.bfloat16)
+    t = flux.transformer
+    assert (len(t.transformer_blocks), len(t.single_transformer_blocks), t.inner_dim) == (19, 38, 3072)
+    assert t.config.guidance_embeds and tuple(t.config.axes_dims_rope) == (16, 56, 56) and t.dtype == torch.bfloat16
+    assert 11.8e9 < sum(p.numel() for p in t.parameters()) < 12.0e9
+    assert (flux.family, flux.resolution, flux.guidance, flux.text_tokens, flux.vae) == ("flux", 1024, 3.5, 512, None)
+    sd3 = load_model("random-sd35-medium@512", device="meta", dtype=torch.float16).transformer
+    assert len(sd3.transformer_blocks) == 24 and sd3.config.caption_projection_dim == 1536 and sd3.config.qk_norm == "rms_norm"
+    assert tuple(sd3.config.dual_attention_layers) == tuple(range(13)) and sd3.config.pos_embed_max_size == 384
+    assert load_model("random-sd35-medium@512", device="meta").resolution == 512 and set(RANDOM_FLOW) >= {"random-flux-tiny"}
+
+
+@pytest.mark.parametrize("name,expect", [("random-flux-xl", "unknown random model 'random-flux-xl'"),
+                                         ("random-flux-dev@500", "resolution '500' in 'random-flux-dev@500' is invalid"),
+                                         ("random-dit-xl2@512", "unknown random model")])
+def test_bad_random_model_names_are_one_line(name, expect):
+    with pytest.raises(DqarError) as err:
+        load_model(name, device="meta")
+    assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_model_name_on_the_command_line_is_one_line_exit_2(tmp_path, capsys):
+    from dqar.cli import main
+
+    rc = main(["bench", "--model", "random-flux-xl", "--device", "cpu", "--quick", "--out", str(tmp_path / "b"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown random model 'random-flux-xl'" in err and err.count("\n") == 1, err
