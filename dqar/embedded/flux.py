@@ -27,7 +27,7 @@ MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 SAMPLE_PX = IMAGE_SIZE * 8  # 224: FluxPipeline's height/width for a 28×28 latent when there is no VAE (scale 8)
 DEFAULT_STEPS = 28
 DEFAULT_CFG = 4.0
-FLUX_TRAIN_COMMAND = ("python -m dqar.embedded.flux_train --out {out} --minutes 55 --batch-size 32 --lr 1e-3 "
+FLUX_TRAIN_COMMAND = ("python -m dqar.embedded.flux_train --out {out} --minutes 60 --batch-size 32 --lr 1e-3 "
                       "--seed 0 --threads 1 --device cpu")
 
 __all__ = [
