@@ -35,7 +35,7 @@ from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.sampling import make_scheduler
 from dqar.studies import compile_cache, memory
-from dqar.studies.bench_family import flops, for_model, refusal, stock_supported
+from dqar.studies.bench_family import compiled_twin, family, flops, for_model, refusal, stock_supported
 from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers, flow_peer_refusal
 from dqar.studies.blocks import timed_run
 from dqar.studies.bench_report import render_table  # noqa: F401 - re-exported
@@ -198,7 +198,8 @@ def _pipeline_case(loaded, labels, s: BenchSettings, transformer) -> Callable:
 def _stock(b: _Batch, mode: str | None) -> Case:
     """The stock model, nothing of dqar attached: diffusers' DiTPipeline where it runs the model, else dqar's no-reuse
     loop (bit-identical to it, tests/test_sampling.py); `mode`: the whole transformer under torch.compile in that mode."""
-    transformer = compiled_transformer(b.loaded.transformer, mode) if mode else b.loaded.transformer
+    compiled = compiled_transformer if family(b.loaded) == "dit" else compiled_twin  # a flow model keeps its class
+    transformer = compiled(b.loaded.transformer, mode) if mode else b.loaded.transformer
     setting = {None: "eager", "default": COMPILE_SETTING, "reduce-overhead": CUDAGRAPHS_SETTING}[mode]
     if b.s.stock and stock_supported(b.loaded) is None:
         return Case(_pipeline_case(b.loaded, b.labels, b.s, transformer), lambda: setting)
@@ -208,7 +209,7 @@ def _stock(b: _Batch, mode: str | None) -> Case:
 
 
 def _peer(b: _Batch, name: str) -> Case:
-    why = flow_peer_refusal(b.loaded) if getattr(b.loaded, "family", "dit") != "dit" else None
+    why = flow_peer_refusal(b.loaded) if family(b.loaded) != "dit" else None
     if why:
         return _refused(why)
     peer = PeerCase(b.loaded, b.labels, _run(b.s, ReuseConfig(enabled=False)), name, b.s.compile)

@@ -1,6 +1,8 @@
 """What `dqar bench` does per model family: default steps and guidance, the stock loop, and the rows a family refuses."""
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import replace
 
 from dqar.engine.api import enable
@@ -48,3 +50,13 @@ def flops(st) -> dict:
     """A row's skipped-FLOPs fraction and the speed-up it bounds, 1 / (1 - skipped) (None without dqar's stats)."""
     f = getattr(st, "flops_skipped_fraction", None) if st is not None else None
     return {"flops_skipped_fraction": f, "speedup_bound": None if f is None else 1 / max(1e-12, 1 - f)}
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_twin(transformer, mode: str = "default"):
+    """A shallow copy of a flow transformer whose calls run under torch.compile (static shapes): the same class, config,
+    parameters and blocks (`sample_flow` takes the family from the class, which `torch.compile`'s wrapper hides); the
+    original module's calls stay eager."""
+    twin = copy.copy(transformer)  # a new module object over the same parameter, buffer and child dicts
+    twin.compile(mode=mode, dynamic=False)
+    return twin

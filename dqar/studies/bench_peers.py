@@ -23,7 +23,9 @@ import torch
 
 from dqar.errors import DqarError, first_line
 from dqar.generate import generate
+from dqar.sampling import FLOW_FAMILIES
 from dqar.studies import peers as P
+from dqar.studies.bench_family import compiled_twin
 from dqar.studies.core import other_seeds
 from dqar.studies.peer_rows import attach_peer, model_copy
 
@@ -42,7 +44,9 @@ def check_peers(names) -> None:
 
 
 def compile_model(transformer: torch.nn.Module) -> torch.nn.Module:
-    """The peer's transformer under torch.compile (its hooks run inside the compiled call)."""
+    """The peer's transformer under torch.compile (its hooks run inside the compiled call); a flow model's keeps its class."""
+    if any(c.__name__ in FLOW_FAMILIES for c in type(transformer).__mro__):  # sample_flow reads the family off the class
+        return compiled_twin(transformer)
     return torch.compile(transformer, dynamic=False)
 
 
