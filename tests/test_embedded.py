@@ -146,7 +146,7 @@ def test_loaders_on_missing_folder_name_the_training_command(tmp_path):
 # ---------- shipped weights ----------
 
 def test_shipped_files_load_offline_and_fit_the_size_budget():
-    files = [p for p in emb.EMBEDDED_DIR.rglob("*") if p.is_file() and p.name != STATE_FILE]
+    files = [p for p in emb.EMBEDDED_DIR.rglob("*") if p.is_file() and not p.name.endswith(STATE_FILE)]  # a training run's checkpoints
     assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
     model = emb.load_embedded_transformer()
     assert model.config.num_layers >= 6 and model.config.num_embeds_ada_norm == 10
