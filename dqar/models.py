@@ -99,16 +99,17 @@ class LoadedModel:
 
 
 def load_model(model: str | os.PathLike | None = None, *, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `model`: None / "embedded", a local folder, or a hub id (HF cache first, then the network)."""
+    """Load `model`: None / "embedded", a local folder, a random-weight shape (`RANDOM_NAMES`, e.g. "random-flux-dev",
+    "random-sd35-medium@512"), or a hub id (HF cache first, then the network)."""
     if model is None or str(model) == "embedded":
         return _load_embedded(device, dtype)
-    if str(model).startswith("random-"):
-        return _load_random(str(model), device, dtype)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise DqarError(f"model path {path} is a file, not a folder", "pass a DiTPipeline or transformer folder")
         return _load_folder(path, device, dtype)
+    if str(model).startswith("random-"):  # random weights of a known shape (RANDOM_NAMES); an existing folder wins
+        return _load_random(str(model), device, dtype)
     if HUB_ID.match(str(model)):
         return _load_hub(str(model), device, dtype)
     raise DqarError(f"model '{model}' is neither an existing folder nor a hub id", "pass a folder path, a hub id like facebook/DiT-XL-2-256, or 'embedded'")
