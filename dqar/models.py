@@ -336,6 +336,8 @@ def random_flow(name: str, device="cpu", dtype: torch.dtype = torch.float32, *, 
     unknown = sorted(set(config) - set(shape.config))
     if unknown:
         raise DqarError(f"unknown {cls.__name__} config key '{unknown[0]}'", f"use some of: {', '.join(shape.config)}")
+    if torch.device(device).type != "meta":
+        _check_room(name, cls, {**shape.config, **config}, device, dtype)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in `dtype`: no float32 copy of a 12 B model
@@ -351,6 +353,26 @@ def random_flow(name: str, device="cpu", dtype: torch.dtype = torch.float32, *, 
     guidance = shape.guidance if transformer.config.get("guidance_embeds") else None
     return _with(loaded, family=shape.family, resolution=resolution or shape.resolution, text_tokens=shape.text_tokens,
                  guidance=guidance)
+
+
+def free_bytes(dev: torch.device) -> int | None:
+    """Free memory on a CUDA device or the host, in bytes (None where unknown)."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def _check_room(name: str, cls, config: dict, device, dtype: torch.dtype) -> None:
+    """Refuse, before allocating, a random model whose weights do not fit the device's free memory (counted on meta)."""
+    with torch.device("meta"):
+        need = sum(p.numel() for p in cls(**config).parameters()) * torch.empty((), dtype=dtype).element_size()
+    dev = torch.device(device)
+    free = free_bytes(dev)
+    if free is not None and need > 0.9 * free:
+        raise DqarError(f"{name} needs {need / 1e9:.1f} GB for its weights in {str(dtype).replace('torch.', '')} on {dev}, "
+                        f"{free / 1e9:.1f} GB free", "use a GPU with room and --dtype bf16, or random-flux-tiny / random-sd3-tiny")
 
 
 @contextlib.contextmanager

@@ -72,6 +72,17 @@ def test_bad_random_model_names_are_one_line(name, expect):
     assert expect in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_model_too_big_for_the_device_is_refused_before_allocating(monkeypatch):
+    """Flux.1-dev in float32 is 47.6 GB: refused in one line where it does not fit (no allocation is tried)."""
+    import dqar.models
+
+    monkeypatch.setattr(dqar.models, "free_bytes", lambda dev: 8 * 10 ** 9)
+    with pytest.raises(DqarError) as err:
+        load_model("random-flux-dev", device="cpu")
+    assert "random-flux-dev needs 47.6 GB for its weights in float32 on cpu, 8.0 GB free" in str(err.value)
+    assert load_model("random-flux-tiny").transformer.device.type == "cpu"  # tiny shapes fit
+
+
 def test_bad_model_name_on_the_command_line_is_one_line_exit_2(tmp_path, capsys):
     from dqar.cli import main
 
