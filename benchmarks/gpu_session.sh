@@ -15,9 +15,11 @@
 #   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows;
 #   5. (FLUX=1, the default) Flux.1-dev shapes with random weights (19 + 38 blocks, hidden 3072, 11.9 B parameters, built
 #      on the GPU in bf16: 24 GB, plus one 24 GB copy per peer), batch 1, 1024 px, 28 steps, guidance-distilled (one
-#      forward per step): stock eager / compiled / CUDA graphs, dqar no reuse and full_dqar on the patch executor, the
-#      compiled and graph executors listed as not applicable (they refuse Flux at enable), FirstBlockCache. Outside the
-#      bench BUDGET, under its own `timeout $FLUX_LIMIT`; a killed run keeps the rows it finished.
+#      forward per step): stock eager / compiled, dqar no reuse and full_dqar on the patch executor, the compiled and
+#      graph executors listed as not applicable (they refuse Flux at enable), FirstBlockCache under torch.compile;
+#      stock_compiled_cudagraphs left out by FLUX_CASES (one more compile and 5 more generations would not fit; CUDA
+#      graphs save launch overhead, small beside 12 B parameters per forward). Outside the bench BUDGET, under its own
+#      `timeout $FLUX_LIMIT`; a killed run keeps the rows it finished.
 # Each stage runs under `timeout` with its share of the budget; a killed stage keeps the batch sizes it finished (bench
 # writes after every case) and the next stage still runs. Raw JSON and Markdown go to $OUT.
 # Set-up fails fast: the script first installs the carried wheels (.whl/, made on a machine with PyPI by
@@ -28,10 +30,11 @@
 # after their warm-ups, so a rerun in the same GPU window does not compile again (OUT under the checkout's ignored results/
 # stays on a warm machine between calls; CACHE_FROM=<an earlier call's file, carried> seeds a fresh $OUT).
 # Usage: OUT=results/gpu bash benchmarks/gpu_session.sh
-# Flux stage on a CPU (tiny shapes, a few seconds): FLUX_MODEL=random-flux-tiny FLUX_STEPS=4 FLUX_DTYPE=fp32 (FLUX=0: skip it)
+# Flux stage on a CPU (tiny shapes, a few seconds): FLUX_MODEL=random-flux-tiny FLUX_STEPS=4 FLUX_DTYPE=fp32, and with
+# EXTRA=--no-compile FLUX_CASES='stock_eager noreuse_* full_dqar_* peer_*' (FLUX=0: skip stage 5)
 # Smoke run on a CPU with diffusers installed (the bench stages without compiling: graph compiles take minutes there;
 # stage 0 compiles three small graphs of the embedded model, about 80 s cold):
-#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile SMOKE_LIMIT=300 FLUX_MODEL=random-flux-tiny FLUX_STEPS=4 FLUX_DTYPE=fp32 bash benchmarks/gpu_session.sh
+#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile SMOKE_LIMIT=300 FLUX_MODEL=random-flux-tiny FLUX_STEPS=4 FLUX_DTYPE=fp32 FLUX_CASES='stock_eager noreuse_* full_dqar_* peer_*' bash benchmarks/gpu_session.sh
 set -euo pipefail
 OUT=${OUT:-results/gpu}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
@@ -53,6 +56,7 @@ FLUX_MODEL=${FLUX_MODEL:-random-flux-dev}  # 1024 px; random-flux-dev@512 for 51
 FLUX_STEPS=${FLUX_STEPS:-28}
 FLUX_DTYPE=${FLUX_DTYPE:-bf16}
 FLUX_LIMIT=${FLUX_LIMIT:-300}  # seconds for stage 5, outside BUDGET
+FLUX_CASES=${FLUX_CASES:-stock_eager stock_compiled noreuse_* full_dqar_* peer_*}  # --cases of stage 5 (patterns)
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -128,7 +132,9 @@ bench b${BATCH}_512 60 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $E
 # stage 5, own timeout: BUDGET=$FLUX_LIMIT for this call alone (the DiT stages above spend theirs)
 if [ "$FLUX" = 1 ]; then
     # shellcheck disable=SC2086
+    read -r -a flux_cases <<< "$FLUX_CASES"  # patterns, not globbed here
     START=$(date +%s) BUDGET=$FLUX_LIMIT bench flux_dev_b1_1024 "$FLUX_LIMIT" --model "$FLUX_MODEL" --dtype "$FLUX_DTYPE" \
-        --batch-sizes 1 --steps "$FLUX_STEPS" --presets full_dqar --executors eager compiled graph --peers first_block_cache $EXTRA
+        --batch-sizes 1 --steps "$FLUX_STEPS" --presets full_dqar --executors eager compiled graph --peers first_block_cache \
+        --cases "${flux_cases[@]}" $EXTRA
 fi
 stage "done after $(( $(date +%s) - START ))s of the ${BUDGET}s bench budget"
