@@ -20,13 +20,11 @@ import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dqar.device import resolve_device
 from dqar.errors import DqarError
@@ -36,7 +34,7 @@ from dqar.embedded.flux import (
     MODEL_FILES, NULL_PROMPT_ID, PROMPTS_FILE, SCHEDULER_FILE, EmbeddedFlux, FluxModelConfig, image_ids,
     model_config_dict, pack_images, scheduler_config,
 )
-from dqar.embedded.train import ema_update_
+from dqar.embedded.loop import start_progress, train_loop
 
 STATE_FILE = "flux_train_state.pt"
 LOG_FILE = "train_log.json"
@@ -60,10 +58,6 @@ class FluxTrainConfig:
     checkpoint_every_s: float = 180.0  # seconds between resumable checkpoints and weight refreshes
 
 
-def lr_at(step: int, cfg: FluxTrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
 def training_loss(net: EmbeddedFlux, x0, labels, gen, cfg: FluxTrainConfig, img_ids, txt_ids) -> torch.Tensor:
     """Rectified-flow velocity MSE on one batch of (N, 1, 28, 28) images in [-1, 1]."""
     n, dev = x0.shape[0], x0.device
@@ -77,26 +71,6 @@ def training_loss(net: EmbeddedFlux, x0, labels, gen, cfg: FluxTrainConfig, img_
     pred = net.transformer(hidden_states=xs, timestep=s, encoder_hidden_states=embeds, pooled_projections=pooled,
                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]  # (N, 196, 4)
     return F.mse_loss(pred, noisep - x0p)
-
-
-def _save_state(path: Path, net, ema, opt, gen, progress: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "generator": gen.get_state(), "progress": json.dumps(progress)}, tmp)
-    os.replace(tmp, path)
-
-
-def _load_state(path: Path, net, ema, opt, gen, device) -> dict:
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain containers only
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"].cpu())
-        return json.loads(state["progress"])
-    except Exception as exc:  # a pickle that would run code, a truncated or foreign file, another model's shapes
-        raise DqarError(f"{path} is not a checkpoint of this model that can be loaded safely ({type(exc).__name__})",
-                        "delete it and train without --resume") from None
 
 
 def save_flux_weights(out_dir: Path, ema: EmbeddedFlux) -> None:
@@ -154,69 +128,20 @@ def train_flux(out_dir, *, minutes: float | None = None, steps: int | None = Non
     n_params = sum(p.numel() for p in net.transformer.parameters())
 
     state_path = out_dir / STATE_FILE
-    prog = {"step": 0, "elapsed_s": 0.0, "cpu_s": 0.0, "ema_loss": None, "curve": [], "command": command or "",
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    if resume:
-        if not state_path.is_file():
-            raise DqarError(f"no checkpoint to resume at {state_path}", "start without --resume")
-        prog = _load_state(state_path, net, ema, opt, gen, device)
-        if command:
-            prog["command"] = f'{prog["command"]} ; then {command}' if prog["command"] else command
+    prog = start_progress(state_path, net, ema, opt, gen, device, command, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    budget_s = None if minutes is None else 60.0 * minutes
-    bar = _progress_bar(steps, prog["step"], progress)
-    start, base = time.perf_counter(), prog["elapsed_s"]
-    cpu_start, cpu_base = time.process_time(), prog["cpu_s"]
-    last_ckpt, window = start, []
-    while True:
-        elapsed = base + time.perf_counter() - start
-        if (steps is not None and prog["step"] >= steps) or (budget_s is not None and elapsed >= budget_s):
-            break
-        step = prog["step"]
+    def loss_at() -> torch.Tensor:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(device)  # (B,)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = training_loss(net, x_all[idx], y_all[idx], gen, cfg, img_ids, txt_ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update_(ema, net, step, cfg.ema_decay)
+        return training_loss(net, x_all[idx], y_all[idx], gen, cfg, img_ids, txt_ids)
 
-        value = float(loss.detach())
-        window.append(value)
-        prog["ema_loss"] = value if prog["ema_loss"] is None else 0.99 * prog["ema_loss"] + 0.01 * value
-        prog["step"] = step + 1
-        prog["elapsed_s"] = base + time.perf_counter() - start
-        prog["cpu_s"] = cpu_base + time.process_time() - cpu_start
-        bar.update(1)
-        if prog["step"] % cfg.log_every == 0:
-            prog["curve"].append({"step": prog["step"], "elapsed_s": round(prog["elapsed_s"], 1),
-                                  "loss": round(sum(window) / len(window), 5), "ema_loss": round(prog["ema_loss"], 5)})
-            window = []
-            if not progress:
-                print(f"step {prog['step']} loss {prog['ema_loss']:.4f} {prog['elapsed_s'] / 60:.1f} min", flush=True)
-        if time.perf_counter() - last_ckpt >= cfg.checkpoint_every_s:
-            _save_state(state_path, net, ema, opt, gen, prog)
-            save_flux_weights(out_dir, ema)
-            _write_log(out_dir, prog, cfg, mcfg, n_params, done=False)
-            last_ckpt = time.perf_counter()
-    bar.close()
+    def write(done: bool) -> None:
+        save_flux_weights(out_dir, ema)
+        _write_log(out_dir, prog, cfg, mcfg, n_params, done=done)
 
-    if keep_checkpoint:
-        _save_state(state_path, net, ema, opt, gen, prog)
-    save_flux_weights(out_dir, ema)
-    _write_log(out_dir, prog, cfg, mcfg, n_params, done=True)
-    if not keep_checkpoint:
-        state_path.unlink(missing_ok=True)
+    train_loop(net, ema, opt, gen, cfg, prog, state_path, loss_at=loss_at, write=write, minutes=minutes, steps=steps,
+               progress=progress, keep_checkpoint=keep_checkpoint)
     return json.loads((out_dir / LOG_FILE).read_text())
-
-
-def _progress_bar(total, initial, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from dqar.device import resolve_device
 from dqar.errors import DqarError
 from dqar.io import atomic_write_json, atomic_write_text
 from dqar.embedded.data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, load_split
+from dqar.embedded.loop import start_progress, train_loop
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
@@ -133,19 +133,6 @@ def make_sample_scheduler(cfg: TrainConfig):
     )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to the peak rate, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
-@torch.no_grad()
-def ema_update_(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
-    """ema ← d·ema + (1-d)·model with a short warmup of d."""
-    d = min(decay, (1 + step) / (10 + step))
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - d)
-
-
 def training_loss(model, x0, labels, gen, alphas_cumprod, cfg: TrainConfig) -> torch.Tensor:
     """DDPM epsilon MSE on one batch; labels are dropped to the null id outside the model."""
     n, dev = x0.shape[0], x0.device
@@ -157,32 +144,6 @@ def training_loss(model, x0, labels, gen, alphas_cumprod, cfg: TrainConfig) -> t
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (N, 1, H, W)
     pred = model(xt, timestep=t, class_labels=y, return_dict=False)[0]  # (N, 1, H, W)
     return F.mse_loss(pred, noise)
-
-
-def _save_state(path: Path, model, ema, opt, gen, progress: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(),
-        "generator": gen.get_state(),  # CPU generator state (uint8 tensor)
-        "progress": json.dumps(progress),
-    }
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_state(path: Path, model, ema, opt, gen, device) -> dict:
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain containers: no code runs
-    except Exception as exc:  # a pickle that would run code, a truncated or foreign file
-        raise DqarError(f"{path} is not a checkpoint that can be loaded safely ({type(exc).__name__})",
-                        "delete it and train without --resume") from None
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"].cpu())
-    return json.loads(state["progress"])
 
 
 def save_weights(out_dir: Path, ema: nn.Module, cfg: TrainConfig) -> None:
@@ -262,77 +223,20 @@ def train_embedded(
     n_params = sum(p.numel() for p in model.parameters())
 
     state_path = out_dir / STATE_FILE
-    prog = {"step": 0, "elapsed_s": 0.0, "cpu_s": 0.0, "ema_loss": None, "curve": [], "command": command or "",
-            "device": _device_label(device)}
-    if resume:
-        if not state_path.is_file():
-            raise DqarError(f"no checkpoint to resume at {state_path}", "start without --resume")
-        prog = _load_state(state_path, model, ema, opt, gen, device)
-        prog.setdefault("cpu_s", None)  # checkpoints written before CPU time was tracked
-        if command:  # keep the history: first run, then each resume
-            prog["command"] = f'{prog["command"]} ; then {command}' if prog["command"] else command
+    prog = start_progress(state_path, model, ema, opt, gen, device, command, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    budget_s = None if minutes is None else 60.0 * minutes
-    total = steps if steps is not None else None
-    bar = _progress_bar(total, prog["step"], progress)
-    start, base = time.perf_counter(), prog["elapsed_s"]
-    cpu_start, cpu_base = time.process_time(), prog["cpu_s"]
-    last_ckpt, window = start, []
-    while True:
-        elapsed = base + time.perf_counter() - start
-        if (steps is not None and prog["step"] >= steps) or (budget_s is not None and elapsed >= budget_s):
-            break
-        step = prog["step"]
+    def loss_at() -> torch.Tensor:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen).to(device)  # (B,)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = training_loss(model, x_all[idx], y_all[idx], gen, alphas_cumprod, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update_(ema, model, step, cfg.ema_decay)
+        return training_loss(model, x_all[idx], y_all[idx], gen, alphas_cumprod, cfg)
 
-        value = float(loss.detach())
-        window.append(value)
-        prog["ema_loss"] = value if prog["ema_loss"] is None else 0.99 * prog["ema_loss"] + 0.01 * value
-        prog["step"] = step + 1
-        prog["elapsed_s"] = base + time.perf_counter() - start
-        if cpu_base is not None:
-            prog["cpu_s"] = cpu_base + time.process_time() - cpu_start
-        bar.update(1)
-        if prog["step"] % cfg.log_every == 0:
-            prog["curve"].append({"step": prog["step"], "elapsed_s": round(prog["elapsed_s"], 1),
-                                  "loss": round(sum(window) / len(window), 5), "ema_loss": round(prog["ema_loss"], 5)})
-            window = []
-            bar.set_postfix(loss=f"{prog['ema_loss']:.4f}")
-            if not progress:
-                print(f"step {prog['step']} loss {prog['ema_loss']:.4f} {prog['elapsed_s'] / 60:.1f} min", flush=True)
-        if time.perf_counter() - last_ckpt >= cfg.checkpoint_every_s:
-            _save_state(state_path, model, ema, opt, gen, prog)
-            save_weights(out_dir, ema, cfg)
-            _write_log(out_dir, prog, cfg, mcfg, n_params, done=False)
-            last_ckpt = time.perf_counter()
-    bar.close()
+    def write(done: bool) -> None:
+        save_weights(out_dir, ema, cfg)
+        _write_log(out_dir, prog, cfg, mcfg, n_params, done=done)
 
-    if keep_checkpoint:
-        _save_state(state_path, model, ema, opt, gen, prog)
-    save_weights(out_dir, ema, cfg)
-    _write_log(out_dir, prog, cfg, mcfg, n_params, done=True)
-    if not keep_checkpoint:
-        state_path.unlink(missing_ok=True)
+    train_loop(model, ema, opt, gen, cfg, prog, state_path, loss_at=loss_at, write=write, minutes=minutes, steps=steps,
+               progress=progress, keep_checkpoint=keep_checkpoint)
     return json.loads((out_dir / LOG_FILE).read_text())
-
-
-def _device_label(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _progress_bar(total, initial, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
