@@ -7,7 +7,7 @@ ids: random-weight models have no text encoder, so id i is a seeded random promp
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -17,7 +17,7 @@ from dqar.engine.config import RunConfig
 from dqar.engine.plan import Plan
 from dqar.engine.stats import ReuseStats
 from dqar.errors import DqarError
-from dqar.sampling import FlowOutput, SampleOutput, make_scheduler, sample, sample_flow
+from dqar.sampling import FLUX_VAE_SCALE, FlowOutput, SampleOutput, make_scheduler, sample, sample_flow, unpack_flux
 
 PROMPT_SEED = 1_000_003  # prompt id i's embeddings come from torch.Generator().manual_seed(PROMPT_SEED + i)
 
@@ -67,14 +67,18 @@ def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = No
 
 
 def prompt_embeddings(loaded, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random ((N, T, joint_attention_dim), (N, pooled_projection_dim)) embeddings of prompt ids, unit Gaussian,
-    on the model's device in its dtype (cached: the same ids cost nothing on the next call)."""
+    """((N, T, joint_attention_dim), (N, pooled_projection_dim)) embeddings of prompt ids: rows of the model's learned
+    prompt table where it has one, else seeded unit-Gaussian ones on the model's device in its dtype (cached)."""
     c, t = loaded.transformer.config, loaded.transformer
     ids = tuple(int(i) for i in ids)
     bad = [i for i in ids if not 0 <= i <= loaded.null_class]
     if not ids or bad:
+        what = "its learned prompt" if loaded.prompts is not None else "one seeded random prompt"
         raise DqarError(f"prompt id {bad[0] if bad else 'list'} is invalid for {loaded.name}",
-                        f"use ids in [0, {loaded.num_classes - 1}] (one seeded random prompt each)")
+                        f"use ids in [0, {loaded.num_classes - 1}] ({what} each)")
+    if loaded.prompts is not None:  # a learned table (embedded-flux): row i is class i's prompt, row null_class the null one
+        idx = torch.tensor(ids, device=loaded.prompts["prompt_embeds"].device)
+        return loaded.prompts["prompt_embeds"][idx], loaded.prompts["pooled_prompt_embeds"][idx]  # (N, T, D), (N, P)
     return _embeddings(ids, loaded.text_tokens, c.joint_attention_dim, c.pooled_projection_dim, t.device, t.dtype)
 
 
@@ -103,8 +107,17 @@ def _generate_flow(loaded, labels, run: RunConfig, decider, plan, executor, prog
                   vae=loaded.vae, progress=progress)
     given = {k: v for k, v in (("decider", decider), ("plan", plan), ("executor", executor)) if v is not None}
     if not run.reuse.enabled and decider is None and plan is None and executor in (None, "auto", "patch"):
-        return Generation(sample_flow(loaded.transformer, scheduler, **kwargs), None)
+        return Generation(_pixels(loaded, sample_flow(loaded.transformer, scheduler, **kwargs)), None)
     key = plan_key(loaded.name, run) | {"sampler": "flow"}
     with enable(loaded.transformer, run.reuse, key=key, **given) as handle:
         out = sample_flow(loaded.transformer, scheduler, reuse=handle, **kwargs)
-        return Generation(out, handle.stats, handle.executor)
+        return Generation(_pixels(loaded, out), handle.stats, handle.executor)
+
+
+def _pixels(loaded, out: FlowOutput) -> FlowOutput:
+    """A pixel-space Flux's (embedded-flux) images: its unpacked final latents, [-1, 1] → (N, C, H, W) in [0, 1] on the CPU."""
+    if out.images is not None or not loaded.pixel_space or loaded.family != "flux":
+        return out
+    side = loaded.resolution // FLUX_VAE_SCALE  # the latent side: 28 for embedded-flux's 224 "pixels"
+    images = ((unpack_flux(out.latents, side, side).float() + 1.0) * 0.5).clamp(0.0, 1.0).cpu()  # (N, C, side, side)
+    return replace(out, images=images)

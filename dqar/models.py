@@ -96,13 +96,16 @@ class LoadedModel:
     resolution: int | None = None  # flow models: the default image side in pixels
     text_tokens: int = 0  # flow models: prompt-embedding length T ((N, T, joint_attention_dim) embeddings)
     guidance: float | None = None  # guidance-distilled Flux: the guidance embedding's scale (Flux.1-dev: 3.5)
+    prompts: dict | None = None  # a learned prompt table (embedded-flux): {'prompt_embeds': (C+1, T, D), 'pooled_prompt_embeds': (C+1, P)}
 
 
 def load_model(model: str | os.PathLike | None = None, *, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `model`: None / "embedded", a local folder, a random-weight shape (`RANDOM_NAMES`, e.g. "random-flux-dev",
+    """Load `model`: None / "embedded", "embedded-flux", a local folder, a random-weight shape (`RANDOM_NAMES`, e.g. "random-flux-dev",
     "random-sd35-medium@512"), or a hub id (HF cache first, then the network)."""
     if model is None or str(model) == "embedded":
         return _load_embedded(device, dtype)
+    if str(model) == "embedded-flux":
+        return _load_embedded_flux(device, dtype)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -124,6 +127,20 @@ def _load_embedded(device, dtype) -> LoadedModel:
         raise DqarError(f"the embedded model weights are missing under {EMBEDDED_DIR}", "reinstall dqar, or pass --model /path/to/folder")
     loaded = _load_folder(Path(EMBEDDED_DIR), device, dtype)
     return _with(loaded, name="embedded", class_names=tuple(CLASS_NAMES))
+
+
+# Sampling defaults of a model by name, read before it loads (`dqar.cli.common.run_config`); flags override them.
+SAMPLE_DEFAULTS = {"embedded-flux": {"steps": 28, "cfg": 4.0}}  # Flux's: 28 steps, true CFG 4 (separate forwards)
+
+
+def _load_embedded_flux(device, dtype) -> LoadedModel:
+    """The embedded Flux (dqar.embedded.flux): pixel space, class ids index its learned prompt table (row 10: null)."""
+    from dqar.embedded import CLASS_NAMES
+    from dqar.embedded.flux import NULL_PROMPT_ID, SAMPLE_PX, load_embedded_flux
+
+    transformer, prompts, sched = load_embedded_flux(device, dtype)
+    loaded = _loaded(transformer, None, sched, "embedded-flux", device, CLASS_NAMES, True, num_classes=NULL_PROMPT_ID)
+    return _with(loaded, family="flux", resolution=SAMPLE_PX, text_tokens=prompts["prompt_embeds"].shape[1], prompts=prompts)
 
 
 def _with(loaded: LoadedModel, **changes) -> LoadedModel:

@@ -178,6 +178,7 @@ def sample(
 
 
 # ----- flow matching: Flux and SD3 ----------------------------------------------------------------
+FLUX_VAE_SCALE = 8  # pixels per latent cell the pipelines assume without a VAE (FluxPipeline, StableDiffusion3Pipeline)
 FLUX_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                          "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}  # FLUX.1-dev's
 SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}  # SD3-medium's and SD3.5's
@@ -268,21 +269,21 @@ def _check_embeds(transformer, pos: tuple, neg: tuple, guided: bool, family: str
                         f"{tuple(embeds.shape)}, {tuple(pooled.shape)}", "pad or truncate them to the same shapes")
 
 
-def _pack(latents: torch.Tensor) -> torch.Tensor:
+def pack_flux(latents: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) to Flux's packed (N, h/2 * w/2, 4 C): 2x2 patches as tokens (FluxPipeline._pack_latents)."""
     n, c, h, w = latents.shape
     latents = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (N, h/2, w/2, C, 2, 2)
     return latents.reshape(n, (h // 2) * (w // 2), c * 4)
 
 
-def _unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def unpack_flux(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Packed (N, h/2 * w/2, 4 C) back to (N, C, h, w) (FluxPipeline._unpack_latents)."""
     n, _, c4 = latents.shape
     latents = latents.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (N, C, h/2, 2, w/2, 2)
     return latents.reshape(n, c4 // 4, h, w)
 
 
-def _image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
+def flux_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     """(h/2 * w/2, 3) Flux position ids: (0, row, column) per packed token."""
     ids = torch.zeros(h2, w2, 3)
     ids[..., 1] = ids[..., 1] + torch.arange(h2)[:, None]
@@ -336,7 +337,7 @@ def sample_flow(
     n, device, dtype = len(prompt_embeds), transformer.device, prompt_embeds.dtype  # the pipelines' latent dtype
     if isinstance(generator, (list, tuple)) and len(generator) != n:
         raise DqarError(f"{len(generator)} generators for {n} prompts", "pass one generator per prompt")
-    scale = vae_scale_factor or (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8)
+    scale = vae_scale_factor or (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else FLUX_VAE_SCALE)
     multiple = scale * (2 if flux else transformer.config.patch_size)
     default = scale * (128 if flux else transformer.config.sample_size)
     height, width = height or default, width or default
@@ -353,9 +354,9 @@ def sample_flow(
     if flux:
         if latents is None:
             noise = randn_tensor((n, transformer.config.in_channels // 4, h, w), generator=generator, device=device, dtype=dtype)
-            latents = _pack(noise)  # (N, h/2 * w/2, 4 C)
+            latents = pack_flux(noise)  # (N, h/2 * w/2, 4 C)
         latents = latents.to(device=device, dtype=dtype)
-        img_ids = _image_ids(h // 2, w // 2, device, dtype)  # (h/2 * w/2, 3)
+        img_ids = flux_image_ids(h // 2, w // 2, device, dtype)  # (h/2 * w/2, 3)
         txt_ids = torch.zeros(embeds.shape[1], 3).to(device=device, dtype=transformer.dtype)  # (T, 3)
         seq_len = latents.shape[1]
         g = torch.full([1], guidance, device=device, dtype=torch.float32).expand(n) if transformer.config.guidance_embeds else None
@@ -397,7 +398,7 @@ def sample_flow(
             reuse.end_generation()
     images = None
     if vae is not None:
-        x = _unpack(latents, h, w) if flux else latents  # (N, C, h, w)
+        x = unpack_flux(latents, h, w) if flux else latents  # (N, C, h, w)
         x = (x / vae.config.scaling_factor) + (vae.config.shift_factor or 0.0)
         images = (vae.decode(x, return_dict=False)[0] * 0.5 + 0.5).clamp(0, 1).float().cpu()  # (N, 3, H, W), as postprocess
     return FlowOutput(latents=latents, images=images, num_evaluations=num_evaluations, forwards_per_step=per_step,

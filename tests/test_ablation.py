@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dqar.studies import grid as G
+from dqar.studies.ablation import grid as G
 from dqar.reporting import findings as F
 from dqar.reporting import report as R
-from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, Evaluator, run_ablation
+from dqar.studies.ablation.runner import REPORT_FILE, RESULTS_FILE, AblationOptions, Evaluator, run_ablation
 from dqar.cli import main as cli_main
 from dqar.embedded.classifier import FashionCNN
 from dqar.errors import DqarError
@@ -573,7 +573,7 @@ class FakeClock:
         self.seconds, self.noise, self.rng = seconds, noise, np.random.default_rng(seed)
 
     def measure(self, fn):
-        from dqar.studies.timing import Timing
+        from dqar.studies.measure.timing import Timing
 
         out = fn()
         t = self.seconds(out) * self.rng.uniform(1 - self.noise, 1 + self.noise)
@@ -644,7 +644,7 @@ def test_auto_times_compiled_where_the_engine_allows_and_says_why_not(tmp_path, 
 def test_graph_preference_tries_the_graph_executor_first(loaded):
     """--executor graph: the graph executor where the engine takes the configuration, the gate still on patch with reasons."""
     from dqar.engine.config import RunConfig, SampleConfig, preset
-    from dqar.studies.blocks import choose_executor
+    from dqar.studies.ablation.blocks import choose_executor
 
     s = SampleConfig(steps=3)
     assert choose_executor(loaded, RunConfig(reuse=preset("quant_cache_only"), sample=s), "graph") == ("graph", None)
@@ -657,7 +657,7 @@ def test_graph_preference_tries_the_graph_executor_first(loaded):
 def test_auto_preference_is_the_graph_executor_on_cuda(loaded, monkeypatch):
     """--executor auto on CUDA (the device check patched): graph first; the gate still falls back with reasons."""
     from dqar.engine.config import RunConfig, SampleConfig, preset
-    from dqar.studies import blocks
+    from dqar.studies.ablation import blocks
 
     monkeypatch.setattr(blocks, "on_cuda", lambda transformer: True)
     s = SampleConfig(steps=3)
@@ -696,7 +696,8 @@ def test_quick_run_stays_within_its_generation_budget(tmp_path, loaded, evaluato
     from argparse import Namespace
 
     from dqar.cli.studies import ablate_executor
-    from dqar.studies import blocks, peer_rows, verify
+    from dqar.studies.ablation import blocks, verify
+    from dqar.studies.peers import rows as peer_rows
 
     calls, warmed = {"timing": 0, "fidelity": 0}, []
     for module, kind in ((blocks, "timing"), (peer_rows, "timing"), (verify, "fidelity")):
@@ -724,7 +725,7 @@ def test_quick_run_stays_within_its_generation_budget(tmp_path, loaded, evaluato
 def test_a_fidelity_run_from_the_warm_up_images_equals_one_generated_whole(loaded):
     from dqar.engine.config import RunConfig, SampleConfig, preset
     from dqar.generate import generate
-    from dqar.studies import ablation_fidelity as AF
+    from dqar.studies.ablation import fidelity as AF
 
     run = RunConfig(reuse=preset("full_dqar"), sample=SampleConfig(steps=4))
     make = lambda r: generate(loaded, [0, 1, 2], r, executor="patch")  # noqa: E731

@@ -20,6 +20,17 @@ LAYERS = [
     {"studies"},  # ablation, fidelity sections, bench, peers, timing
     {"cli"},  # the command line
 ]
+# Inside dqar/studies, lowest first: the sub-packages by concern (the study core is one module among them).
+STUDY_LAYERS = [
+    {"measure"},  # timing, intervals, memory, compile cache
+    {"core"},  # the study core: reference, score, rows, frontiers
+    {"peers"},  # peer methods and their rows
+    {"ablation"},  # grid, runner, records, fidelity scoring, blocks, verify
+    {"fidelity"},  # the docs/FIDELITY.md sections
+    {"bench"},  # the executor bench and the GPU smoke run
+    {"scale"},  # sharded sampling, FID
+]
+MAX_STUDY_MODULES_AT_ROOT = 2  # __init__ and core
 MAX_TOP_LEVEL_MODULES = 12
 MAX_LINES = 450
 
@@ -88,6 +99,38 @@ def test_no_import_goes_up_the_layers():
     assert not bad, "\n".join(sorted(bad))
 
 
+def _study_layer(mod: str) -> int | None:
+    parts = mod.split(".")
+    if parts[:2] != ["dqar", "studies"] or len(parts) < 3:
+        return None
+    for i, names in enumerate(STUDY_LAYERS):
+        if parts[2] in names:
+            return i
+    raise AssertionError(f"{mod} belongs to no studies sub-package; add it to STUDY_LAYERS and docs/ARCHITECTURE.md")
+
+
+def test_studies_sub_packages_import_downwards_only():
+    bad = []
+    for mod, targets in _graph().items():
+        lm = _study_layer(mod)
+        for t in targets:
+            lt = _study_layer(t)
+            if lm is not None and lt is not None and lt > lm:
+                bad.append(f"{mod} ({sorted(STUDY_LAYERS[lm])[0]}) imports {t} ({sorted(STUDY_LAYERS[lt])[0]})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_studies_are_grouped_in_sub_packages():
+    loose = sorted(p.name for p in (PACKAGE / "studies").glob("*.py"))
+    assert len(loose) <= MAX_STUDY_MODULES_AT_ROOT, loose
+
+
+def test_the_study_layer_check_sees_an_upward_import():
+    assert _study_layer("dqar.studies.measure.timing") < _study_layer("dqar.studies.bench.runner")
+    with pytest.raises(AssertionError):
+        _study_layer("dqar.studies.nowhere.x")
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """A cycle of modules in `graph` (including through imports inside functions), or None."""
     color, stack = {}, []
@@ -131,6 +174,6 @@ def test_few_modules_at_the_top_and_none_too_long():
     assert not long, long
 
 
-@pytest.mark.parametrize("mod", ["dqar.studies.ablation", "dqar.engine.reuse"])
+@pytest.mark.parametrize("mod", ["dqar.studies.ablation.runner", "dqar.engine.reuse"])
 def test_the_graph_sees_imports_inside_functions(mod):
     assert _graph()[mod], f"{mod} should import other dqar modules"

@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from dqar.studies.bench import BenchSettings
+from dqar.studies.bench.runner import BenchSettings
 from dqar.cli import main
 from dqar.errors import DqarError
 from dqar.models import save_pipeline_folder
@@ -13,7 +13,7 @@ from conftest import make_tiny_transformer
 
 
 def bench_render(result):
-    from dqar.studies.bench_report import render_table
+    from dqar.studies.bench.report import render_table
 
     return render_table(result)
 
@@ -49,7 +49,7 @@ def test_bench_quick_runs_on_cpu(tmp_path, monkeypatch):
 def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):
     """A latent model DiTPipeline runs: stock eager and stock compiled are its pipeline; every row has ratios to both."""
     from dqar.models import load_model
-    from dqar.studies.bench import run_bench
+    from dqar.studies.bench.runner import run_bench
 
     from conftest import make_tiny_vae
 
@@ -75,7 +75,7 @@ def test_bench_settings_refuse_bad_values(kw):
 
 def test_bench_reports_a_failing_case_and_keeps_finished_batches(monkeypatch):
     """A case that raises in warm-up is listed under "failed"; the others are timed; each batch is handed on."""
-    import dqar.studies.bench as bench
+    import dqar.studies.bench.runner as bench
     from dqar.models import load_model
 
     def broken():
@@ -123,7 +123,7 @@ def test_gpu_session_script_parses_and_names_existing_commands():
 def _tiny_bench(**kw):
     import torch
 
-    from dqar.studies.bench import run_bench
+    from dqar.studies.bench.runner import run_bench
 
     from conftest import tiny_loaded
 
@@ -133,8 +133,8 @@ def _tiny_bench(**kw):
 
 def test_peer_rows_are_timed_beside_dqar_with_memory_fields(single_thread):
     """The four diffusers peers (MagCache calibrated in its warm-up) are timed in the same rounds, with ratios and a memory field."""
-    from dqar.studies import bench
-    from dqar.studies.bench_peers import EAGER
+    from dqar.studies.bench import runner as bench
+    from dqar.studies.bench.peers import EAGER
 
     result = _tiny_bench(presets=("block_reuse",), compile=False)
     rows = {r["case"]: r for r in result["rows"]}
@@ -153,7 +153,7 @@ def test_peer_rows_are_timed_beside_dqar_with_memory_fields(single_thread):
 def test_a_peer_whose_compile_fails_falls_back_to_eager_and_says_so(monkeypatch, single_thread):
     import torch
 
-    import dqar.studies.bench_peers as bp
+    import dqar.studies.bench.peers as bp
 
     def no_compiler(gm, example_inputs):
         raise RuntimeError("no compiler on this machine")
@@ -167,7 +167,7 @@ def test_a_peer_whose_compile_fails_falls_back_to_eager_and_says_so(monkeypatch,
 
 def test_cases_select_the_graph_section_rows_without_a_model():
     """The documented graph-executor command times exactly the rows of docs/BENCHMARKS.md "Graph executor"."""
-    from dqar.studies.bench import case_names, selected
+    from dqar.studies.bench.runner import case_names, selected
 
     s = BenchSettings(presets=("full_dqar",), peers=(), executors=("compiled", "graph"),
                       cases=("stock_*", "noreuse_graph", "full_dqar_graph", "full_dqar_compiled"))
@@ -179,8 +179,9 @@ def test_cases_select_the_graph_section_rows_without_a_model():
 
 
 def test_cuda_rows_report_the_highest_allocator_peak():
-    from dqar.studies import bench, memory
-    from dqar.studies.timing import Run, Timing
+    from dqar.studies.bench import runner as bench
+    from dqar.studies.measure import memory
+    from dqar.studies.measure.timing import Run, Timing
 
     runs = [Run(Timing(1.0, 1.0), peak) for peak in (10, 30, 20)]
     assert bench._memory(runs, None) == (30, memory.METHOD_CUDA)
@@ -205,14 +206,14 @@ class _TableClock:
         self.table = table
 
     def measure(self, fn):
-        from dqar.studies.timing import Timing
+        from dqar.studies.measure.timing import Timing
 
         out = fn()
         return out, Timing(self.table[out], self.table[out])
 
 
 def _fake_cases(names, stats=None):
-    from dqar.studies.bench import Case
+    from dqar.studies.bench.runner import Case
 
     return {n: Case((lambda n=n: n), lambda: "fake", (lambda n=n: (stats or {}).get(n))) for n in names}
 
@@ -224,7 +225,7 @@ def test_every_timed_case_is_handed_on_with_partial_rows_and_warmup_stats(monkey
 
     import torch
 
-    import dqar.studies.bench as bench
+    import dqar.studies.bench.runner as bench
     from dqar.models import load_model
 
     st = SimpleNamespace(graphs=3, fallback_evaluations=0, compile_seconds=1.5, reuse_fraction=0.5, cache_bytes_peak=10)
@@ -246,7 +247,7 @@ def test_stock_best_is_the_faster_stock_compiled_row(monkeypatch):
     """With a (fake) CUDA-graphs stock row faster than stock_compiled, every row's vs_stock_best is against it."""
     import torch
 
-    import dqar.studies.bench as bench
+    import dqar.studies.bench.runner as bench
     from dqar.models import load_model
 
     assert bench.stock_best({"stock_compiled": 2.0, "stock_compiled_cudagraphs": 1.5, "x": 0.1}) == "stock_compiled_cudagraphs"

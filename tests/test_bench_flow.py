@@ -4,8 +4,8 @@ import torch
 
 from dqar.errors import DqarError
 from dqar.models import RANDOM_FLOW, load_model
-from dqar.studies.bench import BenchSettings, render_table, run_bench
-from dqar.studies.timing import cpu_threads
+from dqar.studies.bench.runner import BenchSettings, render_table, run_bench
+from dqar.studies.measure.timing import cpu_threads
 
 REFUSED = {"noreuse_compiled", "noreuse_graph", "full_dqar_compiled", "full_dqar_graph", "full_dqar_compiled_modeldtype"}
 

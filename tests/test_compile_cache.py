@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 from torch.compiler._cache import CacheArtifactManager
 
-from dqar.studies import compile_cache
+from dqar.studies.measure import compile_cache
 
 
 def _fn(x):
@@ -86,8 +86,8 @@ def test_an_unwritable_file_warns_instead_of_raising(isolated, tmp_path):
 
 def test_bench_loads_before_the_first_warm_up_and_saves_before_the_timing(tmp_path, monkeypatch):
     """run_bench: the cache is loaded first and saved after each batch's warm-ups, so a stage killed while timing keeps it."""
-    from dqar.studies import bench
-    from dqar.studies.bench import BenchSettings, run_bench
+    from dqar.studies.bench import runner as bench
+    from dqar.studies.bench.runner import BenchSettings, run_bench
 
     from conftest import tiny_loaded
 

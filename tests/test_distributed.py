@@ -1,4 +1,4 @@
-"""dqar.studies.distributed: 2 gloo ranks under torchrun match one process bit for bit; resume; bad input."""
+"""dqar.studies.scale.distributed: 2 gloo ranks under torchrun match one process bit for bit; resume; bad input."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import torch
 import dqar.generate
 from dqar.cli import main as cli_main
 from dqar.engine.config import RunConfig, SampleConfig
-from dqar.studies.distributed import (FidSampleJob, Rank, generate_shard, labels_for, merge_shards, part_path, rank_indices,
+from dqar.studies.scale.distributed import (FidSampleJob, Rank, generate_shard, labels_for, merge_shards, part_path, rank_indices,
                               rank_parts, run_job, shard_dir)
 from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder

@@ -180,3 +180,80 @@ def test_training_cli_logs_its_command(tmp_path, single_thread, capsys):
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["command"].startswith("python -m dqar.embedded.flux_train --out") and log["steps"] == 1
     assert train_main(["--out", str(tmp_path), "--steps", "1", "--lr", "-1"]) == 2
+
+
+# ---------- load_model("embedded-flux"): the one generation workflow, the CLI, the study core ----------
+
+@pytest.fixture(scope="module")
+def loaded(single_thread):
+    from dqar.models import load_model
+
+    return load_model("embedded-flux")
+
+
+def test_load_model_names_the_embedded_flux(loaded):
+    assert (loaded.name, loaded.family, loaded.num_classes, loaded.null_class) == ("embedded-flux", "flux", 10, 10)
+    assert loaded.pixel_space and loaded.vae is None and loaded.resolution == flux.SAMPLE_PX and loaded.guidance is None
+    assert loaded.class_names[0] == "T-shirt/top" and loaded.prompts["prompt_embeds"].shape[0] == 11
+
+
+def test_generate_samples_it_as_sample_embedded_flux_does(loaded):
+    from dqar.engine.config import RunConfig, SampleConfig, preset
+    from dqar.generate import generate
+
+    run = RunConfig(reuse=preset("baseline"), sample=SampleConfig(steps=3, cfg=4.0, seed=5))
+    gen = generate(loaded, [0, 7, 9], run)
+    ref = flux.sample_embedded_flux(loaded.transformer, loaded.prompts, [0, 7, 9], steps=3, cfg=4.0, seed=5,
+                                    scheduler=flux.make_flux_scheduler(loaded.scheduler_config))
+    assert gen.output.images.shape == (3, 1, 28, 28) and torch.equal(gen.output.images, ref)
+    other = generate(loaded, [0, 7, 9], RunConfig(reuse=preset("baseline"), sample=SampleConfig(steps=3, cfg=1.0, seed=5)))
+    assert not torch.equal(other.output.images, ref)  # cfg acts: <= 1 runs the conditional forward only
+
+
+def test_generate_with_reuse_changes_the_images_and_counts_both_branches(loaded):
+    from dqar.engine.config import RunConfig, SampleConfig, preset
+    from dqar.generate import generate
+
+    run = RunConfig(reuse=preset("full_dqar"), sample=SampleConfig(steps=6, cfg=4.0))
+    gen = generate(loaded, [1, 2], run)
+    base = generate(loaded, [1, 2], RunConfig(reuse=preset("baseline"), sample=run.sample))
+    assert gen.stats.reuse_fraction > 0 and not torch.equal(gen.output.images, base.output.images)
+    assert gen.stats.evaluations == 6
+
+
+def test_the_study_core_scores_it_with_the_embedded_classifier(loaded):
+    from dqar.studies.core import embedded_evaluator
+
+    ev = embedded_evaluator(loaded)
+    assert ev is not None and "Fashion-MNIST" in ev.description
+
+
+def test_cli_sample_writes_the_classes_with_fluxs_defaults(tmp_path, single_thread):
+    from dqar.cli.app import main
+
+    assert main(["sample", "--model", "embedded-flux", "--classes", "0", "7", "9", "--steps", "2", "--out",
+                 str(tmp_path), "--quiet"]) == 0
+    record = json.loads((tmp_path / "stats.json").read_text())
+    assert record["model"] == "embedded-flux" and record["labels"] == [0, 7, 9] and record["family"] == "flux"
+    assert record["config"]["sample"]["cfg"] == 4.0 and record["config"]["sample"]["steps"] == 2
+    assert len(list(tmp_path.glob("sample_*_class*.png"))) == 3
+
+
+def test_run_config_takes_the_models_sampling_defaults():
+    import argparse
+
+    from dqar.cli.common import run_config
+
+    args = argparse.Namespace(model="embedded-flux", config=None, preset=None, steps=None, cfg=None, sampler=None,
+                              seed=None, eta=None)
+    assert run_config(args).sample.steps == 28
+    assert run_config(argparse.Namespace(**{**vars(args), "model": None})).sample.steps == 50
+    assert run_config(argparse.Namespace(**{**vars(args), "steps": 7})).sample.steps == 7
+
+
+def test_cli_sample_refuses_an_unknown_class_in_one_line(tmp_path, capsys):
+    from dqar.cli.app import main
+
+    assert main(["sample", "--model", "embedded-flux", "--classes", "10", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "10" in err[0]

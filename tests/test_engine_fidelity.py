@@ -1,5 +1,5 @@
 """The engine fidelity section: its findings follow the numbers in its table."""
-from dqar.studies.engine_fidelity import engine_cases, findings, markdown
+from dqar.studies.fidelity.engine import engine_cases, findings, markdown
 
 
 def _row(name, reuse, psnr, acc, flops=0.1, group="refresh"):

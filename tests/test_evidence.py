@@ -8,7 +8,7 @@ from dqar.cli import main
 from dqar.engine.config import ReuseConfig
 from dqar.reporting.documents import replace_section
 from dqar.studies.core import frontier, x_at, y_at
-from dqar.studies.evidence import Case, DynamicSettings, default_cases, run_dynamic, targets, write_dynamic
+from dqar.studies.fidelity.evidence import Case, DynamicSettings, default_cases, run_dynamic, targets, write_dynamic
 from dqar.engine.plan import load_plan
 
 

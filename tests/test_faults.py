@@ -19,9 +19,9 @@ from PIL import Image
 
 import dqar.reporting.plots
 
-from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE
+from dqar.studies.ablation.runner import REPORT_FILE, RESULTS_FILE
 from dqar.cli import main as cli_main
-from dqar.studies.distributed import part_path, rank_parts, read_part, shard_dir
+from dqar.studies.scale.distributed import part_path, rank_parts, read_part, shard_dir
 from dqar.models import save_pipeline_folder
 
 from conftest import make_tiny_transformer, make_tiny_vae

@@ -1,4 +1,4 @@
-"""dqar.studies.fid and `dqar fid`: embedded-classifier FD offline, a TorchScript extractor in Inception's place, bad input."""
+"""dqar.studies.scale.fid and `dqar fid`: embedded-classifier FD offline, a TorchScript extractor in Inception's place, bad input."""
 import json
 
 import numpy as np
@@ -9,7 +9,7 @@ import dqar.embedded as emb
 from dqar.cli import main as cli_main
 from dqar.embedded import classifier as clf_mod
 from dqar.embedded.data import load_split
-from dqar.studies.fid import INCEPTION_URL, fid_embedded, fid_inception, open_samples
+from dqar.studies.scale.fid import INCEPTION_URL, fid_embedded, fid_inception, open_samples
 
 from conftest import FASHION_MNIST
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dqar.studies.forecast import ForecastSettings, run_forecast
-from dqar.studies.forecast_section import markdown, targets, write_forecast
+from dqar.studies.fidelity.forecast import ForecastSettings, run_forecast
+from dqar.studies.fidelity.forecast_section import markdown, targets, write_forecast
 
 
 @pytest.fixture(scope="module")

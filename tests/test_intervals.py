@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from dqar.studies import intervals as I
-from dqar.studies import records as REC
-from dqar.studies.timing import Timing, round_robin
+from dqar.studies.measure import intervals as I
+from dqar.studies.ablation import records as REC
+from dqar.studies.measure.timing import Timing, round_robin
 
 
 class NoisyClock:

@@ -1,4 +1,4 @@
-"""Peers (dqar.studies.peers) on a tiny random DiT: each really skips counted calls, changes the output, detaches exactly,
+"""Peers (dqar.studies.peers.methods) on a tiny random DiT: each really skips counted calls, changes the output, detaches exactly,
 resets per generation; bad input is one line; peer rows in dqar ablate, the Compared-to section and its doc."""
 import copy
 import importlib.util
@@ -10,10 +10,10 @@ import torch
 from diffusers import DDIMScheduler
 
 from dqar.reporting import compared as C
-from dqar.studies import grid as G
-from dqar.studies import peers as P
+from dqar.studies.ablation import grid as G
+from dqar.studies.peers import methods as P
 from dqar.studies.core import SEED_OFFSET
-from dqar.studies.ablation import REPORT_FILE, RESULTS_FILE, AblationOptions, run_ablation
+from dqar.studies.ablation.runner import REPORT_FILE, RESULTS_FILE, AblationOptions, run_ablation
 from dqar.cli import main as cli_main
 from dqar.errors import DqarError
 from dqar.models import load_model, save_pipeline_folder

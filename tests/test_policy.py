@@ -253,7 +253,7 @@ def _ramp_policy_for(num_layers: int) -> PolicyCheckpoint:
 
 
 def test_knob_search_and_verdict():
-    from dqar.studies.policy_eval import Knob, search, verdict
+    from dqar.studies.fidelity.policy_eval import Knob, search, verdict
 
     knob = Knob("policy", 1e-4, 1.0, "log", lambda v: ReuseConfig(policy_threshold=v), str)
     reuse_of = lambda cfg: min(1.0, 0.1 * (4 + np.log10(cfg.policy_threshold)) ** 1.5)  # noqa: E731  monotone in the knob
@@ -277,7 +277,7 @@ def test_cli_distill_without_a_policy_is_a_usage_error(tmp_path, capsys):
 
 
 def test_shipped_policy_loads_and_is_small():
-    from dqar.studies.policy_eval import shipped_policy
+    from dqar.studies.fidelity.policy_eval import shipped_policy
     from dqar.engine.policy_net import num_parameters
 
     path = shipped_policy()
@@ -287,7 +287,7 @@ def test_shipped_policy_loads_and_is_small():
 
 
 def test_policy_study_at_a_forecast_order_runs_every_method_at_that_order(tmp_path, single_thread):
-    from dqar.studies.policy_eval import EvaluateSettings, run_policy_study, write_policy_section
+    from dqar.studies.fidelity.policy_eval import EvaluateSettings, run_policy_study, write_policy_section
 
     def study(order):
         s = EvaluateSettings(samples=2, steps=6, targets=(0.3,), probe_samples=1, probe_iterations=1, calib_samples=1,

@@ -14,15 +14,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dqar.studies import grid as G
-from dqar.studies.ablation import AblationOptions, run_ablation
+from dqar.studies.ablation import grid as G
+from dqar.studies.ablation.runner import AblationOptions, run_ablation
 from dqar.cli import main as cli_main
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
-from dqar.studies.distributed import read_part
+from dqar.studies.scale.distributed import read_part
 from dqar.embedded.classifier import load_stats
 from dqar.embedded.train import STATE_FILE, EmbeddedModelConfig, train_embedded
 from dqar.errors import DqarError
-from dqar.studies.fid import load_reference, read_labels
+from dqar.studies.scale.fid import load_reference, read_labels
 from dqar.generate import generate
 from dqar.models import WEIGHTS, load_model, save_pipeline_folder
 from dqar.engine.plan import build_plan

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import dqar.studies.smoke as smoke
+import dqar.studies.bench.smoke as smoke
 from dqar.cli import main
 from dqar.errors import DqarError
 from dqar.generate import Generation

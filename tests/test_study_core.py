@@ -11,7 +11,7 @@ from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.metrics import pareto_front
 from dqar.studies import core
-from dqar.studies.policy_eval import EvaluateSettings, measure
+from dqar.studies.fidelity.policy_eval import EvaluateSettings, measure
 
 from conftest import tiny_loaded
 

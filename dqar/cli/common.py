@@ -28,16 +28,17 @@ class Parser(argparse.ArgumentParser):
 
 # ----- flags --------------------------------------------------------------------------------------
 def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub id (facebook/DiT-XL-2-256), local folder, or 'embedded' (default)")
+    p.add_argument("--model", default=None, help="hub id (facebook/DiT-XL-2-256), local folder, 'embedded' (default: the "
+                   "shipped DiT) or 'embedded-flux' (the shipped Flux: 28 flow-matching steps, true CFG 4 by default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
     """Flags read by `run_config`."""
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; embedded-flux 28)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4.0)")
-    p.add_argument("--sampler", default=None, help="ddim | dpm (default ddim)")
+    p.add_argument("--sampler", default=None, help="ddim | dpm (default ddim; flow models always sample with flow matching)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=None, help="base seed; sample i uses seed + i (default 42)")
     p.add_argument("--preset", default=None, help="baseline | scheduling_only | quant_cache_only | full_dqar | gate | block_reuse")
@@ -107,10 +108,13 @@ def set_threads(threads: int | None) -> None:
 
 
 def run_config(args, check_files: bool = True):
-    """Config file, then --preset, then explicit sampling flags; the plan and policy files it names are checked too."""
+    """Config file (else the model's sampling defaults, `models.SAMPLE_DEFAULTS`), then --preset, then explicit sampling
+    flags; the plan and policy files it names are checked too."""
     from dqar.engine.config import RunConfig, SampleConfig, build, load_toml, preset
+    from dqar.models import SAMPLE_DEFAULTS
 
-    run = load_toml(args.config) if args.config else RunConfig()
+    defaults = SAMPLE_DEFAULTS.get(str(getattr(args, "model", None)), {})
+    run = load_toml(args.config) if args.config else RunConfig(sample=SampleConfig(**defaults))
     if args.preset:
         run = replace(run, reuse=preset(args.preset))
     flags = {k: getattr(args, k) for k in ("steps", "cfg", "sampler", "seed", "eta") if getattr(args, k, None) is not None}

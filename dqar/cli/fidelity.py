@@ -10,8 +10,8 @@ SECTIONS = ("dynamic", "engine", "forecast")
 
 
 def fidelity_parser(sub) -> None:
-    from dqar.studies.evidence import DynamicSettings
-    from dqar.studies.forecast import ForecastSettings
+    from dqar.studies.fidelity.evidence import DynamicSettings
+    from dqar.studies.fidelity.forecast import ForecastSettings
 
     d, f = DynamicSettings(), ForecastSettings()
     p = sub.add_parser("fidelity", help="fidelity evidence on the embedded model, written to docs/FIDELITY.md")
@@ -45,7 +45,7 @@ def cmd_fidelity(args) -> int:
 
 
 def _dynamic(args) -> int:
-    from dqar.studies.evidence import SECTION, DynamicSettings, run_dynamic, summary_lines, write_dynamic
+    from dqar.studies.fidelity.evidence import SECTION, DynamicSettings, run_dynamic, summary_lines, write_dynamic
 
     if args.samples < 2 or args.calib_samples < 1:
         raise DqarError("the study needs at least 2 samples and 1 calibration sample", "use --samples >= 2 --calib-samples >= 1")
@@ -56,7 +56,7 @@ def _dynamic(args) -> int:
 
 
 def _engine(args) -> int:
-    from dqar.studies.engine_fidelity import EngineSettings, run_engine, write_engine
+    from dqar.studies.fidelity.engine import EngineSettings, run_engine, write_engine
 
     at_least("--samples", args.samples, 1)
     settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out)
@@ -66,8 +66,8 @@ def _engine(args) -> int:
 
 
 def _forecast(args) -> int:
-    from dqar.studies.forecast import SECTION, ForecastSettings, run_forecast
-    from dqar.studies.forecast_section import PLOT, summary_lines, write_forecast
+    from dqar.studies.fidelity.forecast import SECTION, ForecastSettings, run_forecast
+    from dqar.studies.fidelity.forecast_section import PLOT, summary_lines, write_forecast
 
     if args.samples < 2 or args.probe_samples < 1 or args.dpm_steps < 0:
         raise DqarError("the forecast study needs >= 2 samples, >= 1 probe sample and --dpm-steps >= 0",

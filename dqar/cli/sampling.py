@@ -39,7 +39,7 @@ def cmd_sample(args) -> int:
     gen = generate(loaded, labels, run, executor=args.executor, progress=not args.quiet)
     seconds = time.perf_counter() - start
     save_samples(gen.output.images, labels, out, scale=1 if gen.output.images.shape[-1] >= 128 else 4)
-    record = {"model": loaded.name, "labels": labels, "config": run.to_dict(), "seconds": seconds, "executor": gen.executor,
+    record = {"model": loaded.name, "family": loaded.family, "labels": labels, "config": run.to_dict(), "seconds": seconds, "executor": gen.executor,
               "stats": gen.stats.to_dict() if gen.stats else None}
     atomic_write_json(out / "stats.json", record)
     reuse = f", reuse {100 * gen.stats.reuse_fraction:.1f}% on the {gen.executor} executor" if gen.stats else ", no reuse"
@@ -68,7 +68,7 @@ def executor_arg(p) -> None:
 
 
 def cmd_fid_sample(args) -> int:
-    from dqar.studies.distributed import FidSampleJob, run_job
+    from dqar.studies.scale.distributed import FidSampleJob, run_job
 
     refuse_flow(args)
     job = FidSampleJob(out=Path(args.out), num_samples=args.num_samples, batch_size=args.batch_size, run=run_config(args),
@@ -103,7 +103,7 @@ def fid_sample_parser(sub) -> None:
 def cmd_fid(args) -> int:
     from dqar.device import resolve_device
     from dqar.io import atomic_write_json
-    from dqar.studies.fid import fid_embedded, fid_inception
+    from dqar.studies.scale.fid import fid_embedded, fid_inception
 
     if not args.embedded and args.ref is None:
         raise DqarError("--ref is required without --embedded", "pass an .npz with mu and sigma (ADM's reference batch)")

@@ -1,4 +1,4 @@
-"""`dqar smoke`: the fail-fast stage 0 of a GPU session (dqar.studies.smoke); exit 1 on any FAIL, 2 on bad input."""
+"""`dqar smoke`: the fail-fast stage 0 of a GPU session (dqar.studies.bench.smoke); exit 1 on any FAIL, 2 on bad input."""
 from __future__ import annotations
 
 import shlex
@@ -12,7 +12,7 @@ EXIT_FAIL = 1
 def cmd_smoke(args) -> int:
     from dqar import models
     from dqar.io import atomic_write_json
-    from dqar.studies.smoke import SmokeSettings, run_smoke
+    from dqar.studies.bench.smoke import SmokeSettings, run_smoke
 
     at_least("--steps", args.steps, 1)
     at_least("--batch", args.batch, 1)

@@ -12,8 +12,8 @@ from dqar.cli.common import at_least, device_dtype, model_args, quiet_arg, threa
 def cmd_bench(args) -> int:
     from dqar import models
     from dqar.io import atomic_write_json, atomic_write_text
-    from dqar.studies.bench import BenchSettings, render_table, run_bench
-    from dqar.studies.timing import cpu_threads
+    from dqar.studies.bench.runner import BenchSettings, render_table, run_bench
+    from dqar.studies.measure.timing import cpu_threads
 
     at_least("--threads", args.threads, 1)
     settings = BenchSettings(**_bench_settings(args))  # checked before the model loads
@@ -81,7 +81,7 @@ def ablate_executor(args) -> str:
 
 
 def cmd_ablate(args) -> int:
-    from dqar.studies.ablation import REPORT_FILE, AblationOptions, run_ablation
+    from dqar.studies.ablation.runner import REPORT_FILE, AblationOptions, run_ablation
 
     at_least("--threads", args.threads, 1)
     at_least("--steps", args.steps, 1)
@@ -113,7 +113,7 @@ def ablate_parser(sub) -> None:
                    help="a smoke run of every report section (about 1.5 minutes on a shared 2-core CPU): --grid quick (the main "
                         "comparison, two short sweeps, one peer, 3 rounds, one fidelity run with FD besides the baseline's), and on a CPU "
                         "every configuration eagerly (patch executor: no torch.compile, so no compile time) unless --executor is given")
-    from dqar.studies.grid import GRIDS
+    from dqar.studies.ablation.grid import GRIDS
 
     p.add_argument("--grid", choices=GRIDS, default=None,
                    help="the shipped grid (dqar/grids/NAME.toml): default (every sweep and peer method, fewer points; within 15 minutes "
@@ -126,7 +126,7 @@ def ablate_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # tests: fewer than 3 repeats
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.add_argument("--steps", type=int, default=None, help="shared step count of the study (default: the grid's [sample] steps)")
-    from dqar.studies.blocks import EXECUTOR_PREFERENCES
+    from dqar.studies.ablation.blocks import EXECUTOR_PREFERENCES
 
     p.add_argument("--executor", choices=EXECUTOR_PREFERENCES, default=None,
                    help="auto (default; patch under --quick on a CPU): time each configuration on the graph executor on CUDA, compiled on a CPU, where the engine "

@@ -147,7 +147,7 @@ def cmd_policy_distill(args) -> int:
 
 def cmd_policy_evaluate(args) -> int:
     from dqar.engine.policy_net import load_policy
-    from dqar.studies.policy_eval import run_command
+    from dqar.studies.fidelity.policy_eval import run_command
 
     set_threads(args.threads)
     writable_folder(args.out)
@@ -206,7 +206,7 @@ def _distill_parser(psub) -> None:
 
 
 def _evaluate_parser(psub) -> None:
-    from dqar.studies.policy_eval import add_arguments
+    from dqar.studies.fidelity.policy_eval import add_arguments
 
     e = psub.add_parser("evaluate", help="policy vs gate vs calibrated plan vs static schedules at matched reuse -> docs/FIDELITY.md")
     add_arguments(e)

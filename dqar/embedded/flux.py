@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dqar.errors import DqarError
+from dqar.sampling import flux_image_ids, pack_flux, unpack_flux
 from dqar.embedded.data import IMAGE_SIZE, NUM_CLASSES
 
 FLUX_DIR = Path(__file__).resolve().parent / "weights" / "flux"
@@ -134,26 +135,18 @@ class EmbeddedFlux(nn.Module):
 
 
 def pack_images(x: torch.Tensor) -> torch.Tensor:
-    """(N, 1, 28, 28) images → Flux's packed (N, 196, 4) latents (FluxPipeline._pack_latents)."""
-    n, c, h, w = x.shape
-    x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (N, 14, 14, C, 2, 2)
-    return x.reshape(n, (h // 2) * (w // 2), c * 4)
+    """(N, 1, 28, 28) images → Flux's packed (N, 196, 4) latents."""
+    return pack_flux(x)
 
 
 def unpack_latents(latents: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Packed (N, 196, 4) latents → (N, 1, 28, 28) images in model space ([-1, 1]; FluxPipeline._unpack_latents)."""
-    n, _, c4 = latents.shape
-    x = latents.reshape(n, size // 2, size // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (N, C, 14, 2, 14, 2)
-    return x.reshape(n, c4 // 4, size, size)
+    """Packed (N, 196, 4) latents → (N, 1, 28, 28) images in model space ([-1, 1])."""
+    return unpack_flux(latents, size, size)
 
 
 def image_ids(size: int = IMAGE_SIZE, device=None, dtype=torch.float32) -> torch.Tensor:
     """(196, 3) Flux position ids (0, row, column) of the packed tokens, as FluxPipeline makes them."""
-    h2 = size // 2
-    ids = torch.zeros(h2, h2, 3)
-    ids[..., 1] = torch.arange(h2)[:, None]
-    ids[..., 2] = torch.arange(h2)[None, :]
-    return ids.reshape(h2 * h2, 3).to(device=device, dtype=dtype)
+    return flux_image_ids(size // 2, size // 2, device, dtype)
 
 
 def scheduler_config() -> dict:

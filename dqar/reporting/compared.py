@@ -1,4 +1,4 @@
-"""The "Compared to" section: peer methods (dqar.studies.peers) next to dqar's presets, from an ablation's results.
+"""The "Compared to" section: peer methods (dqar.studies.peers.methods) next to dqar's presets, from an ablation's results.
 
 Rows: dqar's main presets, the study's fastest dqar configuration within the fidelity bound (when it
 is not a main preset), and every peer row; peers that could not run are listed with their reason.

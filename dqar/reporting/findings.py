@@ -4,7 +4,7 @@ Nothing here measures anything: `findings` derives every claim (fastest, within 
 met or missed, recommendation) from the records; `dqar.reporting.report` and
 `dqar.reporting.compared` only phrase them. Claims about speed compare intervals, never bare
 ratios: a configuration is "faster" than another only when its simultaneous interval's lower end
-lies above the other's upper end (dqar.studies.records.with_simultaneous) by more than the measured
+lies above the other's upper end (dqar.studies.ablation.records.with_simultaneous) by more than the measured
 timing noise (the relative range of the baseline's repeats); otherwise the two are not
 distinguishable on this machine. With five repeats a bootstrap interval alone is too narrow for that
 (its resamples can only reuse the five values), which the noise margin makes up for. A record flagged implausible (its interval above its FLOP
@@ -53,7 +53,7 @@ def is_baseline(r: dict) -> bool:
 
 
 def is_peer(r: dict) -> bool:
-    """A peer method's row (dqar.studies.peers), not a dqar configuration."""
+    """A peer method's row (dqar.studies.peers.methods), not a dqar configuration."""
     return bool(r.get("peer"))
 
 

@@ -21,6 +21,7 @@ from dqar.engine.config import RunConfig, preset
 from dqar.engine.plan import Plan, save_plan
 from dqar.generate import Generation, generate
 
+EMBEDDED_MODELS = ("embedded", "embedded-flux")  # the shipped Fashion-MNIST models the embedded classifier scores
 SEED_OFFSET = 1000  # calibration and probe samples use other noise than the evaluated ones
 EMBEDDED_EVALUATOR = ("embedded Fashion-MNIST CNN: class accuracy and Fréchet distance of its penultimate features "
                       "to the real test split")
@@ -54,8 +55,8 @@ def embedded_classifier() -> Evaluator:
 
 
 def embedded_evaluator(loaded) -> Evaluator | None:
-    """The embedded classifier for the embedded model; None for other models."""
-    return embedded_classifier() if loaded.name == "embedded" else None
+    """The embedded classifier for the embedded models (the DiT and the Flux: Fashion-MNIST); None for other models."""
+    return embedded_classifier() if loaded.name in EMBEDDED_MODELS else None
 
 
 @dataclass(frozen=True)

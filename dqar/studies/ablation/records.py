@@ -11,11 +11,11 @@ import torch
 
 from dqar.errors import DqarError
 from dqar.reporting.findings import is_baseline
-from dqar.studies import grid as G
-from dqar.studies import memory
-from dqar.studies import intervals as I
+from dqar.studies.ablation import grid as G
+from dqar.studies.measure import memory
+from dqar.studies.measure import intervals as I
 from dqar.studies.core import SEED_OFFSET, Evaluator
-from dqar.studies.timing import Run, median, relative_range, seconds, walls
+from dqar.studies.measure.timing import Run, median, relative_range, seconds, walls
 
 # Names of the seed report's eight ImageNet classes (dqar.labels.IMAGENET_SHOWCASE).
 IMAGENET_SHOWCASE_NAMES = {207: "golden retriever", 360: "otter", 387: "elephant", 974: "cliff",

@@ -1,7 +1,7 @@
 """Intervals: bootstrap CIs of speedups and of ΔFD (`scipy.stats.bootstrap`), Wilson intervals of class accuracy.
 
 Speedup = median(baseline times) / median(configuration times). The i-th baseline and configuration
-runs are timed in the same round (dqar.studies.timing.round_robin), so the bootstrap resamples rounds
+runs are timed in the same round (dqar.studies.measure.timing.round_robin), so the bootstrap resamples rounds
 (paired). Percentile intervals: with few repeats they stay honest (≥ 90% coverage of the true ratio at
 5 repeats and ±30% noise, tests/test_intervals.py). Every resampling is seeded, so the same
 numbers always give the same interval.

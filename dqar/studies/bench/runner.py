@@ -3,12 +3,12 @@ caching peers, in one process.
 
 Rows: `stock_eager`, `stock_compiled` and, on CUDA only, `stock_compiled_cudagraphs` (mode reduce-overhead); `noreuse_<executor>` and `<preset>_<executor>` for the executors asked for
 (eager = patch, compiled, graph; a gate preset's decisions frozen into a plan for the compiled ones; `_compiled_modeldtype`:
-the same plan with a model-dtype cache); `peer_<name>` (dqar.studies.bench_peers: under torch.compile where it tolerates it).
+the same plan with a model-dtype cache); `peer_<name>` (dqar.studies.bench.peers: under torch.compile where it tolerates it).
 Flow models (Flux, SD3: dqar.models.RANDOM_FLOW) sample with `sample_flow` through `generate`; a row whose executor or peer
 refuses the family at enable is not timed but listed under "not_applicable" with the refusal (`Case.refused`).
 Every case draws the same labels and noise; all cases of one batch size are warmed up in `warmup` passes (each
-case's warm-up seconds, graphs and fallbacks logged), then timed round-robin over the repeats on the device's clock (dqar.studies.timing: the sampling thread's CPU time on CPU, CUDA events
-on GPU, wall time beside); every ratio is a ratio of medians with a paired bootstrap interval (dqar.studies.intervals),
+case's warm-up seconds, graphs and fallbacks logged), then timed round-robin over the repeats on the device's clock (dqar.studies.measure.timing: the sampling thread's CPU time on CPU, CUDA events
+on GPU, wall time beside); every ratio is a ratio of medians with a paired bootstrap interval (dqar.studies.measure.intervals),
 against the stock eager, the stock compiled and the faster stock compiled row (`stock_best`). The result is handed on
 after every timed case (rows still short of their rounds: `complete: false`). Peak memory: the CUDA allocator's, reset before each run; on CPU only
 the dqar cache's bytes. Timed runs have diagnostics off. Ratios are what travels between machines. Each dqar row also
@@ -34,13 +34,13 @@ from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
 from dqar.sampling import make_scheduler
-from dqar.studies import compile_cache, memory
-from dqar.studies.bench_family import compiled_twin, family, flops, for_model, refusal, stock_supported
-from dqar.studies.bench_peers import PEERS, PREFIX, PeerCase, check_peers, flow_peer_refusal
-from dqar.studies.blocks import timed_run
-from dqar.studies.bench_report import render_table  # noqa: F401 - re-exported
-from dqar.studies.intervals import ratio_ci
-from dqar.studies.timing import Run, clock_for, median, round_robin, seconds, walls, warm_up
+from dqar.studies.measure import compile_cache, memory
+from dqar.studies.bench.family import compiled_twin, family, flops, for_model, refusal, stock_supported
+from dqar.studies.bench.peers import PEERS, PREFIX, PeerCase, check_peers, flow_peer_refusal
+from dqar.studies.ablation.blocks import timed_run
+from dqar.studies.bench.report import render_table  # noqa: F401 - re-exported
+from dqar.studies.measure.intervals import ratio_ci
+from dqar.studies.measure.timing import Run, clock_for, median, round_robin, seconds, walls, warm_up
 from dqar.tuning.distill import executed_plan
 
 BLOCK_PRESET = "block_reuse"
@@ -69,7 +69,7 @@ class BenchSettings:
     stock: bool = True  # include diffusers' DiTPipeline where the model allows it
     seed: int = 0
     executors: tuple[str, ...] = EXECUTORS  # which of dqar's executors get rows
-    peers: tuple[str, ...] = tuple(PEERS)  # diffusers caching methods timed beside dqar (dqar.studies.bench_peers)
+    peers: tuple[str, ...] = tuple(PEERS)  # diffusers caching methods timed beside dqar (dqar.studies.bench.peers)
     cases: tuple[str, ...] = ()  # only the cases matching one of these names or shell patterns; empty: all
 
     def __post_init__(self) -> None:
@@ -297,7 +297,7 @@ def run_bench(loaded, device: torch.device, s: BenchSettings, progress: bool = T
     timed case (the CLI writes it: a killed run keeps every measurement; rows short of their rounds have
     `complete: false`). `clock`: the timing clock (default: the device's; tests inject one). `log`: one line per
     warm-up (default: stderr while `progress`). Peak memory: per run on CUDA (reset before each), the dqar cache's on CPU.
-    The compile cache (dqar.studies.compile_cache: `cache_path` or $DQAR_COMPILE_CACHE) is loaded before the first warm-up
+    The compile cache (dqar.studies.measure.compile_cache: `cache_path` or $DQAR_COMPILE_CACHE) is loaded before the first warm-up
     and saved after each batch size's warm-ups, so a run killed while timing keeps what it compiled.
     """
     s = for_model(s, loaded)

@@ -2,21 +2,21 @@
 
 Protocol (written into the report's methodology):
 - every configuration draws the same labels and the same initial noise (sample i: seed + i);
-- configurations are timed in blocks (the main comparison, each sweep, the peers; dqar.studies.blocks),
+- configurations are timed in blocks (the main comparison, each sweep, the peers; dqar.studies.ablation.blocks),
   each on the fastest executor that runs it here, diagnostics off; the baseline of every sampling
   setting of a block is a case of the block, so the baseline and the configurations are timed in the
   same rounds; one untimed warm-up per case (a baseline warmed up in an earlier block of the run is not warmed up
-  again: the blocks share it), then `repeats` rounds (dqar.studies.timing); on CPU the clock is the sampling
+  again: the blocks share it), then `repeats` rounds (dqar.studies.measure.timing); on CPU the clock is the sampling
   thread's CPU time (one torch thread), wall time beside it;
 - speedup = median(baseline runs) / median(configuration runs), with a paired bootstrap interval
-  (dqar.studies.intervals); quantization error, finite checks and host-sync counts come from an
+  (dqar.studies.measure.intervals); quantization error, finite checks and host-sync counts come from an
   untimed run with diagnostics on;
 - fidelity: paired metrics and class accuracy on the timing batch for every configuration, and a
   larger untimed fidelity run (FD) for the main configurations and the finalists a recommendation or
-  the target rests on, or at most the grid's `fidelity_runs` of them (dqar.studies.verify); its first chunk is
+  the target rests on, or at most the grid's `fidelity_runs` of them (dqar.studies.ablation.verify); its first chunk is
   the timing batch, whose warm-up images it reuses;
 - a configuration whose resolved config equals one already measured reuses that measurement;
-- a peer (dqar.studies.peers) runs on a fresh deep copy of the transformer: untimed, one counted baseline
+- a peer (dqar.studies.peers.methods) runs on a fresh deep copy of the transformer: untimed, one counted baseline
   generation on the copy, the peer applied (MagCache calibrated first, on seeds offset like calibrated
   plans), one counted generation with the peer, then it is timed in the peers block, its state reset
   before every generation. A peer whose package is missing or that fails while being applied is
@@ -42,15 +42,15 @@ from dqar.labels import default_labels
 from dqar.reporting import plots, report
 from dqar.reporting.documents import RESULTS_FILE, RESULTS_FORMAT, load_results
 from dqar.reporting.plots import HEATMAP_FILE, PARETO_FILE
-from dqar.studies import ablation_fidelity as AF
-from dqar.studies import blocks as B
-from dqar.studies import grid as G
-from dqar.studies import records as REC
-from dqar.studies.ablation_bars import Bars
+from dqar.studies.ablation import fidelity as AF
+from dqar.studies.ablation import blocks as B
+from dqar.studies.ablation import grid as G
+from dqar.studies.ablation import records as REC
+from dqar.studies.ablation.bars import Bars
 from dqar.studies.core import Evaluator, embedded_evaluator, other_seeds, reference_of
-from dqar.studies.peer_rows import PeerNotRun, start_peer
-from dqar.studies.timing import clock_for, cpu_threads, order_method
-from dqar.studies.verify import verify
+from dqar.studies.peers.rows import PeerNotRun, start_peer
+from dqar.studies.measure.timing import clock_for, cpu_threads, order_method
+from dqar.studies.ablation.verify import verify
 
 __all__ = ["REPORT_FILE", "RESULTS_FILE", "AblationOptions", "Evaluator", "Outcome", "run_ablation"]
 
@@ -246,7 +246,7 @@ def _member(e: G.Entry, st: _State, ctx: dict, bases: dict, eager: dict) -> B.Ca
 
 
 def _warm(case: B.Case, st: _State, ctx: dict) -> None:
-    """The case's untimed warm-up; its images are kept as chunk 0 of a fidelity run (dqar.studies.verify)."""
+    """The case's untimed warm-up; its images are kept as chunk 0 of a fidelity run (dqar.studies.ablation.verify)."""
     B.warm(case, ctx["loaded"], ctx["labels"])
     ctx["bars"].tick()
     if ctx["chunks"] > 1 and case.executor != "peer":

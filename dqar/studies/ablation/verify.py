@@ -16,8 +16,8 @@ from typing import Callable
 from dqar.engine.config import from_dict
 from dqar.generate import generate
 from dqar.reporting.findings import claim_candidates, is_baseline, is_peer, recommendation_front
-from dqar.studies import ablation_fidelity as AF
-from dqar.studies.blocks import COMPILED, timed_run
+from dqar.studies.ablation import fidelity as AF
+from dqar.studies.ablation.blocks import COMPILED, timed_run
 from dqar.studies.core import baseline_run
 
 FINALISTS = 3  # fidelity runs beyond the main configurations

@@ -5,7 +5,7 @@ Checks, per case: `cuda_graphs` (every pattern captured as a CUDA graph: inducto
 cudagraph-tree nodes recorded; "n/a (cpu)" without CUDA), `no_recompile` (the second generation under dynamo's
 `error_on_recompile`, and no new dynamo graph), `matches_patch` (both generations' final latents within the dtype's
 tolerance of the patch executor's), `no_host_syncs` (`ReuseStats.host_syncs == 0` in every generation with dqar attached).
-The cases are bench's own (`dqar.studies.bench.cases_for`: the same run configs, labels and noise); generating is
+The cases are bench's own (`dqar.studies.bench.runner.cases_for`: the same run configs, labels and noise); generating is
 `dqar.generate.generate`.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch._dynamo.utils import counters
 
 from dqar.engine.config import preset
 from dqar.errors import DqarError, first_line
-from dqar.studies import compile_cache
-from dqar.studies.bench import BenchSettings, cases_for
+from dqar.studies.measure import compile_cache
+from dqar.studies.bench.runner import BenchSettings, cases_for
 
 PASS, FAIL, NA_CPU = "PASS", "FAIL", "n/a (cpu)"
 CHECKS = ("cuda_graphs", "no_recompile", "matches_patch", "no_host_syncs")
@@ -83,7 +83,7 @@ def tolerance(s: SmokeSettings, dtype: torch.dtype) -> tuple[float, float]:
 def run_smoke(loaded, device: torch.device, s: SmokeSettings, log: Callable[[str], None] = print,
               on_update: Callable[[dict], None] | None = None, cache_path=None) -> dict:
     """Run every case and its checks; `log` gets one line per check and case as it is decided, `on_update` the result
-    after every case. The compile cache (`dqar.studies.compile_cache`, `cache_path` or $DQAR_COMPILE_CACHE) is loaded
+    after every case. The compile cache (`dqar.studies.measure.compile_cache`, `cache_path` or $DQAR_COMPILE_CACHE) is loaded
     first and saved after every case. Returns the JSON-ready result; `result["passed"]` is False on any FAIL."""
     dtype = loaded.transformer.dtype
     atol, rtol = tolerance(s, dtype)

@@ -17,7 +17,7 @@ from dqar import metrics as M
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.studies.core import SEED_OFFSET, Evaluator, Reference, other_seeds, reference_from, score
-from dqar.studies.intervals import fd_delta_ci, wilson
+from dqar.studies.measure.intervals import fd_delta_ci, wilson
 
 FD_SAMPLES_PER_FEATURE = 1.5  # FD needs a well-conditioned feature covariance: N ≥ 1.5 × feature size
 

@@ -1,6 +1,6 @@
 """`dqar bench` peer rows: a diffusers caching method on its own copy of the transformer, under the best compile it tolerates.
 
-Each peer (dqar.studies.peers) is attached to a deep copy of the transformer on its first call (the
+Each peer (dqar.studies.peers.methods) is attached to a deep copy of the transformer on its first call (the
 warm-up; MagCache calibrates its ratios there, on other seeds), and that copy is tried under
 `torch.compile` (default mode, static shapes) with the peer's hooks attached — diffusers' hooks break
 the graph where they decide on tensors. If the compiled generation raises in the warm-up, the row
@@ -24,10 +24,10 @@ import torch
 from dqar.errors import DqarError, first_line
 from dqar.generate import generate
 from dqar.sampling import FLOW_FAMILIES
-from dqar.studies import peers as P
-from dqar.studies.bench_family import compiled_twin
+from dqar.studies.peers import methods as P
+from dqar.studies.bench.family import compiled_twin
 from dqar.studies.core import other_seeds
-from dqar.studies.peer_rows import attach_peer, model_copy
+from dqar.studies.peers.rows import attach_peer, model_copy
 
 PEERS: dict[str, Callable[[], Any]] = {m: P.PEERS[m] for m in ("pab", "first_block_cache", "taylorseer", "magcache")}  # diffusers' own, default settings
 PREFIX = "peer_"

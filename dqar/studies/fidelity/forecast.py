@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.engine.flops import attention_flops, dit_shape, mlp_flops
 from dqar.labels import cycle_labels
-from dqar.studies import peers as P
-from dqar.studies.peer_rows import attach_peer, model_copy
+from dqar.studies.peers import methods as P
+from dqar.studies.peers.rows import attach_peer, model_copy
 from dqar.studies.core import Study, baseline_row, embedded_evaluator, make_reference, other_seeds, study_row
 
 SECTION = "Forecast"

@@ -56,7 +56,7 @@ BASELINE = "baseline"
 MIN_REPEATS = 3
 STUDY_KEYS = {"repeats", "samples_per_label", "main", "fidelity_samples_per_label", "fidelity_runs"}
 GRIDS = ("quick", "default", "full")  # the grids shipped in dqar/grids/ (`dqar ablate --grid NAME`)
-FIDELITY_SAMPLES_PER_LABEL = 20  # images per label of the untimed fidelity runs (dqar.studies.ablation_fidelity)
+FIDELITY_SAMPLES_PER_LABEL = 20  # images per label of the untimed fidelity runs (dqar.studies.ablation.fidelity)
 SWEEP_KEYS = {"name", "base", "vary", "points"}
 TOP_KEYS = {"study", "sample", "sweep", "peer"}
 SLUG_MAX = 120  # characters of a configuration folder name before a hash suffix
@@ -73,7 +73,7 @@ class Study:
     sweeps: tuple[dict, ...]  # raw sweep tables, validated
     source: str  # where the grid came from
     text_hash: str  # sha256 of the grid text (first 16 hex digits)
-    peers: tuple[tuple[dict, Any], ...] = ()  # (the grid's table, its peer config from dqar.studies.peers)
+    peers: tuple[tuple[dict, Any], ...] = ()  # (the grid's table, its peer config from dqar.studies.peers.methods)
     fidelity_samples_per_label: int = FIDELITY_SAMPLES_PER_LABEL  # images per label of the fidelity runs
     fidelity_runs: int | None = None  # cap on fidelity runs of reuse configurations; None: every main one and the finalists
 
@@ -89,7 +89,7 @@ class Entry:
     run: RunConfig
     calibration: dict = field(default_factory=dict)  # keyword arguments of dqar.tuning.calibrate.calibrate; {} = none
     config_hash: str = ""  # of the definition (run + calibration + peer); kept when a calibrated plan is filled in
-    peer: Any = None  # a peer config (dqar.studies.peers) run instead of dqar's reuse; None for dqar configurations
+    peer: Any = None  # a peer config (dqar.studies.peers.methods) run instead of dqar's reuse; None for dqar configurations
 
     def __post_init__(self) -> None:
         if not self.config_hash:
@@ -106,7 +106,7 @@ class Entry:
 
 def config_hash(run: RunConfig, calibration: dict | None = None, peer: Any = None) -> str:
     """A stable 16-hex-digit hash of a resolved run configuration (and its calibration settings or peer, if any)."""
-    from dqar.studies.peers import to_dict
+    from dqar.studies.peers.methods import to_dict
 
     data = run.to_dict() if not calibration else {**run.to_dict(), "calibration": calibration}
     if peer is not None:
@@ -193,7 +193,7 @@ def _known(table: Any, allowed: set, where: str) -> None:
 
 def _peers(tables: Any, source: str) -> tuple[tuple[dict, Any], ...]:
     """(table, peer config) of every [[peer]] table; unknown methods and settings raise."""
-    from dqar.studies.peers import from_table
+    from dqar.studies.peers.methods import from_table
 
     if not isinstance(tables, list):
         raise DqarError(f"{source}: 'peer' must be an array of tables", 'write each peer as [[peer]] with method = "..."')

@@ -17,7 +17,7 @@ import torch
 
 from dqar.device import synchronize
 from dqar.errors import first_line
-from dqar.studies import memory
+from dqar.studies.measure import memory
 
 CLOCK_THREAD = "CPU time of the sampling thread (time.thread_time, one torch thread); wall time (time.perf_counter) beside it"
 CLOCK_WALL = ("wall time (time.perf_counter): with {threads} torch threads one thread's CPU time misses the others' work and the "

@@ -5,7 +5,7 @@ measured and, for every sampling setting among them, the baseline (and, when a c
 eagerly while the baseline is compiled, the eager baseline too). Every case is warmed up once
 (untimed: compilation happens there; its images and stats are the ones reported), configurations
 whose timed run differs from the one that reports (INT8 error tracking off while timing) run once more
-untimed with diagnostics on, then the cases are timed round-robin (dqar.studies.timing).
+untimed with diagnostics on, then the cases are timed round-robin (dqar.studies.measure.timing).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from dqar.engine.api import enable, on_cuda
 from dqar.engine.config import RunConfig, SampleConfig
 from dqar.errors import DqarError, first_line
 from dqar.generate import Generation, generate, plan_key
-from dqar.studies import grid as G
+from dqar.studies.ablation import grid as G
 from dqar.studies.core import baseline_run
-from dqar.studies.timing import Run, round_robin
+from dqar.studies.measure.timing import Run, round_robin
 
 EXECUTOR_PREFERENCES = ("auto", "graph", "patch")
 EXECUTOR_METHOD = (
@@ -102,7 +102,7 @@ class Case:
     executor: str  # "graph" | "compiled" | "patch" | "peer"
     note: str | None = None  # why not compiled
     entry: G.Entry | None = None  # None: a baseline that is not one of this block's records
-    peer: Any = None  # a dqar.studies.peer_rows.PeerRow
+    peer: Any = None  # a dqar.studies.peers.rows.PeerRow
     fn: Callable[[], Generation] | None = None
     warm: Generation | None = None  # the untimed warm-up generation
     stats: Any = None  # reuse stats of the diagnostics run (or of the warm-up when it is the same configuration)

@@ -1,4 +1,4 @@
-"""The "Forecast" section of docs/FIDELITY.md: targets computed from `dqar.studies.forecast` results, table, plot."""
+"""The "Forecast" section of docs/FIDELITY.md: targets computed from `dqar.studies.fidelity.forecast` results, table, plot."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dqar.studies.core import frontier, y_at
-from dqar.studies.forecast import SECTION, SHARE_TOLERANCE
+from dqar.studies.fidelity.forecast import SECTION, SHARE_TOLERANCE
 
 PLOT = "fidelity_forecast.png"
 RAW = "fidelity_forecast.json"

@@ -10,8 +10,7 @@ import torch
 from dqar.engine.config import RunConfig
 from dqar.errors import first_line
 from dqar.generate import generate
-from dqar.studies import grid as G
-from dqar.studies import peers as P
+from dqar.studies.peers import methods as P
 from dqar.studies.core import Reference, other_seeds
 
 
@@ -23,7 +22,7 @@ class PeerNotRun(Exception):
 class PeerRow:
     """A peer applied to its own deep copy of the transformer, with its untimed counted generations."""
 
-    attached: Any  # dqar.studies.peers.Attached
+    attached: Any  # dqar.studies.peers.methods.Attached
     loaded: Any  # the loaded model with the copy as its transformer
     run: RunConfig  # no dqar reuse, the entry's sampling settings
     labels: list
@@ -48,8 +47,8 @@ def attach_peer(peer: Any, model, labels, run: RunConfig) -> PeerRow:
     return PeerRow(attached, model, run, list(labels))
 
 
-def start_peer(entry: G.Entry, loaded, labels, ref: Reference) -> PeerRow:
-    """Copy the transformer, count a baseline generation on the copy, apply the peer, count one generation with it."""
+def start_peer(entry, loaded, labels, ref: Reference) -> PeerRow:
+    """`entry`: an ablation grid entry (its `peer` and `run`). Copy the transformer, count a baseline generation on the copy, apply the peer, count one generation with it."""
     reason = P.unavailable(entry.peer)
     if reason:
         raise PeerNotRun(reason)

@@ -1,0 +1,1 @@
+"""The executor bench, its families, peers, table and the fail-fast GPU smoke run."""

@@ -1,0 +1,1 @@
+"""The fidelity sections of docs/FIDELITY.md: engine, forecast, dynamic evidence, policy."""

@@ -1,0 +1,1 @@
+"""Measurement: timing protocol, confidence intervals, memory, compile-cache artifacts."""

@@ -1,0 +1,1 @@
+"""Scale: torchrun-sharded sampling and FID."""
