@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import (AutoencoderKLWan, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
+                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel,
+                       QwenImagePipeline, QwenImageTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
 
 from dqar.sampling import FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
 
@@ -82,8 +83,26 @@ def wan():
     return pipe, kwargs
 
 
+QWEN_SCHEDULER_CONFIG = dict(base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, shift=1.0,
+                             shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+
+def qwen_image():
+    """Qwen-Image: dual-stream joint-attention blocks, true CFG as separate forwards ("cond" / "uncond")."""
+    torch.manual_seed(0)
+    t = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_SCHEDULER_CONFIG), vae=None,
+                             text_encoder=None, tokenizer=None, transformer=t)
+    g, mask = _g(1), torch.ones(1, 5, dtype=torch.long)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), prompt_embeds_mask=mask,
+                  negative_prompt_embeds=torch.randn(1, 5, 16, generator=g), negative_prompt_embeds_mask=mask,
+                  height=64, width=64, true_cfg_scale=4.0)
+    return pipe, kwargs
+
+
 FAMILIES = {"pixart_sigma": pixart, "pixart_alpha": lambda: pixart(alpha=True), "sd3": sd3, "sd35": lambda: sd3(dual_attention=True),
-            "flux": flux, "flux_true_cfg": lambda: flux(true_cfg=True), "wan": wan}
+            "flux": flux, "flux_true_cfg": lambda: flux(true_cfg=True), "wan": wan, "qwen_image": qwen_image}
 
 
 def run(pipe, kwargs, steps: int, seed: int = 0) -> torch.Tensor:

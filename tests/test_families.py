@@ -1,5 +1,5 @@
-"""Every diffusers DiT family through the block adapter, in its stock pipeline: PixArt-Σ, SD3, Flux.1 (guidance-distilled
-and true CFG as separate forwards), Wan. Tiny random components from configs (tests/families.py)."""
+"""Every diffusers DiT family through the block adapter, in its stock pipeline: PixArt-α / Σ, SD3 / 3.5, Flux.1
+(guidance-distilled and true CFG as separate forwards), Wan, Qwen-Image. Tiny random components from configs (tests/families.py)."""
 from dataclasses import replace
 
 import numpy as np
@@ -97,8 +97,9 @@ def test_dit_only_options_are_refused_with_a_reason(family, config):
         dqar.enable(pipe, cfg)
 
 
-def test_separate_forward_cfg_keeps_one_history_per_branch(monkeypatch):
-    pipe, kwargs = flux(true_cfg=True)
+@pytest.mark.parametrize("name", ["flux_true_cfg", "qwen_image"])
+def test_separate_forward_cfg_keeps_one_history_per_branch(monkeypatch, name):
+    pipe, kwargs = FAMILIES[name]()
     writers: dict[int, set] = {}
     put = LayerCache.put_encoded
 
@@ -214,3 +215,21 @@ def test_a_plan_for_another_layer_count_is_refused():
         with pytest.raises(DqarError, match="layer"):
             with torch.no_grad():
                 run(pipe, kwargs, STEPS)
+
+
+@pytest.mark.parametrize("key,expect", [({"steps": 3}, "plan has shape (3, 8) but this run needs (3 evaluations, 4 layers)"),
+                                        ({"model": "embedded", "sampler": "ddim", "steps": 3},
+                                         "plan was made for model='embedded' but this run has model='random-flux-tiny'")])
+def test_a_plan_file_for_another_model_is_one_line_exit_2_on_a_flow_model(tmp_path, capsys, key, expect):
+    """An 8-layer plan (the embedded DiT's shape; keyless, or saved for it) on random-flux-tiny's 2 + 2 blocks: refused in one line."""
+    import json
+
+    from dqar.cli import main
+
+    (tmp_path / "plan.json").write_text(json.dumps({"format": "dqar-plan/1", "key": key, "rows": ["." * 8, "R" * 8, "R" * 8]}))
+    (tmp_path / "cfg.toml").write_text(f"[reuse]\nplan_file = '{tmp_path / 'plan.json'}'\n")
+    rc = main(["sample", "--model", "random-flux-tiny", "--device", "cpu", "--steps", "3", "--classes", "0", "--quiet",
+               "--config", str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # nothing written
