@@ -89,3 +89,61 @@ def test_bad_model_name_on_the_command_line_is_one_line_exit_2(tmp_path, capsys)
     rc = main(["bench", "--model", "random-flux-xl", "--device", "cpu", "--quick", "--out", str(tmp_path / "b"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown random model 'random-flux-xl'" in err and err.count("\n") == 1, err
+
+
+def test_bench_resolution_and_cfg_flags_reach_a_flow_run(tmp_path):
+    """--resolution and --cfg on random-flux-tiny (true CFG: two forwards) and random-sd3-tiny (cfg 1: one forward)."""
+    import json
+
+    from dqar.cli import main
+
+    for name, px, cfg, how in [("random-flux-tiny", 32, 2.0, "CFG 2.0"), ("random-sd3-tiny", 48, 1.0, "CFG 1.0")]:
+        out = tmp_path / name
+        rc = main(["bench", "--model", name, "--device", "cpu", "--quick", "--resolution", str(px), "--cfg", str(cfg),
+                   "--batch-sizes", "1", "--steps", "2", "--presets", "--peers", "--cases", "stock_eager", "noreuse_eager",
+                   "--out", str(out), "--quiet"])
+        result = json.loads((out / "bench.json").read_text())
+        assert rc == 0 and result["resolution"] == px and result["settings"]["cfg"] == cfg and result["model"] == name
+        assert f"{px} px · flow-matching Euler 2 · {how}" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--model", "random-flux-tiny", "--resolution", "40"], "--resolution 40 is invalid — use a positive multiple of 16"),
+    (["--model", "random-flux-tiny", "--resolution", "0"], "--resolution 0 is invalid"),
+    (["--model", "random-flux-tiny", "--resolution", "x"], "argument --resolution: invalid int value"),
+    (["--model", "random-flux-tiny@64", "--resolution", "128"], "--resolution 128 contradicts the model name random-flux-tiny@64"),
+    (["--model", "random-sd3-tiny", "--resolution", "1024"], "random-sd3-tiny's position embedding covers at most 768 px"),
+    (["--resolution", "256"], "embedded samples at the resolution it was built or trained at"),
+    (["--model", "embedded-flux", "--resolution", "256"], "embedded-flux samples at the resolution it was built or trained at"),
+    (["--model", "random-dit-xl2", "--resolution", "384"], "random DiT-XL/2 shapes come at 256 and 512 px, not 384"),
+    (["--model", "random-flux-tiny", "--cfg", "-1"], "--cfg -1.0 is invalid — use --cfg between 0 and 100"),
+    (["--model", "random-sd3-tiny", "--cfg", "nan"], "--cfg nan is invalid"),
+    (["--model", "random-flux-tiny", "--cfg", "four"], "argument --cfg: invalid float value")])
+def test_bad_bench_resolution_and_cfg_are_one_line_exit_2_before_loading(flags, expect, tmp_path, capsys, monkeypatch):
+    import dqar.models
+    from dqar.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(dqar.models, "load_model", no_load)
+    monkeypatch.setattr(dqar.models, "random_dit_xl2", no_load)
+    try:
+        rc = main(["bench", *flags, "--device", "cpu", "--quick", "--out", str(tmp_path / "b"), "--quiet"])
+    except SystemExit as exc:  # argparse's own errors (not a number) exit from the parser, also with 2
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_resolution_maps_random_dit_shapes_and_embedded_flux_keeps_its_defaults():
+    from types import SimpleNamespace
+
+    from dqar.studies.bench.family import bench_model, for_model
+
+    assert bench_model("random-dit-xl2", 512) == "random-dit-xl2-512" and bench_model("random-dit-xl2-512", 256) == "random-dit-xl2"
+    assert bench_model("random-flux-dev", 512) == "random-flux-dev@512" and bench_model("embedded", None) == "embedded"
+    s = for_model(BenchSettings(presets=(), peers=()), SimpleNamespace(name="embedded-flux", family="flux"))
+    assert (s.steps, s.cfg) == (28, 4.0)  # dqar sample's defaults for it: true CFG 4
+    assert for_model(BenchSettings(presets=(), peers=()), SimpleNamespace(name="random-flux-dev", family="flux")).cfg == 1.0

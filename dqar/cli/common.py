@@ -60,6 +60,12 @@ def at_least(flag: str, value, lo: int) -> None:
         raise DqarError(f"{flag} {value} is invalid", f"use {flag} {lo} or more")
 
 
+def in_range(flag: str, value, lo: float, hi: float) -> None:
+    """A number flag must be finite and within [lo, hi]."""
+    if value is not None and not lo <= value <= hi:  # NaN fails both comparisons
+        raise DqarError(f"{flag} {value} is invalid", f"use {flag} between {lo:g} and {hi:g}")
+
+
 def _check_writable(folder: Path, target: Path) -> None:
     probe = folder
     while not probe.exists() and probe.parent != probe:

@@ -6,23 +6,26 @@ import shlex
 import sys
 from pathlib import Path
 
-from dqar.cli.common import at_least, device_dtype, model_args, quiet_arg, threads_arg, writable_file, writable_folder
+from dqar.cli.common import at_least, device_dtype, in_range, model_args, quiet_arg, threads_arg, writable_file, writable_folder
 
 
 def cmd_bench(args) -> int:
     from dqar import models
     from dqar.io import atomic_write_json, atomic_write_text
+    from dqar.studies.bench.family import bench_model
     from dqar.studies.bench.runner import BenchSettings, render_table, run_bench
     from dqar.studies.measure.timing import cpu_threads
 
     at_least("--threads", args.threads, 1)
+    in_range("--cfg", args.cfg, 0.0, 100.0)
     settings = BenchSettings(**_bench_settings(args))  # checked before the model loads
+    model = bench_model(args.model, args.resolution)  # --resolution: the model name to load, or a one-line refusal
     out = writable_folder(args.out)
     device, dtype = device_dtype(args)
-    if args.model in models.RANDOM_DIT_XL2:
-        loaded = models.random_dit_xl2(device, dtype, with_vae=True, resolution=models.RANDOM_DIT_XL2[args.model])
+    if model in models.RANDOM_DIT_XL2:
+        loaded = models.random_dit_xl2(device, dtype, with_vae=True, resolution=models.RANDOM_DIT_XL2[model])
     else:
-        loaded = models.load_model(args.model, device=device, dtype=dtype)
+        loaded = models.load_model(model, device=device, dtype=dtype)
 
     def write(result: dict) -> None:  # after every warm-up and every timed case, atomically: a killed run keeps every measurement
         atomic_write_json(out / "bench.json", result | {"command": shlex.join(["dqar", *args.argv])})
@@ -38,7 +41,7 @@ def cmd_bench(args) -> int:
 def _bench_settings(args) -> dict:
     """BenchSettings keywords from the flags: --quick first, then the flags given."""
     quick = dict(batch_sizes=(2,), steps=10, repeats=3, warmup=1) if args.quick else {}
-    flags = {"batch_sizes": tuple(args.batch_sizes) if args.batch_sizes is not None else None, "steps": args.steps,
+    flags = {"batch_sizes": tuple(args.batch_sizes) if args.batch_sizes is not None else None, "steps": args.steps, "cfg": args.cfg,
              "repeats": args.repeats, "executors": tuple(args.executors) if args.executors else None,
              "peers": tuple(args.peers) if args.peers is not None else None, "cases": tuple(args.cases or ())}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -51,7 +54,18 @@ def bench_parser(sub) -> None:
     model_args(p)
     p.set_defaults(model=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="images per generation, e.g. 1 8 32 64 (default 1 8 32)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: a DiT 50 DDIM; Flux and SD3 28 flow-matching Euler)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale, 0-100 (default: the model's: DiT 4, Flux 1, SD3 4.5, embedded-flux 4). DiT: > 1 batched "
+                        "[cond; uncond] CFG. Flux: <= 1 guidance-distilled, one forward per step (Flux-dev's guidance embedding "
+                        "at 3.5), > 1 true CFG, a cond and an uncond forward per step. SD3: > 1 batched [uncond; cond] CFG, "
+                        "<= 1 one unguided forward")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels, a positive multiple of 16: a random flow shape's (random-flux-dev, "
+                        "random-sd35-medium: default 1024; random-flux-tiny, random-sd3-tiny: 64; as --model NAME@PX), or "
+                        "random-dit-xl2's 256 or 512 (512: random-dit-xl2-512); refused for other models, whose resolution "
+                        "is fixed (a DiT's sample_size, embedded-flux's training size)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case, >= 3 (default 5)")
     p.add_argument("--presets", nargs="*", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time (--presets alone: none)")
     p.add_argument("--executors", nargs="+", default=None,

@@ -18,9 +18,43 @@ def family(loaded) -> str:
 
 
 def for_model(s, loaded):
-    """Bench settings `s` with the family's steps and cfg where they were left None (DEFAULTS)."""
+    """Bench settings `s` with the model's steps and cfg where they were left None (dqar.models.SAMPLE_DEFAULTS by name,
+    else the family's DEFAULTS)."""
+    from dqar.models import SAMPLE_DEFAULTS
+
     steps, cfg = DEFAULTS[family(loaded)]
+    own = SAMPLE_DEFAULTS.get(getattr(loaded, "name", None), {})
+    steps, cfg = own.get("steps", steps), own.get("cfg", cfg)
     return replace(s, steps=s.steps or steps, cfg=cfg if s.cfg is None else s.cfg)
+
+
+def bench_model(model: str | None, resolution: int | None) -> str | None:
+    """The model `dqar bench --model M --resolution PX` loads, checked before it loads: a random flow shape at `M@PX`, a random
+    DiT-XL/2 at its 256 or 512 px shape; any other DiT (and embedded-flux, trained at one size) is refused in one line."""
+    from dqar.models import RANDOM_DIT_XL2, RANDOM_FLOW
+
+    if resolution is None:
+        return model
+    if resolution < 16 or resolution % 16:
+        raise DqarError(f"--resolution {resolution} is invalid", "use a positive multiple of 16 pixels, e.g. --resolution 512")
+    name = str(model or "embedded")
+    base, _, px = name.partition("@")
+    if base in RANDOM_DIT_XL2 and not px:
+        shapes = {r: n for n, r in RANDOM_DIT_XL2.items()}
+        if resolution not in shapes:
+            raise DqarError(f"random DiT-XL/2 shapes come at {' and '.join(map(str, shapes))} px, not {resolution}",
+                            f"use --resolution {' or '.join(map(str, shapes))}")
+        return shapes[resolution]
+    if base not in RANDOM_FLOW:
+        raise DqarError(f"--resolution sets a random model's image side; {name} samples at the resolution it was built or trained at",
+                        f"drop --resolution, or use one of: {', '.join((*RANDOM_DIT_XL2, *RANDOM_FLOW))}")
+    if px and px != str(resolution):
+        raise DqarError(f"--resolution {resolution} contradicts the model name {name}", f"pass one of them, e.g. --model {base}")
+    c = RANDOM_FLOW[base].config
+    if c.get("pos_embed_max_size") and resolution // 8 // c["patch_size"] > c["pos_embed_max_size"]:  # SD3 crops a fixed grid
+        top = c["pos_embed_max_size"] * c["patch_size"] * 8
+        raise DqarError(f"{base}'s position embedding covers at most {top} px, not {resolution}", f"use --resolution {top} or less")
+    return f"{base}@{resolution}"
 
 
 def stock_supported(loaded) -> str | None:
