@@ -18,13 +18,17 @@ from dqar.engine.plan import Plan, load_plan
 from dqar.engine.executors import EXECUTORS
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.stats import ReuseStats
+from dqar.engine.verify import VerifyDecider
 
 ALL_EXECUTORS = tuple(EXECUTORS)  # "graph": dqar.engine.graph.GraphEngine; the others dqar.engine.reuse.ReuseEngine
 EXECUTOR_CHOICES = ("auto", *ALL_EXECUTORS)  # "auto" (the default): resolve_executor picks graph or patch
 
 
 def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan | None = None) -> Decider:
-    """The decider a config asks for: a learned policy, the online gate (`gate = true`), else a plan (schedule, file or given)."""
+    """The decider a config asks for: the verifying decider (`decider = "verify"`), a learned policy, the online gate
+    (`gate = true`), else a plan (schedule, file or given)."""
+    if cfg.decider == "verify" and plan is None:
+        return VerifyDecider(cfg)
     if cfg.policy and plan is None:
         return PolicyDecider(cfg, key)
     if cfg.gate and plan is None:
@@ -80,7 +84,7 @@ def plan_patterns(transformer: torch.nn.Module, cfg: ReuseConfig, decider, steps
 def compiled_takes(cfg: ReuseConfig, decider, transformer: torch.nn.Module) -> bool:
     """Whether the compiled executor runs the config and decider (what `ReuseEngine` checks for it)."""
     needs = getattr(decider, "needs", None)
-    if needs is not None and needs.any or cfg.cfg_share != "none":
+    if needs is not None and needs.any or cfg.cfg_share != "none" or getattr(decider, "verifies", False):
         return False
     try:
         layout = describe(transformer)

@@ -1,7 +1,7 @@
 """The per-layer reuse cache: a short history of stored values (model dtype or INT8), read back as a copy or a forecast.
 
-Each layer keeps its newest `order + 1` stored values, newest first, each with its position on
-the forecast axis (`dqar.engine.forecast`). A reuse reads a copy of the newest (order 0, or a
+Each layer keeps its newest stored values (the forecaster's `depth`, `order + 1` for "taylor"), newest first, each with its
+position on the forecast axis (`dqar.engine.forecasters`). A reuse reads a copy of the newest (order 0, or a
 layer with one stored value) or `Σ w_i · y_i` over its history, with weights computed on the
 host from those positions: no value is read back from the device. Every history entry is kept
 in its stored form (INT8 values and float32 scales), and the byte counts include all of them;
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dqar.engine import forecast
+from dqar.engine.forecasters import Forecaster, as_forecaster
 from dqar.engine.codec import Codec, combine
 from dqar.engine.quant import QTensor, dequantize, encode, nbytes
 
@@ -46,8 +46,9 @@ class HostHistory:
     Nothing here touches a device tensor.
     """
 
-    def __init__(self, num_slots: int, order: int):
-        self.order = order
+    def __init__(self, num_slots: int, order: "int | Forecaster"):
+        self.forecaster = as_forecaster(order)  # a plain order is the "taylor" kind
+        self.order = self.forecaster.depth - 1  # entries kept per slot, minus one
         self.where: list[list[float]] = [[] for _ in range(num_slots)]  # forecast-axis position of each entry
         self.position = 0.0  # the current evaluation's position on the forecast axis
         self.bytes_now = self.bytes_peak = self.entries_now = self.entries_peak = 0
@@ -69,13 +70,14 @@ class HostHistory:
 
 
 class LayerCache(HostHistory):
-    """Per layer, the newest `order + 1` stored values with their positions; reads a copy or a forecast."""
+    """Per layer, the newest `depth` stored values with their positions; reads a copy or a forecast."""
 
-    def __init__(self, num_layers: int, policies: tuple[StorePolicy, ...], track_error: bool, order: int = 0, codec: Codec = Codec()):
+    def __init__(self, num_layers: int, policies: tuple[StorePolicy, ...], track_error: bool, order: "int | Forecaster" = 0,
+                 codec: Codec = Codec()):
         super().__init__(num_layers, order)
         self.policies = policies  # one per tensor of an entry
         self.codec = codec
-        self.anchored = order > 0 and len(policies) == 1 and policies[0].int8  # INT8 entries as differences from an anchor
+        self.anchored = self.order > 0 and len(policies) == 1 and policies[0].int8  # INT8 entries as differences from an anchor
         self.anchors: list[QTensor | None] = [None] * num_layers
         self.history: list[list[Entry]] = [[] for _ in range(num_layers)]  # newest first
         self._flags: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # 0-dim bool per entry: all finite
@@ -154,7 +156,7 @@ class LayerCache(HostHistory):
         """Host-side weights of reusing `layer` now, one per entry used (newest first); `count`: a reuse (counted as a forecast)."""
         if self.order == 0:
             return (1.0,)
-        w = forecast.weights(self.where[layer], self.position, self.order)
+        w = self.forecaster.weights(self.where[layer], self.position)
         self.forecasts += count and len(w) > 1
         return w
 

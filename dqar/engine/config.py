@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dqar.engine.forecast import FORECAST_AXES, FORECAST_ORDERS
+from dqar.engine.forecasters import FORECAST_KINDS, Forecaster
 from dqar.errors import DqarError
 
 if sys.version_info >= (3, 11):
@@ -27,6 +28,8 @@ SCHEDULES = ("constant", "linear", "linear_reverse", "exponential", "step", "cus
 SAMPLERS = ("ddim", "dpm")
 SNR_SOURCES = ("scheduler", "prediction")
 CFG_SHARES = ("none", "cond_to_uncond", "uncond_to_cond")
+DECIDERS = ("plan", "verify")
+VERIFY_PROBES = ("first", "last")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -82,6 +85,14 @@ class ReuseConfig:
     policy_budget: float = 1.0  # policy: at most this fraction of the layers reuse in one evaluation (lowest predicted error first), in [0, 1]
     forecast_order: int = 0  # a reuse returns: 0 a copy of the last computed output; 1 / 2 its linear / quadratic extrapolation
     forecast_axis: str = "evaluation"  # extrapolate over the evaluation index or over the scheduler's timesteps ("timestep")
+    forecast_kind: str = "taylor"  # taylor (Lagrange, orders 0-2) | hermite (least squares, degree forecast_order) | bdf2_heun (order 2); dqar.engine.forecasters
+    forecast_points: int = 0  # forecast_kind hermite: newest outputs fitted (0: forecast_order + 2)
+    decider: str = "plan"  # "plan": the schedule, plan_file, gate or policy decide; "verify": a probe block's forecast error decides (dqar.engine.verify)
+    verify_probe: Any = "first"  # verify: the block computed at every evaluation: "first", "last" or a layer index
+    verify_tau: tuple = ((0.0, 0.03), (1.0, 0.03))  # verify: (progress, τ) knots, τ linear between them; an error above τ refreshes
+    verify_scale: float = 1.0  # verify: every τ times this (what dqar.tuning.verify_tau calibrates)
+    verify_min_interval: int = 0  # verify: fewest consecutive reuses before a refresh
+    verify_max_interval: int = 3  # verify: most consecutive reuses (>= 1)
     max_patterns: int = 16  # executor 'graph': most distinct plan rows compiled as whole-model graphs; others run per block
     bound_patterns: bool = False  # True: a schedule's (or plan file's) plan keeps at most max_patterns distinct rows, the others computing more (dqar.engine.plan.bound_patterns): executor 'graph' never falls back
 
@@ -125,6 +136,8 @@ class ReuseConfig:
             raise DqarError(f"forecast_order = {self.forecast_order!r} is not supported",
                             "use 0 (copy the last computed output), 1 (linear) or 2 (quadratic extrapolation)")
         _choice("forecast_axis", self.forecast_axis, FORECAST_AXES)
+        _choice("forecast_kind", self.forecast_kind, FORECAST_KINDS)
+        Forecaster(self.forecast_kind, self.forecast_order, self.forecast_points)  # validates the kind's order and points
         if self.forecast_order and self.target == "kv":
             raise DqarError("forecast_order extrapolates cached attention or block outputs, not K/V",
                             "use target = 'attention' or forecast_order = 0")
@@ -136,9 +149,39 @@ class ReuseConfig:
             raise DqarError("target 'kv' cannot be used with granularity 'block'", "use granularity = 'attention'")
         if self.schedule == "custom" and not self.custom_layers:
             raise DqarError("schedule 'custom' needs custom_layers", "list the eligible layer indices, e.g. custom_layers = [0, 1, 2]")
+        self._check_verify()
         object.__setattr__(self, "custom_layers", tuple(int(i) for i in self.custom_layers))
         if any(i < 0 for i in self.custom_layers):
             raise DqarError("custom_layers has a negative index", "use layer indices >= 0")
+
+    def _check_verify(self) -> None:
+        """The verifying decider's fields: one line for each bad value or combination."""
+        _choice("decider", self.decider, DECIDERS)
+        probe = self.verify_probe
+        if not (probe in VERIFY_PROBES or isinstance(probe, int) and not isinstance(probe, bool) and probe >= 0):
+            raise DqarError(f"verify_probe = {probe!r} is invalid", "use 'first', 'last' or a layer index >= 0")
+        try:
+            knots = tuple((float(p), float(t)) for p, t in self.verify_tau)
+        except (TypeError, ValueError):
+            raise DqarError(f"verify_tau = {self.verify_tau!r} is not a list of (progress, tau) pairs",
+                            "use e.g. verify_tau = [[0.0, 0.1], [1.0, 0.2]]") from None
+        progress = [p for p, _ in knots]
+        if not knots or any(not 0.0 <= p <= 1.0 for p in progress) or progress != sorted(set(progress)):
+            raise DqarError(f"verify_tau progress points {progress} are invalid", "use increasing progress points in [0, 1]")
+        if any(not 0.0 <= t < float("inf") for _, t in knots):
+            raise DqarError(f"verify_tau thresholds {[t for _, t in knots]} are invalid", "use finite thresholds >= 0")
+        object.__setattr__(self, "verify_tau", knots)
+        _in_range("verify_scale", self.verify_scale, 0.0, 1e6)
+        _int_at_least("verify_min_interval", self.verify_min_interval, 0)
+        _int_at_least("verify_max_interval", self.verify_max_interval, 1)
+        if self.verify_min_interval > self.verify_max_interval:
+            raise DqarError(f"verify_min_interval = {self.verify_min_interval} is above verify_max_interval = "
+                            f"{self.verify_max_interval}", "use verify_min_interval <= verify_max_interval")
+        if self.decider == "verify" and (self.gate or self.policy or self.plan_file or self.bound_patterns):
+            raise DqarError("decider = 'verify' decides online: gate, policy, plan_file and bound_patterns do not apply",
+                            "unset them, or use decider = 'plan'")
+        if self.decider == "verify" and self.target == "kv":
+            raise DqarError("the verifying decider compares cached attention or block outputs, not K/V", "use target = 'attention'")
 
 
 @dataclass(frozen=True)
@@ -182,6 +225,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # warm-up, the last evaluation computed. A static plan: no calibration, nothing learned from the model.
     "full_dqar": {"schedule": "constant", "granularity": "block", "forecast_order": 2, "refresh_interval": 3,
                   "max_staleness": 2, "warmup_frac": 0.04, "cooldown_frac": 0.02, "cache_dtype": "int8", "quant_mode": "channel"},
+    # full_dqar's history and forecast under the verifying decider: the first block computes at every evaluation and the
+    # rest refresh where its relative L1 forecast error exceeds 3% (a scale-free threshold: no calibration file, nothing
+    # tuned per model), at most 3 reuses in a row. dqar.tuning.verify_tau scales τ to a target work.
+    "adaptive": {"granularity": "block", "forecast_order": 2, "warmup_frac": 0.04, "cooldown_frac": 0.02, "cache_dtype": "int8",
+                 "quant_mode": "channel", "decider": "verify", "verify_probe": "first", "verify_tau": ((0.0, 0.03), (1.0, 0.03)),
+                 "verify_min_interval": 0, "verify_max_interval": 3},
     # Linear layer schedule + INT8 cache + the online entropy/SNR gate (copy reuse of attn1 outputs).
     "gate": {"schedule": "linear", "cache_dtype": "int8", "quant_mode": "token", "gate": True, "entropy_tau": 0.97},
     # Whole-block reuse (attention + MLP residual), every layer eligible after warmup, INT8 cache.

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dqar.engine.config import ReuseConfig
+from dqar.engine.forecasters import forecaster_of
 from dqar.engine.plan import Plan, build_plan, eligibility, staleness_limits
 from dqar.engine.signals import Needs, SignalRecorder, Trace
 from dqar.errors import DqarError
@@ -74,7 +75,7 @@ class PlanDecider:
             plan.check_shape(*shape)
             # a copy reads one computed output, and a reuse run only extends from one: "the next evaluation reuses" is enough
             # for it; a forecast reads the layer's last computed outputs, so each is kept while the layer reuses later
-            self.plans[shape] = (plan, plan.rows(), store_rows(plan.mask, keep_for_later=self.cfg.forecast_order > 0))
+            self.plans[shape] = (plan, plan.rows(), store_rows(plan.mask, keep_for_later=forecaster_of(self.cfg).extrapolates))
         self.plan, self._rows, self._store = self.plans[shape]
 
     def row(self, evaluation: int) -> tuple[bool, ...]:
@@ -106,7 +107,7 @@ class EligibleDecider(ABC):
         self.eligible = eligibility(self.cfg, e, l) if self.cfg.enabled else np.zeros((e, l), dtype=bool)  # (E, L)
         self.eligible[0] = False  # evaluation 0 always computes
         self.limits = staleness_limits(self.cfg, e)  # (E,) most consecutive reuses at each evaluation
-        self._store = store_rows(self.eligible, self.keep_for_later or self.cfg.forecast_order > 0)
+        self._store = store_rows(self.eligible, self.keep_for_later or forecaster_of(self.cfg).extrapolates)
         self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations reused since the cached output was computed
         self.decisions = np.zeros((e, l), dtype=bool)
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from dqar.engine import verify
 from dqar.engine.adapter import form_of, outputs, pack
 from dqar.engine.attention import attend
 from dqar.engine.block import cfg_half
@@ -30,6 +31,8 @@ def attention(engine, layer: int, attn, original: Callable, *args, **kwargs) -> 
     if torch.is_tensor(out):
         if st.signals is not None and st.signals.needs.change and st.cache.has(slot):
             st.signals.put_change(layer, relative_change(out, cached(st, slot)))
+        if engine.verifier is not None and layer == engine.verifier.probe:
+            verify.observe(engine, layer, out)  # may set the rest of this evaluation's row and stores
         if st.store[layer]:
             st.cache.put(slot, out)
         return out
@@ -85,6 +88,8 @@ def block(engine, layer: int, original: Callable, *args, **kwargs) -> Any:
     engine.forms[layer] = form_of(out)
     if st.signals is not None and st.signals.needs.change and st.cache.has(slot):
         st.signals.put_change(layer, relative_change(h - hidden, cached(st, slot)))
+    if engine.verifier is not None and layer == engine.verifier.probe:
+        verify.observe(engine, layer, h - hidden)  # may set the rest of this evaluation's row and stores
     if st.store[layer]:
         st.cache.put(slot, h - hidden)
         if e is not None and encoder is not None:

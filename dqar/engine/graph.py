@@ -25,6 +25,7 @@ from dqar.engine import block as B
 from dqar.engine import history as H
 from dqar.engine.adapter import DIT_CLASS, describe
 from dqar.engine.cache import device_weights
+from dqar.engine.forecasters import forecaster_of
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.variants import Variants, compiled_copy
 from dqar.engine.stats import ReuseStats
@@ -74,6 +75,9 @@ def check_graph_supported(engine_cfg, decider, transformer) -> None:
     family = layout.family
     if not layout.is_dit:
         raise DqarError(f"the graph executor runs the class-conditional DiT ({DIT_CLASS}), not {family}", "use executor = 'patch'")
+    if getattr(decider, "verifies", False):
+        raise DqarError("the verifying decider reads its probe block's error inside the forward, which a graph cannot; it runs "
+                        "on the 'patch' executor", "use executor = 'patch' (or 'auto')")
     needs = getattr(decider, "needs", None)
     if needs is not None and needs.any:
         raise DqarError("the gate, signal traces and policies run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
@@ -100,6 +104,7 @@ class GraphEngine(ReuseEngine):
     def __init__(self, transformer: torch.nn.Module, cfg, decider, scheduler: Any = None):
         check_graph_supported(cfg, decider, transformer)
         self.spec = H.make_spec(cfg, transformer.transformer_blocks[0].attn1.heads)
+        self.forecaster = forecaster_of(cfg)  # set on the shared history each generation (specs do not name the kind)
         # graphs and buffers outlive one attachment: a later handle on the same model and config reuses them (no recompiles)
         shared = _SHARED.setdefault(transformer, {})
         num_layers = len(transformer.transformer_blocks)
@@ -110,7 +115,7 @@ class GraphEngine(ReuseEngine):
                 shared[key] = make()
             return shared[key]
 
-        self.history = once("history", lambda: H.StaticHistory(self.spec, num_layers, cfg.forecast_order))
+        self.history = once("history", lambda: H.StaticHistory(self.spec, num_layers, self.forecaster))
         self.graphs: dict[tuple, Callable] = once("graphs", dict)  # (shape, dtype, device, row, store, share) -> graph
         self.compile_seconds: dict[tuple, float] = once("seconds", dict)  # key -> first call (compile + capture)
         # the fallback's layer function: one compiled copy per (reuse, store, share), shared by all (identical) layers,
@@ -143,6 +148,7 @@ class GraphEngine(ReuseEngine):
 
     def _new_cache(self, num_layers: int) -> H.StaticHistory:
         """The static history, emptied: the summary reads bytes, entries, forecasts and errors from it."""
+        self.history.forecaster = self.forecaster
         self.history.begin()
         return self.history
 
@@ -161,10 +167,10 @@ class GraphEngine(ReuseEngine):
     def _weight_table(self, num_evaluations: int) -> list | None:
         """(E, L, K) forecast weights of the generation on the host, for a plan (rows and stores known ahead); None otherwise."""
         rows, stores = getattr(self.decider, "_rows", None), getattr(self.decider, "_store", None)
-        if self.cfg.forecast_order == 0 or not rows or not stores or len(rows) != num_evaluations:
+        if not self.forecaster.extrapolates or not rows or not stores or len(rows) != num_evaluations:
             return None
         stores = [self.stores] * num_evaluations if self.stores is not None else stores
-        return H.weight_table(len(self.blocks), self.cfg.forecast_order, self.spec.slots, rows, stores, self.state.positions)
+        return H.weight_table(len(self.blocks), self.forecaster, self.spec.slots, rows, stores, self.state.positions)
 
     def _store_set(self) -> tuple[bool, ...] | None:
         """Layers that store every output they compute: those any evaluation of the plan stores (None: per evaluation).
@@ -201,7 +207,7 @@ class GraphEngine(ReuseEngine):
         """The static (L, K) weights buffer, filled on the device: unused at order 0 (a copy reads one slot), else
         from the generation's table (one upload per generation) or, for deciders without known rows, this evaluation's."""
         buf = self.history.weight_buffer(device)
-        if self.cfg.forecast_order == 0:
+        if not self.forecaster.extrapolates:
             return buf
         if self.table is not None and self.table[evaluation] == rows:
             if self.table_device is None:

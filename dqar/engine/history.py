@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dqar.engine import forecast
+from dqar.engine.forecasters import Forecaster, as_forecaster, forecaster_of
 from dqar.engine.cache import HostHistory
 from dqar.engine.codec import combine, forecast_anchored, rebase
 from dqar.engine.quant import dequantize_values, encode
@@ -26,16 +26,16 @@ class Spec:
 
     block: bool  # block granularity: the residual is stored, else attn1's output
     kind: str  # "model" | "int8" (a copy) | "anchored" (INT8 that forecasts)
-    slots: int  # entries kept per layer: forecast_order + 1
+    slots: int  # entries kept per layer: the forecaster's depth (forecast_order + 1 for "taylor")
     mode: str = "tensor"
     heads: int = 1
     track: bool = False  # accumulate the INT8 round-trip error
 
 
 def make_spec(cfg, heads: int) -> Spec:
-    int8 = cfg.cache_dtype == "int8"
-    kind = ("anchored" if cfg.forecast_order > 0 else "int8") if int8 else "model"
-    return Spec(block=cfg.granularity == "block", kind=kind, slots=cfg.forecast_order + 1, mode=cfg.quant_mode, heads=heads,
+    int8, depth = cfg.cache_dtype == "int8", forecaster_of(cfg).depth
+    kind = ("anchored" if depth > 1 else "int8") if int8 else "model"
+    return Spec(block=cfg.granularity == "block", kind=kind, slots=depth, mode=cfg.quant_mode, heads=heads,
                 track=int8 and cfg.track_quant_error)
 
 
@@ -112,7 +112,7 @@ class StaticHistory(HostHistory):
     error, non-finite count.
     """
 
-    def __init__(self, spec: Spec, num_layers: int, order: int):
+    def __init__(self, spec: Spec, num_layers: int, order: "int | Forecaster"):
         self.spec, self.num_layers = spec, num_layers
         super().__init__(num_layers, order)
         self.buffers: dict[tuple, tuple] = {}  # (shape, dtype, device) -> (per-layer buffers, error_sum, bad)
@@ -122,7 +122,7 @@ class StaticHistory(HostHistory):
 
     def begin(self) -> None:
         """A new generation: empty histories on the host; device buffers are zeroed when first used."""
-        HostHistory.__init__(self, self.num_layers, self.order)
+        HostHistory.__init__(self, self.num_layers, self.forecaster)
         self.stores = 0
         self._zeroed: set[tuple] = set()
 
@@ -161,7 +161,7 @@ class StaticHistory(HostHistory):
 
     def step(self, row: tuple[bool, ...], store: tuple[bool, ...]) -> list[list[float]]:
         """Host bookkeeping of one evaluation: (L, slots) weights of each reusing layer (zeros elsewhere); stores recorded."""
-        out = row_weights(self.where, row, self.position, self.order, self.spec.slots)
+        out = row_weights(self.where, row, self.position, self.forecaster, self.spec.slots)
         self.forecasts += sum(bool(r) and self.order > 0 and len(self.where[i]) > 1 for i, r in enumerate(row))  # len(w) > 1
         for layer, (reuse, keep) in enumerate(zip(row, store)):
             if not reuse and keep:
@@ -185,17 +185,20 @@ class StaticHistory(HostHistory):
         return 0 if self.current is None else int(self.current[2])
 
 
-def row_weights(where: list[list[float]], row, position: float, order: int, slots: int) -> list[list[float]]:
-    """(L, slots) weights of one evaluation from each layer's stored positions `where` (newest first); zeros off reuses."""
+def row_weights(where: list[list[float]], row, position: float, order: "int | Forecaster", slots: int) -> list[list[float]]:
+    """(L, slots) weights of one evaluation from each layer's stored positions `where` (newest first); zeros off reuses.
+
+    `order`: a `Forecaster`, or a plain order (the "taylor" kind)."""
+    forecaster = as_forecaster(order)
     out = [[0.0] * slots for _ in where]
     for layer, reuse in enumerate(row):
         if reuse:
-            w = forecast.weights(where[layer], position, order) if order else (1.0,)
+            w = forecaster.weights(where[layer], position) if forecaster.extrapolates else (1.0,)
             out[layer][: len(w)] = w
     return out
 
 
-def weight_table(num_layers: int, order: int, slots: int, rows, stores, positions) -> list[list[list[float]]]:
+def weight_table(num_layers: int, order: "int | Forecaster", slots: int, rows, stores, positions) -> list[list[list[float]]]:
     """(E, L, slots) weights of a whole generation, simulating `step`'s bookkeeping over known rows (exact for plans).
 
     A layer reuses only once it has stored (as the engine's `row & has`); `stores` are the rows of what computing layers keep.

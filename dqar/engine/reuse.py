@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dqar.engine import branches, forecast, forwards
+from dqar.engine import branches, forecast, forwards, verify
 from dqar.engine.adapter import check_family, describe
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.codec import Codec
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
 from dqar.engine.executors import EXECUTORS
+from dqar.engine.forecasters import forecaster_of
 from dqar.engine.flops import FlopModel, counted_flops, counted_model, dit_model, shape_key
 from dqar.engine.fused import check_supported, fused_forward, make_kernels
 from dqar.engine.hooks import (ATTENTION_HOOK, BLOCK_HOOK, EVALUATION_HOOK, EvaluationHook, LayerHook, add_hook, has_hook,
@@ -88,6 +89,9 @@ class ReuseEngine:
             raise DqarError(f"the gate, signal traces and cfg_share run on the 'patch' executor, not '{executor}'", "use executor = 'patch'")
         if self.needs.entropy and not all(is_plain_attention(b.attn1) for b in self.blocks):
             raise DqarError("the entropy gate needs plain self-attention (no q/k norms, residual or rescaling)", "set gate = false")
+        self.verifier = decider if getattr(decider, "verifies", False) else None  # its probe is measured in `forwards`
+        if self.verifier is not None:
+            verify.check(cfg, self.layout, executor)
         if self.caps.kernels:
             check_supported(cfg, self.blocks)
         self.forms: dict[int, int] = {}  # layer → its output's form (0 a tensor, n a tuple), seen when it computes
@@ -174,12 +178,12 @@ class ReuseEngine:
 
     def _new_cache(self, num_layers: int):
         """The cache of a new generation: a `LayerCache` (the graph executor reuses its static history instead)."""
-        return LayerCache(self.layout.num_slots, self._policies(), self.cfg.track_quant_error, self.cfg.forecast_order, self.codec)
+        return LayerCache(self.layout.num_slots, self._policies(), self.cfg.track_quant_error, forecaster_of(self.cfg), self.codec)
 
     def _positions(self, num_evaluations: int, scheduler: Any) -> np.ndarray:
         """(E,) forecast-axis positions, from the scheduler's timesteps (read once per generation) for axis 'timestep'."""
         timesteps = getattr(scheduler, "timesteps", None)
-        if self.cfg.forecast_order == 0 or self.cfg.forecast_axis != "timestep" or timesteps is None:
+        if not forecaster_of(self.cfg).extrapolates or self.cfg.forecast_axis != "timestep" or timesteps is None:
             return forecast.positions("evaluation", num_evaluations)
         return forecast.positions("timestep", num_evaluations, torch.as_tensor(timesteps).detach().cpu().double().numpy())
 
