@@ -192,14 +192,14 @@ def section(results: dict, level: int = 2, details: bool = True) -> list[str]:
     `details` (the report): every metric column of the peer rows and links to each row's image grid.
     """
     rs = rows(results)
-    not_run = results.get("not_run", [])
+    not_run = [n for n in results.get("not_run", []) if not n.get("refused")]
     if not any(R.is_peer(r) for r in rs) and not not_run:
         return []
     s = results["study"]["sample"]
     h = "#" * level
     lines = [f"{h} {SECTION}", "",
              f"Peer caching methods run through their own packages on the same model, labels, seeds and sampler "
-             f"({R.sample_text(s)}), each on a fresh copy of the transformer with its state reset before every generation, "
+             f"({R.sample_text(s, results)}), each on a fresh copy of the transformer with its state reset before every generation, "
              f"timed in one block with the baseline among them (the same rounds). **Attn / MLP computed**: `attn1` / `ff` "
              f"forwards that ran, as a share of the baseline's — counted with forward hooks for peers, read from the "
              f"executed reuse mask for dqar." + _baseline_text(results), ""]

@@ -405,5 +405,9 @@ def bound_text(f: Findings) -> str:
     return f"PSNR ≥ {PSNR_BOUND_DB:g} dB{acc}"
 
 
-def sample_text(s: dict) -> str:
-    return f"{s['sampler'].upper()}, {s['steps']} steps, CFG {s['cfg']:g}, seed {s['seed']}"
+def sample_text(s: dict, res: dict | None = None) -> str:
+    """The sampling settings in words; a flow model's (`res`'s environment family) sampler is flow matching, whatever `sampler` says."""
+    flow = res is not None and res.get("environment", {}).get("family", "dit") != "dit"
+    sampler = "flow matching" if flow else s["sampler"].upper()
+    cfg = f"true CFG {s['cfg']:g} (two forwards)" if flow and s["cfg"] > 1 else f"CFG {s['cfg']:g}"
+    return f"{sampler}, {s['steps']} steps, {cfg}, seed {s['seed']}"

@@ -68,6 +68,22 @@ def choose_executor(loaded, run: RunConfig, preference: str) -> tuple[str, str |
     return "patch", "; ".join(reasons)
 
 
+class Refused(Exception):
+    """A configuration this model's family cannot run (the engine refuses it at enable); the message is the reason."""
+
+
+def refusal(loaded, run: RunConfig) -> str | None:
+    """Why the engine refuses `run` on this model on every executor (checked by enabling it eagerly), or None."""
+    if not run.reuse.enabled:
+        return None
+    try:
+        with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), executor="patch"):
+            pass
+    except DqarError as exc:
+        return str(exc)
+    return None
+
+
 def baseline_executor(loaded, sample: SampleConfig, preference: str) -> str:
     """The executor the baseline of `sample` is timed on."""
     return choose_executor(loaded, baseline_run(RunConfig(sample=sample)), preference)[0]

@@ -55,7 +55,8 @@ else:  # pragma: no cover
 BASELINE = "baseline"
 MIN_REPEATS = 3
 STUDY_KEYS = {"repeats", "samples_per_label", "main", "fidelity_samples_per_label", "fidelity_runs"}
-GRIDS = ("quick", "default", "full")  # the grids shipped in dqar/grids/ (`dqar ablate --grid NAME`)
+GRIDS = ("quick", "default", "full", "flux_quick", "flux_default")  # the grids shipped in dqar/grids/ (`dqar ablate --grid NAME`)
+MODEL_GRIDS = {"embedded-flux": "flux"}  # a model with grids of its own: --grid NAME reads <prefix>_NAME.toml where shipped
 FIDELITY_SAMPLES_PER_LABEL = 20  # images per label of the untimed fidelity runs (dqar.studies.ablation.fidelity)
 SWEEP_KEYS = {"name", "base", "vary", "points"}
 TOP_KEYS = {"study", "sample", "sweep", "peer"}
@@ -136,6 +137,23 @@ def builtin_grid(name: bool | str = False) -> Path:
     if name not in GRIDS:
         raise DqarError(f"unknown grid '{name}'", f"{_suggest(name, list(GRIDS))}use one of: {', '.join(GRIDS)}, or --config FILE")
     return Path(str(resources.files("dqar") / "grids" / f"{name}.toml"))
+
+
+def grid_for(name: str, model: str | None) -> str:
+    """The shipped grid `--grid name` means on `model`: its own (flux_quick for quick on embedded-flux) where shipped."""
+    prefix = MODEL_GRIDS.get(str(model))
+    own = f"{prefix}_{name}" if prefix else None
+    return own if own in GRIDS else name
+
+
+def with_model_defaults(study: Study, model: str | None) -> Study:
+    """A shipped grid read for a model with sampling defaults of its own (`models.SAMPLE_DEFAULTS`: Flux's 28 steps,
+    CFG 4) takes them over its [sample] table; a grid written for the model already has them."""
+    from dqar.models import SAMPLE_DEFAULTS
+
+    defaults = SAMPLE_DEFAULTS.get(str(model), {})
+    changes = {k: v for k, v in defaults.items() if getattr(study.sample, k) != v}
+    return with_sample(study, **changes) if changes else study
 
 
 def load_grid(path: str | Path, repeats: int | None = None) -> Study:

@@ -77,6 +77,7 @@ def environment(loaded, device: torch.device, dtype: torch.dtype) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {
         "model": loaded.name,
+        "family": getattr(loaded, "family", "dit"),  # "dit" (DDIM / DPM-Solver++) or a flow model ("flux", "sd3": flow matching)
         "model_fingerprint": model_fingerprint(loaded.transformer),
         "device": str(device),
         "device_name": name,

@@ -16,6 +16,8 @@ Protocol (written into the report's methodology):
   the target rests on, or at most the grid's `fidelity_runs` of them (dqar.studies.ablation.verify); its first chunk is
   the timing batch, whose warm-up images it reuses;
 - a configuration whose resolved config equals one already measured reuses that measurement;
+- a configuration the model's family refuses (the engine refuses it at enable: the gate, the policy, K/V caching
+  and CFG sharing on Flux) is not run: it is reported as refused, with the engine's reason;
 - a peer (dqar.studies.peers.methods) runs on a fresh deep copy of the transformer: untimed, one counted baseline
   generation on the copy, the peer applied (MagCache calibrated first, on seeds offset like calibrated
   plans), one counted generation with the peer, then it is timed in the peers block, its state reset
@@ -35,6 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dqar.engine.adapter import describe
 from dqar.engine.plan import build_plan, save_plan
 from dqar.errors import DqarError
 from dqar.io import atomic_write_json, atomic_write_text
@@ -118,10 +121,13 @@ def check_plans(entries: Sequence[G.Entry], num_layers: int) -> None:
 
 
 def calibrated(entry: G.Entry, loaded, labels, out: Path) -> G.Entry:
-    """`entry` with its plan calibrated (untimed, seeds offset) and saved under `out/plans/`."""
+    """`entry` with its plan calibrated (untimed, seeds offset) and saved under `out/plans/`; a refused calibration raises Refused."""
     from dqar.tuning.calibrate import calibrate
 
-    cal = calibrate(loaded, labels, other_seeds(entry.run), **entry.calibration)
+    try:
+        cal = calibrate(loaded, labels, other_seeds(entry.run), **entry.calibration)
+    except DqarError as exc:
+        raise B.Refused(f"calibration refused: {exc}") from None
     path = (out / "plans" / f"{entry.slug}.json").resolve()
     save_plan(cal.plan, path)
     return replace(entry, run=replace(entry.run, reuse=replace(entry.run.reuse, plan_file=str(path))))
@@ -238,6 +244,9 @@ def _member(e: G.Entry, st: _State, ctx: dict, bases: dict, eager: dict) -> B.Ca
             _eager(s, st, ctx, eager)  # the peer's copy is checked against the eager baseline
         case = B.peer_case(e, start_peer(e, loaded, labels, st.refs[s] if bases[s].executor == "patch" else st.eager_refs[s]))
     else:
+        reason = B.refusal(loaded, e.run)
+        if reason:
+            raise B.Refused(reason)
         case = B.entry_case(loaded, labels, calibrated(e, loaded, labels, ctx["out"]) if e.calibration else e, ctx["executor"])
     _warm(case, st, ctx)
     if B.diagnose(case, loaded, labels):
@@ -278,6 +287,8 @@ def _cases(timed: list[G.Entry], st: _State, ctx: dict) -> tuple[list[B.Case], d
             members.append(_member(e, st, ctx, bases, eager))
         except PeerNotRun as exc:
             st.not_run[(e.name, e.config_hash)] = {"name": e.name, "method": e.peer.method, "reason": str(exc)}
+        except B.Refused as exc:
+            st.not_run[(e.name, e.config_hash)] = {"name": e.name, "method": "dqar", "refused": True, "reason": str(exc)}
     for c in members:
         if c.executor not in B.COMPILED and bases[c.sample].executor in B.COMPILED:
             _eager(c.sample, st, ctx, eager)
@@ -338,7 +349,10 @@ def _setup(opts: AblationOptions, loaded):
     """(study, previous results or None, loaded model)."""
     from dqar.device import resolve_device, resolve_dtype
 
-    study = G.load_grid(opts.config or G.builtin_grid("quick" if opts.quick else opts.grid), repeats=opts.repeats)
+    name = loaded.name if loaded is not None else opts.model
+    study = G.load_grid(opts.config or G.builtin_grid(G.grid_for("quick" if opts.quick else opts.grid, name)), repeats=opts.repeats)
+    if opts.config is None:
+        study = G.with_model_defaults(study, name)
     if opts.steps is not None:
         study = G.with_sample(study, steps=opts.steps)
     if opts.fidelity_samples_per_label is not None:
@@ -382,7 +396,7 @@ def _run(opts, study, old, loaded, device, evaluator, on_record, clock, t0) -> O
     chunks = -(-study.fidelity_samples_per_label // study.samples_per_label)
     AF.check_seeds(study.sample.seed, len(labels), chunks)
     entries = G.expand(study)
-    check_plans(entries, loaded.transformer.config.num_layers)
+    check_plans(entries, len(describe(loaded.transformer).blocks))
     env = REC.environment(loaded, device, loaded.transformer.dtype)
     methods = _methods(study, clock, evaluator, len(labels), chunks)
     methods["executor_choice"] = opts.executor

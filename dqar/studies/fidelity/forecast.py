@@ -8,6 +8,11 @@ rows do), so "work skipped" means the same for dqar and for peers. At three matc
 skipped `attn1` + `ff` work, dqar's best block-forecast plan and diffusers' TaylorSeerCache at its
 best setting are both chosen on probe seeds (other noise) and then scored on the evaluated seeds.
 A DPM-Solver++ part compares the two forecast axes. Every verdict is computed from the rows.
+
+The model is a setting (`--model`, e.g. embedded-flux): counts and work weights run over every layer the
+block adapter describes (`dqar.studies.peers.work`). A flow model (Flux) has no DDIM/DPM choice: its
+sampler is flow matching, and the forecast-axis part ("evaluation" vs "timestep", its shifted sigmas)
+runs at the main sampling setting instead of a DPM-Solver++ one.
 """
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
-from dqar.engine.flops import attention_flops, dit_shape, mlp_flops
 from dqar.labels import cycle_labels
 from dqar.studies.peers import methods as P
+from dqar.studies.peers import work as W
 from dqar.studies.peers.rows import attach_peer, model_copy
 from dqar.studies.core import Study, baseline_row, embedded_evaluator, make_reference, other_seeds, study_row
 
@@ -41,6 +46,9 @@ class ForecastSettings:
     seed: int = 0  # sample i uses seed + i
     dpm_steps: int = 20  # the DPM-Solver++ part (0: skip it)
     peers: bool = True  # run the peers (TaylorSeer tuning, FirstBlockCache, MagCache, PAB, cache-dit)
+    tuned: tuple[str, ...] = ("taylorseer",)  # peers tuned on probe seeds at each matched share (TUNED names them)
+    grid: bool = True  # the order × granularity × refresh table (off: full_dqar, the axes and the matched shares only)
+    untuned: bool = True  # the peers at their library defaults (default_peers), besides the tuned ones
     out_dir: str = "docs"
     model: str | None = None  # None: the embedded model
 
@@ -86,48 +94,65 @@ def taylorseer_candidates() -> list[P.TaylorSeer]:
             for o, w, k in itertools.product((1, 2), (2, 3), (2, 3, 4, 5))]
 
 
+def first_block_cache_candidates() -> list[P.FirstBlockCache]:
+    """diffusers FirstBlockCache thresholds, gentle to aggressive."""
+    return [P.FirstBlockCache(threshold=t) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
+
+
+def magcache_candidates() -> list[P.MagCache]:
+    """diffusers MagCache thresholds × consecutive-skip caps (ratios calibrated on the probe seeds each time)."""
+    return [P.MagCache(threshold=t, max_skip_steps=k) for t, k in itertools.product((0.1, 0.25, 0.5), (3, 5))]
+
+
+TUNED = {"taylorseer": taylorseer_candidates, "first_block_cache": first_block_cache_candidates, "magcache": magcache_candidates}
+
+
 def default_peers() -> list[Any]:
     return [P.FirstBlockCache(), P.FirstBlockCache(threshold=0.02), P.MagCache(), P.PAB(), P.CacheDit()]
 
 
+AXIS_PRESET = ("full_dqar preset, timestep axis", {"preset": "full_dqar", "order": 2, "refresh": 3, "axis": "timestep"})
+
+
+def axis_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
+    """full_dqar-like block plans on both forecast axes (a flow model's shifted sigmas), after full_dqar's own pair."""
+    out = []
+    for (order, refresh), axis in itertools.product(((1, 2),), ("evaluation", "timestep")):
+        out.append((f"block, order {order}, refresh {refresh}, {axis} axis", {"order": order, "refresh": refresh, "axis": axis},
+                    forecast_config(order, "block", refresh, 2, steps, forecast_axis=axis)))
+    return out
+
+
 # ----- measurement -------------------------------------------------------------------------------
-def work_weights(loaded) -> tuple[float, float]:
-    """FLOPs of one attn1 call and one ff call (one sample row) of this model."""
-    cfg = loaded.transformer.config
-    shape = dit_shape(cfg, cfg.sample_size, cfg.sample_size)
-    return float(attention_flops(shape)), float(mlp_flops(shape))
-
-
-def skipped_share(counts: dict, base: dict, weights: tuple[float, float]) -> float:
-    """Share of the baseline's attn1 + ff work that did not run."""
-    wa, wf = weights
-    done = counts["attn1"] * wa + counts["ff"] * wf
-    return 1.0 - done / (base["attn1"] * wa + base["ff"] * wf)
-
-
 @dataclass
 class _Context:
-    """One sampling setting: the model, its reference, counted baseline calls and the plan folder."""
+    """One sampling setting: the model, its reference, counted baseline calls per layer, work weights and the plan folder."""
 
     study: Study
     run: RunConfig
-    base_counts: dict
-    weights: tuple[float, float]
+    base_layers: list
+    weights: list
 
 
 def _context(loaded, labels, run: RunConfig, evaluator, plan_dir: Path) -> _Context:
-    with P.count_calls(list(loaded.transformer.transformer_blocks)) as counts:
+    per_layer: list = []
+    with W.count_calls(W.layers(loaded.transformer), per_layer), W.captured_forward(loaded.transformer) as forward:
         ref = make_reference(loaded, labels, run, evaluator)
-    return _Context(Study(loaded, ref, plan_dir), run, dict(counts), work_weights(loaded))
+    return _Context(Study(loaded, ref, plan_dir), run, per_layer, W.work_weights(loaded, forward))
+
+
+def _share(ctx: _Context, per_layer: list) -> float:
+    return W.skipped_share(per_layer, ctx.base_layers, ctx.weights)
 
 
 def measure_dqar(ctx: _Context, name: str, reuse: ReuseConfig, head: dict) -> dict:
     """One dqar configuration: counted, scored against the reference."""
     run = replace(ctx.run, reuse=reuse)
-    with P.count_calls(list(ctx.study.loaded.transformer.transformer_blocks)) as counts:
+    per_layer: list = []
+    with W.count_calls(W.layers(ctx.study.loaded.transformer), per_layer):
         gen, scores = ctx.study.measure(run)
     return study_row({"method": "dqar", "name": name, **head}, COLUMNS, gen.stats, scores,
-                     work_skipped=skipped_share(counts, ctx.base_counts, ctx.weights), config=asdict(reuse))
+                     work_skipped=_share(ctx, per_layer), config=asdict(reuse))
 
 
 def measure_peer(ctx: _Context, peer: Any) -> dict:
@@ -144,13 +169,14 @@ def measure_peer(ctx: _Context, peer: Any) -> dict:
     loaded = model_copy(ctx.study.loaded)
     try:
         row = attach_peer(peer, loaded, ctx.study.labels, ctx.run)
-        with P.count_calls(list(loaded.transformer.transformer_blocks)) as counts:
+        per_layer: list = []
+        with W.count_calls(row.attached.blocks, per_layer):
             gen = row.generate()
         row.attached.detach()
     except Exception as exc:  # foreign code on a model it may not support: a row that says why
         return {**head, "not_run": f"{type(exc).__name__}: {first_line(exc)}"}
     scores = score(gen.output.images, ctx.study.reference)
-    return study_row(head, COLUMNS, None, scores, work_skipped=skipped_share(counts, ctx.base_counts, ctx.weights),
+    return study_row(head, COLUMNS, None, scores, work_skipped=_share(ctx, per_layer),
                      settings=settings, package=row.attached.package)
 
 
@@ -159,25 +185,34 @@ def _best_near(rows: Sequence[dict], share: float) -> dict | None:
     return max(near, key=lambda r: r["psnr_db"]) if near else None
 
 
-def matched_shares(probe: _Context, ctx: _Context, tick: Callable[[str], None], with_peers: bool) -> list[dict]:
-    """At each share: dqar's and TaylorSeer's best setting on the probe seeds, both scored on the evaluated seeds."""
-    dq, ts = [], []
+def matched_shares(probe: _Context, ctx: _Context, tick: Callable[[str], None], tuned: Sequence[str],
+                   out: list | None = None) -> list[dict]:
+    """At each share: dqar's and each tuned peer's best setting on the probe seeds, all scored on the evaluated seeds.
+
+    A row keeps "taylorseer" (and "taylorseer_probe") and, for every tuned peer, `peers[method]`.
+    """
+    dq, probed = [], {m: [] for m in tuned}
     for name, cfg in dqar_share_candidates(ctx.run.sample.steps):
         tick(f"probe: {name}")
         dq.append(measure_dqar(probe, name, cfg, {}))
-    for peer in taylorseer_candidates() if with_peers else []:
-        tick("probe: TaylorSeerCache")
-        ts.append(measure_peer(probe, peer))
-    out = []
+    for method in tuned:
+        for peer in TUNED[method]():
+            tick(f"probe: {peer.title}")
+            probed[method].append(measure_peer(probe, peer))
+    out = [] if out is None else out  # filled share by share (a checkpoint sees every finished share)
     for share in SHARES:
-        pick_d, pick_t = _best_near(dq, share), _best_near(ts, share)
-        row = {"share": share, "dqar_probe": pick_d, "taylorseer_probe": pick_t, "dqar": None, "taylorseer": None}
+        pick_d = _best_near(dq, share)
+        row = {"share": share, "dqar_probe": pick_d, "dqar": None, "taylorseer_probe": None, "taylorseer": None, "peers": {}}
+        out.append(row)
         if pick_d is not None:
             row["dqar"] = measure_dqar(ctx, pick_d["name"], ReuseConfig(**_tuples(pick_d["config"])), {})
-        if pick_t is not None:
-            s = pick_t["settings"]
-            row["taylorseer"] = measure_peer(ctx, P.TaylorSeer(**_tuples(s)))
-        out.append(row)
+        for method in tuned:
+            pick = _best_near(probed[method], share)
+            scored = measure_peer(ctx, P.PEERS[method](**_tuples(pick["settings"]))) if pick is not None else None
+            row["peers"][method] = scored
+            if method == "taylorseer":
+                row.update(taylorseer_probe=pick, taylorseer=scored)
+            tick(f"share {share:.0%}: {method}")
     return out
 
 
@@ -223,8 +258,10 @@ def dpm_choice(probe: _Context, ctx: _Context, tick: Callable[[str], None]) -> d
     return None if best is None else measure_dqar(ctx, best[1], best[3], {**best[2], "probe_psnr_db": best[0]["psnr_db"]})
 
 
-def run_forecast(settings: ForecastSettings = ForecastSettings(), progress: bool = True) -> dict:
-    """Measure every configuration and peer; returns a JSON-ready dict (nothing written)."""
+def run_forecast(settings: ForecastSettings = ForecastSettings(), progress: bool = True,
+                 checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Measure every configuration and peer; returns a JSON-ready dict (nothing written). `checkpoint` gets the
+    partial result after every measurement (a long run killed midway keeps what it measured)."""
     from tqdm.auto import tqdm
 
     from dqar.models import load_model
@@ -233,46 +270,67 @@ def run_forecast(settings: ForecastSettings = ForecastSettings(), progress: bool
     evaluator = embedded_evaluator(loaded)
     labels = cycle_labels(loaded.num_classes, settings.samples)
     probe_labels = cycle_labels(loaded.num_classes, settings.probe_samples)
-    ddim = RunConfig(reuse=preset("baseline"), sample=_sample(settings, "ddim", settings.steps))
-    grid, extra = grid_cases(settings.steps), extra_cases(settings.steps)
-    dpm = dpm_cases(settings.dpm_steps) if settings.dpm_steps else []
-    peers = default_peers() if settings.peers else []
-    total = 3 + len(grid) + len(extra) + len(peers) + len(dpm) + len(dqar_share_candidates(settings.steps)) \
+    main = RunConfig(reuse=preset("baseline"), sample=_sample(settings, "ddim", settings.steps))  # flow models ignore the sampler
+    flow = loaded.family != "dit"  # flow matching: no DPM-Solver++ part; the axes at the main setting
+    cases = (grid_cases(settings.steps) if settings.grid else []) + extra_cases(settings.steps)
+    dpm = dpm_cases(settings.dpm_steps) if settings.dpm_steps and not flow else []
+    axes = axis_cases(settings.steps) if flow else []
+    peers = default_peers() if settings.peers and settings.untuned else []
+    total = 3 + len(cases) + len(axes) + flow + len(peers) + len(dpm) + len(dqar_share_candidates(settings.steps)) \
         + (len(dpm_probe_candidates(settings.dpm_steps)) + 2 if dpm else 0) \
-        + (len(taylorseer_candidates()) if settings.peers else 0) + 2 * len(SHARES)
+        + (sum(len(TUNED[m]()) for m in settings.tuned) + len(settings.tuned) * len(SHARES) if settings.peers else 0)
+    result: dict = {"settings": asdict(settings), "model": loaded.name, "evaluator": evaluator.description if evaluator else None,
+                    "sampler": "flow matching (FlowMatchEulerDiscreteScheduler, dynamic shift)" if flow else "DDIM",
+                    "baseline": None, "rows": [], "axis_rows": [], "peers": [], "matched": [], "dpm_baseline": None, "dpm_rows": []}
     with tqdm(total=total, desc="forecast", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
         def tick(what: str) -> None:
             bar.set_postfix_str(what[:40])
             bar.update(1)
+            if checkpoint is not None:
+                checkpoint(result)
 
-        ctx = _context(loaded, labels, ddim, evaluator, Path(tmp))
+        ctx = _context(loaded, labels, main, evaluator, Path(tmp))
+        result["baseline"] = baseline_row({"method": "baseline", "name": "no reuse"}, COLUMNS, ctx.study.reference)
         tick("reference")
-        probe = _context(loaded, probe_labels, other_seeds(ddim), None, Path(tmp))
+        probe = _context(loaded, probe_labels, other_seeds(main), None, Path(tmp))
         tick("probe reference")
-        rows = []
-        for name, head, cfg in grid + extra:
+        for name, head, cfg in cases:
+            result["rows"].append(measure_dqar(ctx, name, cfg, head))
             tick(name)
-            rows.append(measure_dqar(ctx, name, cfg, head))
-        peer_rows = []
+        if flow:
+            _full_axes(ctx, result, tick)
         for peer in peers:
+            result["peers"].append(measure_peer(ctx, peer))
             tick(peer.title)
-            peer_rows.append(measure_peer(ctx, peer))
-        matched = matched_shares(probe, ctx, tick, settings.peers)
-        dpm_rows, dpm_base = [], None
+        matched_shares(probe, ctx, tick, settings.tuned if settings.peers else (), out=result["matched"])
+        for name, head, cfg in axes:
+            result["axis_rows"].append(measure_dqar(ctx, name, cfg, head))
+            tick(name)
         if dpm:
-            dctx = _context(loaded, labels, replace(ddim, sample=_sample(settings, "dpm", settings.dpm_steps)), evaluator, Path(tmp))
-            tick("DPM-Solver++ reference")
-            dpm_base = baseline_row({"method": "baseline", "name": "no reuse"}, COLUMNS, dctx.study.reference)
-            for name, head, cfg in dpm:
-                tick(name)
-                dpm_rows.append(measure_dqar(dctx, name, cfg, head))
-            dprobe = _context(loaded, probe_labels, other_seeds(dctx.run), None, Path(tmp))
-            tick("DPM-Solver++ probe reference")
-            chosen = dpm_choice(dprobe, dctx, tick)
-            tick("DPM-Solver++ chosen plan")
-            dpm_rows += [chosen] if chosen else []
-    return {
-        "settings": asdict(settings), "model": loaded.name, "evaluator": evaluator.description if evaluator else None,
-        "baseline": baseline_row({"method": "baseline", "name": "no reuse"}, COLUMNS, ctx.study.reference),
-        "rows": rows, "peers": peer_rows, "matched": matched, "dpm_baseline": dpm_base, "dpm_rows": dpm_rows,
-    }
+            _dpm_part(settings, loaded, labels, probe_labels, main, evaluator, Path(tmp), dpm, result, tick)
+    return result
+
+
+def _full_axes(ctx: _Context, result: dict, tick: Callable[[str], None]) -> None:
+    """full_dqar on both forecast axes: its preset row (the evaluation axis) and the same preset on the timestep axis."""
+    full = next(r for r in result["rows"] if r.get("preset") == "full_dqar")
+    name, head = AXIS_PRESET
+    result["axis_rows"].append({**full, "name": "full_dqar preset, evaluation axis", "order": 2, "axis": "evaluation"})
+    result["axis_rows"].append(measure_dqar(ctx, name, replace(preset("full_dqar"), forecast_axis="timestep"), head))
+    tick(name)
+
+
+def _dpm_part(settings, loaded, labels, probe_labels, main, evaluator, tmp: Path, dpm, result: dict, tick) -> None:
+    """DPM-Solver++: its reference, the forecast-axis cases, and the plan the probe seeds choose."""
+    dctx = _context(loaded, labels, replace(main, sample=_sample(settings, "dpm", settings.dpm_steps)), evaluator, tmp)
+    result["dpm_baseline"] = baseline_row({"method": "baseline", "name": "no reuse"}, COLUMNS, dctx.study.reference)
+    tick("DPM-Solver++ reference")
+    for name, head, cfg in dpm:
+        result["dpm_rows"].append(measure_dqar(dctx, name, cfg, head))
+        tick(name)
+    dprobe = _context(loaded, probe_labels, other_seeds(dctx.run), None, tmp)
+    tick("DPM-Solver++ probe reference")
+    chosen = dpm_choice(dprobe, dctx, tick)
+    if chosen:
+        result["dpm_rows"].append(chosen)
+    tick("DPM-Solver++ chosen plan")

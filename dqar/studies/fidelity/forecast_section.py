@@ -7,9 +7,34 @@ from typing import Any
 
 from dqar.studies.core import frontier, y_at
 from dqar.studies.fidelity.forecast import SECTION, SHARE_TOLERANCE
+from dqar.studies.peers.methods import PEERS
+
+TITLES = {"dqar": "dqar", **{m: cls.title for m, cls in PEERS.items()}}
 
 PLOT = "fidelity_forecast.png"
 RAW = "fidelity_forecast.json"
+# Per model: full_dqar's FLOPs share and PSNR, the frontier's PSNR at >= 70% (issue targets); others: the DiT's.
+TARGETS = {"embedded": {"full_share": 0.60, "full_db": 40.0, "frontier_db": 35.0},
+           "embedded-flux": {"full_share": 0.55, "full_db": 35.0, "frontier_db": 32.0}}
+
+
+def bars(result: dict) -> dict:
+    return TARGETS.get(result.get("model"), TARGETS["embedded"])
+
+
+def section_name(result: dict) -> str:
+    """"Forecast" for the embedded DiT; "Forecast (MODEL)" for another model (its own section beside the DiT's)."""
+    model = result.get("model")
+    return SECTION if model in (None, "embedded") else f"{SECTION} ({model})"
+
+
+def files(result: dict) -> tuple[str, str]:
+    """(plot, raw JSON) file names of the result's model."""
+    model = result.get("model")
+    if model in (None, "embedded"):
+        return PLOT, RAW
+    tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(model))
+    return f"fidelity_forecast_{tag}.png", f"fidelity_forecast_{tag}.json"
 
 
 # ----- targets -----------------------------------------------------------------------------------
@@ -28,24 +53,28 @@ def _dqar_rows(result: dict) -> list[dict]:
 
 def targets(result: dict) -> dict[str, Any]:
     """Each target of the forecast study: the measured numbers and whether it is met."""
-    base = result["baseline"]
+    base, bar = result["baseline"], bars(result)
     out: dict[str, Any] = {}
     full = next((r for r in result["rows"] if r["name"] == "full_dqar preset"), None)
     if full is not None:
         acc_ok = base["class_accuracy"] is None or abs(full["class_accuracy"] - base["class_accuracy"]) <= 0.01 + 1e-9
         fd_ok = base["fd"] is None or full["fd"] <= 1.02 * base["fd"]
         out["full_dqar"] = {"flops_skipped": full["flops_skipped"], "psnr_db": full["psnr_db"], "accuracy_ok": acc_ok,
-                            "fd_ok": fd_ok, "met": full["flops_skipped"] >= 0.60 and full["psnr_db"] >= 40 and acc_ok and fd_ok}
+                            "fd_ok": fd_ok, "met": full["flops_skipped"] >= bar["full_share"] and full["psnr_db"] >= bar["full_db"] and acc_ok and fd_ok}
     high = _best(_dqar_rows(result), lambda r: r["flops_skipped"] >= 0.70)
     out["frontier"] = {"row": high and high["name"], "flops_skipped": high and high["flops_skipped"],
-                       "psnr_db": high and high["psnr_db"], "met": bool(high and high["psnr_db"] >= 35)}
+                       "psnr_db": high and high["psnr_db"], "met": bool(high and high["psnr_db"] >= bar["frontier_db"])}
     out["matched"] = []
     for m in result["matched"]:
-        d, t = m["dqar"], m["taylorseer"]
-        gain = d["psnr_db"] - t["psnr_db"] if d and t and "psnr_db" in d and "psnr_db" in t else None
-        out["matched"].append({"share": m["share"], "gain_db": gain, "met": gain is not None and gain >= 1.0})
+        for method, t in (m.get("peers") or {"taylorseer": m["taylorseer"]}).items():
+            d = m["dqar"]
+            gain = d["psnr_db"] - t["psnr_db"] if d and t and "psnr_db" in d and "psnr_db" in t else None
+            out["matched"].append({"share": m["share"], "peer": method, "title": TITLES.get(method, method),
+                                   "gain_db": gain, "met": gain is not None and gain >= 1.0})
     out["matched_met"] = sum(m["met"] for m in out["matched"])
     out["int8"] = _int8_gaps(result["rows"])
+    if result.get("axis_rows"):
+        out["axes"] = _axis_gaps(result["axis_rows"])
     if result["dpm_rows"]:
         dpm = _best(result["dpm_rows"], lambda r: r["flops_skipped"] >= 0.50)
         out["dpm"] = {"row": dpm and dpm["name"], "psnr_db": dpm and dpm["psnr_db"], "met": bool(dpm and dpm["psnr_db"] >= 35)}
@@ -66,20 +95,35 @@ def _int8_gaps(rows) -> list[dict]:
 
 
 def _axis_gaps(rows) -> list[dict]:
-    by = {(r["order"], r["refresh"], r["axis"]): r for r in rows if not r.get("refresh_end")}
-    return [{"order": o, "refresh": k, "timestep_minus_evaluation_db": by[(o, k, "timestep")]["psnr_db"] - r["psnr_db"]}
-            for (o, k, axis), r in sorted(by.items()) if axis == "evaluation" and (o, k, "timestep") in by]
+    by = {(r.get("preset", ""), r["order"], r["refresh"], r["axis"]): r for r in rows if not r.get("refresh_end")}
+    return [{"preset": p, "order": o, "refresh": k, "timestep_minus_evaluation_db": by[(p, o, k, "timestep")]["psnr_db"] - r["psnr_db"]}
+            for (p, o, k, axis), r in sorted(by.items()) if axis == "evaluation" and (p, o, k, "timestep") in by]
+
+
+def axis_verdict(gaps: list[dict]) -> str:
+    """Which forecast axis gave the higher PSNR, computed from the paired rows."""
+    if not gaps:
+        return "no paired rows"
+    wins = sum(g["timestep_minus_evaluation_db"] > 0 for g in gaps)
+    mean = sum(g["timestep_minus_evaluation_db"] for g in gaps) / len(gaps)
+    better = "timestep" if wins * 2 > len(gaps) else "evaluation" if wins * 2 < len(gaps) else "neither"
+    return (f"the {better} axis is better on this model" if better != "neither" else "neither axis is better") + \
+        f": timestep ahead in {wins} of {len(gaps)} pairs, mean timestep − evaluation {mean:+.2f} dB"
 
 
 def peer_gaps(result: dict) -> list[dict]:
     """Each measured peer against dqar's block-forecast frontier at the peer's share of skipped work."""
     front = frontier([r for r in _dqar_rows(result) if r.get("config", {}).get("granularity") == "block"], "work_skipped")
     out = []
-    for r in _measured(result["peers"]) + _measured([m["taylorseer"] for m in result["matched"]]):
+    for r in _measured(result["peers"]) + _measured(_matched_peers(result)):
         at = y_at(front, r["work_skipped"])
         out.append({"name": r["name"], "work_skipped": r["work_skipped"], "psnr_db": r["psnr_db"],
                     "dqar_db": at if math.isfinite(at) else None})
     return out
+
+
+def _matched_peers(result: dict) -> list[dict]:
+    return [r for m in result["matched"] for r in (m.get("peers") or {"taylorseer": m["taylorseer"]}).values()]
 
 
 # ----- writing -----------------------------------------------------------------------------------
@@ -108,18 +152,18 @@ def _verdict(met: bool) -> str:
 
 
 def _target_lines(t: dict, result: dict) -> list[str]:
-    lines = []
+    lines, bar = [], bars(result)
     if "full_dqar" in t:
         f = t["full_dqar"]
         lines.append(f"- `full_dqar`: {_pct(f['flops_skipped'])} of FLOPs skipped at {_num(f['psnr_db'])} dB, class accuracy "
                      f"{'within' if f['accuracy_ok'] else 'outside'} 1 point, FD {'within' if f['fd_ok'] else 'above'} +2% — "
-                     f"target (≥ 60% at ≥ 40 dB) {_verdict(f['met'])}.")
+                     f"target (≥ {bar['full_share']:.0%} at ≥ {bar['full_db']:g} dB) {_verdict(f['met'])}.")
     fr = t["frontier"]
     lines.append("- Frontier: best PSNR with ≥ 70% of FLOPs skipped: "
                  + (f"{_num(fr['psnr_db'])} dB ({fr['row']}, {_pct(fr['flops_skipped'])})" if fr["row"] else "no such row")
-                 + f" — target (≥ 35 dB) {_verdict(fr['met'])}.")
+                 + f" — target (≥ {bar['frontier_db']:g} dB) {_verdict(fr['met'])}.")
     for m in t["matched"]:
-        lines.append(f"- At ≈{m['share']:.0%} of attn1+ff work skipped (±{SHARE_TOLERANCE:.1%}): dqar − TaylorSeerCache = "
+        lines.append(f"- At ≈{m['share']:.0%} of attn1+ff work skipped (±{SHARE_TOLERANCE:.1%}): dqar − {m['title']} = "
                      + (f"{m['gain_db']:+.2f} dB" if m["gain_db"] is not None else "not comparable (no setting near this share)")
                      + f" — target (≥ +1 dB) {_verdict(m['met'])}.")
     for g in t["int8"]:
@@ -129,23 +173,31 @@ def _target_lines(t: dict, result: dict) -> list[str]:
         d = t["dpm"]
         lines.append(f"- DPM-Solver++ {result['settings']['dpm_steps']} steps, ≥ 50% of FLOPs skipped: "
                      + (f"{_num(d['psnr_db'])} dB ({d['row']})" if d["row"] else "no such row") + f" — target (≥ 35 dB) {_verdict(d['met'])}.")
+    if "axes" in t:
+        where = "DPM-Solver++" if "dpm" in t else result.get("sampler", "this sampler").split(" (")[0]
         for a in t["axes"]:
-            lines.append(f"- Forecast axis, DPM-Solver++, order {a['order']}, refresh {a['refresh']}: timestep axis "
+            what = "full_dqar preset" if a.get("preset") else f"order {a['order']}, refresh {a['refresh']}"
+            lines.append(f"- Forecast axis, {where}, {what}: timestep axis "
                          f"{a['timestep_minus_evaluation_db']:+.2f} dB against the evaluation axis.")
+        if result.get("axis_rows"):
+            lines.append(f"- Forecast axis on {where}: {axis_verdict(t['axes'])}.")
     return lines
 
 
 def markdown(result: dict) -> str:
     s, b = result["settings"], result["baseline"]
-    lines = [f"## {SECTION}", "",
-             f"Produced by `dqar fidelity --section forecast` on the {result['model']} model: {s['samples']} samples (labels "
-             f"cycling over the classes, seeds {s['seed']}…{s['seed'] + s['samples'] - 1}), DDIM {s['steps']} steps, CFG {s['cfg']}; "
+    plot_file, raw_file = files(result)
+    lines = [f"## {section_name(result)}", "",
+             f"Produced by `{result.get('command') or 'dqar fidelity --section forecast'}` on the {result['model']} model"
+             + (f" ({result['date']}, {result['machine']})" if result.get("date") else "") + f": {s['samples']} samples (labels "
+             f"cycling over the classes, seeds {s['seed']}…{s['seed'] + s['samples'] - 1}), {result.get('sampler', 'DDIM')} "
+             f"{s['steps']} steps, CFG {s['cfg']}; "
              f"matched-share settings chosen on {s['probe_samples']} probe samples with other seeds. PSNR/SSIM are paired "
              "against the no-reuse run of the same seeds; 'attn1+ff work skipped' counts the attention and MLP forwards "
              "that did not run, for dqar and peers alike. No reuse: class accuracy "
              f"**{_pct(b['class_accuracy'])}**, FD **{_num(b['fd'])}**.", "",
              "### Targets", "", *_target_lines(targets(result), result), "",
-             f"![forecast Pareto plot]({PLOT})", "",
+             f"![forecast Pareto plot]({plot_file})", "",
              "### Order × granularity × refresh", "", *_table([r for r in result["rows"] if "order" in r]), "",
              "### The preset (INT8 history)", "", *_table([r for r in result["rows"] if "order" not in r]), ""]
     if result["peers"]:
@@ -155,14 +207,17 @@ def markdown(result: dict) -> str:
                   "frontier there: " + (f"{_num(g['dqar_db'])} dB" if g["dqar_db"] is not None else "outside its range")
                   for g in gaps] + [""]
     lines += ["### Matched shares (chosen on probe seeds, scored on the evaluated seeds)", "",
-              "| share | dqar setting | dqar PSNR | TaylorSeerCache setting | TaylorSeer PSNR |", "|---|---|---|---|---|"]
+              "| share | method | setting (work skipped) | PSNR (dB) | class acc. |", "|---|---|---|---|---|"]
     for m in result["matched"]:
-        d, t = m["dqar"] or {}, m["taylorseer"] or {}
-        lines.append(f"| {m['share']:.0%} | {d.get('name', '—')} ({_pct(d.get('work_skipped'))}) | {_num(d.get('psnr_db'))} | "
-                     f"{t.get('name', '—')} ({_pct(t.get('work_skipped'))}) | {_num(t.get('psnr_db'))} |")
+        for method, r in [("dqar", m["dqar"]), *(m.get("peers") or {"taylorseer": m["taylorseer"]}).items()]:
+            r = r or {}
+            lines.append(f"| {m['share']:.0%} | {TITLES.get(method, method)} | {r.get('name', 'no setting near this share')} "
+                         f"({_pct(r.get('work_skipped'))}) | {_num(r.get('psnr_db'))} | {_pct(r.get('class_accuracy'))} |")
+    if result.get("axis_rows"):
+        lines += ["", f"### Forecast axes at the main setting ({result.get('sampler', '')})", "", *_table(result["axis_rows"])]
     if result["dpm_rows"]:
         lines += ["", f"### DPM-Solver++ {s['dpm_steps']} steps: forecast axes", "", *_table(result["dpm_rows"])]
-    lines += ["", f"Raw numbers: `{RAW}`.", ""]
+    lines += ["", f"Raw numbers: `{raw_file}`.", ""]
     return "\n".join(lines)
 
 
@@ -179,11 +234,11 @@ def plot(result: dict, path: Path) -> None:
     matched = sorted(_measured([m["dqar"] for m in result["matched"]]), key=lambda r: r["work_skipped"])
     if matched:
         series.append(_series("dqar, matched shares (probe-chosen)", matched, {"marker": "*", "linestyle": "--"}))
-    peers = _measured(result["peers"]) + _measured([m["taylorseer"] for m in result["matched"]])
+    peers = _measured(result["peers"]) + _measured(_matched_peers(result))
     for method in sorted({r["method"] for r in peers}):
         series.append(_series(method, [r for r in peers if r["method"] == method], {"marker": "x", "linestyle": "none"}))
     fidelity_panels(series, result["baseline"]["fd"] or 0.0, "attn1 + ff work skipped (%)", "FD to the real test split", path,
-                    psnr_line=40)
+                    psnr_line=bars(result)["full_db"])
 
 
 def _series(label: str, rows: list[dict], style: dict) -> dict:
@@ -197,9 +252,10 @@ def write_forecast(result: dict, out_dir: str | Path) -> Path:
     from dqar.reporting.documents import write_section
 
     out = Path(out_dir)
-    plot(result, out / PLOT)
-    atomic_write_json(out / RAW, result)
-    return write_section(out / "FIDELITY.md", SECTION, markdown(result))
+    plot_file, raw_file = files(result)
+    plot(result, out / plot_file)
+    atomic_write_json(out / raw_file, result)
+    return write_section(out / "FIDELITY.md", section_name(result), markdown(result))
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -2,24 +2,27 @@
 
 A peer is a frozen config dataclass (a `[[peer]]` table of an ablation grid; unknown keys refused):
 
-- `pab`: diffusers `PyramidAttentionBroadcast` on every block's `attn1`; its
-  `current_timestep_callback` returns the timestep of the forward in progress (read once per
-  forward by a pre-hook on the transformer).
+- `pab`: diffusers `PyramidAttentionBroadcast` on every layer's self/joint attention (the DiT's
+  `transformer_blocks.N.attn1`; Flux's `transformer_blocks.N.attn`, `single_transformer_blocks.N.attn`,
+  from the block adapter); its `current_timestep_callback` returns the scheduler timestep (0-1000) of
+  the forward in progress (read once per forward by a pre-hook on the transformer; Flux's
+  transformer is given timestep / 1000, as FluxPipeline does).
 - `first_block_cache`: diffusers `FirstBlockCache`. Its state lives in a cache context, which
   `DiTTransformer2DModel` cannot enter itself (no `CacheMixin`): each generation runs inside
   diffusers' `CacheMixin.cache_context`, called on the transformer.
-- `taylorseer`: diffusers `TaylorSeerCache` with DiT's module names (`transformer_blocks.N.attn1`,
-  `transformer_blocks.N.ff`): its default patterns (`re.fullmatch` of `^transformer_blocks.*attn`)
-  match no module of a DiT, whose attention is named `attn1`. Cache context as above.
+- `taylorseer`: diffusers `TaylorSeerCache` with the model's module names: target `attn1` is every
+  layer's attention module (as for PAB), `ff` every block's MLP module (`ff`; Flux's dual-stream blocks
+  also `ff_context`; Flux's single-stream MLP is a bare Linear fused into `proj_out`, no module of its
+  own). Its default patterns (`re.fullmatch` of `^transformer_blocks.*attn`) match no module of a DiT,
+  whose attention is named `attn1`. Cache context as above.
 - `magcache`: diffusers `MagCache` with the magnitude ratios its own calibration mode prints,
   measured once on this model and step count (the caller runs the calibration generation).
 - `cache_dit`: cache-dit's `enable_cache` (DBCache) on the transformer; optional (extra `peers`).
 
 `attach` applies a peer to a transformer (the ablation always passes a fresh deep copy) and returns
 an `Attached`: `generation()` resets the hooks' state and enters what the peer needs for one
-generation, `detach()` removes every hook. `count_calls` counts the blocks, `attn1` and `ff`
-forwards that really ran: a forward hook on a child each (`norm1`, `attn1.to_q`, `ff.net.0`) fires
-only when its parent computes, never when a cache hook returns a cached or predicted output.
+generation, `detach()` removes every hook. `count_calls` (dqar.studies.peers.work) counts the block,
+attention and MLP forwards that really ran over every layer the block adapter describes.
 """
 from __future__ import annotations
 
@@ -29,16 +32,18 @@ import copy
 import importlib.util
 import io
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
+from dqar.engine.adapter import describe
 from dqar.engine.config import _choice, _in_range, _int_at_least, _suggest
 from dqar.errors import DqarError, first_line
+from dqar.studies.peers.work import COUNTED, computed_fractions, count_calls, layers  # noqa: F401  (re-exported)
 
 CONTEXT_NAME = "dqar"  # the diffusers cache context every generation runs in (CFG is one batched forward)
-COUNTED = ("block", "attn1", "ff")  # what `count_calls` counts
 
 
 # ----- peer configs ------------------------------------------------------------------------------
@@ -59,16 +64,17 @@ class PAB:
         from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
         from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 
-        clock = _Clock()
+        clock = _Clock(TIMESTEP_SCALE.get(type(transformer).__name__, 1.0))
         pre = transformer.register_forward_pre_hook(clock.read, with_kwargs=True)
+        patterns = module_patterns(transformer, "attn1")
         apply_pyramid_attention_broadcast(transformer, PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=self.skip_range,
             spatial_attention_timestep_skip_range=self.timestep_range,
-            spatial_attention_block_identifiers=(r"^transformer_blocks\.\d+\.attn1$",),
+            spatial_attention_block_identifiers=tuple(f"^{p}$" for p in patterns),
             current_timestep_callback=clock.now,
         ))
         return _diffusers_attached(self, transformer, (_PYRAMID_ATTENTION_BROADCAST_HOOK,), extra=pre.remove,
-                                   implementation="apply_pyramid_attention_broadcast on transformer_blocks.N.attn1")
+                                   implementation=f"apply_pyramid_attention_broadcast on {_names(patterns)}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ class FirstBlockCache:
 
         apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=self.threshold))
         return _diffusers_attached(self, transformer, (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK),
-                                   implementation="apply_first_block_cache on transformer_blocks, inside CacheMixin.cache_context")
+                                   implementation=f"apply_first_block_cache on {_lists(transformer)}, inside CacheMixin.cache_context")
 
 
 TAYLORSEER_TARGETS = ("attn1", "ff")
@@ -105,7 +111,7 @@ class TaylorSeer:
     disable_cache_before_step: int = 3  # steps computed in full first
     disable_cache_after_step: int = -1  # from this step on, compute in full (-1: never)
     max_order: int = 1  # Taylor order
-    targets: tuple[str, ...] = TAYLORSEER_TARGETS  # DiT module names per block: attn1, ff
+    targets: tuple[str, ...] = TAYLORSEER_TARGETS  # attn1: each layer's attention module; ff: each block's MLP module
     factors_dtype: str = "model"  # dtype of the stored Taylor factors (diffusers' default is bfloat16)
 
     def __post_init__(self) -> None:
@@ -126,7 +132,7 @@ class TaylorSeer:
         from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
         dtype = transformer.dtype if self.factors_dtype == "model" else getattr(torch, self.factors_dtype)
-        patterns = [rf"transformer_blocks\.\d+\.{t}" for t in self.targets]
+        patterns = [p for t in self.targets for p in module_patterns(transformer, t)]
         apply_taylorseer_cache(transformer, TaylorSeerCacheConfig(
             cache_interval=self.cache_interval,
             disable_cache_before_step=self.disable_cache_before_step,
@@ -136,7 +142,7 @@ class TaylorSeer:
             cache_identifiers=patterns,
         ))
         return _diffusers_attached(self, transformer, (_TAYLORSEER_CACHE_HOOK,),
-                                   implementation=f"apply_taylorseer_cache with cache_identifiers {', '.join(patterns)}, "
+                                   implementation=f"apply_taylorseer_cache with cache_identifiers {_names(patterns)}, "
                                                   "inside CacheMixin.cache_context")
 
 
@@ -183,7 +189,7 @@ class MagCache:
                                                     mag_ratios=ratios))
         info["mag_ratios"] = [round(float(r), 6) for r in ratios]
         return _diffusers_attached(self, transformer, names, info=info,
-                                   implementation=f"apply_mag_cache on transformer_blocks, num_inference_steps={steps}")
+                                   implementation=f"apply_mag_cache on {_lists(transformer)}, num_inference_steps={steps}")
 
 
 @dataclass(frozen=True)
@@ -213,9 +219,9 @@ class CacheDit:
         return None
 
     def attach(self, transformer: torch.nn.Module, steps: int, calibrate=None) -> "Attached":
-        layers = len(transformer.transformer_blocks)
-        if self.fn_compute_blocks + self.bn_compute_blocks > layers:
-            raise DqarError(f"cache_dit: fn_compute_blocks + bn_compute_blocks > {layers} blocks", "lower them")
+        count = len(layers(transformer))
+        if self.fn_compute_blocks + self.bn_compute_blocks > count:
+            raise DqarError(f"cache_dit: fn_compute_blocks + bn_compute_blocks > {count} blocks", "lower them")
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # cache-dit logs every call at INFO otherwise
         try:
             import cache_dit
@@ -226,7 +232,7 @@ class CacheDit:
             Fn_compute_blocks=self.fn_compute_blocks, Bn_compute_blocks=self.bn_compute_blocks,
             residual_diff_threshold=self.residual_diff_threshold, max_warmup_steps=self.max_warmup_steps,
             max_cached_steps=self.max_cached_steps, max_continuous_cached_steps=self.max_continuous_cached_steps,
-            enable_separate_cfg=False,  # DiT batches both CFG branches into one forward
+            enable_separate_cfg=not describe(transformer).is_dit,  # the DiT batches both CFG branches; Flux runs two forwards
             num_inference_steps=steps,
         )
         cache_dit.enable_cache(transformer, cache_config=copy.deepcopy(cfg))
@@ -277,10 +283,42 @@ def attach(peer: Any, transformer: torch.nn.Module, steps: int, calibrate: Calla
     `calibrate`: runs one generation on `transformer` (other seeds than the evaluated ones); peers
     that calibrate (MagCache without given ratios) call it once, before they are applied for real.
     """
-    blocks = list(transformer.transformer_blocks)
+    blocks = layers(transformer)
     attached = peer.attach(transformer, steps, calibrate)
     attached.blocks = blocks
     return attached
+
+
+# ----- module names per family -------------------------------------------------------------------
+TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}  # FluxPipeline passes timestep / 1000 to its transformer
+MLP_MODULES = ("ff", "ff_context")  # a block's MLP modules that TaylorSeer target 'ff' forecasts
+
+
+def module_patterns(transformer: torch.nn.Module, target: str) -> list[str]:
+    """Regexes (for `re.fullmatch`) of the modules a target names: 'attn1' each layer's attention, 'ff' each MLP module."""
+    out: list[str] = []
+    for spec in describe(transformer).specs:
+        block_list = spec.path.rpartition(".")[0]
+        block = transformer.get_submodule(spec.path)
+        attrs = [spec.attention] if target == "attn1" and spec.attention else \
+            [m for m in MLP_MODULES if target == "ff" and hasattr(block, m)]
+        for attr in attrs:
+            pattern = rf"{re.escape(block_list)}\.\d+\.{attr}"
+            if pattern not in out:
+                out.append(pattern)
+    if not out:
+        raise DqarError(f"{type(transformer).__name__} has no module for target '{target}'", "choose another target")
+    return out
+
+
+def _names(patterns: Sequence[str]) -> str:
+    """Patterns as readable module names (transformer_blocks.N.attn)."""
+    return ", ".join(p.replace("\\.\\d+\\.", ".N.").replace("\\", "") for p in patterns)
+
+
+def _lists(transformer: torch.nn.Module) -> str:
+    """The block lists the block-level hooks walk (transformer_blocks + single_transformer_blocks)."""
+    return " + ".join(dict.fromkeys(s.path.rpartition(".")[0] for s in describe(transformer).specs))
 
 
 # ----- the attachment ------------------------------------------------------------------------------
@@ -334,14 +372,15 @@ def _diffusers_attached(peer, transformer, hook_names: Sequence[str], implementa
 
 
 class _Clock:
-    """The timestep of the transformer forward in progress, for PAB's `current_timestep_callback`."""
+    """The scheduler timestep of the transformer forward in progress, for PAB's `current_timestep_callback`."""
 
-    def __init__(self) -> None:
+    def __init__(self, scale: float = 1.0) -> None:
         self.value: int | None = None
+        self.scale = scale  # what the pipeline divided the timestep by before the transformer
 
     def read(self, module, args, kwargs) -> None:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)  # (B,) or a scalar
-        self.value = None if t is None else int(torch.as_tensor(t).reshape(-1)[0])  # one host read per forward
+        self.value = None if t is None else round(float(torch.as_tensor(t).reshape(-1)[0]) * self.scale)  # one host read
 
     def now(self) -> int:
         if self.value is None:
@@ -369,36 +408,3 @@ def _set_pair(obj, name: str) -> None:
     if not ok or value[0] >= value[1]:
         raise DqarError(f"{obj.method}.{name} = {value!r} is invalid", "use two integers [lo, hi] with lo < hi")
     object.__setattr__(obj, name, tuple(value))
-
-
-# ----- counting ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def count_calls(blocks: Sequence[torch.nn.Module]) -> Iterator[dict[str, int]]:
-    """Count the block, attn1 and ff forwards that really run while inside (a dict filled as they happen).
-
-    Counted on children that run only inside their parent's own forward: `norm1` (the block),
-    `attn1.to_q` (attention), `ff.net.0` (the MLP's first projection).
-    """
-    counts = {k: 0 for k in COUNTED}
-    handles = []
-
-    def counter(key: str):
-        def hook(module, args, output) -> None:
-            counts[key] += 1
-
-        return hook
-
-    try:
-        for block in blocks:
-            handles.append(block.norm1.register_forward_hook(counter("block")))
-            handles.append(block.attn1.to_q.register_forward_hook(counter("attn1")))
-            handles.append(block.ff.net[0].register_forward_hook(counter("ff")))
-        yield counts
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def computed_fractions(counts: dict[str, int], baseline: dict[str, int]) -> dict[str, float | None]:
-    """Computed calls of a peer as a fraction of the baseline's, per counted kind."""
-    return {k: (counts[k] / baseline[k] if baseline.get(k) else None) for k in COUNTED}

@@ -53,7 +53,7 @@ def start_peer(entry, loaded, labels, ref: Reference) -> PeerRow:
     if reason:
         raise PeerNotRun(reason)
     model = model_copy(loaded)
-    blocks = list(model.transformer.transformer_blocks)
+    blocks = P.layers(model.transformer)
     with P.count_calls(blocks) as base_counts:
         base_gen = generate(model, labels, entry.run)
     calib_run = other_seeds(entry.run)
