@@ -107,8 +107,9 @@ def test_two_generations_give_identical_results(model):
 def test_probe_last_decides_the_next_evaluation(model):
     _, stats, decider = run(model, replace(BASE, verify_probe="last", verify_tau=ZERO))
     start, m = int(np.ceil(0.2 * E)), mask(stats)
-    assert not m[:, L - 1].any() and not m[start].any()  # the probe computes; the first window evaluation follows warm-up
-    assert (m[start + 1:, : L - 1].all(axis=1) == [(e - start) % 2 == 1 for e in range(start + 1, E)]).all()  # unchecked after a refresh
+    assert not m[:, L - 1].any() and not m[:start].any()  # the probe always computes
+    assert (m[start:, : L - 1].all(axis=1) == [(e - start) % 2 == 0 for e in range(start, E)]).all()  # unchecked after a refresh
+    assert stats.host_syncs == (E - start) // 2  # read only after a checked reuse
 
 
 def test_a_middle_probe_splits_its_decisions(model):

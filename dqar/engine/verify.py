@@ -8,8 +8,8 @@ granularity, attn1's output at attention granularity). `ε > τ(progress) · ver
 `verify_tau` knots) refreshes the layers that run after the probe: the later layers of this evaluation, and the
 earlier layers at the next one (probe "first": all of them at once; probe "last": all of them, one evaluation
 later). Otherwise they reuse their forecast. A group reuses at least `verify_min_interval` and at most
-`verify_max_interval` evaluations in a row; a decision those bounds force reads nothing. After the probe's own
-history was refreshed, the error it measured is of the old history: the earlier layers then reuse once unchecked.
+`verify_max_interval` evaluations in a row; a decision those bounds force reads nothing. The earlier layers'
+first evaluation after a refresh (or after warm-up) reuses unchecked: the error measured then is of the old history.
 
 Decisions are per generation (one for the whole batch). Reading ε is one device→host read of one scalar, at most
 once per evaluation, counted in `ReuseStats.host_syncs`; with probe "first" it happens inside the forward, right
@@ -77,7 +77,7 @@ class VerifyDecider:
         self.errors = np.full(e, np.nan)
         self.decisions = np.zeros((e, l), dtype=bool)  # (E, L) reuse rows as decided
         self.since_before = self.since_after = 0  # consecutive reuses of the layers before / after the probe
-        self.reuse_before = False  # the verdict for the layers before the probe at the next evaluation
+        self.reuse_before = True  # the verdict for the layers before the probe at the next evaluation
         self.probe_group_after = self.probe < l - 1  # the probe stores with the later layers (else with the earlier)
         self._row = self._store = ()
 
@@ -93,7 +93,7 @@ class VerifyDecider:
     def row(self, evaluation: int) -> tuple[bool, ...]:
         if not self.active[evaluation]:
             self.since_before = self.since_after = 0
-            self.reuse_before = False
+            self.reuse_before = True  # the window opens on a fresh history: the earlier layers' first reuse is unchecked
             self._row, self._store = (False,) * self.num_layers, (True,) * self.num_layers
             return self._row
         before = self.reuse_before and self.probe > 0
