@@ -1,12 +1,15 @@
-"""`dqar fidelity --section dynamic|engine|forecast`: the fidelity studies on the embedded model, each written to docs/FIDELITY.md."""
+"""`dqar fidelity --section dynamic|engine|forecast [--model embedded-flux]`: the fidelity studies on an embedded model,
+each written to its own docs/FIDELITY.md section (the DiT's "Engine", the Flux's "Engine (embedded-flux)", ...)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from dqar.cli.common import at_least, quiet_arg, set_threads, threads_arg, writable_folder
 from dqar.errors import DqarError
 
 SECTIONS = ("dynamic", "engine", "forecast")
+MODELS = ("embedded", "embedded-flux")  # the models the embedded classifier scores
 
 
 def fidelity_parser(sub) -> None:
@@ -14,7 +17,7 @@ def fidelity_parser(sub) -> None:
     from dqar.studies.fidelity.forecast import ForecastSettings
 
     d, f = DynamicSettings(), ForecastSettings()
-    p = sub.add_parser("fidelity", help="fidelity evidence on the embedded model, written to docs/FIDELITY.md")
+    p = sub.add_parser("fidelity", help="fidelity evidence on an embedded model, written to docs/FIDELITY.md")
     p.add_argument("--section", required=True, choices=SECTIONS,
                    help="dynamic: static schedules vs gate vs calibrated plans vs CFG sharing; engine: presets, refresh intervals, "
                         "cache formats and granularity (--samples is the total, spread over the 10 classes); forecast: "
@@ -24,8 +27,11 @@ def fidelity_parser(sub) -> None:
     p.add_argument("--probe-samples", type=int, default=f.probe_samples, help=f"forecast: probe images on other seeds (default {f.probe_samples})")
     p.add_argument("--dpm-steps", type=int, default=f.dpm_steps, help=f"forecast: DPM-Solver++ part, 0 to skip (default {f.dpm_steps})")
     p.add_argument("--no-peers", action="store_true", help="forecast: skip the peers (and the TaylorSeer tuning)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--cfg", type=float, default=d.cfg, help=f"guidance scale (default {d.cfg})")
+    p.add_argument("--model", default="embedded", choices=MODELS,
+                   help="embedded (the DiT, default) | embedded-flux (the Flux: its own sections, Flux's sampling defaults)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {d.steps}; embedded-flux 28)")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default {d.cfg}; embedded-flux: true CFG 4)")
+    p.add_argument("--machine", default="", help="where it runs, in words, for the section (default: the device name or CPU cores)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"base seed (default {d.seed})")
     p.add_argument("--out", default=d.out_dir, help=f"folder of FIDELITY.md and the plots (default {d.out_dir})")
     threads_arg(p)
@@ -37,31 +43,44 @@ def cmd_fidelity(args) -> int:
     """Check every setting, then run the section's study and write it."""
     from dqar.engine.config import SampleConfig
 
+    from dqar.models import SAMPLE_DEFAULTS
+
     set_threads(args.threads)
     writable_folder(args.out)
+    defaults = {"steps": 50, "cfg": 4.0, **SAMPLE_DEFAULTS.get(args.model, {})}
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    args.cfg = defaults["cfg"] if args.cfg is None else args.cfg
     SampleConfig(steps=args.steps, cfg=args.cfg, seed=args.seed)  # validated before any work
     run = {"dynamic": _dynamic, "engine": _engine, "forecast": _forecast}[args.section]
     return run(args)
 
 
 def _dynamic(args) -> int:
+    from dqar.studies.fidelity.engine import file_stem, section_name
     from dqar.studies.fidelity.evidence import SECTION, DynamicSettings, run_dynamic, summary_lines, write_dynamic
 
     if args.samples < 2 or args.calib_samples < 1:
         raise DqarError("the study needs at least 2 samples and 1 calibration sample", "use --samples >= 2 --calib-samples >= 1")
     s = DynamicSettings(samples=args.samples, steps=args.steps, cfg=args.cfg, seed=args.seed, calib_samples=args.calib_samples,
-                        out_dir=args.out)
+                        out_dir=args.out, model=args.model, machine=args.machine)
     result = run_dynamic(s, progress=not args.quiet)
-    return _written(SECTION, write_dynamic(result, s.out_dir), Path(s.out_dir) / "fidelity_dynamic.png", summary_lines(result))
+    doc = write_dynamic(result, s.out_dir)
+    return _written(section_name(SECTION, args.model), doc, Path(s.out_dir) / f"{file_stem('fidelity_dynamic', args.model)}.png",
+                    summary_lines(result))
 
 
 def _engine(args) -> int:
-    from dqar.studies.fidelity.engine import EngineSettings, run_engine, write_engine
+    from dqar.studies.fidelity.engine import SECTION, EngineSettings, run_engine, section_name, write_engine
 
     at_least("--samples", args.samples, 1)
-    settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out)
-    doc = write_engine(run_engine(settings, progress=not args.quiet), settings.out_dir)
-    print(f"wrote section 'Engine' of {doc}")
+    settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out,
+                              model=args.model, machine=args.machine)
+    result = run_engine(settings, progress=not args.quiet)
+    doc = write_engine(result, settings.out_dir)
+    print(f"wrote section '{section_name(SECTION, args.model)}' of {doc}")
+    for r in result["rows"]:
+        if "refused" in r:
+            print(f"  refused on {result['model']}: {r['name']}: {r['refused']}")
     return 0
 
 
@@ -72,8 +91,11 @@ def _forecast(args) -> int:
     if args.samples < 2 or args.probe_samples < 1 or args.dpm_steps < 0:
         raise DqarError("the forecast study needs >= 2 samples, >= 1 probe sample and --dpm-steps >= 0",
                         "use --samples 100 --probe-samples 20 --dpm-steps 20")
+    model = {} if args.model == "embedded" else {"model": args.model}
+    if model and "model" not in {f.name for f in dataclasses.fields(ForecastSettings)}:
+        raise DqarError(f"the forecast section does not run on {args.model} yet", "run it on the embedded DiT (no --model)")
     s = ForecastSettings(samples=args.samples, probe_samples=args.probe_samples, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                         dpm_steps=args.dpm_steps, peers=not args.no_peers, out_dir=args.out)
+                         dpm_steps=args.dpm_steps, peers=not args.no_peers, out_dir=args.out, **model)
     result = run_forecast(s, progress=not args.quiet)
     return _written(SECTION, write_forecast(result, s.out_dir), Path(s.out_dir) / PLOT, summary_lines(result))
 

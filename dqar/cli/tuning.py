@@ -75,9 +75,10 @@ def calibrate_parser(sub) -> None:
 
 def cmd_policy_collect(args) -> int:
     from dqar.io import atomic_write_json
-    from dqar.tuning.collect import CollectSettings, ValidateSettings, collect_traces, save_traces, validate_proxy
+    from dqar.tuning.collect import CollectSettings, ValidateSettings, check_policy_model, collect_traces, save_traces, validate_proxy
 
     set_threads(args.threads)
+    check_policy_model(args.model)
     settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed, steps=args.steps, cfg=args.cfg,
                                sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows,
                                forecast_order=args.forecast_order)
@@ -134,6 +135,7 @@ def cmd_policy_distill(args) -> int:
     run = replace(run, reuse=with_overrides(run.reuse, **given))
     check_distillable(run)
     check_reuse_files(run)  # the --policy checkpoint
+    _check_policy_for(run.reuse.policy, args.model)
     at_least("--samples", args.samples, 1)
     writable_file(args.out)
     loaded = load(args)
@@ -145,14 +147,22 @@ def cmd_policy_distill(args) -> int:
     return 0
 
 
-def cmd_policy_evaluate(args) -> int:
+def _check_policy_for(policy: str, model: str | None) -> None:
+    """Before loading the model: the policy was trained for `model`, and `model` is not a flow model (no policy runs there)."""
     from dqar.engine.policy_net import load_policy
-    from dqar.studies.fidelity.policy_eval import run_command
+    from dqar.tuning.collect import check_policy_model
+    from dqar.tuning.train import check_trained_for
+
+    check_trained_for(load_policy(policy).meta, model)
+    check_policy_model(model)
+
+
+def cmd_policy_evaluate(args) -> int:
+    from dqar.studies.fidelity.policy_eval import run_command, shipped_policy
 
     set_threads(args.threads)
     writable_folder(args.out)
-    if args.policy:
-        load_policy(args.policy)
+    _check_policy_for(args.policy or str(shipped_policy()), args.model)
     return run_command(args)  # checks its settings before it samples
 
 

@@ -36,13 +36,21 @@ from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan, apply_refresh, bound_patterns
 from dqar.engine.decider import TracingDecider
+from dqar.engine.adapter import describe
 from dqar.engine.signals import Trace
 from dqar.generate import generate, plan_key
+from dqar.tuning.block_trace import record_block_trace
 
 
 def record_trace(loaded, labels: Sequence[int], run: RunConfig, *, entropy_rows: int | None = None, progress: bool = False) -> Trace:
-    """Signals of one full-compute generation of `labels` under `run`'s sampling settings."""
+    """Signals of one full-compute generation of `labels` under `run`'s sampling settings.
+
+    DiT blocks: the engine's `TracingDecider` (entropy, change, SNR). Other families (Flux, SD3), whose signals the engine
+    does not record: `dqar.tuning.block_trace` (the change a reuse would miss, per CFG branch; no entropy).
+    """
     cfg = replace(run.reuse, enabled=True, gate=False, plan_file="", cfg_share="none", cache_dtype="model")
+    if not describe(loaded.transformer).dit_blocks:
+        return record_block_trace(loaded, labels, replace(run, reuse=cfg), progress=progress)
     decider = TracingDecider(entropy_rows or cfg.entropy_rows, forecast=cfg.forecast_order > 0)
     generate(loaded, labels, replace(run, reuse=cfg), decider=decider, progress=progress)
     return decider.trace()
@@ -208,9 +216,18 @@ class Calibration:
     trace: Trace
 
 
-def calibration_key(model_name: str, run: RunConfig, structure: str) -> dict[str, Any]:
+def model_plan_key(loaded, run: RunConfig) -> dict[str, Any]:
+    """`plan_key` of `loaded` under `run`; a flow model's has no sampler (it samples with flow matching whatever
+    `run.sample.sampler` says, and its model name pins that)."""
+    key = plan_key(loaded.name, run)
+    if getattr(loaded, "family", "dit") != "dit":
+        key.pop("sampler")
+    return key
+
+
+def calibration_key(loaded, run: RunConfig, structure: str) -> dict[str, Any]:
     """What a calibrated plan is valid for: model, sampler, steps, the reuse it was ranked for (granularity, forecast order, axis) and its structure."""
-    return {**plan_key(model_name, run), "structure": structure}
+    return {**model_plan_key(loaded, run), "structure": structure}
 
 
 def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction: float | None = None,
@@ -224,6 +241,6 @@ def calibrate(loaded, labels: Sequence[int], run: RunConfig, *, target_fraction:
     check_goal(target_fraction, error_budget, staleness, structure, first_evaluation, max_patterns)
     trace = record_trace(loaded, labels, run, progress=progress)
     plan = derive_plan(trace.change, target_fraction=target_fraction, error_budget=error_budget, max_staleness=staleness,
-                       first_evaluation=first_evaluation, key=calibration_key(loaded.name, run, structure),
+                       first_evaluation=first_evaluation, key=calibration_key(loaded, run, structure),
                        structure=structure, order=run.reuse.forecast_order, max_patterns=max_patterns)
     return Calibration(plan=plan, trace=trace)

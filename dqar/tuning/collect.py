@@ -231,6 +231,35 @@ def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndar
             "evaluation": grid(e_i), "age": grid(a_i), "layer": np.broadcast_to(np.arange(num_layers), labels.shape).reshape(-1)}
 
 
+def flow_model_name(model: str | None) -> bool:
+    """A model name known to load a flow model (embedded-flux, random Flux / SD3 shapes), before loading it."""
+    from dqar.models import RANDOM_FLOW
+
+    name = str(model or "")
+    return name == "embedded-flux" or name.split("@")[0] in RANDOM_FLOW
+
+
+def policy_refusal(model: str, family: str) -> DqarError:
+    return DqarError(f"the learned policy reads per-layer signals (attention entropy, attn1's change, gate_msa) that the engine "
+                     f"measures on DiT BasicTransformerBlocks only, not on {model} ({family})",
+                     f"use a calibrated plan on it instead: dqar calibrate --model {model} --target 0.5")
+
+
+def check_policy_model(model: str | None) -> None:
+    """Refuse, before loading, a model whose name says it is a flow model (the policy cannot run there)."""
+    if flow_model_name(model):
+        raise policy_refusal(str(model), "a flow transformer")
+
+
+def check_policy_family(loaded) -> None:
+    """Refuse a loaded model whose blocks are not DiT `BasicTransformerBlock`s (where the policy's signals exist)."""
+    from dqar.engine.adapter import describe
+
+    layout = describe(loaded.transformer)
+    if not layout.dit_blocks:
+        raise policy_refusal(loaded.name, layout.family)
+
+
 def generation_labels(g: int, batch: int, num_classes: int) -> list[int]:
     """Generation g's labels: the classes cycled on from sample g * batch."""
     return cycle_labels(num_classes, batch, start=g * batch)
@@ -238,6 +267,7 @@ def generation_labels(g: int, batch: int, num_classes: int) -> list[int]:
 
 def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progress: bool = True) -> PolicyTraces:
     """Full-compute generations of `settings.batch` samples each, turned into training rows."""
+    check_policy_family(loaded)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -288,6 +318,7 @@ def choose_groups(num_evaluations: int, num_layers: int, max_age: int, count: in
 
 def validate_proxy(loaded, settings: CollectSettings, check: ValidateSettings = ValidateSettings(), progress: bool = True) -> dict:
     """Spearman correlation of the label (summed over a run's cells) with the final-image error of that run."""
+    check_policy_family(loaded)
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 

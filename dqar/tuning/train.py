@@ -18,6 +18,18 @@ from dqar.tuning.collect import PolicyTraces
 from dqar.engine.features import FEATURES, LOG_FLOOR
 from dqar.engine.policy_net import PolicyCheckpoint, PolicyNet, num_parameters
 
+def check_trained_for(meta: dict, model: str | None) -> None:
+    """Refuse a policy whose metadata names another model than `model` (None: the embedded DiT)."""
+    from dqar.tuning.collect import flow_model_name
+
+    trained, want = meta.get("model"), str(model or "embedded")
+    if trained is None or trained == want:
+        return
+    fix = (f"no policy runs on {want} (its blocks lack the policy's signals): use a calibrated plan, dqar calibrate --model {want} "
+           "--target 0.5" if flow_model_name(want) else f"train one for it: dqar policy collect --model {want}, then dqar policy train")
+    raise DqarError(f"the policy was trained for model {trained!r} but this run uses {want!r}", fix)
+
+
 QUANTILES = (0.3, 0.45, 0.6)  # held-out decisions are scored at these quantiles of the measured labels
 MAX_PARAMETERS = 500_000
 

@@ -1,12 +1,16 @@
-"""The engine's fidelity table on the embedded model: presets, refresh intervals, cache formats, granularity.
+"""The engine's fidelity table on an embedded model: presets, refresh intervals, cache formats, granularity.
 
 Every configuration samples the same labels and noise as the no-reuse baseline; PSNR/SSIM
 are paired against it, class accuracy and FD use the embedded classifier. The INT8 rows
 share one plan with the model-dtype row above them, so their difference is the cache alone.
-Written as the "Engine" section of docs/FIDELITY.md by `dqar fidelity --section engine`.
+A configuration the model's family cannot run (the gate on Flux) is a row with the engine's
+refusal, checked as `dqar.enable` checks it. Written by `dqar fidelity --section engine` as the
+"Engine" section of docs/FIDELITY.md (the DiT) or "Engine (<model>)" (`--model embedded-flux`).
 """
 from __future__ import annotations
 
+import datetime
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,9 +20,55 @@ from tqdm import tqdm
 
 from dqar.engine.config import QUANT_MODES, PRESETS, ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.errors import DqarError
-from dqar.studies.core import Study, baseline_row, embedded_classifier, make_reference, study_row
+from dqar.studies.core import Study, baseline_row, embedded_evaluator, make_reference, study_row
 
 SECTION = "Engine"
+DEFAULT_MODEL = "embedded"  # the DiT: its section and files keep their plain names
+
+
+def section_name(base: str, model: str | None) -> str:
+    """`base` for the DiT, "`base` (model)" for another model."""
+    return base if model in (None, DEFAULT_MODEL) else f"{base} ({model})"
+
+
+def file_stem(base: str, model: str | None) -> str:
+    """`base` for the DiT, "`base`_model" for another model (its JSON and plots)."""
+    return base if model in (None, DEFAULT_MODEL) else f"{base}_{model}"
+
+
+def machine_description() -> str:
+    """The machine a study ran on, in words (CUDA device name, else the CPU core count)."""
+    import torch as _torch
+
+    if _torch.cuda.is_available():
+        return _torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core CPU"
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def refusal(loaded, cfg: ReuseConfig) -> str | None:
+    """The engine's one-line reason when `loaded`'s family cannot run `cfg` (checked as `dqar.enable` checks it), else None."""
+    from dqar.engine.adapter import check_family, describe
+    from dqar.engine.api import make_decider
+
+    if not cfg.enabled:
+        return None
+    try:
+        check_family(describe(loaded.transformer), cfg, make_decider(cfg).needs, "patch")
+    except DqarError as exc:
+        return str(exc)
+    return None
+
+
+def sampling_words(loaded, steps: int, cfg: float) -> str:
+    """How the model samples, in words: DDIM or flow matching, and its CFG."""
+    if getattr(loaded, "family", "dit") == "dit":
+        return f"DDIM {steps}, CFG {cfg}"
+    guidance = f"true CFG {cfg} (cond and uncond as separate forwards, one history each)" if cfg > 1 else f"CFG {cfg}"
+    return f"flow matching (Euler, dynamic shift) {steps} steps, {guidance}"
 
 
 @dataclass(frozen=True)
@@ -28,6 +78,8 @@ class EngineSettings:
     cfg: float = 4.0
     seed: int = 0
     out_dir: str = "docs"
+    model: str | None = None  # None: the embedded DiT
+    machine: str = ""  # where it ran, in words ("" = `machine_description()`)
 
     def __post_init__(self) -> None:
         if self.samples_per_class < 1:
@@ -50,26 +102,48 @@ def engine_cases() -> list[tuple[str, str, ReuseConfig]]:
 COLUMNS = ("reuse", "flops_skipped", "psnr_db", "ssim", "quant_error", "class_accuracy", "fd")
 
 
-def run_engine(settings: EngineSettings = EngineSettings(), progress: bool = True) -> dict:
-    """Generate the baseline and every case on the embedded model; returns a JSON-ready dict."""
+def run_engine(settings: EngineSettings = EngineSettings(), progress: bool = True,
+               cases: list[tuple[str, str, ReuseConfig]] | None = None) -> dict:
+    """Generate the baseline and every case (default `engine_cases()`) on the settings' model; returns a JSON-ready dict."""
     from dqar.models import load_model
 
-    loaded = load_model(None)
+    loaded = load_model(settings.model)
     labels = [c for c in range(loaded.num_classes) for _ in range(settings.samples_per_class)]
     sample = SampleConfig(steps=settings.steps, cfg=settings.cfg, seed=settings.seed)
-    evaluator = embedded_classifier()
     start = time.perf_counter()
-    study = Study(loaded, make_reference(loaded, labels, RunConfig(sample=sample), evaluator))
+    study = Study(loaded, make_reference(loaded, labels, RunConfig(sample=sample), embedded_evaluator(loaded)))
     rows = [baseline_row({"group": "baseline", "name": "baseline (no reuse)"}, COLUMNS, study.reference, self_paired=False)]
-    for group, name, cfg in tqdm(engine_cases(), desc="engine fidelity", disable=not progress):
+    for group, name, cfg in tqdm(engine_cases() if cases is None else cases, desc="engine fidelity", disable=not progress):
+        reason = refusal(loaded, cfg)
+        if reason:
+            rows.append({"group": group, "name": name, "refused": reason, "config": asdict(cfg)})
+            continue
         gen, scores = study.measure(RunConfig(reuse=cfg, sample=sample))
         rows.append(study_row({"group": group, "name": name}, COLUMNS, gen.stats, scores, config=asdict(cfg)))
-    return {"settings": asdict(settings), "samples": len(labels), "torch": torch.__version__,
-            "seconds": time.perf_counter() - start, "rows": rows}
+    return {"settings": asdict(settings), "model": loaded.name, "sampling": sampling_words(loaded, settings.steps, settings.cfg),
+            "date": today(), "machine": settings.machine or machine_description(), "threads": torch.get_num_threads(),
+            "samples": len(labels), "torch": torch.__version__, "seconds": time.perf_counter() - start, "rows": rows}
 
 
-def _f(v, fmt: str) -> str:
-    return "–" if v is None else format(v, fmt)
+def command(section: str, result: dict, extra: str = "") -> str:
+    """The command that regenerates a section (model, steps and CFG spelled out for a model other than the DiT)."""
+    s = result["settings"]
+    model = s.get("model")
+    if model in (None, DEFAULT_MODEL):
+        return f"dqar fidelity --section {section}{extra}"
+    return f"dqar fidelity --section {section} --model {model} --steps {s['steps']} --cfg {s['cfg']}{extra}"
+
+
+def _f(v, fmt: str, scale: float = 1.0) -> str:
+    return "–" if v is None else format(scale * v, fmt)
+
+
+def run_line(result: dict) -> str:
+    """When, where and how long (for sections that record it)."""
+    if "date" not in result:
+        return ""
+    return (f" Run {result['date']} on a {result['machine']} (torch threads: {result.get('threads', '?')}), "
+            f"{result['seconds'] / 60:.1f} min.")
 
 
 def markdown(result: dict) -> str:
@@ -77,16 +151,26 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     rows = result["rows"]
     base = rows[0]
-    lines = [f"## {SECTION}", "",
-             f"Embedded model, DDIM {s['steps']}, CFG {s['cfg']}, {result['samples']} samples ({s['samples_per_class']} per class), "
+    model = s.get("model")
+    name = "Embedded model" if model in (None, DEFAULT_MODEL) else f"Model {model}"
+    sampling = result.get("sampling") or f"DDIM {s['steps']}, CFG {s['cfg']}"
+    regen = command("engine", result, f" --samples {result['samples']}")
+    lines = [f"## {section_name(SECTION, model)}", "",
+             f"{name}, {sampling}, {result['samples']} samples ({s['samples_per_class']} per class), "
              f"seed {s['seed']}; PSNR/SSIM paired against the no-reuse baseline from the same noise; class accuracy and FD "
              f"(embedded classifier features vs the Fashion-MNIST test split). Regenerate: "
-             f"`dqar fidelity --section engine --samples {result['samples']}` (the recorded run took {result['seconds'] / 60:.0f} min).", "",
+             f"`{regen}`"
+             + (f".{run_line(result)}" if "date" in result else f" (the recorded run took {result['seconds'] / 60:.0f} min).")
+             + (" Refused rows name the engine's reason (checked as `dqar.enable` checks it)." if any("refused" in r for r in rows) else ""),
+             "",
              "| configuration | reuse % | FLOPs skipped % | PSNR dB | SSIM | INT8 rel. error | class acc % | FD |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['name']} | refused: {r['refused']} | | | | | | |")
+            continue
         lines.append(f"| {r['name']} | {100 * r['reuse']:.1f} | {100 * r['flops_skipped']:.1f} | {_f(r['psnr_db'], '.2f')} | "
-                     f"{_f(r['ssim'], '.4f')} | {_f(r['quant_error'], '.4f')} | {100 * r['class_accuracy']:.1f} | {r['fd']:.2f} |")
+                     f"{_f(r['ssim'], '.4f')} | {_f(r['quant_error'], '.4f')} | {_f(r['class_accuracy'], '.1f', 100)} | {_f(r['fd'], '.2f')} |")
     lines += ["", *findings(rows, base)]
     return "\n".join(lines) + "\n"
 
@@ -94,6 +178,8 @@ def markdown(result: dict) -> str:
 def findings(rows: list[dict], base: dict) -> list[str]:
     """Sentences derived from the table."""
     out = []
+    refused = [r for r in rows if "refused" in r]
+    rows = [r for r in rows if "refused" not in r]
     by = {r["name"]: r for r in rows}
     for k in (2, 3, 4):
         model = by.get(f"refresh {k}, model dtype")
@@ -110,9 +196,13 @@ def findings(rows: list[dict], base: dict) -> list[str]:
         if block:
             out.append(f"- Refresh {k}, block granularity: {100 * block['flops_skipped']:.1f}% of FLOPs skipped (attention: "
                        f"{100 * model['flops_skipped']:.1f}%) at {block['psnr_db']:.2f} dB (attention: {model['psnr_db']:.2f} dB).")
-    acc = [r for r in rows[1:] if abs(r["class_accuracy"] - base["class_accuracy"]) <= 0.01 + 1e-9]
-    out.append(f"- {len(acc)} of {len(rows) - 1} configurations keep class accuracy within 1 point of the baseline "
-               f"({100 * base['class_accuracy']:.1f}%).")
+    if base.get("class_accuracy") is not None:
+        acc = [r for r in rows[1:] if abs(r["class_accuracy"] - base["class_accuracy"]) <= 0.01 + 1e-9]
+        out.append(f"- {len(acc)} of {len(rows) - 1} configurations keep class accuracy within 1 point of the baseline "
+                   f"({100 * base['class_accuracy']:.1f}%).")
+    if refused:
+        out.append(f"- {len(refused)} configuration{'s' if len(refused) > 1 else ''} refused on this model: "
+                   + ", ".join(r["name"] for r in refused) + ".")
     return out
 
 
@@ -121,5 +211,6 @@ def write_engine(result: dict, out_dir: str | Path) -> Path:
     from dqar.reporting.documents import write_section
 
     out = Path(out_dir)
-    atomic_write_json(out / "fidelity_engine.json", result)
-    return write_section(out / "FIDELITY.md", SECTION, markdown(result))
+    model = result["settings"].get("model")
+    atomic_write_json(out / f"{file_stem('fidelity_engine', model)}.json", result)
+    return write_section(out / "FIDELITY.md", section_name(SECTION, model), markdown(result))

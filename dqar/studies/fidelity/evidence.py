@@ -1,15 +1,17 @@
-"""Fidelity evidence for dynamic reuse on the embedded model → docs/FIDELITY.md ("Dynamic reuse").
+"""Fidelity evidence for dynamic reuse on an embedded model → docs/FIDELITY.md ("Dynamic reuse", "Dynamic reuse (<model>)").
 
 `dqar fidelity --section dynamic` samples a fixed set of labels once without reuse and once per
 configuration — static schedules, the online gate, calibrated plans and CFG-branch sharing — and
 compares every run with the baseline (paired PSNR / SSIM), the classifier (class accuracy) and
 the real test split (FD on classifier features). It writes a Markdown section with the table and
 the targets, a Pareto plot and the raw numbers as JSON. Calibration uses other seeds than the evaluated samples.
+A case the model's family cannot run (the gate and CFG sharing on Flux) is a row with the engine's refusal.
 """
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
-from dqar.generate import plan_key
 from dqar.labels import cycle_labels
-from dqar.studies.core import (SEED_OFFSET, Study, baseline_row, embedded_classifier, frontier, make_reference, other_seeds,
+from dqar.studies.core import (SEED_OFFSET, Study, baseline_row, embedded_evaluator, frontier, make_reference, other_seeds,
                                study_row, x_at, y_at)
+from dqar.studies.fidelity.engine import (command, file_stem, machine_description, refusal, run_line, sampling_words, section_name,
+                                          today)
 
 SECTION = "Dynamic reuse"
 
@@ -37,6 +40,7 @@ class DynamicSettings:
     calib_samples: int = 10  # calibration images (seeds offset by dqar.studies.core.SEED_OFFSET)
     out_dir: str = "docs"
     model: str | None = None  # None: the embedded model
+    machine: str = ""  # where it ran, in words ("" = the device name or CPU cores)
 
 
 @dataclass(frozen=True)
@@ -84,16 +88,20 @@ COLUMNS = ("reuse", "attention_skipped", "flops_skipped", "cfg_shared", "host_sy
 
 def _case_run(study: Study, run: RunConfig, trace, case: Case, index: int) -> RunConfig:
     """The run of a case; calibrated cases get their plan from the shared trace, saved as JSON."""
-    from dqar.tuning.calibrate import derive_plan
+    from dqar.tuning.calibrate import derive_plan, model_plan_key
 
     reuse = case.reuse
     if case.calibration:
-        plan = derive_plan(trace.change, key=plan_key(study.loaded.name, run), **case.calibration)
+        plan = derive_plan(trace.change, key=model_plan_key(study.loaded, run), **case.calibration)
         reuse = replace(reuse, plan_file=study.save_plan(plan, f"plan_{index:02d}"))
     return replace(run, reuse=reuse)
 
 
 def measure_case(study: Study, run: RunConfig, trace, case: Case, index: int) -> dict:
+    reason = refusal(study.loaded, case.reuse)
+    if reason:
+        return {"family": case.family, "name": case.name, "refused": reason, "config": asdict(case.reuse),
+                "calibration": case.calibration or None}
     gen, scores = study.measure(_case_run(study, run, trace, case, index))
     return study_row({"family": case.family, "name": case.name}, COLUMNS, gen.stats, scores,
                      config=asdict(case.reuse), calibration=case.calibration or None)
@@ -125,8 +133,9 @@ def run_dynamic(settings: DynamicSettings = DynamicSettings(), cases: list[Case]
     labels = cycle_labels(loaded.num_classes, settings.samples)
     sample = SampleConfig(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, seed=settings.seed)
     run = RunConfig(reuse=ReuseConfig(enabled=False), sample=sample)
+    start = time.perf_counter()
     with tqdm(total=len(cases) + 2, desc="dynamic reuse", disable=not progress) as bar:
-        reference = make_reference(loaded, labels, run, embedded_classifier())
+        reference = make_reference(loaded, labels, run, embedded_evaluator(loaded))
         bar.update(1)
         trace = record_trace(loaded, cycle_labels(loaded.num_classes, settings.calib_samples), other_seeds(run))
         bar.update(1)
@@ -138,8 +147,13 @@ def run_dynamic(settings: DynamicSettings = DynamicSettings(), cases: list[Case]
                 bar.set_postfix_str(case.name[:40])
                 rows.append(measure_case(study, run, trace, case, i))
                 bar.update(1)
+    import torch
+
     return {
         "settings": asdict(settings), "model": loaded.name, "train_steps": _train_steps(loaded),
+        "sampling": sampling_words(loaded, settings.steps, settings.cfg), "date": today(),
+        "machine": settings.machine or machine_description(), "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,
         "baseline": baseline, "rows": rows, "signals": signal_summary(trace), "targets": targets(baseline, rows),
     }
 
@@ -150,14 +164,15 @@ def signal_summary(trace) -> dict:
     from scipy.stats import spearmanr
 
     e, l = trace.change.shape
-    ok = np.isfinite(trace.change) & np.isfinite(trace.entropy)
+    measured = bool(np.isfinite(trace.entropy).any())  # no entropy where the engine records none (a block trace: Flux)
+    ok = np.isfinite(trace.change) & (np.isfinite(trace.entropy) if measured else True) & np.isfinite(trace.snr_scheduler)[:, None]
     snr = np.broadcast_to(trace.snr_scheduler[:, None], (e, l))
     rho = lambda a: float(spearmanr(a[ok], trace.change[ok]).statistic)  # noqa: E731
     return {
-        "spearman_entropy_vs_change": rho(trace.entropy),
+        "spearman_entropy_vs_change": rho(trace.entropy) if measured else None,
         "spearman_snr_vs_change": rho(snr),
-        "entropy_range": [float(np.nanmin(trace.entropy)), float(np.nanmax(trace.entropy))],
-        "entropy_per_layer": [float(v) for v in np.nanmean(trace.entropy, axis=0)],
+        "entropy_range": [float(np.nanmin(trace.entropy)), float(np.nanmax(trace.entropy))] if measured else None,
+        "entropy_per_layer": [float(v) for v in np.nanmean(trace.entropy, axis=0)] if measured else None,
         "change_per_layer": [float(v) for v in np.nanmean(trace.change, axis=0)],
         "change_last5_vs_rest": [float(np.nanmean(trace.change[-5:])), float(np.nanmean(trace.change[1:-5]))],
     }
@@ -165,9 +180,15 @@ def signal_summary(trace) -> dict:
 
 def targets(baseline: dict, rows: list[dict]) -> dict:
     """The issue's targets, computed from the rows."""
+    refused = [r for r in rows if "refused" in r]
+    rows = [r for r in rows if "refused" not in r]
     static = frontier([r for r in rows if r["family"] == "static"], "attention_skipped")
     out: dict[str, Any] = {}
     for fam in ("gate", "calibrated", "cfg_share"):
+        if not any(r["family"] == fam for r in rows):
+            reasons = sorted({r["refused"] for r in refused if r["family"] == fam})
+            out[fam] = {"best_psnr_gain_db": None, "best_extra_reuse": None, "met": False, "refused": reasons or None}
+            continue
         best_gain, best_extra = None, None
         for r in (r for r in rows if r["family"] == fam):
             gain = r["psnr_db"] - y_at(static, r["attention_skipped"])
@@ -197,7 +218,9 @@ def plot(result: dict, path: Path) -> None:
 
     series = []
     for fam, marker in {"static": "o", "gate": "s", "calibrated": "^", "cfg_share": "D"}.items():
-        rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["attention_skipped"])
+        rows = sorted((r for r in result["rows"] if r["family"] == fam and "refused" not in r), key=lambda r: r["attention_skipped"])
+        if not rows:
+            continue
         series.append({"label": FAMILY_LABELS[fam], "x": [100 * r["attention_skipped"] for r in rows],
                        "psnr": [r["psnr_db"] for r in rows], "fd": [r["fd"] for r in rows],
                        "style": {"marker": marker, "linestyle": "-" if fam in ("static", "calibrated") else "none"}})
@@ -206,6 +229,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def _fmt_target(name: str, t: dict) -> str:
+    if t.get("refused"):
+        return f"- **{name}**: not measured — refused on this model ({'; '.join(t['refused'])})."
     gain, extra = t["best_psnr_gain_db"], t["best_extra_reuse"]
     g = f"{gain[0]:+.2f} dB ({gain[1]})" if gain else "n/a (outside the static schedules' range)"
     x = f"{100 * extra[0]:+.1f} points ({extra[1]})" if extra else "n/a (outside the static schedules' range)"
@@ -213,31 +238,64 @@ def _fmt_target(name: str, t: dict) -> str:
             f"largest extra reuse at equal PSNR {x} — target (≥ +1 dB or ≥ +10 points) **{'met' if t['met'] else 'missed'}**.")
 
 
+def _signal_lines(sig: dict) -> list[str]:
+    """The calibration trace's signals, in words (entropy only where it was measured)."""
+    per_layer = " and mean change " if sig["entropy_per_layer"] else ". Per layer, mean change "
+    head = ("**Signals** (calibration trace): Spearman correlation with the relative change a reuse would miss — "
+            + (f"entropy {sig['spearman_entropy_vs_change']:+.2f}, " if sig["spearman_entropy_vs_change"] is not None else "")
+            + f"scheduler SNR {sig['spearman_snr_vs_change']:+.2f}; "
+            + (f"normalized entropy spans {sig['entropy_range'][0]:.3f}–{sig['entropy_range'][1]:.3f}; "
+               if sig["entropy_range"] else "entropy not measured (the engine records attention entropy on DiT blocks only); ")
+            + f"mean change in the last 5 evaluations {sig['change_last5_vs_rest'][0]:.3f} vs {sig['change_last5_vs_rest'][1]:.3f} before")
+    body = (". Per layer, mean entropy " + ", ".join(f"{v:.3f}" for v in sig["entropy_per_layer"]) if sig["entropy_per_layer"] else "")
+    body += per_layer + ", ".join(f"{v:.3f}" for v in sig["change_per_layer"]) + "."
+    rho = sig["spearman_entropy_vs_change"]
+    if rho is not None and rho < 0:
+        body += (" Lower entropy goes with larger change on this model, so the gate's `entropy < τ` rule withholds reuse from the "
+                 "cells that change least; its SNR window acts as a cooldown. The calibrated plan ranks cells by the measured change "
+                 "itself.")
+    return [head + body]
+
+
+def _row_line(r: dict, baseline: dict) -> str:
+    fam = FAMILY_LABELS.get(r["family"], r["family"])
+    if "refused" in r:
+        return f"| {fam} | {r['name']} | refused: {r['refused']} | | | | | | | |"
+    psnr_db = "—" if r is baseline else f"{r['psnr_db']:.2f}"
+    acc = "–" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.1f}"
+    fd = "–" if r["fd"] is None else f"{r['fd']:.2f}"
+    return (f"| {fam} | {r['name']} | {100 * r['reuse']:.1f} | {100 * r['attention_skipped']:.1f} | "
+            f"{100 * r['flops_skipped']:.1f} | {r['host_syncs_per_evaluation']:.2f} | {psnr_db} | {r['ssim']:.4f} | {acc} | {fd} |")
+
+
 def markdown(result: dict, plot_name: str) -> str:
     s, b, t, sig = result["settings"], result["baseline"], result["targets"], result["signals"]
+    dit = s.get("model") in (None, "embedded")
+    sampling = f"{s['sampler'].upper()} {s['steps']} steps, CFG {s['cfg']}" if dit else result["sampling"]
+    source = ("accumulated relative change of each layer's attention output" if dit else
+              "accumulated relative change of each layer's attention output (measured by forward hooks, the largest of the "
+              "two CFG branches: the engine records no signals on these blocks, `dqar.tuning.block_trace`)")
+    regen = command("dynamic", result, f" --samples {s['samples']} --calib-samples {s['calib_samples']}") if not dit else ""
+    refused = any("refused" in r for r in result["rows"])
     lines = [
-        f"## {SECTION}",
+        f"## {section_name(SECTION, s.get('model'))}",
         "",
-        f"Produced by `dqar fidelity --section dynamic` on the {result['model']} model"
+        f"Produced by `{regen or 'dqar fidelity --section dynamic'}` on the {result['model']} model"
         + (f" (weights after {result['train_steps']} training steps)" if result["train_steps"] else "")
         + f": {s['samples']} samples (labels cycling over the classes, seeds {s['seed']}…{s['seed'] + s['samples'] - 1}), "
-        f"{s['sampler'].upper()} {s['steps']} steps, CFG {s['cfg']}. Every row is compared with the no-reuse run of the same "
+        f"{sampling}. Every row is compared with the no-reuse run of the same "
         f"seeds (paired PSNR/SSIM), the embedded classifier (class accuracy) and the Fashion-MNIST test split (FD on classifier "
         f"features; no reuse: **{b['fd']:.2f}**, class accuracy **{100 * b['class_accuracy']:.1f}%**). Calibrated plans come from "
         f"one full-compute trace of {s['calib_samples']} other samples (seeds + {SEED_OFFSET}), greedy on the "
-        "accumulated relative change of each layer's attention output (staleness cap per row). *Reuse* counts reused "
-        "(evaluation, layer) cells; *attention skipped* adds half of every CFG-shared cell (attn1 on half the rows).",
+        f"{source} (staleness cap per row). *Reuse* counts reused "
+        "(evaluation, layer) cells; *attention skipped* adds half of every CFG-shared cell (attn1 on half the rows)."
+        + run_line(result)
+        + (" Refused rows name the engine's reason (checked as `dqar.enable` checks it)." if refused else ""),
         "",
         "| family | configuration | reuse % | attention skipped % | FLOPs skipped % | host syncs / eval | PSNR dB | SSIM | class acc % | FD |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in [b, *result["rows"]]:
-        psnr_db = "—" if r is b else f"{r['psnr_db']:.2f}"
-        lines.append(
-            f"| {FAMILY_LABELS.get(r['family'], r['family'])} | {r['name']} | {100 * r['reuse']:.1f} | {100 * r['attention_skipped']:.1f} | "
-            f"{100 * r['flops_skipped']:.1f} | {r['host_syncs_per_evaluation']:.2f} | {psnr_db} | {r['ssim']:.4f} | "
-            f"{100 * r['class_accuracy']:.1f} | {r['fd']:.2f} |"
-        )
+    lines += [_row_line(r, b) for r in [b, *result["rows"]]]
     lines += ["", f"![reuse vs PSNR and FD]({plot_name})", "", "**Targets** (computed from the table):", ""]
     lines += [_fmt_target(FAMILY_LABELS[f], t[f]) for f in ("gate", "calibrated", "cfg_share")]
     h = t["half_reuse"]
@@ -248,21 +306,7 @@ def markdown(result: dict, plot_name: str) -> str:
             f"below no reuse) **{'met' if h['met'] else 'missed'}**. With {s['samples']} samples one image is "
             f"{100 / s['samples']:.1f} points of accuracy, so a gain or loss of one image already exceeds ±1 point."
         )
-    lines += [
-        "",
-        "**Signals** (calibration trace): Spearman correlation with the relative change a reuse would miss — entropy "
-        f"{sig['spearman_entropy_vs_change']:+.2f}, scheduler SNR {sig['spearman_snr_vs_change']:+.2f}; normalized entropy spans "
-        f"{sig['entropy_range'][0]:.3f}–{sig['entropy_range'][1]:.3f}; mean change in the last 5 evaluations "
-        f"{sig['change_last5_vs_rest'][0]:.3f} vs {sig['change_last5_vs_rest'][1]:.3f} before. Per layer, mean entropy "
-        + ", ".join(f"{v:.3f}" for v in sig["entropy_per_layer"]) + " and mean change "
-        + ", ".join(f"{v:.3f}" for v in sig["change_per_layer"]) + "."
-        + (" Lower entropy goes with larger change on this model, so the gate's `entropy < τ` rule withholds reuse from the "
-           "cells that change least; its SNR window acts as a cooldown. The calibrated plan ranks cells by the measured change "
-           "itself." if sig["spearman_entropy_vs_change"] < 0 else ""),
-        "",
-        f"Raw numbers: `{Path(plot_name).with_suffix('.json').name}`.",
-        "",
-    ]
+    lines += ["", *_signal_lines(sig), "", f"Raw numbers: `{Path(plot_name).with_suffix('.json').name}`.", ""]
     return "\n".join(lines)
 
 
@@ -272,15 +316,20 @@ def write_dynamic(result: dict, out_dir: str | Path) -> Path:
     from dqar.reporting.documents import write_section
 
     out = Path(out_dir)
-    plot(result, out / "fidelity_dynamic.png")
-    atomic_write_json(out / "fidelity_dynamic.json", result)
-    return write_section(out / "FIDELITY.md", SECTION, markdown(result, "fidelity_dynamic.png"))
+    model = result["settings"].get("model")
+    stem = file_stem("fidelity_dynamic", model)
+    plot(result, out / f"{stem}.png")
+    atomic_write_json(out / f"{stem}.json", result)
+    return write_section(out / "FIDELITY.md", section_name(SECTION, model), markdown(result, f"{stem}.png"))
 
 
 def summary_lines(result: dict) -> list[str]:
     t = result["targets"]
     out = []
     for fam in ("gate", "calibrated", "cfg_share"):
+        if t[fam].get("refused"):
+            out.append(f"{FAMILY_LABELS[fam]}: refused on {result['model']} ({'; '.join(t[fam]['refused'])})")
+            continue
         g = t[fam]["best_psnr_gain_db"]
         out.append(f"{FAMILY_LABELS[fam]}: best gain {g[0]:+.2f} dB ({g[1]})" if g else f"{FAMILY_LABELS[fam]}: no comparable static point")
     if t["half_reuse"]:

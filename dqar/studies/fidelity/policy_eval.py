@@ -184,10 +184,14 @@ def run_policy_study(settings: EvaluateSettings = EvaluateSettings(), progress: 
     from dqar.models import load_model
     from dqar.tuning.distill import distill_plan
     from dqar.engine.policy_net import load_policy
+    from dqar.tuning.collect import check_policy_family
+    from dqar.tuning.train import check_trained_for
 
     policy = settings.policy or str(shipped_policy())
     ckpt = load_policy(policy)  # fail early
+    check_trained_for(ckpt.meta, settings.model)
     loaded = load_model(settings.model)
+    check_policy_family(loaded)  # the policy's signals exist on DiT blocks only
     layers = len(loaded.transformer.transformer_blocks)
     labels = cycle_labels(loaded.num_classes, settings.samples)
     n_static = 2
