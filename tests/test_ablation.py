@@ -251,7 +251,8 @@ def test_shipped_grids_parse_and_every_step_count_has_its_own_baseline():
             base = G.baseline_of(entries, e)
             assert base.is_baseline and base.run.sample == e.run.sample
         steps = {e.run.sample.steps for e in entries}
-        assert len(steps) > 1 and all(any(b.is_baseline and b.run.sample.steps == s for b in entries) for s in steps)
+        assert len(steps) > 1 or name == "flux_quick"  # the Flux smoke grid keeps one step count
+        assert all(any(b.is_baseline and b.run.sample.steps == s for b in entries) for s in steps)
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -6,6 +6,8 @@ renderer only phrases those findings. The same results always give the same repo
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from dqar.reporting import conclusions as C
 from dqar.reporting.findings import (DASH, Findings, _r, bound_text, cell_value, describe, f_ci, f_pct, f_x_ci, findings, get,
                                      is_baseline, label, notes_for, sample_text, table)
@@ -239,6 +241,17 @@ def _conclusions(res: dict, f: Findings) -> list[str]:
     caveats = _caveats(res, f)
     lines += ["", "**Notes**:"] + [f"- {t}" for t in caveats]
     return lines + ["", "---", ""]
+
+
+def excerpt(results: dict, title: str, preamble: Sequence[str] = ()) -> str:
+    """A `## title` document section from a study's results: the executive summary, the main comparison, sweeps,
+    refusals and peers, every heading demoted below the section (the same computed text as the report)."""
+    from dqar.reporting.compared import section
+
+    f = findings(results)
+    parts = _executive(results, f) + _main_table(results, f) + _sweep_tables(results, f) + _refused(results) + section(results, 2, False)
+    body = [("##" + line) if line.startswith("#") else line for line in parts if line != "---"]
+    return "\n".join([f"## {title}", "", *preamble, "", *body]).rstrip() + "\n"
 
 
 def render(results: dict) -> str:

@@ -28,6 +28,11 @@ so a field added to either dataclass can be swept without code changes. Keys pre
 configuration use a plan calibrated for it before it is measured. Every configuration whose
 sampling settings differ from the study's gets its own baseline with those settings.
 
+A model with grids of its own (`MODEL_GRIDS`: embedded-flux → `flux_`) reads `flux_NAME.toml` for `--grid NAME`
+where one is shipped (flux_quick, flux_default: Flux's 28 steps and true CFG 4, no sampler key: flow models
+always sample with flow matching); any other shipped grid takes the model's sampling defaults
+(`models.SAMPLE_DEFAULTS`) over its [sample] steps and cfg. A grid given with --config is read as written.
+
 Peers run after the sweeps at the study's sampling settings, each named `peer/<method>` (plus the
 settings the table gives, e.g. `peer/taylorseer,cache_interval=3`), against the same baseline.
 """

@@ -147,6 +147,10 @@ def _table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _titled(title: str, rows: list[dict]) -> list[str]:
+    return [title, "", *_table(rows), ""] if rows else []
+
+
 def _verdict(met: bool) -> str:
     return "**met**" if met else "**missed**"
 
@@ -193,13 +197,16 @@ def markdown(result: dict) -> str:
              f"cycling over the classes, seeds {s['seed']}…{s['seed'] + s['samples'] - 1}), {result.get('sampler', 'DDIM')} "
              f"{s['steps']} steps, CFG {s['cfg']}; "
              f"matched-share settings chosen on {s['probe_samples']} probe samples with other seeds. PSNR/SSIM are paired "
-             "against the no-reuse run of the same seeds; 'attn1+ff work skipped' counts the attention and MLP forwards "
-             "that did not run, for dqar and peers alike. No reuse: class accuracy "
+             "against the no-reuse run of the same seeds; 'attn1+ff work skipped' counts the attention (each layer's attn1 / "
+             "attn) and MLP forwards that did not run, weighted by each layer's FLOPs, for dqar and peers alike. No reuse: class accuracy "
              f"**{_pct(b['class_accuracy'])}**, FD **{_num(b['fd'])}**.", "",
+             *([f"**Partial**: the run was stopped after {result.get('run_seconds', 0) / 60:.0f} minutes; what it had not "
+                "measured is absent below (a target without its rows reads as not comparable).", ""]
+               if result.get("status") == "partial" else []),
              "### Targets", "", *_target_lines(targets(result), result), "",
              f"![forecast Pareto plot]({plot_file})", "",
-             "### Order × granularity × refresh", "", *_table([r for r in result["rows"] if "order" in r]), "",
-             "### The preset (INT8 history)", "", *_table([r for r in result["rows"] if "order" not in r]), ""]
+             *_titled("### Order × granularity × refresh", [r for r in result["rows"] if "order" in r]),
+             *_titled("### The preset (INT8 history)", [r for r in result["rows"] if "order" not in r])]
     if result["peers"]:
         lines += ["### Peers (their own packages, default grid settings)", "", *_table(result["peers"]), ""]
         gaps = peer_gaps(result)
