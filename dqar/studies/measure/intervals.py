@@ -77,3 +77,19 @@ def fd_delta_ci(own: np.ndarray, base: np.ndarray, stats: dict, level: float = L
         res = S.bootstrap((np.arange(len(own)),), delta, vectorized=False, method="percentile", confidence_level=level,
                           n_resamples=FD_RESAMPLES, rng=np.random.default_rng(SEED))
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def mean_ci(values: Sequence[float], level: float = LEVEL) -> list[float] | None:
+    """Percentile-bootstrap interval of the mean of `values` (e.g. per-sample paired PSNR differences); None below 2 values."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None
+    if np.all(values == values[0]):
+        return [float(values[0])] * 2
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((values,), np.mean, vectorized=True, axis=-1, method="percentile", confidence_level=level,
+                              n_resamples=RESAMPLES, rng=np.random.default_rng(SEED))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]

@@ -1,0 +1,109 @@
+"""The "Adaptive" section of docs/FIDELITY.md, rendered from `run_adaptive` results; every verdict is computed here."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from dqar.io import atomic_write_json
+
+# Targets of the verifying-decider issue (embedded DiT, DDIM 50, CFG 4); the same are applied to embedded-flux.
+GAIN_DB = 1.0  # verify − best static at 60% and 70% of FLOPs skipped, with the interval above 0
+GAIN_SHARES = (0.6, 0.7)
+FRONTIER = (0.80, 35.0)  # ≥ 80% of FLOPs skipped at ≥ 35 dB
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _ci(ci) -> str:
+    return "–" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _row(target, row: dict, reference: dict) -> str:
+    acc, ref_acc = row.get("class_accuracy"), reference.get("class_accuracy")
+    drop = None if acc is None or ref_acc is None else 100 * (ref_acc - acc)
+    cal = row.get("calibration") or {}
+    tuned = "–" if not cal else ("yes" if cal["reached"] else "no") + f", probe share {100 * cal['calibrated_share']:.1f}%"
+    return (f"| {target} | {row['name']} | {100 * row['flops_skipped']:.1f}% | {_f(row['psnr_db'])} | "
+            f"{_f(row.get('delta_db'), '{:+.2f}')} {_ci(row.get('delta_ci'))} | {_f(acc and 100 * acc, '{:.1f}%')} "
+            f"({_f(drop, '{:+.1f}')}) | {_f(row.get('fd'), '{:.1f}')} | {row['host_syncs_per_evaluation']:.2f} | "
+            f"{tuned} |")
+
+
+def table(result: dict) -> list[str]:
+    ref = result["reference"]
+    lines = ["| target | configuration | FLOPs skipped | PSNR (dB) | Δ vs best static, 95% CI | class accuracy (drop, points) "
+             "| FD | host syncs / evaluation | τ calibrated to the target on probe seeds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, row in result["shipped"].items():
+        lines.append(_row(f"shipped `{name}`", {k: v for k, v in row.items() if k not in ("delta_db", "delta_ci")}, ref))
+    for comp in [result["at_full_dqar"], *result["targets"]]:
+        label = f"{100 * comp['target']:.1f}%" + (" (full_dqar's)" if comp is result["at_full_dqar"] else "")
+        for decider in ("static", "verify"):
+            for kind, row in comp[decider].items():
+                if row is not None:
+                    best = " **(best static, chosen on probe seeds)**" if decider == "static" and kind == comp["best_static_kind"] else ""
+                    lines.append(_row(label, {**row, "name": row["name"] + best}, ref))
+    return lines
+
+
+def _matched(row: dict, target: float, tol: float) -> bool:
+    return abs(row["flops_skipped"] - target) <= tol
+
+
+def verdicts(result: dict) -> list[str]:
+    """Sentences computed from the numbers: the gain target at 60/70%, matched work, the frontier."""
+    tol, out = result["settings"]["tolerance"], []
+    for comp in result["targets"]:
+        if not any(abs(comp["target"] - s) < 1e-9 for s in GAIN_SHARES):
+            continue
+        rows = [r for r in comp["verify"].values() if r is not None and r.get("delta_db") is not None]
+        if not rows:
+            out.append(f"- At {comp['target']:.0%}: no static plan within ±{tol:.0%} to compare with.")
+            continue
+        best = max(rows, key=lambda r: r["delta_db"])
+        met = best["delta_db"] >= GAIN_DB and best["delta_ci"] and best["delta_ci"][0] > 0
+        matched = _matched(best, comp["target"], tol)
+        out.append(f"- At {comp['target']:.0%} of FLOPs skipped, the best verifying decider ({best['name']}, "
+                   f"{100 * best['flops_skipped']:.1f}% skipped{'' if matched else f', outside ±{tol:.0%}'}) is "
+                   f"{best['delta_db']:+.2f} dB {_ci(best['delta_ci'])} against the best static plan: target "
+                   f"≥ +{GAIN_DB:.1f} dB with the interval above 0 **{'met' if met and matched else 'missed'}**.")
+    rows = [r for c in [result["at_full_dqar"], *result["targets"]] for d in ("static", "verify")
+            for r in c[d].values() if r is not None] + list(result["shipped"].values())
+    good = [r for r in rows if r["psnr_db"] >= FRONTIER[1]]
+    top = max(good, key=lambda r: r["flops_skipped"]) if good else None
+    out.append(f"- Frontier: the most FLOPs skipped at ≥ {FRONTIER[1]:.0f} dB is "
+               + (f"{100 * top['flops_skipped']:.1f}% ({top['name']}, {top['psnr_db']:.2f} dB)" if top else "none")
+               + f"; target ≥ {FRONTIER[0]:.0%} **{'met' if top and top['flops_skipped'] >= FRONTIER[0] else 'missed'}**.")
+    refused = {k: v for c in [result["at_full_dqar"], *result["targets"]] for k, v in c.get("refused", {}).items()}
+    for kind, why in refused.items():
+        out.append(f"- The verifying decider with `{kind}` did not run on `{result['model']}`: {why}")
+    a, f = result["shipped"].get("adaptive"), result["shipped"]["full_dqar"]
+    if a is None:
+        out.append(f"- The shipped `adaptive` preset did not run: {result.get('adaptive_refused')}")
+        return out
+    out.append(f"- The shipped `adaptive` preset (fixed τ, no calibration) skips {100 * a['flops_skipped']:.1f}% at "
+               f"{a['psnr_db']:.2f} dB; `full_dqar` skips {100 * f['flops_skipped']:.1f}% at {f['psnr_db']:.2f} dB "
+               f"(paired difference {a.get('delta_db', float('nan')):+.2f} dB {_ci(a.get('delta_ci'))}, at different work).")
+    return out
+
+
+def section_body(result: dict, command: str, when: str, machine: str) -> str:
+    s = result["settings"]
+    head = [f"Model `{result['model']}`, {result['steps']} steps, CFG {result['cfg']}, {s['samples']} evaluated samples; "
+            f"static plans chosen on {s['probe_samples']} probe samples and τ calibrated on {s['calib_samples']} "
+            f"(other seeds), matched work ±{s['tolerance']:.0%}. PSNR against no reuse on the same seeds; Δ: mean per-sample "
+            "difference to the best static plan at the same target, 95% percentile-bootstrap interval. Measured "
+            f"{when} on {machine}: `{command}`.", ""]
+    return "\n".join(head + table(result) + [""] + verdicts(result)) + "\n"
+
+
+def write_adaptive(result: dict, out_dir: Path, command: str, when: str, machine: str) -> Path:
+    """The JSON beside the docs and the section in FIDELITY.md (one section per model)."""
+    from dqar.reporting.documents import write_section
+
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / f"fidelity_adaptive_{result['model']}.json", result)
+    return write_section(out_dir / "FIDELITY.md", f"Adaptive ({result['model']})",
+                         section_body(result, command, when, machine))

@@ -1,0 +1,83 @@
+"""The adaptive comparison (dqar/studies/fidelity/adaptive.py): static shares from plans, matched candidates, the run on a
+tiny flow model (the verifying decider refused there, said so), and verdicts computed from the numbers."""
+import copy
+
+import numpy as np
+import pytest
+
+from dqar.engine.config import RunConfig, SampleConfig
+from dqar.errors import DqarError
+from dqar.generate import generate
+from dqar.models import load_model
+from dqar.studies.fidelity import adaptive as A
+from dqar.studies.fidelity.adaptive_section import section_body, verdicts
+
+
+@pytest.fixture(scope="module")
+def dit(single_thread):
+    return load_model()
+
+
+def test_static_share_from_the_plan_equals_the_measured_share(dit):
+    run = RunConfig(sample=SampleConfig(steps=8, cfg=4.0))
+    costs = A.layer_costs(dit, run)
+    assert costs.shape == (8,) and np.allclose(costs, costs[0])  # the DiT's blocks are alike
+    for cfg in (A.static_config("taylor", 3, 1, 8), A.static_config("hermite", 2, 0, 8)):
+        measured = generate(dit, [0], RunConfig(reuse=cfg, sample=run.sample), executor="patch").stats.flops_skipped_fraction
+        assert A.static_share(cfg, 8, costs) == pytest.approx(measured, abs=1e-9)
+
+
+def test_static_candidates_hit_their_target_and_follow_it():
+    costs = np.full(8, 0.9 / 8 / 20)  # per reused layer-evaluation
+    low = A.static_candidates("taylor", 0.4, 20, costs, 0.02)
+    high = A.static_candidates("taylor", 0.6, 20, costs, 0.02)
+    assert low and high
+    assert all(abs(share - 0.4) <= 0.02 for _, _, share in low) and all(abs(share - 0.6) <= 0.02 for _, _, share in high)
+    assert {n for n, _, _ in low} != {n for n, _, _ in high}
+
+
+def test_settings_refuse_bad_values():
+    with pytest.raises(DqarError, match="forecast kinds"):
+        A.AdaptiveSettings(kinds=("spline",))
+    with pytest.raises(DqarError, match="targets"):
+        A.AdaptiveSettings(targets=(1.2,))
+
+
+def test_tiny_flow_run_scores_static_kinds_and_reports_the_refused_decider(single_thread):
+    s = A.AdaptiveSettings(model="embedded-flux", samples=2, probe_samples=1, calib_samples=1, calib_steps=1,
+                           targets=(0.5,), steps=6, kinds=("taylor", "bdf2_heun"))
+    result = A.run_adaptive(s, progress=False)
+    comp = result["targets"][0]
+    assert set(comp["static"]) <= {"taylor", "bdf2_heun"} and comp["best_static_kind"] in comp["static"]
+    assert all(r is None for r in comp["verify"].values()) and comp["refused"]
+    text = section_body(result, "cmd", "today", "here")
+    assert "did not run on `embedded-flux`" in text and "| 50.0% |" in text
+
+
+def _result(delta, ci, skipped=0.6, psnr=36.0):
+    row = {"name": "verify taylor", "flops_skipped": skipped, "psnr_db": psnr, "delta_db": delta, "delta_ci": ci,
+           "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 1.0}
+    static = {**row, "name": "static", "delta_db": 0.0, "delta_ci": [0.0, 0.0], "host_syncs_per_evaluation": 0.0}
+    comp = {"target": 0.6, "static": {"taylor": static}, "verify": {"taylor": row}, "best_static_kind": "taylor"}
+    return {"settings": {"tolerance": 0.02, "samples": 100, "probe_samples": 20, "calib_samples": 10},
+            "model": "embedded", "steps": 50, "cfg": 4.0, "reference": {"class_accuracy": 0.9},
+            "shipped": {"full_dqar": copy.deepcopy(static), "adaptive": copy.deepcopy(row)},
+            "at_full_dqar": copy.deepcopy(comp), "targets": [comp]}
+
+
+@pytest.mark.parametrize("delta, ci, skipped, verdict", [
+    (1.5, [0.3, 2.6], 0.6, "met"),
+    (1.5, [-0.2, 2.6], 0.6, "missed"),  # the interval reaches 0
+    (0.5, [0.2, 0.8], 0.6, "missed"),  # below +1 dB
+    (1.5, [0.3, 2.6], 0.65, "missed"),  # not at matched work
+])
+def test_gain_verdict_is_computed_from_the_numbers(delta, ci, skipped, verdict):
+    lines = verdicts(_result(delta, ci, skipped))
+    assert f"**{verdict}**" in lines[0]
+
+
+def test_frontier_verdict_reads_the_rows():
+    r = _result(1.5, [0.3, 2.6], skipped=0.82, psnr=35.5)
+    assert "target ≥ 80% **met**" in " ".join(verdicts(r))
+    r = _result(1.5, [0.3, 2.6], skipped=0.82, psnr=34.0)
+    assert "target ≥ 80% **missed**" in " ".join(verdicts(r))
