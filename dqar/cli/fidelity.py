@@ -2,7 +2,6 @@
 each written to its own docs/FIDELITY.md section (the DiT's "Engine", the Flux's "Engine (embedded-flux)", ...)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from dqar.cli.common import at_least, quiet_arg, set_threads, threads_arg, writable_folder
@@ -85,19 +84,18 @@ def _engine(args) -> int:
 
 
 def _forecast(args) -> int:
-    from dqar.studies.fidelity.forecast import SECTION, ForecastSettings, run_forecast
-    from dqar.studies.fidelity.forecast_section import PLOT, summary_lines, write_forecast
+    from dqar.studies.fidelity.forecast import ForecastSettings, run_forecast
+    from dqar.studies.fidelity.forecast_section import files, section_name, summary_lines, write_forecast
 
     if args.samples < 2 or args.probe_samples < 1 or args.dpm_steps < 0:
         raise DqarError("the forecast study needs >= 2 samples, >= 1 probe sample and --dpm-steps >= 0",
                         "use --samples 100 --probe-samples 20 --dpm-steps 20")
-    model = {} if args.model == "embedded" else {"model": args.model}
-    if model and "model" not in {f.name for f in dataclasses.fields(ForecastSettings)}:
-        raise DqarError(f"the forecast section does not run on {args.model} yet", "run it on the embedded DiT (no --model)")
     s = ForecastSettings(samples=args.samples, probe_samples=args.probe_samples, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                         dpm_steps=args.dpm_steps, peers=not args.no_peers, out_dir=args.out, **model)
+                         dpm_steps=args.dpm_steps, peers=not args.no_peers, out_dir=args.out,
+                         model=None if args.model == "embedded" else args.model)
     result = run_forecast(s, progress=not args.quiet)
-    return _written(SECTION, write_forecast(result, s.out_dir), Path(s.out_dir) / PLOT, summary_lines(result))
+    doc = write_forecast(result, s.out_dir)
+    return _written(section_name(result), doc, Path(s.out_dir) / files(result)[0], summary_lines(result))
 
 
 def _written(section: str, doc: Path, plot: Path, lines: list[str]) -> int:

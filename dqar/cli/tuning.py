@@ -48,7 +48,8 @@ def calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="derive a reuse plan from one full-compute pass on a few samples",
                        description="Records per (evaluation, layer) the error of the reuse the engine would perform there "
                                    "(order 0: the relative change of the output; order 1/2: the error of the engine's forecast), "
-                                   "its entropy and the SNR, then picks the cells (or per-layer refresh intervals) with the "
+                                   "its entropy and the SNR (Flux / SD3: the change measured by forward hooks per CFG branch, no entropy), "
+                                   "then picks the cells (or per-layer refresh intervals) with the "
                                    "smallest estimated error. The plan is keyed by model, sampler, steps, granularity and forecast "
                                    "order: sample it with the same forecast_order. Sampling with it makes no host syncs.")
     model_args(p)

@@ -108,17 +108,19 @@ def measure_case(study: Study, run: RunConfig, trace, case: Case, index: int) ->
 
 
 def _train_steps(loaded) -> int | None:
-    log = Path(loaded.name if loaded.name != "embedded" else _embedded_dir()) / "train_log.json"
+    log = Path(_embedded_dir(loaded.name) or loaded.name) / "train_log.json"
     try:
         return int(json.loads(log.read_text())["steps"])
     except (OSError, ValueError, KeyError):
         return None
 
 
-def _embedded_dir() -> Path:
+def _embedded_dir(name: str) -> Path | None:
+    """The shipped weights' folder of an embedded model (None for another model)."""
     from dqar.embedded import EMBEDDED_DIR
+    from dqar.embedded.flux import FLUX_DIR
 
-    return Path(EMBEDDED_DIR)
+    return {"embedded": Path(EMBEDDED_DIR), "embedded-flux": Path(FLUX_DIR)}.get(name)
 
 
 def run_dynamic(settings: DynamicSettings = DynamicSettings(), cases: list[Case] | None = None, progress: bool = True) -> dict:
