@@ -55,7 +55,7 @@ def cmd_fidelity(args) -> int:
 
 
 def _dynamic(args) -> int:
-    from dqar.studies.fidelity.engine import file_stem, section_name
+    from dqar.studies.fidelity.sections import file_stem, section_name
     from dqar.studies.fidelity.evidence import SECTION, DynamicSettings, run_dynamic, summary_lines, write_dynamic
 
     if args.samples < 2 or args.calib_samples < 1:
@@ -69,7 +69,8 @@ def _dynamic(args) -> int:
 
 
 def _engine(args) -> int:
-    from dqar.studies.fidelity.engine import SECTION, EngineSettings, run_engine, section_name, write_engine
+    from dqar.studies.fidelity.engine import SECTION, EngineSettings, run_engine, write_engine
+    from dqar.studies.fidelity.sections import section_name
 
     at_least("--samples", args.samples, 1)
     settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out,

@@ -22,8 +22,8 @@ from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.labels import cycle_labels
 from dqar.studies.core import (SEED_OFFSET, Study, baseline_row, embedded_evaluator, frontier, make_reference, other_seeds,
                                study_row, x_at, y_at)
-from dqar.studies.fidelity.engine import (command, file_stem, machine_description, refusal, run_line, sampling_words, section_name,
-                                          today)
+from dqar.studies.fidelity.sections import (command, file_stem, machine_description, refusal, run_line, sampling_words,
+                                            section_name, today)
 
 SECTION = "Dynamic reuse"
 
