@@ -30,14 +30,16 @@ class Generation:
 
 
 def plan_key(model_name: str | None, run: RunConfig) -> dict:
-    """What a run checks a plan against: model, sampler, step count, and the reuse a forecast plan was ranked for.
+    """What a run checks a plan against: model, sampler, step count, and the reuse (granularity, forecast order, axis and
+    kind) a forecast plan was ranked for.
 
     A plan's key may hold fewer names (a copy-reuse plan records no forecast order); `Plan.check_key` compares the names it
     has and skips a None value (`model_name = None` before the model is loaded).
     """
     r = run.reuse
     return {"model": model_name, "sampler": run.sample.sampler, "steps": run.sample.steps,
-            "granularity": r.granularity, "forecast_order": r.forecast_order, "forecast_axis": r.forecast_axis}
+            "granularity": r.granularity, "forecast_order": r.forecast_order, "forecast_axis": r.forecast_axis,
+            "forecast_kind": r.forecast_kind}
 
 
 def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = None, plan: Plan | None = None,

@@ -148,3 +148,14 @@ def test_bound_patterns_bounds_a_plan_file_and_refuses_online_deciders(tmp_path)
     assert got.num_patterns <= 3 and not (got.mask & ~mask).any()
     with pytest.raises(DqarError, match="bound_patterns"):
         ReuseConfig(gate=True, bound_patterns=True)
+
+
+def test_a_plan_ranked_for_one_forecaster_refuses_another():
+    from dqar.engine.config import RunConfig
+    from dqar.generate import plan_key
+
+    run = RunConfig(reuse=ReuseConfig(forecast_order=2, forecast_kind="bdf2_heun"))
+    plan = Plan(mask=np.zeros((50, 8), dtype=bool), key=plan_key("embedded", run))
+    plan.check_key(**plan_key("embedded", run))  # the same kind passes
+    with pytest.raises(DqarError, match="forecast_kind='bdf2_heun'"):
+        plan.check_key(**plan_key("embedded", replace(run, reuse=replace(run.reuse, forecast_kind="taylor"))))
