@@ -250,7 +250,7 @@ def excerpt(results: dict, title: str, preamble: Sequence[str] = ()) -> str:
 
     f = findings(results)
     parts = _executive(results, f) + _main_table(results, f) + _sweep_tables(results, f) + _refused(results) + section(results, 2, False)
-    body = [("##" + line) if line.startswith("#") else line for line in parts if line != "---"]
+    body = [("##" + line) if line.startswith("#") else line for line in parts if line != "---" and not line.startswith("Grids: ")]
     return "\n".join([f"## {title}", "", *preamble, "", *body]).rstrip() + "\n"
 
 

@@ -349,9 +349,10 @@ def _setup(opts: AblationOptions, loaded):
     """(study, previous results or None, loaded model)."""
     from dqar.device import resolve_device, resolve_dtype
 
-    name = loaded.name if loaded is not None else opts.model
-    study = G.load_grid(opts.config or G.builtin_grid(G.grid_for("quick" if opts.quick else opts.grid, name)), repeats=opts.repeats)
-    if opts.config is None:
+    name, asked = loaded.name if loaded is not None else opts.model, "quick" if opts.quick else opts.grid
+    grid = G.grid_for(asked, name)
+    study = G.load_grid(opts.config or G.builtin_grid(grid), repeats=opts.repeats)
+    if opts.config is None and grid == asked:  # a generic grid: the model's sampling defaults over its [sample]
         study = G.with_model_defaults(study, name)
     if opts.steps is not None:
         study = G.with_sample(study, steps=opts.steps)

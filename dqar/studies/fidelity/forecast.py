@@ -186,12 +186,15 @@ def _best_near(rows: Sequence[dict], share: float) -> dict | None:
 
 
 def matched_shares(probe: _Context, ctx: _Context, tick: Callable[[str], None], tuned: Sequence[str],
-                   out: list | None = None) -> list[dict]:
+                   out: list | None = None, probes: dict | None = None) -> list[dict]:
     """At each share: dqar's and each tuned peer's best setting on the probe seeds, all scored on the evaluated seeds.
 
-    A row keeps "taylorseer" (and "taylorseer_probe") and, for every tuned peer, `peers[method]`.
+    A row keeps "taylorseer" (and "taylorseer_probe") and, for every tuned peer, `peers[method]`; `probes` (a dict)
+    receives every probe row by method (the tuning, written into the results).
     """
     dq, probed = [], {m: [] for m in tuned}
+    if probes is not None:
+        probes.update(dqar=dq, **probed)
     for name, cfg in dqar_share_candidates(ctx.run.sample.steps):
         tick(f"probe: {name}")
         dq.append(measure_dqar(probe, name, cfg, {}))
@@ -281,7 +284,8 @@ def run_forecast(settings: ForecastSettings = ForecastSettings(), progress: bool
         + (sum(len(TUNED[m]()) for m in settings.tuned) + len(settings.tuned) * len(SHARES) if settings.peers else 0)
     result: dict = {"settings": asdict(settings), "model": loaded.name, "evaluator": evaluator.description if evaluator else None,
                     "sampler": "flow matching (FlowMatchEulerDiscreteScheduler, dynamic shift)" if flow else "DDIM",
-                    "baseline": None, "rows": [], "axis_rows": [], "peers": [], "matched": [], "dpm_baseline": None, "dpm_rows": []}
+                    "baseline": None, "rows": [], "axis_rows": [], "peers": [], "matched": [], "probes": {},
+                    "dpm_baseline": None, "dpm_rows": []}
     with tqdm(total=total, desc="forecast", disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
         def tick(what: str) -> None:
             bar.set_postfix_str(what[:40])
@@ -302,7 +306,7 @@ def run_forecast(settings: ForecastSettings = ForecastSettings(), progress: bool
         for peer in peers:
             result["peers"].append(measure_peer(ctx, peer))
             tick(peer.title)
-        matched_shares(probe, ctx, tick, settings.tuned if settings.peers else (), out=result["matched"])
+        matched_shares(probe, ctx, tick, settings.tuned if settings.peers else (), out=result["matched"], probes=result["probes"])
         for name, head, cfg in axes:
             result["axis_rows"].append(measure_dqar(ctx, name, cfg, head))
             tick(name)

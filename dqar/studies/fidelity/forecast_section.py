@@ -220,6 +220,11 @@ def markdown(result: dict) -> str:
             r = r or {}
             lines.append(f"| {m['share']:.0%} | {TITLES.get(method, method)} | {r.get('name', 'no setting near this share')} "
                          f"({_pct(r.get('work_skipped'))}) | {_num(r.get('psnr_db'))} | {_pct(r.get('class_accuracy'))} |")
+    if result.get("probes"):
+        lines += ["", "### The tuning: every candidate on the probe seeds", "", "| method | setting | work skipped | probe PSNR (dB) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {TITLES.get(m, m)} | {r['name']} | {_pct(r.get('work_skipped'))} | {_num(r.get('psnr_db'))} |"
+                  for m, rows in result["probes"].items() for r in rows if "psnr_db" in r]
     if result.get("axis_rows"):
         lines += ["", f"### Forecast axes at the main setting ({result.get('sampler', '')})", "", *_table(result["axis_rows"])]
     if result["dpm_rows"]:
