@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from dqar.engine.config import ReuseConfig
 from dqar.errors import DqarError
 from dqar.models import RANDOM_FLOW, load_model
 from dqar.studies.bench.runner import BenchSettings, render_table, run_bench
@@ -21,7 +22,8 @@ def _bench(name, **kw):
 def test_flow_bench_rows_flops_and_refused_executors(name, family, cfg):
     """stock eager, dqar no reuse and full_dqar on the patch executor are timed; the compiled and graph executors refuse
     the family at enable and are listed with the engine's reason, not timed and not failed."""
-    result = _bench(name, peers=(), cases=("stock_eager", "noreuse_*", "full_dqar_*"))  # compile on: its dqar rows are refused
+    result = _bench(name, peers=(), cases=("stock_eager", "noreuse_*", "full_dqar_*"),  # compile on: its dqar rows are refused
+                    executors=("eager", "compiled", "graph"))
     rows = {r["case"]: r for r in result["rows"]}
     assert set(rows) == {"stock_eager", "noreuse_eager", "full_dqar_eager"} and result["failed"] == {}
     assert result["family"] == family and result["settings"]["cfg"] == cfg and result["resolution"] == 64
@@ -34,6 +36,21 @@ def test_flow_bench_rows_flops_and_refused_executors(name, family, cfg):
     table = render_table(result)
     assert "| 1 | full_dqar_eager |" in table and "| 1 | stock_eager |" in table and "flow-matching Euler 4" in table
     assert "Not applicable: full_dqar_graph@1 — the graph executor runs the class-conditional DiT" in table
+
+
+def test_flow_bench_times_the_flow_compiled_rows():
+    """noreuse_flow_compiled (whole blocks compiled, nothing reused) and full_dqar_flow_compiled are timed on Flux beside the
+    stock compiled row, with full_dqar's plan and FLOPs; on the DiT they are listed as not applicable, with the engine's line."""
+    result = _bench("random-flux-tiny", peers=(), executors=("flow_compiled",), steps=2, cfg=4.0)
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"stock_eager", "stock_compiled", "noreuse_flow_compiled", "full_dqar_flow_compiled"} and not result["failed"]
+    full = rows["full_dqar_flow_compiled"]
+    assert full["setting"] == "dqar executor flow_compiled" and full["flops_skipped_fraction"] > 0
+    assert full["vs_stock_compiled"] is not None and full["vs_stock_compiled_ci"] is not None
+    assert rows["noreuse_flow_compiled"]["flops_skipped_fraction"] == 0
+    from dqar.studies.bench.family import refusal
+    from conftest import tiny_loaded
+    assert "DiT kernels do not run" in refusal(tiny_loaded(), ReuseConfig(enabled=False, granularity="block"), "flow_compiled")
 
 
 def test_flow_bench_peers_on_flux_and_refused_on_sd3():

@@ -9,6 +9,7 @@ import torch
 from dqar.engine.adapter import check_family, describe
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.engine.decider import Decider, DeciderContext, PlanDecider
+from dqar.engine.flow_compiled import FlowCompiledEngine
 from dqar.engine.fused import check_supported
 from dqar.engine.gate import GateDecider
 from dqar.engine.graph import GraphEngine, check_graph_supported, pattern_counts
@@ -20,7 +21,7 @@ from dqar.engine.reuse import ReuseEngine
 from dqar.engine.stats import ReuseStats
 from dqar.engine.verify import VerifyDecider
 
-ALL_EXECUTORS = tuple(EXECUTORS)  # "graph": dqar.engine.graph.GraphEngine; the others dqar.engine.reuse.ReuseEngine
+ALL_EXECUTORS = tuple(EXECUTORS)  # "graph": GraphEngine; "flow_compiled": FlowCompiledEngine; the others ReuseEngine
 EXECUTOR_CHOICES = ("auto", *ALL_EXECUTORS)  # "auto" (the default): resolve_executor picks graph or patch
 
 
@@ -99,7 +100,8 @@ def resolve_executor(transformer: torch.nn.Module, cfg: ReuseConfig, decider, st
     """What "auto" runs, with the reason: "graph" on CUDA where the graph executor supports the config and decider and the
     plan's patterns fit `max_patterns` (else per-block fallbacks would storm: "compiled" where it runs), else "patch".
 
-    Not "graph" on the CPU: there it compiles for 30-150 s per configuration (docs/BENCHMARKS.md, "Graph executor").
+    Not "graph" on the CPU: there it compiles for 30-150 s per configuration (docs/BENCHMARKS.md, "Graph executor"); nor
+    "flow_compiled", asked for by name: faster per generation, after a first generation that compiles (docs/BENCHMARKS.md).
     """
     if not on_cuda(transformer):
         return "patch", "patch: not on CUDA"
@@ -135,6 +137,8 @@ class ReuseHandle:
             executor, self.executor_reason = resolve_executor(transformer, self.config, decider, steps)
         if executor == "graph":
             self._engine = GraphEngine(transformer, self.config, decider, scheduler)
+        elif executor == "flow_compiled":
+            self._engine = FlowCompiledEngine(transformer, self.config, decider, scheduler)
         else:
             self._engine = ReuseEngine(transformer, self.config, decider, scheduler, executor)
 

@@ -3,7 +3,8 @@
 "patch" hooks each block's attention (or the block) and runs every option on every family; "fused" and
 "compiled" replace DiT blocks by pure block functions (`dqar.engine.fused`, compiled or not); "graph"
 runs a whole DiT evaluation as one compiled graph per pattern (`dqar.engine.graph`), over its own static
-history, so it builds no per-block kernels.
+history, so it builds no per-block kernels. "flow_compiled" keeps patch's per-layer dispatch and runs each hooked
+module's stock forward under `torch.compile` (`dqar.engine.flow_compiled`): the compiled path of the non-DiT families.
 """
 from __future__ import annotations
 
@@ -28,4 +29,5 @@ EXECUTORS = {e.name: e for e in (
     Executor("fused", kernels=True, compile=False, cfg_share=False, signals=False, branches=True, dit_only=True),
     Executor("compiled", kernels=True, compile=True, cfg_share=False, signals=False, branches=True, dit_only=True),
     Executor("graph", kernels=False, compile=False, cfg_share=True, signals=False, branches=False, dit_only=True),
+    Executor("flow_compiled", kernels=False, compile=True, cfg_share=False, signals=False, branches=True, dit_only=False),
 )}

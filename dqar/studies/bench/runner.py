@@ -2,7 +2,8 @@
 caching peers, in one process.
 
 Rows: `stock_eager`, `stock_compiled` and, on CUDA only, `stock_compiled_cudagraphs` (mode reduce-overhead); `noreuse_<executor>` and `<preset>_<executor>` for the executors asked for
-(eager = patch, compiled, graph; a gate preset's decisions frozen into a plan for the compiled ones; `_compiled_modeldtype`:
+(eager = patch, compiled, graph, flow_compiled; a gate preset's decisions frozen into a plan for the compiled ones;
+`noreuse_flow_compiled` runs whole blocks compiled at block granularity; `_compiled_modeldtype`:
 the same plan with a model-dtype cache); `peer_<name>` (dqar.studies.bench.peers: under torch.compile where it tolerates it).
 Flow models (Flux, SD3: dqar.models.RANDOM_FLOW) sample with `sample_flow` through `generate`; a row whose executor or peer
 refuses the family at enable is not timed but listed under "not_applicable" with the refusal (`Case.refused`).
@@ -46,7 +47,10 @@ from dqar.tuning.distill import executed_plan
 BLOCK_PRESET = "block_reuse"
 STOCK_EAGER, STOCK_COMPILED, STOCK_CUDAGRAPHS = "stock_eager", "stock_compiled", "stock_compiled_cudagraphs"
 STOCK_COMPILED_ROWS = (STOCK_COMPILED, STOCK_CUDAGRAPHS)  # the candidates for stock_best
-EXECUTORS = ("eager", "compiled", "graph")  # dqar's rows: patch (eager), per-block compiled, one graph per plan row
+EXECUTORS = ("eager", "compiled", "graph", "flow_compiled")  # dqar's rows: patch (eager), per-block compiled (DiT), one graph
+# per plan row (DiT), compiled stock block forwards under patch's dispatch (the other families: dqar.engine.flow_compiled)
+ENGINE_EXECUTORS = ("patch", "compiled", "graph", "flow_compiled")  # the engine's name of each bench executor
+FLOW_NOREUSE = ReuseConfig(enabled=False, granularity="block")  # flow_compiled's no-reuse row: whole blocks compiled, as full_dqar
 COMPILE_SETTING = "torch.compile (default mode, static shapes)"
 CUDAGRAPHS_SETTING = "torch.compile (mode reduce-overhead: CUDA graphs, static shapes)"
 NO_CUDAGRAPHS = (f"{STOCK_CUDAGRAPHS} left out: torch.compile mode reduce-overhead has no CUDA graphs on this device, so stock_best "
@@ -228,8 +232,9 @@ def _specs(s: BenchSettings):
     yield STOCK_EAGER, "stock", lambda b: _stock(b, None)
     yield STOCK_COMPILED, "stock_compiled", lambda b: _stock(b, "default")
     yield STOCK_CUDAGRAPHS, "stock_cudagraphs", lambda b: _stock(b, "reduce-overhead")  # CUDA only (selected)
-    for kind, executor in zip(EXECUTORS, ("patch", "compiled", "graph")):
-        yield f"noreuse_{kind}", kind, functools.partial(lambda b, e: _dqar(b, off, e), e=executor)
+    for kind, executor in zip(EXECUTORS, ENGINE_EXECUTORS):
+        cfg = FLOW_NOREUSE if kind == "flow_compiled" else off
+        yield f"noreuse_{kind}", kind, functools.partial(lambda b, e, c: _dqar(b, c, e), e=executor, c=cfg)
     for name in s.presets:
         yield from _preset_specs(name)
     for name in s.peers:
@@ -244,6 +249,7 @@ def _preset_specs(name: str):
         return
     yield f"{name}_compiled", "compiled", lambda b: _planned(b, name, "compiled")
     yield f"{name}_graph", "graph", lambda b: _planned(b, name, "graph")  # a graph per plan row
+    yield f"{name}_flow_compiled", "flow_compiled", lambda b: _planned(b, name, "flow_compiled")  # compiled stock blocks
     if cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
         yield f"{name}_compiled_modeldtype", "compiled", lambda b: _planned(b, name, "compiled", cache_dtype="model")
 
@@ -257,7 +263,7 @@ def _planned(b: _Batch, name: str, executor: str, **change) -> Case:
 
 
 def _wanted(s: BenchSettings, kind: str) -> bool:
-    if kind in ("compiled", "graph", "stock_compiled", "stock_cudagraphs"):
+    if kind in ("compiled", "graph", "flow_compiled", "stock_compiled", "stock_cudagraphs"):
         return s.compile and (kind.startswith("stock") or kind in s.executors)
     return kind in ("stock", "peer") or kind in s.executors
 
