@@ -81,3 +81,9 @@ def test_frontier_verdict_reads_the_rows():
     assert "target ≥ 80% **met**" in " ".join(verdicts(r))
     r = _result(1.5, [0.3, 2.6], skipped=0.82, psnr=34.0)
     assert "target ≥ 80% **missed**" in " ".join(verdicts(r))
+
+
+def test_the_verifying_deciders_reuse_cap_grows_with_the_target():
+    costs = np.full(8, 0.99 / 8 / 50)
+    caps = [A.max_interval_for(t, 50, costs, 0.02) for t in (0.5, 0.7, 0.8)]
+    assert caps == sorted(caps) and caps[0] < caps[-1] and caps[0] == A.MAX_INTERVALS[0]

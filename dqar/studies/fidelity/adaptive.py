@@ -128,15 +128,34 @@ def paired_delta(row: dict, base: dict) -> dict:
     return {"delta_db": float(d.mean()), "delta_ci": mean_ci(d)}
 
 
-def calibrated_verify(loaded, run: RunConfig, kind: str, target: float, settings: AdaptiveSettings) -> tuple[ReuseConfig, dict]:
-    """The adaptive preset with `kind`, its τ scale bisected on the calibration seeds to `target`."""
+MAX_INTERVALS = (3, 5, 8, 12, 16, 24)  # the verifying decider's consecutive-reuse caps tried, least first
+
+
+def max_interval_for(target: float, steps: int, costs: np.ndarray, tolerance: float) -> int:
+    """The least `verify_max_interval` that lets the adaptive preset reach `target`: its share with τ → ∞ (every non-probe
+    layer reusing `m` times in a row, the probe computing) is a static plan's, read from the plan on the host."""
+    base, layers = preset("adaptive"), len(costs)
+    for m in MAX_INTERVALS:
+        cap = replace(base, decider="plan", schedule="custom", custom_layers=tuple(range(1, layers)), refresh_interval=m + 1,
+                      max_staleness=m)
+        if static_share(cap, steps, costs) >= target + tolerance / 2:
+            return m
+    return MAX_INTERVALS[-1]
+
+
+def calibrated_verify(loaded, run: RunConfig, kind: str, target: float, settings: AdaptiveSettings,
+                      costs: np.ndarray) -> tuple[ReuseConfig, dict]:
+    """The adaptive preset with `kind` and a reuse cap that can reach `target`, its τ scale bisected on the calibration
+    seeds to `target`."""
     from dqar.studies.core import SEED_OFFSET
     from dqar.tuning.verify_tau import calibrate_tau
 
     labels = cycle_labels(settings.calib_samples, loaded.num_classes)
-    cal_run = RunConfig(reuse=replace(preset("adaptive"), forecast_kind=kind), sample=run.sample)
+    m = max_interval_for(target, run.sample.steps, costs, settings.tolerance)
+    cal_run = RunConfig(reuse=replace(preset("adaptive"), forecast_kind=kind, verify_max_interval=m), sample=run.sample)
     cal = calibrate_tau(loaded, [labels], cal_run, target, steps=settings.calib_steps, seed_offset=SEED_OFFSET)
-    return cal.config, {"scale": cal.scale, "calibrated_share": cal.skipped, "reached": cal.reached, "trials": len(cal.trials)}
+    return cal.config, {"scale": cal.scale, "calibrated_share": cal.skipped, "reached": cal.reached, "trials": len(cal.trials),
+                        "max_interval": m}
 
 
 def _strip(row: dict | None) -> dict | None:
@@ -162,11 +181,11 @@ def compare_at(target: float, probe: _Setting, ev: _Setting, costs: np.ndarray, 
             out["static"][kind] = measure(ev, pick["name"], cfg, {"kind": kind, "decider": "static"})
         tick(f"{target:.0%} {kind}: calibrating τ")
         try:
-            cfg, cal = calibrated_verify(loaded, ev.run, kind, target, settings)
+            cfg, cal = calibrated_verify(loaded, ev.run, kind, target, settings, costs)
         except DqarError as exc:  # the engine refuses the verifying decider on this model: say so, once per kind
             out["verify"][kind], out.setdefault("refused", {})[kind] = None, str(exc)
             continue
-        out["verify"][kind] = measure(ev, f"verify {kind}, τ × {cal['scale']:.3g}", cfg,
+        out["verify"][kind] = measure(ev, f"verify {kind}, τ × {cal['scale']:.3g}, ≤ {cal['max_interval']} reuses", cfg,
                                       {"kind": kind, "decider": "verify", "calibration": cal})
     return _verdicts(out, probe_choice=_probe_choice(out))
 
