@@ -87,3 +87,24 @@ def test_the_verifying_deciders_reuse_cap_grows_with_the_target():
     costs = np.full(8, 0.99 / 8 / 50)
     caps = [A.max_interval_for(t, 50, costs, 0.02) for t in (0.5, 0.7, 0.8)]
     assert caps == sorted(caps) and caps[0] < caps[-1] and caps[0] == A.MAX_INTERVALS[0]
+
+
+@pytest.mark.parametrize("flags", [["--probe-samples", "0"], ["--calib-samples", "0"], ["--samples", "1"]])
+def test_cli_refuses_bad_counts_in_one_line(flags, tmp_path, capsys):
+    from dqar.cli.app import main
+
+    assert main(["fidelity", "--section", "adaptive", "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flags[0] in err[0]
+    assert not (tmp_path / "FIDELITY.md").exists()
+
+
+def test_section_is_written_under_the_models_own_heading(tmp_path):
+    from dqar.studies.fidelity.adaptive_section import write_adaptive
+
+    r = _result(1.5, [0.3, 2.6])
+    write_adaptive(r, tmp_path, "dqar fidelity --section adaptive", "test machine")
+    write_adaptive({**r, "model": "embedded-flux"}, tmp_path, "dqar fidelity --section adaptive", "test machine")
+    text = (tmp_path / "FIDELITY.md").read_text()
+    assert "## Adaptive\n" in text and "## Adaptive (embedded-flux)\n" in text
+    assert (tmp_path / "fidelity_adaptive.json").is_file() and (tmp_path / "fidelity_adaptive_embedded-flux.json").is_file()

@@ -1,4 +1,4 @@
-"""`dqar fidelity --section dynamic|engine|forecast [--model embedded-flux]`: the fidelity studies on an embedded model,
+"""`dqar fidelity --section dynamic|engine|forecast|adaptive [--model embedded-flux]`: the fidelity studies on an embedded model,
 each written to its own docs/FIDELITY.md section (the DiT's "Engine", the Flux's "Engine (embedded-flux)", ...)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from dqar.cli.common import at_least, quiet_arg, set_threads, threads_arg, writable_folder
 from dqar.errors import DqarError
 
-SECTIONS = ("dynamic", "engine", "forecast")
+SECTIONS = ("dynamic", "engine", "forecast", "adaptive")
 MODELS = ("embedded", "embedded-flux")  # the models the embedded classifier scores
 
 
@@ -20,10 +20,13 @@ def fidelity_parser(sub) -> None:
     p.add_argument("--section", required=True, choices=SECTIONS,
                    help="dynamic: static schedules vs gate vs calibrated plans vs CFG sharing; engine: presets, refresh intervals, "
                         "cache formats and granularity (--samples is the total, spread over the 10 classes); forecast: "
-                        "forecast order x granularity x refresh, INT8 history, peers at matched shares, DPM-Solver++ axes")
-    p.add_argument("--samples", type=int, default=d.samples, help=f"evaluated images (default {d.samples}; the forecast targets use 100)")
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help=f"dynamic: calibration images (default {d.calib_samples})")
-    p.add_argument("--probe-samples", type=int, default=f.probe_samples, help=f"forecast: probe images on other seeds (default {f.probe_samples})")
+                        "forecast order x granularity x refresh, INT8 history, peers at matched shares, DPM-Solver++ axes; "
+                        "adaptive: the verifying decider (tau calibrated on probe seeds) against the best static plan per "
+                        "forecaster at 50-80%% of FLOPs skipped and at full_dqar's share")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"evaluated images (default {d.samples}; adaptive 100; the forecast targets use 100)")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help=f"dynamic, adaptive: calibration images (default {d.calib_samples})")
+    p.add_argument("--probe-samples", type=int, default=f.probe_samples, help=f"forecast, adaptive: probe images on other seeds (default {f.probe_samples})")
     p.add_argument("--dpm-steps", type=int, default=f.dpm_steps, help=f"forecast: DPM-Solver++ part, 0 to skip (default {f.dpm_steps})")
     p.add_argument("--no-peers", action="store_true", help="forecast: skip the peers (and the TaylorSeer tuning)")
     p.add_argument("--model", default="embedded", choices=MODELS,
@@ -43,6 +46,7 @@ def cmd_fidelity(args) -> int:
     from dqar.engine.config import SampleConfig
 
     from dqar.models import SAMPLE_DEFAULTS
+    from dqar.studies.fidelity.evidence import DynamicSettings
 
     set_threads(args.threads)
     writable_folder(args.out)
@@ -50,7 +54,9 @@ def cmd_fidelity(args) -> int:
     args.steps = defaults["steps"] if args.steps is None else args.steps
     args.cfg = defaults["cfg"] if args.cfg is None else args.cfg
     SampleConfig(steps=args.steps, cfg=args.cfg, seed=args.seed)  # validated before any work
-    run = {"dynamic": _dynamic, "engine": _engine, "forecast": _forecast}[args.section]
+    if args.samples is None:
+        args.samples = 100 if args.section == "adaptive" else DynamicSettings().samples
+    run = {"dynamic": _dynamic, "engine": _engine, "forecast": _forecast, "adaptive": _adaptive}[args.section]
     return run(args)
 
 
@@ -97,6 +103,25 @@ def _forecast(args) -> int:
     result = run_forecast(s, progress=not args.quiet)
     doc = write_forecast(result, s.out_dir)
     return _written(section_name(result), doc, Path(s.out_dir) / files(result)[0], summary_lines(result))
+
+
+def _adaptive(args) -> int:
+    from dqar.studies.fidelity.adaptive import SECTION, AdaptiveSettings, run_adaptive
+    from dqar.studies.fidelity.adaptive_section import verdicts, write_adaptive
+    from dqar.studies.fidelity.sections import section_name
+
+    at_least("--samples", args.samples, 2)
+    at_least("--probe-samples", args.probe_samples, 1)
+    at_least("--calib-samples", args.calib_samples, 1)
+    s = AdaptiveSettings(model=None if args.model == "embedded" else args.model, samples=args.samples,
+                         probe_samples=args.probe_samples, calib_samples=args.calib_samples, steps=args.steps, cfg=args.cfg,
+                         seed=args.seed, out_dir=args.out)
+    result = run_adaptive(s, progress=not args.quiet)
+    doc = write_adaptive(result, s.out_dir, "dqar " + " ".join(getattr(args, "argv", [])), args.machine)
+    print(f"wrote section '{section_name(SECTION, args.model)}' of {doc}")
+    for line in verdicts(result):
+        print("  " + line)
+    return 0
 
 
 def _written(section: str, doc: Path, plot: Path, lines: list[str]) -> int:

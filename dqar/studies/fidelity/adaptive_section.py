@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from dqar.io import atomic_write_json
+from dqar.studies.fidelity.adaptive import SECTION
 
 # Targets of the verifying-decider issue (embedded DiT, DDIM 50, CFG 4); the same are applied to embedded-flux.
 GAIN_DB = 1.0  # verify − best static at 60% and 70% of FLOPs skipped, with the interval above 0
@@ -99,11 +100,13 @@ def section_body(result: dict, command: str, when: str, machine: str) -> str:
     return "\n".join(head + table(result) + [""] + verdicts(result)) + "\n"
 
 
-def write_adaptive(result: dict, out_dir: Path, command: str, when: str, machine: str) -> Path:
-    """The JSON beside the docs and the section in FIDELITY.md (one section per model)."""
+def write_adaptive(result: dict, out_dir: Path, command: str, machine: str = "") -> Path:
+    """The JSON beside the docs and the model's own section in FIDELITY.md ("Adaptive", "Adaptive (embedded-flux)")."""
     from dqar.reporting.documents import write_section
+    from dqar.studies.fidelity.sections import file_stem, machine_description, section_name, today
 
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / f"fidelity_adaptive_{result['model']}.json", result)
-    return write_section(out_dir / "FIDELITY.md", f"Adaptive ({result['model']})",
-                         section_body(result, command, when, machine))
+    atomic_write_json(out_dir / f"{file_stem('fidelity_adaptive', result['model'])}.json", result)
+    name = section_name(SECTION, result["model"])
+    body = f"## {name}\n\n" + section_body(result, command, result.get("when") or today(), machine or machine_description())
+    return write_section(out_dir / "FIDELITY.md", name, body)
