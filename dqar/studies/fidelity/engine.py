@@ -83,6 +83,11 @@ def _f(v, fmt: str, scale: float = 1.0) -> str:
     return "–" if v is None else format(scale * v, fmt)
 
 
+def _error(v: float | None) -> str:
+    """A relative error: 4 decimals, or 2 significant digits below 0.001 (an anchored INT8 history's)."""
+    return "–" if v is None else (f"{v:.1e}" if 0 < v < 1e-3 else f"{v:.4f}")
+
+
 def markdown(result: dict) -> str:
     """The section: settings line, one table, and findings computed from the rows."""
     s = result["settings"]
@@ -107,7 +112,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['name']} | refused: {r['refused']} | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {100 * r['reuse']:.1f} | {100 * r['flops_skipped']:.1f} | {_f(r['psnr_db'], '.2f')} | "
-                     f"{_f(r['ssim'], '.4f')} | {_f(r['quant_error'], '.4f')} | {_f(r['class_accuracy'], '.1f', 100)} | {_f(r['fd'], '.2f')} |")
+                     f"{_f(r['ssim'], '.4f')} | {_error(r['quant_error'])} | {_f(r['class_accuracy'], '.1f', 100)} | {_f(r['fd'], '.2f')} |")
     lines += ["", *findings(rows, base)]
     return "\n".join(lines) + "\n"
 
