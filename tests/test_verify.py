@@ -2,7 +2,7 @@
 
 A probe block's forecast error drives the refreshes: τ = 0 never reuses, a huge τ reuses up to the interval bound,
 a different τ schedule changes the executed mask; the one scalar read per evaluation is counted; generations reset;
-bad values are one-line errors; executors and families it does not run are refused at enable.
+bad values are one-line errors; executors it does not run are refused at enable (Flux: tests/test_verify_flow.py).
 """
 from dataclasses import replace
 
@@ -164,12 +164,14 @@ def test_auto_runs_it_on_patch_and_would_not_pick_graph_or_compiled(model):
     assert not compiled_takes(BASE, make_decider(BASE), model)
 
 
-def test_flux_is_refused_at_enable_with_the_reason():
+def test_flux_runs_it_on_patch_and_refuses_other_executors_in_one_line():
     from families import flux
 
     pipe, _ = flux()
-    with pytest.raises(DqarError, match="class-conditional DiT, not") as exc:
-        dqar.enable(pipe.transformer, "adaptive")
+    with dqar.enable(pipe.transformer, "adaptive") as h:  # tests/test_verify_flow.py runs it
+        assert h.executor == "patch" and isinstance(h.engine.decider, VerifyDecider)
+    with pytest.raises(DqarError, match="'patch'") as exc:
+        dqar.enable(pipe.transformer, "adaptive", executor="compiled")
     assert "\n" not in str(exc.value)
 
 

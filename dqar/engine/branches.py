@@ -4,8 +4,10 @@ FluxPipeline's `true_cfg_scale`, Wan and Qwen-Image run the transformer twice pe
 `transformer.cache_context("cond")` and `cache_context("uncond")`. diffusers hands that context to every
 stateful hook (`hooks.hooks._set_cache_context`); dqar's evaluation hook passes it on to the engine. Each
 context is a branch with its own cache, reuse mask and evaluation counter: a branch's k-th forward is the
-generation's k-th evaluation (denoising step), so plans count steps, not forwards. A pipeline with one
-forward per step (batched CFG, or none) runs one branch and nothing here changes what it computes.
+generation's k-th evaluation (denoising step), so plans count steps, not forwards. A decider that decides inside the
+forward (the verifying decider) decides a step on the branch that runs it first and replays that decision to the
+others (`dqar.engine.verify`). A pipeline with one forward per step (batched CFG, or none) runs one branch and
+nothing here changes what it computes.
 """
 from __future__ import annotations
 

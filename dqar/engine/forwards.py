@@ -37,6 +37,8 @@ def attention(engine, layer: int, attn, original: Callable, *args, **kwargs) -> 
             st.cache.put(slot, out)
         return out
     engine.forms[layer] = len(out)
+    if engine.verifier is not None and layer == engine.verifier.probe:
+        verify.observe(engine, layer, *out[: engine.layout.specs[layer].streams])  # (image, text) joint attention outputs
     if st.store[layer]:
         for i, stream in enumerate(out):
             if stream is not None:
@@ -86,14 +88,20 @@ def block(engine, layer: int, original: Callable, *args, **kwargs) -> Any:
     out = original(*args, **kwargs)
     h, e = outputs(spec, out)
     engine.forms[layer] = form_of(out)
-    if st.signals is not None and st.signals.needs.change and st.cache.has(slot):
-        st.signals.put_change(layer, relative_change(h - hidden, cached(st, slot)))
-    if engine.verifier is not None and layer == engine.verifier.probe:
-        verify.observe(engine, layer, h - hidden)  # may set the rest of this evaluation's row and stores
+    probe = engine.verifier is not None and layer == engine.verifier.probe
+    change = st.signals is not None and st.signals.needs.change and st.cache.has(slot)
+    if not (probe or change or st.store[layer]):
+        return out  # nothing reads its residuals
+    residual = h - hidden  # (B, T, C)
+    text = e - encoder if e is not None and encoder is not None else None  # (B, S, C) the text stream's residual
+    if change:
+        st.signals.put_change(layer, relative_change(residual, cached(st, slot)))
+    if probe:
+        verify.observe(engine, layer, residual, text)  # may set the rest of this evaluation's row and stores
     if st.store[layer]:
-        st.cache.put(slot, h - hidden)
-        if e is not None and encoder is not None:
-            st.cache.put(slot + 1, e - encoder)  # (B, S, C) the text stream's residual
+        st.cache.put(slot, residual)
+        if text is not None:
+            st.cache.put(slot + 1, text)
     return out
 
 

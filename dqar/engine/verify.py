@@ -4,16 +4,33 @@ At each evaluation inside the reuse window (after warm-up, before cool-down) the
 "first", "last" or an index) computes. Its history is stored only when the rest of the model refreshes, so the
 forecast it reads has the age every other layer's forecast has; its fresh output is compared with that forecast,
 `ε = mean|fresh − forecast| / mean|fresh|` (relative L1 of the stored value: the block's residual at block
-granularity, attn1's output at attention granularity). `ε > τ(progress) · verify_scale` (τ linear between the
+granularity, the attention output at attention granularity). `ε > τ(progress) · verify_scale` (τ linear between the
 `verify_tau` knots) refreshes the layers that run after the probe: the later layers of this evaluation, and the
 earlier layers at the next one (probe "first": all of them at once; probe "last": all of them, one evaluation
 later). Otherwise they reuse their forecast. A group reuses at least `verify_min_interval` and at most
 `verify_max_interval` evaluations in a row; a decision those bounds force reads nothing. The earlier layers'
 first evaluation after a refresh (or after warm-up) reuses unchecked: the error measured then is of the old history.
 
+Streams: a probe with an image and a text stream (Flux, SD3 joint blocks) is judged by the max of the per-stream
+errors, not an image-token-weighted mean: the text tokens are few (a weighted mean all but ignores them), yet
+every later block attends to them, so a stale text stream spoils every image token. The max is reduced on the
+device: still one scalar. On embedded-flux (12 steps) the text error stayed below the image's at every step, so
+there both rules read the image error; the max only decides differently where the text stream drifts more.
+
+CFG branches run as separate forwards (Flux's true CFG: "cond" then "uncond", `dqar.engine.branches`): an
+evaluation is a denoising step, decided once, on the probe of the branch that runs it first; every later branch
+of that step replays the same reuse and store rows (`replaying`) and its probe is not read. So both predictions
+that CFG combines have the same age (a fresh cond against a stale uncond would put the staleness in the
+difference that the guidance scale amplifies), both branch histories keep the same store pattern, plans and
+intervals count steps, and a step costs one host read, not two. What this gives up: the uncond forecast is not
+checked on its own. Measured (embedded-flux, 20 steps, true CFG 4, 4 prompts, τ at the median error): the two
+branches' probe errors correlate at 0.99, uncond's is 12% higher on average, and its own verdict would match
+cond's at 18 of 19 steps; deciding per branch would buy that one step at the price of mismatched ages.
+
 Decisions are per generation (one for the whole batch). Reading ε is one device→host read of one scalar, at most
 once per evaluation, counted in `ReuseStats.host_syncs`; with probe "first" it happens inside the forward, right
-after the probe. Runs on the patch executor, on the class-conditional DiT.
+after the probe. Runs on the patch executor, on every family `dqar.engine.adapter` describes, at block or
+attention granularity.
 """
 from __future__ import annotations
 
@@ -53,6 +70,12 @@ def relative_l1(fresh: torch.Tensor, forecast: torch.Tensor) -> torch.Tensor:
     return (fresh - forecast.float()).abs().mean() / fresh.abs().mean().clamp_min(1e-12)
 
 
+def stream_error(pairs) -> torch.Tensor:
+    """The max over streams of `relative_l1` for (fresh, forecast) pairs, e.g. image (B, T, C) and text (B, S, C): ()."""
+    errors = [relative_l1(fresh, forecast) for fresh, forecast in pairs]
+    return errors[0] if len(errors) == 1 else torch.stack(errors).max()
+
+
 class VerifyDecider:
     """Per generation: refresh decisions from the probe block's forecast error (module docstring)."""
 
@@ -76,6 +99,10 @@ class VerifyDecider:
         self.tau = tau_schedule(cfg.verify_tau, cfg.verify_scale, e)  # (E,)
         self.errors = np.full(e, np.nan)
         self.decisions = np.zeros((e, l), dtype=bool)  # (E, L) reuse rows as decided
+        self.stores = np.ones((e, l), dtype=bool)  # (E, L) store rows as decided
+        self.decided = -1  # the last evaluation decided: a later branch of it replays (module docstring)
+        self.replaying = False  # the current forward is a later CFG branch of a decided evaluation
+        self.replays = np.zeros(e, dtype=np.int64)  # (E,) forwards that replayed each evaluation's decision
         self.since_before = self.since_after = 0  # consecutive reuses of the layers before / after the probe
         self.reuse_before = True  # the verdict for the layers before the probe at the next evaluation
         self.probe_group_after = self.probe < l - 1  # the probe stores with the later layers (else with the earlier)
@@ -87,14 +114,21 @@ class VerifyDecider:
         probe_stores = not (after if self.probe_group_after else before)
         self._row = row
         self._store = tuple(not r for r in row[:p]) + (probe_stores,) + tuple(not r for r in row[p + 1:])
-        self.decisions[e] = row
+        self.decisions[e], self.stores[e] = row, self._store
         return row
 
     def row(self, evaluation: int) -> tuple[bool, ...]:
+        if evaluation <= self.decided:  # a later CFG branch of this step: the same rows, nothing measured
+            self.replaying = True
+            self.replays[evaluation] += 1
+            self._row, self._store = tuple(self.decisions[evaluation].tolist()), tuple(self.stores[evaluation].tolist())
+            return self._row
+        self.replaying, self.decided = False, evaluation
         if not self.active[evaluation]:
             self.since_before = self.since_after = 0
             self.reuse_before = True  # the window opens on a fresh history: the earlier layers' first reuse is unchecked
             self._row, self._store = (False,) * self.num_layers, (True,) * self.num_layers
+            self.decisions[evaluation], self.stores[evaluation] = self._row, self._store
             return self._row
         before = self.reuse_before and self.probe > 0
         self.since_before = self.since_before + 1 if before else 0
@@ -136,23 +170,22 @@ class VerifyDecider:
 
 
 def check(engine_cfg, layout, executor: str) -> None:
-    """One line where the verifying decider cannot run: other executors, families, targets."""
+    """One line where the verifying decider cannot run: other executors, K/V targets. Every described family runs it."""
     if executor != "patch":
         raise DqarError(f"the verifying decider runs on the 'patch' executor, not '{executor}' (its decision reads the probe "
                         "block's error inside the forward)", "use executor = 'patch' (or 'auto', which picks it)")
-    if not layout.is_dit:
-        raise DqarError(f"the verifying decider runs on the class-conditional DiT, not {layout.family}",
-                        "use a static preset such as full_dqar on this model")
     if engine_cfg.target == "kv":
         raise DqarError("the verifying decider compares cached attention or block outputs, not K/V", "use target = 'attention'")
 
 
-def observe(engine, layer: int, fresh: torch.Tensor) -> None:
-    """The probe computed `fresh` (B, T, C), before it is stored: measure ε against its forecast and apply the verdict."""
+def observe(engine, layer: int, *fresh: torch.Tensor | None) -> None:
+    """The probe computed `fresh`, one tensor per output stream in slot order (image (B, T, C), text (B, S, C) or None),
+    before it is stored: measure ε against its forecast and apply the verdict (not in a replaying CFG branch)."""
     st, decider = engine.state, engine.verifier
-    if not decider.active[st.evaluation]:
+    if decider.replaying or not decider.active[st.evaluation]:
         return
     slot = engine.slots[layer]
-    error = relative_l1(fresh, st.cache.read(slot, count=False)) if st.cache.has(slot) else None  # ()
+    pairs = [(f, st.cache.read(slot + i, count=False)) for i, f in enumerate(fresh) if f is not None and st.cache.has(slot + i)]
+    error = stream_error(pairs) if pairs and st.cache.has(slot) else None  # ()
     st.row, st.store, read = decider.verdict(st.evaluation, error)
     st.host_syncs += read
