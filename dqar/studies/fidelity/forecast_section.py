@@ -61,6 +61,10 @@ def targets(result: dict) -> dict[str, Any]:
         fd_ok = base["fd"] is None or full["fd"] <= 1.02 * base["fd"]
         out["full_dqar"] = {"flops_skipped": full["flops_skipped"], "psnr_db": full["psnr_db"], "accuracy_ok": acc_ok,
                             "fd_ok": fd_ok, "met": full["flops_skipped"] >= bar["full_share"] and full["psnr_db"] >= bar["full_db"] and acc_ok and fd_ok}
+        rival = _best([r for r in _dqar_rows(result) if r.get("preset") != "full_dqar"],
+                      lambda r: r["flops_skipped"] >= full["flops_skipped"] - 0.005)
+        out["beside"] = rival and {"row": rival["name"], "flops_skipped": rival["flops_skipped"], "psnr_db": rival["psnr_db"],
+                                   "class_accuracy": rival["class_accuracy"], "gain_db": rival["psnr_db"] - full["psnr_db"]}
     high = _best(_dqar_rows(result), lambda r: r["flops_skipped"] >= 0.70)
     out["frontier"] = {"row": high and high["name"], "flops_skipped": high and high["flops_skipped"],
                        "psnr_db": high and high["psnr_db"], "met": bool(high and high["psnr_db"] >= bar["frontier_db"])}
@@ -162,6 +166,11 @@ def _target_lines(t: dict, result: dict) -> list[str]:
         lines.append(f"- `full_dqar`: {_pct(f['flops_skipped'])} of FLOPs skipped at {_num(f['psnr_db'])} dB, class accuracy "
                      f"{'within' if f['accuracy_ok'] else 'outside'} 1 point, FD {'within' if f['fd_ok'] else 'above'} +2% — "
                      f"target (≥ {bar['full_share']:.0%} at ≥ {bar['full_db']:g} dB) {_verdict(f['met'])}.")
+    if t.get("beside"):
+        b = t["beside"]
+        lines.append(f"- Beside `full_dqar` (the same preset on every model): the best other static dqar plan measured at "
+                     f"≥ its FLOPs share is {b['row']} ({_pct(b['flops_skipped'])}, {_num(b['psnr_db'])} dB, class accuracy "
+                     f"{_pct(b['class_accuracy'])}): {b['gain_db']:+.2f} dB against `full_dqar`.")
     fr = t["frontier"]
     lines.append("- Frontier: best PSNR with ≥ 70% of FLOPs skipped: "
                  + (f"{_num(fr['psnr_db'])} dB ({fr['row']}, {_pct(fr['flops_skipped'])})" if fr["row"] else "no such row")
