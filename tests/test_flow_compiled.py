@@ -77,3 +77,17 @@ def test_auto_stays_patch_on_the_cpu_and_detach_restores(flux):
     with dqar.enable(t, preset("full_dqar"), executor="flow_compiled") as h:
         assert h.executor == "flow_compiled" and hasattr(t, "_diffusers_hook")
     assert not hasattr(t, "_diffusers_hook")
+
+
+def test_a_failing_compile_is_one_line(flux, monkeypatch):
+    """A compiler that fails at the first call of a new copy (here a new batch shape): one line naming the block spec."""
+    import dqar.engine.flow_compiled as fc
+    from dqar.engine.variants import own_code
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    monkeypatch.setattr(fc, "compiled_copy", lambda fn, name, mode: torch.compile(own_code(fn, name), backend=no_compiler))
+    with pytest.raises(DqarError, match="torch.compile of the stock Flux.*Block forward failed: .*no compiler") as err:
+        generate(flux, [0, 1, 2], _run(preset("full_dqar"), steps=2), executor="flow_compiled")
+    assert "\n" not in err.value.problem and not hasattr(flux.transformer, "_diffusers_hook")

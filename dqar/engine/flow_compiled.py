@@ -60,7 +60,15 @@ class StockForwards:
         key = (spec, _shape(args, kwargs))
         copy = self.copies.get(key)
         if copy is None:
-            copy = self.copies[key] = compiled_copy(stock_forward, f"stock_{spec}_{len(self.copies)}", self.mode)
+            copy = compiled_copy(stock_forward, f"stock_{spec}_{len(self.copies)}", self.mode)
+            try:
+                out = copy(module, *args, **kwargs)  # the first call compiles
+            except Exception as exc:  # no C++ compiler, an op dynamo cannot trace, …: one line, the copy not kept
+                lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+                first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # dynamo's "backend=… raised:" + the cause
+                raise DqarError(f"torch.compile of the stock {spec} forward failed: {first}", "use executor = 'patch'") from exc
+            self.copies[key] = copy
+            return out
         return copy(module, *args, **kwargs)
 
 
