@@ -43,15 +43,27 @@ def test_settings_refuse_bad_values():
         A.AdaptiveSettings(targets=(1.2,))
 
 
-def test_tiny_flow_run_scores_static_kinds_and_reports_the_refused_decider(single_thread):
+def test_tiny_flow_run_scores_static_kinds_and_the_calibrated_decider(single_thread):
     s = A.AdaptiveSettings(model="embedded-flux", samples=2, probe_samples=1, calib_samples=1, calib_steps=1,
                            targets=(0.5,), steps=6, kinds=("taylor", "bdf2_heun"))
     result = A.run_adaptive(s, progress=False)
     comp = result["targets"][0]
     assert set(comp["static"]) <= {"taylor", "bdf2_heun"} and comp["best_static_kind"] in comp["static"]
-    assert all(r is None for r in comp["verify"].values()) and comp["refused"]
-    text = section_body(result, "cmd", "today", "here")
-    assert "did not run on `embedded-flux`" in text and "| 50.0% |" in text
+    row = comp["verify"]["taylor"]
+    assert row["calibration"]["max_interval"] >= 3 and row["host_syncs_per_evaluation"] > 0 and "delta_db" in row
+    assert "| 50.0% |" in section_body(result, "cmd", "today", "here")
+
+
+def test_a_decider_the_engine_refuses_becomes_a_sentence(dit, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise DqarError("decider = 'verify' is not run here", "use the patch executor")
+
+    monkeypatch.setattr(A, "calibrated_verify", refuse)
+    s = A.AdaptiveSettings(samples=2, probe_samples=1, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6,
+                           kinds=("taylor",))
+    result = A.run_adaptive(s, progress=False)
+    assert result["targets"][0]["verify"]["taylor"] is None
+    assert "did not run on `embedded`: decider = 'verify' is not run here" in section_body(result, "cmd", "today", "here")
 
 
 def _result(delta, ci, skipped=0.6, psnr=36.0):
