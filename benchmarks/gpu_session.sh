@@ -134,7 +134,7 @@ if [ "$FLUX" = 1 ]; then
     # shellcheck disable=SC2086
     read -r -a flux_cases <<< "$FLUX_CASES"  # patterns, not globbed here
     START=$(date +%s) BUDGET=$FLUX_LIMIT bench flux_dev_b1_1024 "$FLUX_LIMIT" --model "$FLUX_MODEL" --dtype "$FLUX_DTYPE" \
-        --batch-sizes 1 --steps "$FLUX_STEPS" --presets full_dqar --executors eager compiled graph --peers first_block_cache \
+        --batch-sizes 1 --steps "$FLUX_STEPS" --presets full_dqar --executors eager flow_compiled --peers first_block_cache \
         --cases "${flux_cases[@]}" $EXTRA
 fi
 stage "done after $(( $(date +%s) - START ))s of the ${BUDGET}s bench budget"

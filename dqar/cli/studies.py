@@ -69,7 +69,9 @@ def bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case, >= 3 (default 5)")
     p.add_argument("--presets", nargs="*", default=["full_dqar", "quant_cache_only", "block_reuse"], help="presets to time (--presets alone: none)")
     p.add_argument("--executors", nargs="+", default=None,
-                   help="dqar executors with rows: eager (patch), compiled, graph (default all three)")
+                   help="dqar executors with rows: eager (patch), compiled and graph (the DiT), flow_compiled (Flux and other "
+                        "non-DiT blocks: patch's dispatch over compiled stock blocks); default all, each refused where it "
+                        "cannot run, with the reason")
     p.add_argument("--peers", nargs="*", default=None,
                    help="diffusers caching peers to time (pab first_block_cache taylorseer magcache: the default), each under "
                         "torch.compile where it tolerates it, else eager; --peers alone: none")
