@@ -41,12 +41,15 @@ def test_settings_refuse_bad_values():
         A.AdaptiveSettings(kinds=("spline",))
     with pytest.raises(DqarError, match="targets"):
         A.AdaptiveSettings(targets=(1.2,))
+    with pytest.raises(DqarError, match="probe samples"):
+        A.AdaptiveSettings(probe_samples=1)
 
 
 def test_tiny_flow_run_scores_static_kinds_and_the_calibrated_decider(single_thread):
-    s = A.AdaptiveSettings(model="embedded-flux", samples=2, probe_samples=1, calib_samples=1, calib_steps=1,
+    s = A.AdaptiveSettings(model="embedded-flux", samples=3, probe_samples=2, calib_samples=1, calib_steps=1,
                            targets=(0.5,), steps=6, kinds=("taylor", "bdf2_heun"))
     result = A.run_adaptive(s, progress=False)
+    assert (result["evaluated"], result["probed"]) == (3, 2)  # the counts asked for, labels cycling over the classes
     comp = result["targets"][0]
     assert set(comp["static"]) <= {"taylor", "bdf2_heun"} and comp["best_static_kind"] in comp["static"]
     row = comp["verify"]["taylor"]
@@ -59,7 +62,7 @@ def test_a_decider_the_engine_refuses_becomes_a_sentence(dit, monkeypatch):
         raise DqarError("decider = 'verify' is not run here", "use the patch executor")
 
     monkeypatch.setattr(A, "calibrated_verify", refuse)
-    s = A.AdaptiveSettings(samples=2, probe_samples=1, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6,
+    s = A.AdaptiveSettings(samples=2, probe_samples=2, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6,
                            kinds=("taylor",))
     result = A.run_adaptive(s, progress=False)
     assert result["targets"][0]["verify"]["taylor"] is None
@@ -101,7 +104,7 @@ def test_the_verifying_deciders_reuse_cap_grows_with_the_target():
     assert caps == sorted(caps) and caps[0] < caps[-1] and caps[0] == A.MAX_INTERVALS[0]
 
 
-@pytest.mark.parametrize("flags", [["--probe-samples", "0"], ["--calib-samples", "0"], ["--samples", "1"]])
+@pytest.mark.parametrize("flags", [["--probe-samples", "1"], ["--calib-samples", "0"], ["--samples", "1"]])
 def test_cli_refuses_bad_counts_in_one_line(flags, tmp_path, capsys):
     from dqar.cli.app import main
 

@@ -111,7 +111,7 @@ def _adaptive(args) -> int:
     from dqar.studies.fidelity.sections import section_name
 
     at_least("--samples", args.samples, 2)
-    at_least("--probe-samples", args.probe_samples, 1)
+    at_least("--probe-samples", args.probe_samples, 2)
     at_least("--calib-samples", args.calib_samples, 1)
     s = AdaptiveSettings(model=None if args.model == "embedded" else args.model, samples=args.samples,
                          probe_samples=args.probe_samples, calib_samples=args.calib_samples, steps=args.steps, cfg=args.cfg,

@@ -58,8 +58,9 @@ class AdaptiveSettings:
             raise DqarError(f"forecast kinds {list(self.kinds)} are invalid", f"use some of: {', '.join(FORECAST_KINDS)}")
         if not self.targets or any(not 0.0 < t < 1.0 for t in self.targets):
             raise DqarError(f"targets {list(self.targets)} are invalid", "use FLOPs-skipped shares in (0, 1)")
-        if min(self.samples, self.probe_samples, self.calib_samples) < 1:
-            raise DqarError("samples, probe and calibration samples must be >= 1", "pass positive counts")
+        if min(self.samples, self.probe_samples) < 2 or self.calib_samples < 1:
+            raise DqarError("the comparison needs >= 2 evaluated and probe samples (FD) and >= 1 calibration sample",
+                            "pass e.g. samples 100, probe samples 20, calibration samples 10")
 
 
 # ----- static plans: their share from the plan, on the host ------------------------------------------------
@@ -150,7 +151,7 @@ def calibrated_verify(loaded, run: RunConfig, kind: str, target: float, settings
     from dqar.studies.core import SEED_OFFSET
     from dqar.tuning.verify_tau import calibrate_tau
 
-    labels = cycle_labels(settings.calib_samples, loaded.num_classes)
+    labels = cycle_labels(loaded.num_classes, settings.calib_samples)
     m = max_interval_for(target, run.sample.steps, costs, settings.tolerance)
     cal_run = RunConfig(reuse=replace(preset("adaptive"), forecast_kind=kind, verify_max_interval=m), sample=run.sample)
     cal = calibrate_tau(loaded, [labels], cal_run, target, steps=settings.calib_steps, seed_offset=SEED_OFFSET)
@@ -224,11 +225,12 @@ def run_adaptive(settings: AdaptiveSettings = AdaptiveSettings(), progress: bool
     run = _run(loaded, settings)
     bar = tqdm(disable=not progress, desc="adaptive", total=len(settings.targets) + 2)
     tick = lambda what: bar.set_postfix_str(what[:60])  # noqa: E731
-    labels = cycle_labels(settings.samples, loaded.num_classes)
+    labels = cycle_labels(loaded.num_classes, settings.samples)
     ev = _setting(loaded, labels, run)
-    probe = _setting(loaded, cycle_labels(settings.probe_samples, loaded.num_classes), other_seeds(run))
+    probe = _setting(loaded, cycle_labels(loaded.num_classes, settings.probe_samples), other_seeds(run))
     costs = layer_costs(loaded, run)
     result = {"settings": asdict(settings), "model": loaded.name, "steps": run.sample.steps, "cfg": run.sample.cfg,
+              "evaluated": len(ev.study.labels), "probed": len(probe.study.labels),
               "layer_costs": costs.tolist(), "reference": {"class_accuracy": ev.study.reference.accuracy,
                                                            "fd": ev.study.reference.fd}, "targets": []}
     shipped = {"full_dqar": measure(ev, "full_dqar", preset("full_dqar"))}
