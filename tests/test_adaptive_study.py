@@ -74,7 +74,7 @@ def _result(delta, ci, skipped=0.6, psnr=36.0):
            "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 1.0}
     static = {**row, "name": "static", "delta_db": 0.0, "delta_ci": [0.0, 0.0], "host_syncs_per_evaluation": 0.0}
     comp = {"target": 0.6, "static": {"taylor": static}, "verify": {"taylor": row}, "best_static_kind": "taylor"}
-    return {"settings": {"tolerance": 0.02, "samples": 100, "probe_samples": 20, "calib_samples": 10},
+    return {"settings": {"tolerance": 0.02, "samples": 100, "probe_samples": 20, "calib_samples": 10, "targets": [0.6]},
             "model": "embedded", "steps": 50, "cfg": 4.0, "reference": {"class_accuracy": 0.9},
             "shipped": {"full_dqar": copy.deepcopy(static), "adaptive": copy.deepcopy(row)},
             "at_full_dqar": copy.deepcopy(comp), "targets": [comp]}
@@ -123,3 +123,11 @@ def test_section_is_written_under_the_models_own_heading(tmp_path):
     text = (tmp_path / "FIDELITY.md").read_text()
     assert "## Adaptive\n" in text and "## Adaptive (embedded-flux)\n" in text
     assert (tmp_path / "fidelity_adaptive.json").is_file() and (tmp_path / "fidelity_adaptive_embedded-flux.json").is_file()
+
+
+def test_a_partial_run_says_so():
+    r = _result(1.5, [0.3, 2.6])
+    r["settings"]["targets"] = [0.6, 0.7]
+    assert "**Partial run**: 1 of the 2 targets (70% not yet measured)" in section_body(r, "cmd", "today", "here")
+    r["settings"]["targets"] = [0.6]
+    assert "Partial" not in section_body(r, "cmd", "today", "here")

@@ -97,6 +97,10 @@ def section_body(result: dict, command: str, when: str, machine: str) -> str:
             f"(other seeds), matched work ±{s['tolerance']:.0%}. PSNR against no reuse on the same seeds; Δ: mean per-sample "
             "difference to the best static plan at the same target, 95% percentile-bootstrap interval. Measured "
             f"{when} on {machine}: `{command}`.", ""]
+    done, asked = len(result["targets"]), len(s["targets"])
+    if done < asked:
+        head += [f"**Partial run**: {done} of the {asked} targets ({', '.join(f'{t:.0%}' for t in s['targets'][done:])} "
+                 "not yet measured) when this section was written.", ""]
     return "\n".join(head + table(result) + [""] + verdicts(result)) + "\n"
 
 
