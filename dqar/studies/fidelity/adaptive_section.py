@@ -73,7 +73,7 @@ def verdicts(result: dict) -> list[str]:
     rows = [r for c in [result["at_full_dqar"], *result["targets"]] for d in ("static", "verify")
             for r in c[d].values() if r is not None] + list(result["shipped"].values())
     good = [r for r in rows if r["psnr_db"] >= FRONTIER[1]]
-    top = max(good, key=lambda r: r["flops_skipped"]) if good else None
+    top = max(good, key=lambda r: (r["flops_skipped"], r["psnr_db"])) if good else None  # ties: the better PSNR
     out.append(f"- Frontier: the most FLOPs skipped at ≥ {FRONTIER[1]:.0f} dB is "
                + (f"{100 * top['flops_skipped']:.1f}% ({top['name']}, {top['psnr_db']:.2f} dB)" if top else "none")
                + f"; target ≥ {FRONTIER[0]:.0%} **{'met' if top and top['flops_skipped'] >= FRONTIER[0] else 'missed'}**.")
