@@ -1,4 +1,8 @@
-"""User-facing errors: one line naming the problem and the fix."""
+"""User-facing errors: one line naming the problem and the fix; libraries' multi-line log noise kept out of it."""
+from __future__ import annotations
+
+import contextlib
+import logging
 
 
 class DqarError(Exception):
@@ -14,3 +18,15 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message ("" when it has none), for one-line reports."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else ""
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """Raise logger `name` to `level` inside the block (a library's own warnings where dqar reports in one line)."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)

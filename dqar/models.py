@@ -9,9 +9,7 @@ An optional `class_names.json` (a JSON list) in the folder names the classes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -24,7 +22,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from dqar.errors import DqarError
+from dqar.errors import DqarError, quiet_logger
 
 # DiT's scheduler (facebook/DiT-XL-2-256): linear betas 1e-4..0.02 over 1000 steps, no sample clipping.
 DIT_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -272,7 +270,7 @@ def random_dit_xl2(device="cpu", dtype: torch.dtype = torch.float32, *, seed: in
     with torch.device(device):
         transformer = DiTTransformer2DModel(**{**DIT_XL2_CONFIG, "sample_size": resolution // 8})
         vae = AutoencoderKL(**{**SD_VAE_CONFIG, "sample_size": resolution}) if with_vae else None
-    with _quiet_diffusers():  # .to(dtype) warns about fp32-only modules; DiT and the VAE have none
+    with quiet_logger("diffusers.models.modeling_utils"):  # .to(dtype) warns about fp32-only modules; DiT and the VAE have none
         transformer = transformer.to(dtype)
         vae = vae.to(dtype) if vae is not None else None
     return _loaded(transformer, vae, DIT_SCHEDULER_CONFIG, names[resolution], device, pixel_space=False)
@@ -363,7 +361,7 @@ def random_flow(name: str, device="cpu", dtype: torch.dtype = torch.float32, *, 
             transformer = cls(**{**shape.config, **config})
     finally:
         torch.set_default_dtype(default)
-    with _quiet_diffusers():
+    with quiet_logger("diffusers.models.modeling_utils"):
         transformer = transformer.to(dtype)  # float32 buffers (SD3's pos_embed) as from_pretrained(torch_dtype=) casts them
     loaded = _loaded(transformer, None, FLUX_SCHEDULER_CONFIG if shape.family == "flux" else SD3_SCHEDULER_CONFIG,
                      name, device, pixel_space=False, num_classes=FLOW_PROMPTS)
@@ -390,17 +388,6 @@ def _check_room(name: str, cls, config: dict, device, dtype: torch.dtype) -> Non
     if free is not None and need > 0.9 * free:
         raise DqarError(f"{name} needs {need / 1e9:.1f} GB for its weights in {str(dtype).replace('torch.', '')} on {dev}, "
                         f"{free / 1e9:.1f} GB free", "use a GPU with room and --dtype bf16, or random-flux-tiny / random-sd3-tiny")
-
-
-@contextlib.contextmanager
-def _quiet_diffusers():
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def save_pipeline_folder(path, transformer, vae=None, scheduler_config: dict | None = None, *,

@@ -8,7 +8,6 @@ happens. A missing, corrupt or unwritable file costs one warning line, never the
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -17,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from dqar.errors import first_line
+from dqar.errors import first_line, quiet_logger
 from dqar.io import atomic_write_bytes
 
 ENV = "DQAR_COMPILE_CACHE"
@@ -32,17 +31,6 @@ def cache_file(path: str | os.PathLike | None = None) -> Path | None:
     """The cache file: `path`, else $DQAR_COMPILE_CACHE, else None (no cache)."""
     chosen = path if path is not None else os.environ.get(ENV) or None
     return Path(chosen) if chosen is not None else None
-
-
-@contextlib.contextmanager
-def _quiet_torch():
-    logger = logging.getLogger(_TORCH_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _counts(artifacts) -> dict[str, int]:
@@ -65,7 +53,7 @@ def load(path: str | os.PathLike | None = None, log: Callable[[str], None] = _st
         out["warning"] = f"compile cache {file} is unreadable ({exc.strerror}): compiling from scratch"
     else:
         try:
-            with _quiet_torch():
+            with quiet_logger(_TORCH_LOGGER, logging.CRITICAL):
                 info = torch.compiler.load_cache_artifacts(data)
         except Exception as exc:  # noqa: BLE001 - a bad cache must never cost the run
             info, why = None, first_line(exc) or type(exc).__name__
@@ -88,7 +76,7 @@ def save(path: str | os.PathLike | None = None, log: Callable[[str], None] = _st
         return None
     out = {"path": str(file), "saved": None, "warning": None}
     try:
-        with _quiet_torch():
+        with quiet_logger(_TORCH_LOGGER, logging.CRITICAL):
             produced = torch.compiler.save_cache_artifacts()
         if produced is None:
             log(f"compile cache: nothing compiled in this process, {file} left as it is")
@@ -109,7 +97,7 @@ def _merge(file: Path, new: bytes) -> tuple[bytes, dict[str, int]]:
     from torch.compiler._cache import CacheArtifactManager, _serialize_single_cache
     from torch.utils._appending_byte_serializer import AppendingByteSerializer
 
-    with _quiet_torch():
+    with quiet_logger(_TORCH_LOGGER, logging.CRITICAL):
         fresh = CacheArtifactManager.deserialize(new) or {}
         try:
             old = CacheArtifactManager.deserialize(file.read_bytes()) or {}
