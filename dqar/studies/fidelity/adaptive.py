@@ -75,7 +75,7 @@ def layer_costs(loaded, run: RunConfig) -> np.ndarray:
     for layer in range(layers):
         reuse = replace(base, schedule="custom", custom_layers=(layer,))
         count = build_plan(reuse, steps, layers).mask[:, layer].sum()
-        stats = generate(loaded, [0], RunConfig(reuse=reuse, sample=replace(run.sample, seed=run.sample.seed)),
+        stats = generate(loaded, [0], RunConfig(reuse=reuse, sample=run.sample),
                          executor="patch").stats
         costs[layer] = stats.flops_skipped_fraction / max(int(count), 1)
     return costs
