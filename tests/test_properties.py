@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dqar import metrics
 from dqar.engine.config import SCHEDULES, ReuseConfig
-from dqar.engine.plan import Plan, build_plan, max_run_staleness
+from dqar.engine.plan import Plan, build_plan, cooldown_count, max_run_staleness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 fractions = st.floats(0.0, 1.0, allow_nan=False)
@@ -46,7 +46,7 @@ def test_plan_invariants_hold_for_any_valid_config(case):
         assert build_plan(cfg, e, l).num_patterns <= cfg.max_patterns
         assert not (mask & ~build_plan(replace(cfg, bound_patterns=False), e, l).mask).any()  # only computes more
     assert not mask[: math.ceil(cfg.warmup_frac * e)].any()  # warmup window
-    assert not mask[e - math.floor(cfg.cooldown_frac * e):].any()  # cooldown window
+    assert not mask[e - cooldown_count(cfg.cooldown_frac, e):].any()  # cooldown window
     if not cfg.enabled:
         assert not mask.any()
     elif cfg.schedule == "custom":
@@ -151,3 +151,13 @@ def test_frechet_distance_of_a_gaussian_to_itself_is_zero(stats):
     mu, sigma = stats
     fd = metrics.frechet_distance(mu, sigma, mu, sigma)
     assert 0.0 <= fd <= 1e-6 * (1.0 + np.trace(np.abs(sigma)))
+
+
+@pytest.mark.parametrize("steps", [28, 50])
+def test_full_dqar_computes_its_last_evaluation(steps):
+    """full_dqar's 2% cooldown is the nearest whole evaluation: one at 50 steps and at 28 (floor gave none at 28)."""
+    from dqar.engine.config import preset
+
+    mask = build_plan(preset("full_dqar"), steps, 4).mask
+    assert cooldown_count(0.02, steps) == 1
+    assert not mask[-1].any() and mask[-2].any()

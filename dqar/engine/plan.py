@@ -149,8 +149,16 @@ def eligible_layers(cfg: ReuseConfig, progress: float, num_layers: int) -> list[
 def reuse_window(cfg: ReuseConfig, num_evaluations: int) -> tuple[int, int]:
     """[start, stop) of evaluations where reuse may happen; evaluation 0 always computes."""
     start = max(1, math.ceil(cfg.warmup_frac * num_evaluations))
-    stop = num_evaluations - math.floor(cfg.cooldown_frac * num_evaluations)
+    stop = num_evaluations - cooldown_count(cfg.cooldown_frac, num_evaluations)
     return start, max(start, stop)
+
+
+def cooldown_count(cooldown_frac: float, num_evaluations: int) -> int:
+    """The last evaluations that compute in full: `cooldown_frac` of them, to the nearest (half up).
+
+    Nearest, not floor: full_dqar's 2% is one evaluation at 50 steps and must stay one at 28 (floor gave 0).
+    """
+    return math.floor(cooldown_frac * num_evaluations + 0.5)
 
 
 def build_plan(cfg: ReuseConfig, num_evaluations: int, num_layers: int, key: dict[str, Any] | None = None) -> Plan:

@@ -39,6 +39,7 @@ import math
 import numpy as np
 import torch
 
+from dqar.engine.plan import cooldown_count
 from dqar.engine.signals import Needs
 from dqar.errors import DqarError
 
@@ -93,7 +94,7 @@ class VerifyDecider:
         cfg = self.cfg
         self.num_layers, self.probe = l, probe_index(cfg.verify_probe, l)
         start = max(1, math.ceil(cfg.warmup_frac * e)) if cfg.enabled else e
-        stop = max(start, e - math.floor(cfg.cooldown_frac * e))
+        stop = max(start, e - cooldown_count(cfg.cooldown_frac, e))
         self.active = np.zeros(e, dtype=bool)  # (E,) evaluations inside the reuse window
         self.active[start:stop] = True
         self.tau = tau_schedule(cfg.verify_tau, cfg.verify_scale, e)  # (E,)
