@@ -31,3 +31,50 @@ def test_findings_are_computed_from_the_rows():
     md = markdown(result)
     assert "`dqar fidelity --section engine --samples 10` (the recorded run took 2 min)" in md
     assert "| refresh 2, INT8 per tensor | 40.0 | 10.0 | 38.50 |" in md
+
+
+def _result(rows, **settings):
+    from dataclasses import asdict
+
+    from dqar.studies.fidelity.engine import EngineSettings
+
+    return {"settings": asdict(EngineSettings(**settings)), "samples": 10, "seconds": 60.0, "date": "d0", "machine": "m",
+            "threads": 1, "torch": "t", "rows": rows}
+
+
+def test_rows_rerun_replaces_only_the_named_rows_and_records_it(monkeypatch):
+    import pytest
+
+    from dqar.errors import DqarError
+    from dqar.studies.fidelity import engine
+    from dqar.studies.fidelity.engine import EngineSettings, rerun_engine
+
+    base = _row("baseline (no reuse)", 0.0, None, 0.90, 0.0, "baseline")
+    old = _result([base, _row("full_dqar", 0.6, 30.0, 0.9, 0.6, "preset"), _row("refresh 2, model dtype", 0.4, 40.0, 0.9)])
+    asked = []
+
+    def fake_run(settings, progress, cases):
+        asked.append([n for _, n, _ in cases])
+        return _result([dict(base), _row("full_dqar", 0.58, 33.0, 0.9, 0.58, "preset"), _row("adaptive", 0.5, 44.0, 0.9, 0.5, "preset")])
+    monkeypatch.setattr(engine, "run_engine", fake_run)
+    merged = rerun_engine(EngineSettings(), ["full_dqar", "adaptive"], old, progress=False)
+    assert asked == [["full_dqar", "adaptive"]]
+    by = {r["name"]: r for r in merged["rows"]}
+    assert by["full_dqar"]["psnr_db"] == 33.0 and by["refresh 2, model dtype"]["psnr_db"] == 40.0  # named replaced, rest kept
+    assert [r["name"] for r in merged["rows"]] == ["baseline (no reuse)", "full_dqar", "adaptive", "refresh 2, model dtype"]
+    assert "Rows full_dqar, adaptive re-measured d0" in markdown(merged)
+    with pytest.raises(DqarError, match="unknown engine row"):
+        rerun_engine(EngineSettings(), ["no such row"], old, progress=False)
+    with pytest.raises(DqarError, match="other settings"):
+        rerun_engine(EngineSettings(steps=20), ["full_dqar"], old, progress=False)
+    old["rows"][0] = dict(base, fd=2.0)  # a baseline that no longer scores as saved: the kept rows are unpaired
+    with pytest.raises(DqarError, match="does not score as the saved one"):
+        rerun_engine(EngineSettings(), ["full_dqar"], old, progress=False)
+
+
+def test_rows_flag_is_refused_off_the_engine_section_in_one_line(capsys):
+    from dqar.cli.app import main
+
+    assert main(["fidelity", "--section", "dynamic", "--rows", "full_dqar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rows" in err[0]

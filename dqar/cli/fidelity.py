@@ -29,6 +29,9 @@ def fidelity_parser(sub) -> None:
     p.add_argument("--probe-samples", type=int, default=f.probe_samples, help=f"forecast, adaptive: probe images on other seeds (default {f.probe_samples})")
     p.add_argument("--dpm-steps", type=int, default=f.dpm_steps, help=f"forecast: DPM-Solver++ part, 0 to skip (default {f.dpm_steps})")
     p.add_argument("--no-peers", action="store_true", help="forecast: skip the peers (and the TaylorSeer tuning)")
+    p.add_argument("--rows", nargs="+", metavar="NAME", default=None,
+                   help="engine: re-measure only these rows (e.g. full_dqar adaptive) into the saved section, which must exist "
+                        "with the same settings; the baseline is regenerated and must score as before")
     p.add_argument("--model", default="embedded", choices=MODELS,
                    help="embedded (the DiT, default) | embedded-flux (the Flux: its own sections, Flux's sampling defaults)")
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {d.steps}; embedded-flux 28)")
@@ -48,6 +51,8 @@ def cmd_fidelity(args) -> int:
     from dqar.models import SAMPLE_DEFAULTS
     from dqar.studies.fidelity.evidence import DynamicSettings
 
+    if args.rows and args.section != "engine":
+        raise DqarError(f"--rows re-measures rows of the engine section, not of '{args.section}'", "use --section engine, or drop --rows")
     set_threads(args.threads)
     writable_folder(args.out)
     defaults = {"steps": 50, "cfg": 4.0, **SAMPLE_DEFAULTS.get(args.model, {})}
@@ -75,19 +80,33 @@ def _dynamic(args) -> int:
 
 
 def _engine(args) -> int:
-    from dqar.studies.fidelity.engine import SECTION, EngineSettings, run_engine, write_engine
-    from dqar.studies.fidelity.sections import section_name
+    from dqar.studies.fidelity.engine import SECTION, EngineSettings, rerun_engine, run_engine, write_engine
+    from dqar.studies.fidelity.sections import file_stem, section_name
 
     at_least("--samples", args.samples, 1)
     settings = EngineSettings(samples_per_class=max(1, args.samples // 10), steps=args.steps, cfg=args.cfg, seed=args.seed, out_dir=args.out,
                               model=args.model, machine=args.machine)
-    result = run_engine(settings, progress=not args.quiet)
+    if args.rows:
+        saved = Path(args.out) / f"{file_stem('fidelity_engine', args.model)}.json"
+        result = rerun_engine(settings, args.rows, _saved(saved), progress=not args.quiet)
+    else:
+        result = run_engine(settings, progress=not args.quiet)
     doc = write_engine(result, settings.out_dir)
     print(f"wrote section '{section_name(SECTION, args.model)}' of {doc}")
     for r in result["rows"]:
         if "refused" in r:
             print(f"  refused on {result['model']}: {r['name']}: {r['refused']}")
     return 0
+
+
+def _saved(path: Path) -> dict:
+    """An earlier section's JSON, or one line saying what to run first."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DqarError(f"cannot read the saved result {path} ({type(e).__name__})", "run the whole section first, without --rows") from None
 
 
 def _forecast(args) -> int:

@@ -79,6 +79,38 @@ def run_engine(settings: EngineSettings = EngineSettings(), progress: bool = Tru
             "samples": len(labels), "torch": torch.__version__, "seconds": time.perf_counter() - start, "rows": rows}
 
 
+def rerun_engine(settings: EngineSettings, names: list[str], old: dict, progress: bool = True) -> dict:
+    """Re-measure the named rows of an earlier result `old` (same settings) and merge them in; the rest are kept.
+
+    The baseline is regenerated too and must score exactly as before (the same seeds, the same model), or the merge is
+    refused: only then are the kept rows still paired with the same reference. The merge is recorded in `reruns`.
+    """
+    known = {name: (group, cfg) for group, name, cfg in engine_cases()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DqarError(f"unknown engine row(s) {', '.join(unknown)}", f"use names from: {'; '.join(known)}")
+    if {k: v for k, v in old["settings"].items() if k not in ("out_dir", "machine")} != \
+            {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "machine")}:
+        raise DqarError("the saved engine result was run with other settings", "rerun with its model, steps, cfg, seed and samples")
+    new = run_engine(settings, progress, cases=[(known[n][0], n, known[n][1]) for n in names])
+    base_old, base_new = old["rows"][0], new["rows"][0]
+    if any(base_old.get(k) != base_new.get(k) for k in ("class_accuracy", "fd")):
+        raise DqarError("the regenerated baseline does not score as the saved one (another model or torch build)",
+                        "run the whole section again instead of --rows")
+    fresh = {r["name"]: r for r in new["rows"][1:]}
+    order = ["baseline (no reuse)", *known]
+    rows = {r["name"]: r for r in old["rows"]} | fresh
+    merged = dict(old, rows=[rows[n] for n in order if n in rows])
+    merged["reruns"] = [*old.get("reruns", []), {"rows": names, "date": new["date"], "machine": new["machine"],
+                                                "torch": new["torch"], "seconds": new["seconds"]}]
+    return merged
+
+
+def _reruns(result: dict) -> str:
+    return "".join(f" Rows {', '.join(r['rows'])} re-measured {r['date']} on a {r['machine']} ({r['seconds'] / 60:.1f} min; "
+                   "`--rows`, the baseline regenerated and scoring as before)." for r in result.get("reruns", []))
+
+
 def _f(v, fmt: str, scale: float = 1.0) -> str:
     return "–" if v is None else format(scale * v, fmt)
 
@@ -103,6 +135,7 @@ def markdown(result: dict) -> str:
              f"(embedded classifier features vs the Fashion-MNIST test split). Regenerate: "
              f"`{regen}`"
              + (f".{run_line(result)}" if "date" in result else f" (the recorded run took {result['seconds'] / 60:.0f} min).")
+             + _reruns(result)
              + (" Refused rows name the engine's reason (checked as `dqar.enable` checks it)." if any("refused" in r for r in rows) else ""),
              "",
              "| configuration | reuse % | FLOPs skipped % | PSNR dB | SSIM | INT8 rel. error | class acc % | FD |",
