@@ -55,7 +55,7 @@ def test_rows_rerun_replaces_only_the_named_rows_and_records_it(monkeypatch):
 
     def fake_run(settings, progress, cases):
         asked.append([n for _, n, _ in cases])
-        return _result([dict(base), _row("full_dqar", 0.58, 33.0, 0.9, 0.58, "preset"), _row("adaptive", 0.5, 44.0, 0.9, 0.5, "preset")])
+        return _result([dict(base, fd=1.0 + 1e-8), _row("full_dqar", 0.58, 33.0, 0.9, 0.58, "preset"), _row("adaptive", 0.5, 44.0, 0.9, 0.5, "preset")])
     monkeypatch.setattr(engine, "run_engine", fake_run)
     merged = rerun_engine(EngineSettings(), ["full_dqar", "adaptive"], old, progress=False)
     assert asked == [["full_dqar", "adaptive"]]
