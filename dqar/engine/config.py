@@ -29,6 +29,7 @@ SAMPLERS = ("ddim", "dpm")
 SNR_SOURCES = ("scheduler", "prediction")
 CFG_SHARES = ("none", "cond_to_uncond", "uncond_to_cond")
 DECIDERS = ("plan", "verify")
+GATE_SIGNALS = ("entropy", "probe_error")
 VERIFY_PROBES = ("first", "last")
 
 
@@ -77,6 +78,7 @@ class ReuseConfig:
     snr_min: float = 0.0  # gate: lowest SNR at which reuse is allowed (>= 0)
     snr_max: float = 1.0e4  # gate: highest SNR at which reuse is allowed (>= snr_min)
     snr_source: str = "scheduler"  # gate: "scheduler" (ᾱ/(1-ᾱ) of the timestep) | "prediction" (‖x̂0‖²/‖x_t-x̂0‖², last evaluation)
+    gate_signal: str = "entropy"  # gate: "entropy" (entropy < entropy_tau, SNR in the window) | "probe_error" (the verify_probe block's forecast error <= verify_tau × verify_scale; dqar.engine.gate)
     entropy_rows: int = 16  # gate: query rows subsampled for the entropy (all heads); >= the token count means all rows
     cfg_share: str = "none"  # CFG-branch sharing of attn1 outputs: none | cond_to_uncond | uncond_to_cond
     cfg_share_from: float = 0.5  # sharing applies from this fraction of the evaluations on, in [0, 1]
@@ -120,6 +122,12 @@ class ReuseConfig:
         _int_at_least("entropy_rows", self.entropy_rows, 1)
         if self.snr_min > self.snr_max:
             raise DqarError(f"snr_min = {self.snr_min} is above snr_max = {self.snr_max}", "use snr_min <= snr_max")
+        _choice("gate_signal", self.gate_signal, GATE_SIGNALS)
+        if self.gate_signal != "entropy" and not self.gate:
+            raise DqarError(f"gate_signal = '{self.gate_signal}' chooses what the gate reads, but gate = false",
+                            "set gate = true, or leave gate_signal = 'entropy'")
+        if self.gate_signal == "probe_error" and self.target == "kv":
+            raise DqarError("gate_signal = 'probe_error' compares cached attention or block outputs, not K/V", "use target = 'attention'")
         if self.gate and self.plan_file:
             raise DqarError("gate = true and plan_file are exclusive", "use the online gate or a saved plan, not both")
         _in_range("policy_threshold", self.policy_threshold, 0.0, 1.0)

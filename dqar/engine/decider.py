@@ -93,6 +93,7 @@ class EligibleDecider(ABC):
 
     keep_for_later = False  # store every computed output while a later evaluation may reuse it (always so for forecasts)
     name = "this decider"
+    needs: Needs  # set by each subclass; one that measures nothing (`Needs()`) runs without the signal recorder
 
     def __init__(self, cfg: ReuseConfig):
         self.cfg = cfg
@@ -100,7 +101,7 @@ class EligibleDecider(ABC):
         self.decisions = np.zeros((0, 0), dtype=bool)  # (E, L) rows decided in the current generation
 
     def begin(self, ctx: DeciderContext) -> None:
-        if ctx.signals is None:
+        if ctx.signals is None and self.needs.any:
             raise DqarError(f"{self.name} needs the engine's signal recorder", "attach it with dqar.enable(model, config)")
         self.signals = ctx.signals
         e, l = ctx.num_evaluations, ctx.num_layers
