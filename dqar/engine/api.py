@@ -85,7 +85,7 @@ def plan_patterns(transformer: torch.nn.Module, cfg: ReuseConfig, decider, steps
 def compiled_takes(cfg: ReuseConfig, decider, transformer: torch.nn.Module) -> bool:
     """Whether the compiled executor runs the config and decider (what `ReuseEngine` checks for it)."""
     needs = getattr(decider, "needs", None)
-    if needs is not None and needs.any or cfg.cfg_share != "none" or getattr(decider, "verifies", False):
+    if needs is not None and needs.any or cfg.cfg_share != "none":
         return False
     try:
         layout = describe(transformer)

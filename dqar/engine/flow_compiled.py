@@ -9,9 +9,14 @@ generation never recompiles and no configuration storms dynamo's recompile limit
 and read (`codec.rebase`, `codec.forecast_anchored`) run compiled too, one copy per (variant, shape). A reused layer
 then skips compiled work, which is what makes skipped FLOPs show up as time on a CPU.
 
+The verifying decider runs here as on patch: its probe is a hooked block like any other, so `forwards` hands the
+compiled copy's output to `verify.observe` (the relative L1 and the forecast it compares with run outside the copies,
+eagerly, one scalar read per deciding evaluation); a decision changes which layers call their copy, never a copy's
+inputs, so none recompiles.
+
 What it refuses at enable, in one line: the class-conditional DiT (its compiled executors are "compiled" and
-"graph"), deciders that measure signals or verify inside the forward, CFG-branch
-sharing, and target "kv" (those need the patch executor's eager forwards).
+"graph"), deciders that measure signals inside the forward, CFG-branch sharing, and target "kv" (those need the
+patch executor's eager forwards).
 """
 from __future__ import annotations
 
@@ -106,8 +111,6 @@ def check(transformer: torch.nn.Module, cfg: ReuseConfig, decider) -> None:
     if needs is not None and needs.any:
         raise DqarError(f"the gate, policies and signal traces measure inside eager forwards, not on the '{NAME}' executor",
                         "use executor = 'patch', or a plan (schedule, calibrated plan or plan file)")
-    if getattr(decider, "verifies", False):
-        raise DqarError(f"the verifying decider runs on the 'patch' executor, not '{NAME}'", "use executor = 'patch'")
     if cfg.cfg_share != "none":
         raise DqarError(f"cfg_share runs on the 'patch' executor, not '{NAME}'", "set cfg_share = 'none'")
     if cfg.target == "kv":

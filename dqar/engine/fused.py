@@ -3,7 +3,9 @@
 With `compile=True` every function in `dqar.engine.block` becomes one `torch.compile` graph
 shared by all blocks (a bounded set of graphs: compute / reuse, model dtype / INT8), so
 per-evaluation decisions never trigger recompilation. Decisions come from the engine's
-host-side row, exactly as on the patched-`attn1` path.
+host-side row, exactly as on the patched-`attn1` path. The verifying decider's probe block runs the
+model-dtype kernel (`whole` / `compute`), whose second output `verify.observe` compares with its forecast
+before it is stored (INT8 encoded by the cache, outside the graph: one layer).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable
 import torch
 
 from dqar.engine import block as B
+from dqar.engine import verify
 from dqar.engine.codec import Codec, forecast_anchored, rebase
 from dqar.engine.variants import Variants, forecast_key, rebase_key
 from dqar.errors import DqarError
@@ -83,6 +86,12 @@ def fused_forward(engine, layer: int, blk, kernels: Kernels, original: Callable,
             return kernels.reuse_q(blk, h, timestep, class_labels, cached.values, cached.scale, cached.mode)
         return kernels.skip(h, cached) if block_level else kernels.reuse(blk, h, timestep, class_labels, cached)
     full, full_q = (kernels.whole, kernels.whole_q) if block_level else (kernels.compute, kernels.compute_q)
+    if engine.verifier is not None and layer == engine.verifier.probe:
+        out, cached = full(blk, h, timestep, class_labels)  # (B, T, C) each: the block's output and residual (or attention)
+        verify.observe(engine, layer, cached)  # may set the rest of this evaluation's row and stores
+        if st.store[layer]:
+            cache.put(layer, cached)
+        return out
     if not st.store[layer]:
         return full(blk, h, timestep, class_labels)[0]
     (policy,) = cache.policies

@@ -29,6 +29,7 @@ from dqar.engine.forecasters import forecaster_of
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.variants import Variants, compiled_copy
 from dqar.engine.stats import ReuseStats
+from dqar.engine.verify import GRAPH_REASON
 from dqar.errors import DqarError
 
 GRAPH_HOOK = "dqar_graph"
@@ -76,8 +77,8 @@ def check_graph_supported(engine_cfg, decider, transformer) -> None:
     if not layout.is_dit:
         raise DqarError(f"the graph executor runs the class-conditional DiT ({DIT_CLASS}), not {family}", "use executor = 'patch'")
     if getattr(decider, "verifies", False):
-        raise DqarError("the verifying decider reads its probe block's error inside the forward, which a graph cannot; it runs "
-                        "on the 'patch' executor", "use executor = 'patch' (or 'auto')")
+        raise DqarError(f"the verifying decider does not run on 'graph': {GRAPH_REASON}",
+                        "use executor = 'compiled', or 'patch' (or 'auto')")
     needs = getattr(decider, "needs", None)
     if needs is not None and needs.any:
         raise DqarError("the gate, signal traces and policies run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
