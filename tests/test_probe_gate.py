@@ -121,3 +121,14 @@ def test_gate_signal_is_validated(bad, match):
 def test_a_probe_outside_the_model_is_refused(model):
     with pytest.raises(DqarError, match="does not exist"):
         run(model, **OPEN, verify_probe=9)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.45, 1e6])
+def test_on_a_constant_schedule_it_decides_as_the_verifying_decider(model, tau):
+    """Probe "first", every layer eligible, cap m: the gate's rows are the verifying decider's with verify_max_interval m."""
+    knots = ((0.0, tau), (1.0, tau))
+    gate_mask, _, g = run(model, **{**BASE, "verify_tau": knots, "verify_scale": 1.0})
+    verify = dict(BASE, gate=False, gate_signal="entropy", decider="verify", verify_tau=knots, verify_max_interval=3)
+    verify_mask, _, v = run(model, **verify)
+    assert np.array_equal(gate_mask, verify_mask) and np.array_equal(np.isnan(g.errors), np.isnan(v.errors))
+    assert np.allclose(g.errors[np.isfinite(g.errors)], v.errors[np.isfinite(v.errors)])

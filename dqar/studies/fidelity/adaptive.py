@@ -10,9 +10,15 @@ the best static plan that skips the same FLOPs. At each target share of FLOPs sk
 - verify: the `adaptive` preset with each forecaster, its τ scale bisected on the probe seeds to the target
   (`dqar.tuning.verify_tau.calibrate_tau`);
 
+- gate: the online gate on the verify signal (`gate_signal = "probe_error"`, `dqar.engine.gate`) with the adaptive
+  preset's history and forecast, each layer schedule in `gate_schedules` and a staleness cap that can reach the
+  target, its τ scale bisected on the calibration seeds to the target as the verifying decider's is;
+
 then every chosen configuration is scored on the evaluated seeds (other noise): paired PSNR against no reuse with
 a 95% bootstrap interval of the per-sample difference to the best static plan, class accuracy and FD. The uncalibrated
 `adaptive` preset and `full_dqar` are scored as shipped. The model is a setting (`--model`: the DiT or embedded-flux).
+`extend_with_gate` adds the gate rows to a saved result (re-measuring only each target's best static plan, for the
+paired differences) instead of running every row again.
 """
 from __future__ import annotations
 
@@ -22,9 +28,10 @@ from typing import Callable
 import numpy as np
 
 from dqar import metrics as M
-from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
+from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, build, preset
 from dqar.engine.forecasters import FORECAST_KINDS
 from dqar.engine.plan import build_plan
+from dqar.engine.verify import probe_index
 from dqar.errors import DqarError
 from dqar.labels import cycle_labels
 from dqar.studies.core import Study, embedded_evaluator, make_reference, other_seeds, study_row
@@ -32,6 +39,7 @@ from dqar.studies.measure.intervals import mean_ci
 
 SECTION = "Adaptive"
 COLUMNS = ("reuse", "flops_skipped", "host_syncs_per_evaluation", "psnr_db", "ssim", "class_accuracy", "fd")
+GATE_SCHEDULES = ("constant", "linear", "linear_reverse", "exponential", "step")  # layer schedules the gate rows may use
 INTERVALS = (2, 3, 4, 6, 8, 12)  # static refresh intervals tried at every target (only those reaching it within the tolerance are scored)
 
 
@@ -47,6 +55,8 @@ class AdaptiveSettings:
     targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)  # FLOPs-skipped shares
     tolerance: float = 0.02  # matched work: within ± this share
     kinds: tuple[str, ...] = FORECAST_KINDS
+    gate_kinds: tuple[str, ...] = ("taylor", "bdf2_heun")  # forecast kinds of the probe-error gate rows (empty: none)
+    gate_schedules: tuple[str, ...] = ("constant", "linear")  # layer schedules of the probe-error gate rows
     steps: int | None = None
     cfg: float = 4.0
     seed: int = 0
@@ -56,6 +66,10 @@ class AdaptiveSettings:
         bad = [k for k in self.kinds if k not in FORECAST_KINDS]
         if bad or not self.kinds:
             raise DqarError(f"forecast kinds {list(self.kinds)} are invalid", f"use some of: {', '.join(FORECAST_KINDS)}")
+        if any(k not in FORECAST_KINDS for k in self.gate_kinds):
+            raise DqarError(f"gate kinds {list(self.gate_kinds)} are invalid", f"use some of: {', '.join(FORECAST_KINDS)}")
+        if any(g not in GATE_SCHEDULES for g in self.gate_schedules) or (self.gate_kinds and not self.gate_schedules):
+            raise DqarError(f"gate schedules {list(self.gate_schedules)} are invalid", f"use some of: {', '.join(GATE_SCHEDULES)}")
         if not self.targets or any(not 0.0 < t < 1.0 for t in self.targets):
             raise DqarError(f"targets {list(self.targets)} are invalid", "use FLOPs-skipped shares in (0, 1)")
         if min(self.samples, self.probe_samples) < 2 or self.calib_samples < 1:
@@ -159,6 +173,81 @@ def calibrated_verify(loaded, run: RunConfig, kind: str, target: float, settings
                         "max_interval": m}
 
 
+# ----- the gate on the verify signal ---------------------------------------------------------------------------
+def gate_config(kind: str, schedule: str, cap: int) -> ReuseConfig:
+    """The adaptive preset's history, forecast and τ knots under the probe-error gate: `schedule`'s eligible layers, at
+    most `cap` reuses in a row."""
+    return replace(preset("adaptive"), decider="plan", gate=True, gate_signal="probe_error", schedule=schedule,
+                   forecast_kind=kind, refresh_interval=cap + 1, max_staleness=cap)
+
+
+def gate_open_share(cfg: ReuseConfig, steps: int, costs: np.ndarray) -> float:
+    """FLOPs-skipped share of the probe-error gate at τ = ∞: the schedule's plan with the probe computing, on the host."""
+    mask = build_plan(replace(cfg, gate=False, gate_signal="entropy"), steps, len(costs)).mask.copy()  # (E, L)
+    mask[:, probe_index(cfg.verify_probe, len(costs))] = False
+    return float((mask.sum(axis=0) * costs).sum())
+
+
+def gate_cap_for(kind: str, schedule: str, target: float, steps: int, costs: np.ndarray, tolerance: float) -> int | None:
+    """The least staleness cap (of `MAX_INTERVALS`) whose τ = ∞ share passes `target` by half the tolerance, else the
+    largest where it comes within the tolerance; None where none does."""
+    for cap in MAX_INTERVALS:
+        if gate_open_share(gate_config(kind, schedule, cap), steps, costs) >= target + tolerance / 2:
+            return cap
+    last = MAX_INTERVALS[-1]
+    return last if gate_open_share(gate_config(kind, schedule, last), steps, costs) >= target - tolerance else None
+
+
+def calibrated_gate(loaded, run: RunConfig, kind: str, schedule: str, target: float, settings: AdaptiveSettings,
+                    costs: np.ndarray) -> tuple[ReuseConfig | None, dict]:
+    """The probe-error gate with a cap that can reach `target`, `verify_scale` bisected on log scale over the calibration
+    seeds (as `verify_tau.calibrate_tau` does for the verifying decider, which it alone accepts): the trial nearest
+    the target. (None, {"open_share"}) where no cap reaches the target."""
+    import math
+
+    from dqar.studies.core import SEED_OFFSET
+    from dqar.tuning.verify_tau import SCALE_RANGE, skipped_at
+
+    steps = run.sample.steps
+    cap = gate_cap_for(kind, schedule, target, steps, costs, settings.tolerance)
+    if cap is None:
+        return None, {"open_share": gate_open_share(gate_config(kind, schedule, MAX_INTERVALS[-1]), steps, costs)}
+    cal_run = RunConfig(reuse=gate_config(kind, schedule, cap), sample=run.sample)
+    labels = [cycle_labels(loaded.num_classes, settings.calib_samples)]
+    trials: list[tuple[float, float]] = []
+
+    def trial(log_scale: float) -> float:
+        trials.append((math.exp(log_scale), skipped_at(loaded, labels, cal_run, math.exp(log_scale), SEED_OFFSET)))
+        return trials[-1][1]
+
+    lo, hi = math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1])
+    if trial(hi) >= target:
+        for _ in range(settings.calib_steps):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if trial(mid) >= target else (mid, hi)
+    scale, share = min(trials, key=lambda t: (abs(t[1] - target), t[0]))
+    cal = {"scale": scale, "calibrated_share": share, "reached": abs(share - target) <= settings.tolerance,
+           "trials": len(trials), "max_interval": cap}
+    return replace(cal_run.reuse, verify_scale=scale), cal
+
+
+def gate_rows(target: float, ev: _Setting, costs: np.ndarray, settings: AdaptiveSettings,
+              tick: Callable[[str], None]) -> tuple[dict, dict]:
+    """({kind/schedule: scored row, per-sample PSNR kept}, {kind/schedule: τ = ∞ share} where no cap reaches `target`)."""
+    rows, unreachable = {}, {}
+    for kind in settings.gate_kinds:
+        for schedule in settings.gate_schedules:
+            key = f"{kind}/{schedule}"
+            tick(f"{target:.0%} gate {key}: calibrating τ")
+            cfg, cal = calibrated_gate(ev.study.loaded, ev.run, kind, schedule, target, settings, costs)
+            if cfg is None:
+                unreachable[key] = cal["open_share"]
+                continue
+            name = f"gate ε {kind}, {schedule}, τ × {cal['scale']:.3g}, ≤ {cal['max_interval']} reuses"
+            rows[key] = measure(ev, name, cfg, {"kind": kind, "decider": "gate", "schedule": schedule, "calibration": cal})
+    return rows, unreachable
+
+
 def _strip(row: dict | None) -> dict | None:
     return None if row is None else {k: v for k, v in row.items() if k != "psnr_per_sample"}
 
@@ -188,6 +277,7 @@ def compare_at(target: float, probe: _Setting, ev: _Setting, costs: np.ndarray, 
             continue
         out["verify"][kind] = measure(ev, f"verify {kind}, τ × {cal['scale']:.3g}, ≤ {cal['max_interval']} reuses", cfg,
                                       {"kind": kind, "decider": "verify", "calibration": cal})
+    out["gate"], out["gate_unreachable"] = gate_rows(target, ev, costs, settings, tick)
     return _verdicts(out, probe_choice=_probe_choice(out))
 
 
@@ -201,7 +291,7 @@ def _verdicts(out: dict, probe_choice: str | None) -> dict:
     """The best static plan (kind chosen on probe seeds), and every verify row's paired difference to it."""
     base = out["static"].get(probe_choice) if probe_choice else None
     out["best_static_kind"] = probe_choice
-    for row in [*out["verify"].values(), *out["static"].values()]:
+    for row in [*out["verify"].values(), *out.get("gate", {}).values(), *out["static"].values()]:
         if base is not None and row is not None:
             row.update(paired_delta(row, base))
     return out
@@ -256,5 +346,46 @@ def run_adaptive(settings: AdaptiveSettings = AdaptiveSettings(), progress: bool
 
 def _clean(out: dict) -> dict:
     """A comparison as JSON keeps per-sample PSNR out (the intervals hold what they say)."""
-    return {**out, "static": {k: _strip(v) for k, v in out["static"].items()},
-            "verify": {k: _strip(v) for k, v in out["verify"].items()}}
+    return {**out, **{d: {k: _strip(v) for k, v in out[d].items()} for d in ("static", "verify", "gate") if d in out}}
+
+
+def extend_with_gate(saved: dict, settings: AdaptiveSettings, progress: bool = True,
+                     checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """`saved` (a `run_adaptive` result at `settings`' model, steps, CFG, seed and counts) with the gate rows added at each
+    of its targets. Each target's best static plan is re-measured on the evaluated seeds for the paired differences;
+    where its PSNR is not the saved one (to 0.01 dB), the saved result does not describe this run and is refused."""
+    import copy
+
+    from dqar.models import load_model
+    from tqdm import tqdm
+
+    loaded = load_model(settings.model)
+    run = _run(loaded, settings)
+    s = saved["settings"]
+    if (saved["model"], saved["steps"], saved["cfg"], s["samples"], s["seed"], s["calib_samples"], s["tolerance"]) != (
+            loaded.name, run.sample.steps, run.sample.cfg, settings.samples, settings.seed, settings.calib_samples,
+            settings.tolerance):
+        raise DqarError("the saved adaptive result was measured at other settings (model, steps, CFG, seed, counts)",
+                        "pass the settings it was run with, or run the whole comparison")
+    result = copy.deepcopy(saved)
+    result["settings"] = {**s, "gate_kinds": list(settings.gate_kinds), "gate_schedules": list(settings.gate_schedules)}
+    comps = [result["at_full_dqar"], *result["targets"]]
+    bar = tqdm(disable=not progress, desc="adaptive gate rows", total=len(comps))
+    tick = lambda what: bar.set_postfix_str(what[:60])  # noqa: E731
+    ev = _setting(loaded, cycle_labels(loaded.num_classes, settings.samples), run)
+    costs = np.asarray(saved["layer_costs"])
+    for comp in comps:
+        kept = comp["static"][comp["best_static_kind"]]
+        base = measure(ev, kept["name"], build(ReuseConfig, dict(kept["config"]), "the saved best static plan"))
+        if abs(base["psnr_db"] - kept["psnr_db"]) > 0.01:
+            raise DqarError(f"the best static plan at {comp['target']:.1%} re-measures {base['psnr_db']:.3f} dB, saved "
+                            f"{kept['psnr_db']:.3f} dB", "run the whole comparison on this machine")
+        rows, comp["gate_unreachable"] = gate_rows(comp["target"], ev, costs, settings, tick)
+        for row in rows.values():
+            row.update(paired_delta(row, base))
+        comp["gate"], comp["gate_base_psnr_db"] = {k: _strip(v) for k, v in rows.items()}, base["psnr_db"]
+        bar.update(1)
+        if checkpoint:
+            checkpoint(result)
+    bar.close()
+    return result

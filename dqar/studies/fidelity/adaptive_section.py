@@ -41,8 +41,8 @@ def table(result: dict) -> list[str]:
         lines.append(_row(f"shipped `{name}`", {k: v for k, v in row.items() if k not in ("delta_db", "delta_ci")}, ref))
     for comp in [result["at_full_dqar"], *result["targets"]]:
         label = f"{100 * comp['target']:.1f}%" + (" (full_dqar's)" if comp is result["at_full_dqar"] else "")
-        for decider in ("static", "verify"):
-            for kind, row in comp[decider].items():
+        for decider in ("static", "verify", "gate"):
+            for kind, row in comp.get(decider, {}).items():
                 if row is not None:
                     best = " **(best static, chosen on probe seeds)**" if decider == "static" and kind == comp["best_static_kind"] else ""
                     lines.append(_row(label, {**row, "name": row["name"] + best}, ref))
@@ -70,8 +70,9 @@ def verdicts(result: dict) -> list[str]:
                    f"{100 * best['flops_skipped']:.1f}% skipped{'' if matched else f', outside ±{tol:.0%}'}) is "
                    f"{best['delta_db']:+.2f} dB {_ci(best['delta_ci'])} against the best static plan: target "
                    f"≥ +{GAIN_DB:.1f} dB with the interval above 0 **{'met' if met and matched else 'missed'}**.")
-    rows = [r for c in [result["at_full_dqar"], *result["targets"]] for d in ("static", "verify")
-            for r in c[d].values() if r is not None] + list(result["shipped"].values())
+    out += gate_verdicts(result)
+    rows = [r for c in [result["at_full_dqar"], *result["targets"]] for d in ("static", "verify", "gate")
+            for r in c.get(d, {}).values() if r is not None] + list(result["shipped"].values())
     good = [r for r in rows if r["psnr_db"] >= FRONTIER[1]]
     top = max(good, key=lambda r: (r["flops_skipped"], r["psnr_db"])) if good else None  # ties: the better PSNR
     out.append(f"- Frontier: the most FLOPs skipped at ≥ {FRONTIER[1]:.0f} dB is "
@@ -87,6 +88,39 @@ def verdicts(result: dict) -> list[str]:
     out.append(f"- The shipped `adaptive` preset (fixed τ, no calibration) skips {100 * a['flops_skipped']:.1f}% at "
                f"{a['psnr_db']:.2f} dB; `full_dqar` skips {100 * f['flops_skipped']:.1f}% at {f['psnr_db']:.2f} dB "
                f"(paired difference {a.get('delta_db', float('nan')):+.2f} dB {_ci(a.get('delta_ci'))}, at different work).")
+    return out
+
+
+def gate_verdicts(result: dict) -> list[str]:
+    """The probe-error gate against the best static plan at each target it ran at, and whether a preset may use it."""
+    from dqar.engine.config import PRESETS
+
+    tol, out, wins, ran = result["settings"]["tolerance"], [], [], False
+    for comp in [result["at_full_dqar"], *result["targets"]]:
+        if "gate" not in comp:
+            continue
+        ran = True
+        for key, share in comp.get("gate_unreachable", {}).items():
+            out.append(f"- At {comp['target']:.1%}: the probe-error gate ({key.replace('/', ', ')}) cannot reach the target: "
+                       f"even at τ = ∞ with the largest cap it skips {100 * share:.1f}%.")
+        rows = [r for r in comp["gate"].values() if r is not None and r.get("delta_db") is not None]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["delta_db"])
+        matched = _matched(best, comp["target"], tol)
+        lo, hi = best["delta_ci"]
+        word = "beats" if lo > 0 else "loses to" if hi < 0 else "is not distinguishable from"
+        if lo > 0 and matched:
+            wins.append(f"{comp['target']:.1%}")
+        out.append(f"- At {comp['target']:.1%}, the best probe-error gate ({best['name']}, {100 * best['flops_skipped']:.1f}% "
+                   f"skipped{'' if matched else f', outside ±{tol:.0%}'}) {word} the best static plan: "
+                   f"{best['delta_db']:+.2f} dB {_ci(best['delta_ci'])}.")
+    if not ran:
+        return out
+    used = [n for n, v in PRESETS.items() if v.get("gate_signal") == "probe_error"]
+    out.append("- The probe-error gate " + (f"beats the best static plan at matched work at {', '.join(wins)}"
+               if wins else "beats the best static plan at matched work at no target") + "; presets using it: "
+               + (", ".join(f"`{n}`" for n in used) if used else "none") + ".")
     return out
 
 

@@ -1,0 +1,92 @@
+"""The probe-error gate rows of the adaptive comparison (dqar/studies/fidelity/adaptive.py): τ = ∞ shares from plans,
+caps, the extension of a saved result, and the gate's verdicts computed from the numbers."""
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dqar.engine.config import RunConfig, SampleConfig
+from dqar.errors import DqarError
+from dqar.generate import generate
+from dqar.models import load_model
+from dqar.studies.fidelity import adaptive as A
+from dqar.studies.fidelity.adaptive_section import gate_verdicts, section_body
+
+TINY = dict(samples=2, probe_samples=2, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6, kinds=("taylor",))
+
+
+@pytest.fixture(scope="module")
+def dit(single_thread):
+    return load_model()
+
+
+def test_the_open_share_from_the_plan_equals_the_measured_share(dit):
+    run = RunConfig(sample=SampleConfig(steps=8, cfg=4.0))
+    costs = A.layer_costs(dit, run)
+    for cap in (2, 3):
+        cfg = A.gate_config("taylor", "constant", cap)
+        open_cfg = RunConfig(reuse=replace(cfg, verify_scale=1e6), sample=run.sample)
+        stats = generate(dit, [0], open_cfg, executor="patch").stats
+        assert stats.flops_skipped_fraction == pytest.approx(A.gate_open_share(cfg, 8, costs), abs=1e-9)
+        assert stats.host_syncs > 0
+
+
+def test_the_cap_grows_with_the_target_and_is_none_where_unreachable():
+    costs = np.full(8, 0.99 / 8 / 50)
+    caps = [A.gate_cap_for("taylor", "constant", t, 50, costs, 0.02) for t in (0.5, 0.7, 0.8)]
+    assert caps == sorted(caps) and caps[0] < caps[-1]
+    assert A.gate_cap_for("taylor", "linear", 0.7, 50, costs, 0.02) is None  # half the layers eligible on average
+    top = A.gate_open_share(A.gate_config("taylor", "constant", A.MAX_INTERVALS[-1]), 50, costs)
+    assert A.gate_cap_for("taylor", "constant", top + 0.01, 50, costs, 0.02) == A.MAX_INTERVALS[-1]  # within tolerance
+    assert A.gate_cap_for("taylor", "constant", top + 0.03, 50, costs, 0.02) is None
+
+
+def test_settings_refuse_bad_gate_kinds_and_schedules():
+    with pytest.raises(DqarError, match="gate kinds"):
+        A.AdaptiveSettings(gate_kinds=("spline",))
+    with pytest.raises(DqarError, match="gate schedules"):
+        A.AdaptiveSettings(gate_schedules=("custom",))
+
+
+def test_extending_a_saved_result_adds_the_gate_rows(dit):
+    saved = A.run_adaptive(A.AdaptiveSettings(**TINY, gate_kinds=()), progress=False)
+    assert all(comp["gate"] == {} for comp in saved["targets"])
+    s = A.AdaptiveSettings(**TINY, gate_kinds=("taylor",), gate_schedules=("constant", "linear"))
+    out = A.extend_with_gate(saved, s, progress=False)
+    for comp in [out["at_full_dqar"], *out["targets"]]:
+        row = comp["gate"]["taylor/constant"]
+        assert row["decider"] == "gate" and row["host_syncs_per_evaluation"] > 0 and "delta_db" in row
+        assert row["config"]["gate_signal"] == "probe_error" and "psnr_per_sample" not in row
+        assert comp["gate_base_psnr_db"] == pytest.approx(comp["static"][comp["best_static_kind"]]["psnr_db"], abs=0.01)
+    assert saved["targets"][0]["gate"] == {}  # the saved result itself is untouched
+    assert "gate ε taylor, constant" in section_body(out, "cmd", "today", "here")
+    with pytest.raises(DqarError, match="other settings"):
+        A.extend_with_gate(saved, A.AdaptiveSettings(**{**TINY, "samples": 3}), progress=False)
+    tampered = copy.deepcopy(saved)
+    comp = tampered["targets"][0]
+    comp["static"][comp["best_static_kind"]]["psnr_db"] += 1.0
+    with pytest.raises(DqarError, match="re-measures"):
+        A.extend_with_gate(tampered, s, progress=False)
+
+
+def _gate_result(delta, ci, skipped=0.6):
+    row = {"name": "gate ε taylor", "flops_skipped": skipped, "psnr_db": 36.0, "delta_db": delta, "delta_ci": ci,
+           "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 1.0}
+    comp = {"target": 0.6, "static": {}, "verify": {}, "gate": {"taylor/constant": row},
+            "gate_unreachable": {"taylor/linear": 0.39}}
+    return {"settings": {"tolerance": 0.02}, "at_full_dqar": {"target": 0.64, "static": {}, "verify": {}}, "targets": [comp]}
+
+
+@pytest.mark.parametrize("delta, ci, skipped, word, wins", [
+    (1.2, [0.4, 2.0], 0.6, "beats", "at 60.0%"),
+    (-3.0, [-3.5, -2.5], 0.6, "loses to", "at no target"),
+    (0.1, [-0.5, 0.7], 0.6, "is not distinguishable from", "at no target"),
+    (1.2, [0.4, 2.0], 0.65, "beats", "at no target"),  # not at matched work: no win
+])
+def test_gate_verdicts_are_computed_from_the_numbers(delta, ci, skipped, word, wins):
+    text = " ".join(gate_verdicts(_gate_result(delta, ci, skipped)))
+    assert f") {word} the best static plan: {delta:+.2f} dB" in text
+    assert f"beats the best static plan at matched work {wins}; presets using it: none." in text
+    assert "(taylor, linear) cannot reach the target: even at τ = ∞ with the largest cap it skips 39.0%" in text
+    assert gate_verdicts({**_gate_result(delta, ci), "targets": []}) == []  # no gate rows: nothing said
