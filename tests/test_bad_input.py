@@ -237,3 +237,52 @@ def test_first_line_of_an_exception_message():
     assert first_line(RuntimeError("no kernel\nstack detail")) == "no kernel"
     assert first_line(RuntimeError("\n  padded\nmore")) == "padded"
     assert first_line(RuntimeError()) == ""
+
+
+def _plan_config(tmp: Path, name: str, key: dict, rows: list[str]) -> str:
+    _write(tmp / f"{name}.json", json.dumps({"format": "dqar-plan/1", "key": key, "rows": rows}))
+    return str(_write(tmp / f"{name}.toml", f"[reuse]\nplan_file = '{tmp / name}.json'\n"))
+
+
+def _one_line_exit_2(rc: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_plan_for_another_stream_layout_is_one_line_exit_2(env, tmp_path, capsys):
+    """Unkeyed but for its layout, with the right layer count: a plan made on 4 dual-stream layers, on a 4-layer DiT."""
+    cfg = _plan_config(tmp_path, "dual", {"steps": 3, "streams": [2] * 4}, ["." * 4, "R" * 4, "R" * 4])
+    out = tmp_path / "out"
+    rc, err = run_case(f"sample --model {{model}} --steps 3 --classes 0 --quiet --config {cfg} --out {out}", env, capsys)
+    _one_line_exit_2(rc, err, "plan was made for 4 layers (streams 2 x4) but", "has 4 layers (streams 1 x4)", "calibrate a plan")
+    assert not out.exists()
+
+
+def test_a_plan_without_a_stream_layout_still_runs(env, tmp_path, capsys):
+    cfg = _plan_config(tmp_path, "old", {"steps": 3}, ["." * 4, "R" * 4, "R" * 4])
+    rc, err = run_case(f"sample --model {{model}} --steps 3 --classes 0 --quiet --config {cfg} --out {tmp_path / 'out'}", env, capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["stats"]["reuse_fraction"] > 0
+
+
+def test_a_flow_plan_carries_the_flow_sampler_and_its_layout(env, tmp_path, capsys, monkeypatch):
+    """`dqar calibrate` on embedded-flux keys the plan with sampler "flow" (what generate runs) and its streams; the run
+    config's default sampler ("ddim") does not refuse it there, and a DiT run refuses it before loading anything."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = tmp_path / "flux.json"
+    rc, err = run_case(f"calibrate --model embedded-flux --steps 2 --samples 1 --classes 0 --target 0.3 --quiet --out {plan}", env, capsys)
+    assert rc == 0, err
+    key = json.loads(plan.read_text())["key"]
+    assert key["sampler"] == "flow" and key["streams"] == [2] * 5 and key["model"] == "embedded-flux"
+    cfg = _write(tmp_path / "flux.toml", f"[reuse]\nplan_file = '{plan}'\n")
+    rc, err = run_case(f"sample --model embedded-flux --steps 2 --classes 0 --quiet --config {cfg} --out {tmp_path / 'o'}", env, capsys)
+    assert rc == 0, err
+    import dqar.models
+
+    monkeypatch.setattr(dqar.models, "load_model", _no_work)
+    rc, err = run_case(f"sample --model {{model}} --steps 2 --classes 0 --config {cfg} --out {tmp_path / 'o2'}", env, capsys)
+    _one_line_exit_2(rc, err, "plan was made for sampler='flow' but this run has sampler='ddim'")
+    rc, err = run_case(f"sample --model embedded --steps 2 --classes 0 --config {cfg} --out {tmp_path / 'o2'}", env, capsys)
+    _one_line_exit_2(rc, err, "plan was made for model='embedded-flux' but this run has model='embedded'")

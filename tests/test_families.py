@@ -217,7 +217,7 @@ def test_a_plan_for_another_layer_count_is_refused():
                 run(pipe, kwargs, STEPS)
 
 
-@pytest.mark.parametrize("key,expect", [({"steps": 3}, "plan has shape (3, 8) but this run needs (3 evaluations, 4 layers)"),
+@pytest.mark.parametrize("key,expect", [({"steps": 3}, "plan was made for 8 layers but random-flux-tiny has 4 layers (streams 2 x4)"),
                                         ({"model": "embedded", "sampler": "ddim", "steps": 3},
                                          "plan was made for model='embedded' but this run has model='random-flux-tiny'")])
 def test_a_plan_file_for_another_model_is_one_line_exit_2_on_a_flow_model(tmp_path, capsys, key, expect):

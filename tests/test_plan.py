@@ -159,3 +159,39 @@ def test_a_plan_ranked_for_one_forecaster_refuses_another():
     plan.check_key(**plan_key("embedded", run))  # the same kind passes
     with pytest.raises(DqarError, match="forecast_kind='bdf2_heun'"):
         plan.check_key(**plan_key("embedded", replace(run, reuse=replace(run.reuse, forecast_kind="taylor"))))
+
+
+def test_a_plan_records_its_stream_layout_and_refuses_another():
+    from dqar.engine.plan import layout_text
+
+    plan = Plan(mask=np.zeros((3, 4), dtype=bool), key={"streams": [2, 2, 1, 1]})
+    assert Plan.from_json(plan.to_json()).streams == (2, 2, 1, 1)
+    plan.check_streams([2, 2, 1, 1])  # its own layout passes
+    with pytest.raises(DqarError, match=r"made for 4 layers \(streams 2 x2, 1 x2\) but tiny has 4 layers \(streams 1 x4\)"):
+        plan.check_streams([1, 1, 1, 1], model="tiny")
+    with pytest.raises(DqarError, match="streams 1 x4"):
+        plan.check_key(model="tiny", streams=[1, 1, 1, 1])
+    assert layout_text([2, 2, 2, 1]) == "4 layers (streams 2 x3, 1 x1)"
+
+
+def test_a_plan_without_a_stream_layout_is_checked_by_its_layer_count_only():
+    old = Plan.from_json('{"format": "dqar-plan/1", "key": {"steps": 2}, "rows": ["..", "RR"]}')  # written before streams
+    assert old.streams is None
+    old.check_streams([2, 2])
+    old.check_streams([1, 1])
+    with pytest.raises(DqarError, match="made for 2 layers but this model has 3 layers"):
+        old.check_streams([1, 1, 1])
+
+
+@pytest.mark.parametrize("streams", ['[1, 1]', '[1, 0, 1]', '"3"', '[1, true, 1]'])
+def test_a_malformed_stream_layout_is_not_a_valid_plan(streams):
+    with pytest.raises(DqarError, match="not a valid dqar plan .*streams"):
+        Plan.from_json(f'{{"format": "dqar-plan/1", "key": {{"streams": {streams}}}, "rows": ["...", "RRR"]}}')
+
+
+def test_stream_layout_reads_the_block_adapter(tiny_transformer):
+    from dqar.engine.plan import stream_layout
+    from dqar.models import random_flow
+
+    assert stream_layout(tiny_transformer) == [1] * 4  # BasicTransformerBlock: the image stream
+    assert stream_layout(random_flow("random-flux-tiny").transformer) == [2] * 4  # dual- and single-stream Flux blocks

@@ -92,14 +92,42 @@ def writable_file(path: str | Path) -> Path:
     return path
 
 
-def check_reuse_files(run) -> None:
-    """The plan and policy files a run config names: readable, and a plan made for this sampler, step count and reuse."""
+FLOW_MODELS = ("embedded-flux",)  # built-in flow models by name (besides the random-weight flow shapes)
+
+
+def run_model(model: str | None) -> tuple[str | None, bool | None]:
+    """(the model's name as its plans record it, whether it samples with flow matching), from `--model` before loading;
+    None where only the loaded model can tell (a folder's name is its resolved path)."""
+    from dqar.models import HUB_ID, RANDOM_FLOW, RANDOM_NAMES
+
+    name = "embedded" if model in (None, "embedded") else str(model)
+    if name in FLOW_MODELS:
+        return name, True
+    if name.partition("@")[0] in RANDOM_FLOW:
+        return name.partition("@")[0], True  # loaded under its shape's name, whatever the resolution
+    if name == "embedded" or name in RANDOM_NAMES:
+        return name, False
+    if Path(name).expanduser().exists():
+        return None, False  # a folder: a DiT (dqar loads DiT folders), named by its resolved path
+    return (name, False) if HUB_ID.match(name) else (None, None)
+
+
+def run_sampler(run, flow: bool | None) -> str | None:
+    """The sampler a run really uses: "flow" on a flow model whatever `run.sample.sampler` says (as `generate` keys it)."""
+    return None if flow is None else "flow" if flow else run.sample.sampler
+
+
+def check_reuse_files(run, model: str | None = "") -> None:
+    """The plan and policy files a run config names: readable, and a plan made for this model (where `--model` names it
+    before loading; "" skips it), the sampler it really runs, this step count and reuse."""
     from dqar.engine.plan import load_plan
     from dqar.engine.policy_net import load_policy
     from dqar.generate import plan_key
 
     if run.reuse.plan_file:
-        load_plan(run.reuse.plan_file).check_key(**plan_key(None, run))  # the run-time key; the model is checked once loaded
+        name, flow = run_model(model) if model != "" else (None, None)
+        key = {**plan_key(name, run), "sampler": run_sampler(run, flow)}  # None: checked once the model is loaded
+        load_plan(run.reuse.plan_file).check_key(**key)
     if run.reuse.policy:
         load_policy(run.reuse.policy)
 
@@ -127,7 +155,7 @@ def run_config(args, check_files: bool = True):
     if flags:
         run = replace(run, sample=build(SampleConfig, {**run.sample.__dict__, **flags}, "sample"))
     if check_files:
-        check_reuse_files(run)
+        check_reuse_files(run, getattr(args, "model", None))
     return run
 
 
@@ -141,11 +169,18 @@ def device_dtype(args):
 
 
 def load(args):
-    """The model of `--model` on `--device` in `--dtype` (device and dtype are checked before loading)."""
+    """The model of `--model` on `--device` in `--dtype` (device and dtype are checked before loading). A command that
+    reads a run config (sampling flags) has the plan file it names checked against the loaded model before any work:
+    its name, the sampler it really runs and its layer layout (`dqar.tuning.calibrate.check_plan_file`)."""
     from dqar import models
 
     device, dtype = device_dtype(args)
-    return models.load_model(args.model, device=device, dtype=dtype)
+    loaded = models.load_model(args.model, device=device, dtype=dtype)
+    if hasattr(args, "preset") and getattr(args, "config", None):
+        from dqar.tuning.calibrate import check_plan_file
+
+        check_plan_file(loaded, run_config(args, check_files=False))
+    return loaded
 
 
 def class_labels(classes: Sequence[str] | None, loaded) -> list[int]:

@@ -4,6 +4,10 @@ A plan says, for every model evaluation and every transformer layer, whether the
 layer reuses its cached output (True) or computes (False). Schedules decide which
 layers are *eligible*; the refresh interval and the staleness cap decide when an
 eligible layer still recomputes. The engine executes the plan exactly.
+
+A plan dqar writes records in its key what it is for (model, sampler, steps, reuse) and the model's layer layout:
+`streams`, each layer's output streams (1: image; 2: image and text) as the block adapter describes them. A plan file
+without one (written before it was recorded) is checked by its layer count only.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,7 +30,7 @@ class Plan:
     """Reuse decisions: `mask[e, l]` is True where layer `l` reuses at evaluation `e`."""
 
     mask: np.ndarray  # (E, L) bool
-    key: dict[str, Any] = field(default_factory=dict)  # what the plan is for: model, sampler, steps
+    key: dict[str, Any] = field(default_factory=dict)  # what the plan is for: model, sampler, steps, streams
 
     def __post_init__(self) -> None:
         mask = np.asarray(self.mask, dtype=bool)
@@ -35,6 +39,18 @@ class Plan:
                             "regenerate the plan")
         mask.setflags(write=False)
         object.__setattr__(self, "mask", mask)
+        streams = self.key.get("streams")
+        if streams is not None:
+            ok = isinstance(streams, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in streams)
+            if not ok or len(streams) != mask.shape[1]:
+                raise DqarError(f"a plan's streams must be {mask.shape[1]} integers >= 1 (one per layer), got {streams!r}",
+                                "regenerate the plan")
+
+    @property
+    def streams(self) -> tuple[int, ...] | None:
+        """Each layer's output streams as recorded when the plan was made; None for a plan that records none."""
+        streams = self.key.get("streams")
+        return None if streams is None else tuple(streams)
 
     @property
     def num_evaluations(self) -> int:
@@ -73,6 +89,8 @@ class Plan:
                 raise ValueError("rows must be equally long strings of 'R' and '.'")
             mask = np.array([[c == "R" for c in r] for r in rows], dtype=bool).reshape(len(rows), -1)
             return cls(mask=mask, key=dict(data.get("key", {})))
+        except DqarError as exc:
+            raise DqarError(f"{source} is not a valid dqar plan ({exc.problem})", exc.fix) from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DqarError(f"{source} is not a valid dqar plan ({exc})", "regenerate it with `dqar calibrate` or dqar.engine.plan.save_plan") from None
 
@@ -82,11 +100,25 @@ class Plan:
         return "\n".join([header, *lines])
 
     def check_key(self, **expected: Any) -> None:
-        """Refuse to run where the plan was made for another model, sampler or step count."""
+        """Refuse to run where the plan was made for another model, sampler or step count (or stream layout: `streams`)."""
         for name, value in expected.items():
+            if name == "streams":
+                if value is not None:
+                    self.check_streams(value, model=expected.get("model") or "this model")
+                continue
             have = self.key.get(name)
             if have is not None and value is not None and have != value:
                 raise DqarError(f"plan was made for {name}={have!r} but this run has {name}={value!r}", f"recalibrate for this {name} or use a matching plan")
+
+    def check_streams(self, streams: Sequence[int], model: str = "this model") -> None:
+        """Refuse a model whose layers (`streams`: each one's output streams) are not the plan's; a plan that records no
+        streams is checked by its layer count only."""
+        streams = tuple(int(v) for v in streams)
+        have = self.streams
+        if (have is None and self.num_layers != len(streams)) or (have is not None and have != streams):
+            made = layout_text(have) if have is not None else f"{self.num_layers} layers"
+            raise DqarError(f"plan was made for {made} but {model} has {layout_text(streams)}",
+                            "calibrate a plan for this model (dqar calibrate --model ...) or use one made for it")
 
     def check_shape(self, num_evaluations: int, num_layers: int) -> None:
         if self.mask.shape != (num_evaluations, num_layers):
@@ -94,6 +126,24 @@ class Plan:
                 f"plan has shape {self.mask.shape} but this run needs ({num_evaluations} evaluations, {num_layers} layers)",
                 "build or calibrate a plan for this model and step count",
             )
+
+
+def stream_layout(transformer: Any) -> list[int]:
+    """Each layer's output streams (1: image; 2: image and text), in execution order, from the block adapter."""
+    from dqar.engine.adapter import describe
+
+    return [spec.streams for spec in describe(transformer).specs]
+
+
+def layout_text(streams: Sequence[int]) -> str:
+    """'5 layers (streams 2 x1, 1 x4)': the layer count and runs of equal stream counts, in order."""
+    runs: list[list[int]] = []
+    for s in streams:
+        if runs and runs[-1][0] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1])
+    return f"{len(streams)} layers (streams {', '.join(f'{s} x{n}' for s, n in runs)})"
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:

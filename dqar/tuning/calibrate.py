@@ -34,7 +34,7 @@ import numpy as np
 
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
-from dqar.engine.plan import Plan, apply_refresh, bound_patterns
+from dqar.engine.plan import Plan, apply_refresh, bound_patterns, load_plan, stream_layout
 from dqar.engine.decider import TracingDecider
 from dqar.engine.adapter import describe
 from dqar.engine.signals import Trace
@@ -217,12 +217,19 @@ class Calibration:
 
 
 def model_plan_key(loaded, run: RunConfig) -> dict[str, Any]:
-    """`plan_key` of `loaded` under `run`; a flow model's has no sampler (it samples with flow matching whatever
-    `run.sample.sampler` says, and its model name pins that)."""
+    """`plan_key` of `loaded` under `run` with the sampler it really runs ("flow" for a flow model, as `generate` keys it,
+    whatever `run.sample.sampler` says) and its layer layout (`streams`: each layer's output streams)."""
     key = plan_key(loaded.name, run)
     if getattr(loaded, "family", "dit") != "dit":
-        key.pop("sampler")
-    return key
+        key["sampler"] = "flow"
+    return {**key, "streams": stream_layout(loaded.transformer)}
+
+
+def check_plan_file(loaded, run: RunConfig) -> None:
+    """The plan file `run` names, against the loaded model: refused in one line where it was made for another model,
+    sampler, step count, reuse or layer layout (a file that records no `streams`: its layer count only)."""
+    if run.reuse.plan_file:
+        load_plan(run.reuse.plan_file).check_key(**model_plan_key(loaded, run))
 
 
 def calibration_key(loaded, run: RunConfig, structure: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import numpy as np
 from dqar.engine.config import RunConfig
 from dqar.errors import DqarError
 from dqar.engine.plan import Plan
-from dqar.generate import generate, plan_key
+from dqar.generate import generate
+from dqar.tuning.calibrate import model_plan_key
 
 
 def check_distillable(run: RunConfig) -> None:
@@ -20,11 +21,11 @@ def check_distillable(run: RunConfig) -> None:
 def executed_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool = False) -> Plan:
     """Sample `labels` under `run` and return the decisions its decider executed (gate, policy or plan) as a plan.
 
-    The plan is keyed by model, sampler and steps like a calibrated plan; sampling with it makes no
+    The plan is keyed by model, sampler, steps and layer layout like a calibrated plan; sampling with it makes no
     host syncs and evaluates neither gate nor policy.
     """
     gen = generate(loaded, labels, run, progress=progress)
-    return Plan(mask=np.array(gen.stats.reuse_mask, dtype=bool), key=plan_key(loaded.name, run))  # mask (E, L)
+    return Plan(mask=np.array(gen.stats.reuse_mask, dtype=bool), key=model_plan_key(loaded, run))  # mask (E, L)
 
 
 def distill_plan(loaded, labels: Sequence[int], run: RunConfig, progress: bool = False) -> Plan:
