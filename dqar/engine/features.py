@@ -12,6 +12,17 @@ decisions while sampling (from the engine's `SignalRecorder`), so both see ident
 - `age`: evaluations since the output a reuse would return was computed (its staleness, >= 1);
 - `log_change_rate`: log of the layer's last measured relative change divided by the evaluations it
   spanned (1.0 — "changes completely" — where none was measured yet).
+
+Feature sets are versioned by their names, which a checkpoint stores: `FEATURES` (the 8 above, every policy
+trained before the probe feature) and `PROBE_FEATURES`, which adds
+
+- `log_probe_error`: log of the probe layer's (`PROBE_LAYER`, the first: the verifying decider's default probe)
+  last measured relative change, the same for every layer of the evaluation. A policy with this feature never
+  reuses the probe layer, which computes and stores at every evaluation, so the value read at evaluation e is the
+  probe's change from e−2 to e−1: the verify signal at age 1 (the copy's error), one evaluation late, because the
+  policy decides before any layer of e runs (1.0 where none was measured yet).
+
+A policy builds the features its checkpoint names, so a policy trained without the probe feature acts as before.
 """
 from __future__ import annotations
 
@@ -22,6 +33,10 @@ import torch
 
 FEATURES = ("entropy", "log_snr_scheduler", "log_snr_prediction", "log_x_rms", "step_fraction", "layer_fraction", "age",
             "log_change_rate")
+PROBE_FEATURE = "log_probe_error"
+PROBE_FEATURES = (*FEATURES, PROBE_FEATURE)
+FEATURE_SETS = (FEATURES, PROBE_FEATURES)  # the feature sets a checkpoint may name
+PROBE_LAYER = 0  # the layer whose change is `log_probe_error`
 LOG_FLOOR = 1e-6  # values are clamped here before a log
 MISSING_CHANGE = 1.0  # relative change assumed where none was measured yet
 
@@ -38,11 +53,12 @@ def latest_vector(values: Sequence[torch.Tensor | None], fill: float, device: to
 
 def feature_matrix(entropy: torch.Tensor, change: torch.Tensor, gap: torch.Tensor, snr_scheduler: torch.Tensor,
                    snr_prediction: torch.Tensor, x_rms: torch.Tensor, step_fraction: torch.Tensor, ages: torch.Tensor,
-                   num_layers: int) -> torch.Tensor:
+                   num_layers: int, probe_error: torch.Tensor | None = None) -> torch.Tensor:
     """Features (..., L, F) from per-layer (..., L) and per-evaluation (...,) tensors, all on one device.
 
     `change` is the last measured relative change of each layer, spanning `gap` evaluations;
-    `ages` the staleness a reuse would have. Nothing here reads a value back to the host.
+    `ages` the staleness a reuse would have; `probe_error` (...,): given, the `PROBE_FEATURES` set (F = 9), else
+    `FEATURES` (F = 8). Nothing here reads a value back to the host.
     """
     layers = entropy.shape[-1]
     frac_layer = torch.arange(layers, device=entropy.device, dtype=torch.float32) / max(num_layers - 1, 1)  # (L,)
@@ -57,6 +73,8 @@ def feature_matrix(entropy: torch.Tensor, change: torch.Tensor, gap: torch.Tenso
         ages.float().expand(entropy.shape),
         _log(change.float() / gap.float().clamp_min(1.0)),
     ]
+    if probe_error is not None:
+        cols.append(per_eval(_log(probe_error)))
     return torch.stack(cols, dim=-1)  # (..., L, F)
 
 

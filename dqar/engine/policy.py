@@ -5,7 +5,9 @@ reuse, the features (`dqar.engine.features`) are built on the device from the en
 the MLP predicts the relative error of reusing the cached attention output, and layers whose
 prediction is at most `policy_threshold` reuse (at most `policy_budget` of the layers, lowest
 prediction first). The flags come back in one read, counted in `signals.host_syncs`. Warmup,
-cooldown, the layer schedule and the staleness cap act as for the gate.
+cooldown, the layer schedule and the staleness cap act as for the gate. A checkpoint trained with the probe
+feature (`features.PROBE_FEATURES`) keeps its probe layer out of the candidates and stores it at every evaluation,
+so its change, measured as it computes, is the feature the next evaluation reads.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from dqar.engine.decider import DeciderContext, EligibleDecider
 from dqar.errors import DqarError
 from dqar.engine.gate import read_flags
 from dqar.engine.signals import Needs
-from dqar.engine.features import MISSING_CHANGE, feature_matrix, latest_vector, log_threshold, step_fraction
+from dqar.engine.features import (MISSING_CHANGE, PROBE_FEATURE, PROBE_LAYER, feature_matrix, latest_vector, log_threshold,
+                                  step_fraction)
 from dqar.engine.policy_net import PolicyCheckpoint, load_policy
 
 
@@ -52,6 +55,7 @@ class PolicyDecider(EligibleDecider):
         self.key = dict(key or {})
         self.checkpoint = checkpoint if checkpoint is not None else load_policy(cfg.policy)
         self.needs = policy_needs(self.checkpoint)
+        self.probe = PROBE_LAYER if PROBE_FEATURE in self.checkpoint.meta.get("features", ()) else None  # None: no probe feature
         self._on_device: dict[torch.device, PolicyCheckpoint] = {}
         self.predictions: list[torch.Tensor] = []  # (L,) predicted log error per deciding evaluation, on the device
 
@@ -74,7 +78,10 @@ class PolicyDecider(EligibleDecider):
     def begin(self, ctx: DeciderContext) -> None:
         self._check(ctx.num_layers)
         super().begin(ctx)
-        l = ctx.num_layers
+        l, p = ctx.num_layers, self.probe
+        if p is not None:  # the probe computes and stores at every evaluation: its change is measured each time
+            self.eligible[:, p] = False
+            self._store = [row[:p] + (True,) + row[p + 1:] for row in self._store]
         self.last = np.full(l, -1, dtype=np.int64)  # (L,) evaluation of the last compute
         self.gap = np.ones(l, dtype=np.int64)  # (L,) evaluations spanned by the last measured change
         self.predictions = []
@@ -102,6 +109,7 @@ class PolicyDecider(EligibleDecider):
             step_fraction=torch.full((), step_fraction(evaluation, self.num_evaluations), device=dev),
             ages=torch.as_tensor(self.staleness + 1, dtype=torch.float32).to(dev),
             num_layers=len(self.staleness),
+            probe_error=None if self.probe is None else latest_vector([sig.change_last[self.probe]], MISSING_CHANGE, dev)[0],
         )  # (L, F)
         return self._model(dev).predict(feats)  # (L,)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dqar.errors import DqarError
-from dqar.engine.features import FEATURES
+from dqar.engine.features import FEATURE_SETS, FEATURES
 
 POLICY_FORMAT = "dqar-policy/1"
 FIX = "train one with `dqar policy train` or point policy at a .safetensors file it wrote"
@@ -98,8 +98,8 @@ def load_policy(path: str | Path) -> PolicyCheckpoint:
     try:
         meta = json.loads(header["meta"])
         names = tuple(meta["features"])
-        if names != FEATURES:
-            raise ValueError(f"features {list(names)} differ from this version's {list(FEATURES)}")
+        if names not in FEATURE_SETS:
+            raise ValueError(f"features {list(names)} are none of this version's sets {[list(f) for f in FEATURE_SETS]}")
         net = PolicyNet(len(names), tuple(int(h) for h in meta["hidden"]))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
         target = tensors["target"]

@@ -31,7 +31,7 @@ from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace, relative_change
-from dqar.engine.features import FEATURES, MISSING_CHANGE, feature_matrix
+from dqar.engine.features import FEATURE_SETS, FEATURES, MISSING_CHANGE, PROBE_FEATURES, PROBE_LAYER, feature_matrix
 from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
@@ -56,6 +56,7 @@ class CollectSettings:
     max_age: int = 3  # largest staleness labelled (the policy's max_staleness)
     entropy_rows: int = 16  # query rows of the entropy subsample (as the engine measures it)
     forecast_order: int = 0  # what a reuse returns (the engine's forecast_order): labels measure that reuse's error
+    probe_feature: bool = False  # add `log_probe_error` (features.PROBE_FEATURES): the probe layer's change one evaluation before
 
     def __post_init__(self) -> None:
         ReuseConfig(forecast_order=self.forecast_order)  # validates (the engine's check)
@@ -109,7 +110,7 @@ def load_traces(path: str | Path) -> PolicyTraces:
             arrays = {k: z[k] for k in ("features", "labels", "group", "evaluation", "layer", "age")}
     except (OSError, ValueError, KeyError) as exc:
         raise DqarError(f"traces file '{path}' is not readable ({str(exc).splitlines()[0][:120]})", fix) from None
-    if meta.pop("format", None) != TRACES_FORMAT or tuple(meta.get("features", ())) != FEATURES:
+    if meta.pop("format", None) != TRACES_FORMAT or tuple(meta.get("features", ())) not in FEATURE_SETS:
         raise DqarError(f"traces file '{path}' was written by another version or tool", fix)
     return PolicyTraces(**arrays, meta=meta)
 
@@ -207,8 +208,12 @@ def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, en
     return FullCompute(decider.trace(), x_rms, hooks.host("change"), hooks.host("label"), out.images)
 
 
-def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndarray]:
-    """Training rows of one generation: for evaluation e >= 1, age a, change span g, and every layer."""
+def rows_of(fc: FullCompute, num_layers: int, max_age: int, probe_feature: bool = False) -> dict[str, np.ndarray]:
+    """Training rows of one generation: for evaluation e >= 1, age a, change span g, and every layer.
+
+    `probe_feature`: also `log_probe_error`, the probe layer's age-1 change measured at e − 1 (what a policy reads at the
+    start of e; `MISSING_CHANGE` at e = 1, where the probe has no change yet).
+    """
     e_count = fc.errors.shape[0]
     combos = []  # (e, a, g) with g = 0 where no change was measured at the source yet
     for e in range(1, e_count):
@@ -224,10 +229,11 @@ def rows_of(fc: FullCompute, num_layers: int, max_age: int) -> dict[str, np.ndar
         entropy=t(fc.trace.entropy[c_i]), change=t(change), gap=t(np.maximum(g_i, 1)[:, None]).expand(len(e_i), num_layers),
         snr_scheduler=t(fc.trace.snr_scheduler[e_i]), snr_prediction=t(fc.trace.snr_prediction[e_i - 1]),
         x_rms=t(fc.x_rms[e_i]), step_fraction=t(e_i / max(e_count - 1, 1)), ages=t(a_i[:, None]), num_layers=num_layers,
+        probe_error=t(np.where(e_i >= 2, fc.change[np.maximum(e_i - 1, 0), PROBE_LAYER, 0], MISSING_CHANGE)) if probe_feature else None,
     )  # (K, L, F)
     labels = fc.errors[e_i, :, a_i - 1]  # (K, L)
     grid = lambda v: np.broadcast_to(v[:, None], labels.shape).reshape(-1)  # noqa: E731
-    return {"features": feats.reshape(-1, len(FEATURES)).numpy(), "labels": labels.reshape(-1).astype(np.float32),
+    return {"features": feats.reshape(-1, feats.shape[-1]).numpy(), "labels": labels.reshape(-1).astype(np.float32),
             "evaluation": grid(e_i), "age": grid(a_i), "layer": np.broadcast_to(np.arange(num_layers), labels.shape).reshape(-1)}
 
 
@@ -276,12 +282,13 @@ def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progre
     for g in tqdm(range(settings.generations), desc="collecting traces", disable=not progress):
         labels = generation_labels(g, settings.batch, loaded.num_classes)
         fc = full_compute(loaded, labels, settings.run(settings.seed + g * settings.batch), settings.max_age, settings.entropy_rows)
-        rows = rows_of(fc, layers, settings.max_age)
+        rows = rows_of(fc, layers, settings.max_age, settings.probe_feature)
         rows["group"] = np.full(len(rows["labels"]), g, dtype=np.int64)
         parts.append(rows)
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     label = FORECAST_LABEL.format(order=settings.forecast_order) if settings.forecast_order else LABEL
-    meta = {**trained_for(loaded, settings), "collect": asdict(settings), "label": label, "features": list(FEATURES),
+    meta = {**trained_for(loaded, settings), "collect": asdict(settings), "label": label,
+            "features": list(PROBE_FEATURES if settings.probe_feature else FEATURES),
             "seconds": time.perf_counter() - start}
     return PolicyTraces(features=cat["features"].astype(np.float32), labels=cat["labels"], group=cat["group"],
                         evaluation=cat["evaluation"].astype(np.int64), layer=cat["layer"].astype(np.int64),

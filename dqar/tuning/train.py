@@ -134,7 +134,7 @@ def train_policy(traces: PolicyTraces, settings: TrainSettings = TrainSettings()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # (F,)
     t_mean, t_std = float(y.mean()), max(float(y.std()), 1e-6)
     torch.manual_seed(settings.seed)
-    net = PolicyNet(len(FEATURES), settings.hidden)
+    net = PolicyNet(train.features.shape[1], settings.hidden)  # the traces' feature set (features.FEATURE_SETS)
     params = num_parameters(net)
     if params >= MAX_PARAMETERS:
         raise DqarError(f"the MLP has {params} parameters", f"use smaller --hidden widths (limit {MAX_PARAMETERS})")
