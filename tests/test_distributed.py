@@ -209,3 +209,49 @@ def test_fid_sample_refuses_an_unknown_executor(model_dir, tmp_path, capsys):
     assert exit_.value.code == 2 and "'jit'" in err and "auto" in err and err.count("\n") == 1
     with pytest.raises(DqarError, match="unknown executor 'jit'"):
         run_job(job(model_dir, tmp_path / "j.npz", executor="jit"))
+
+
+FLOW_N, FLOW_STEPS = 3, 2  # embedded-flux, true CFG 4 (two forwards a step), 2 steps: both ranks draw; rank 0 a short batch
+
+
+def test_torchrun_two_ranks_match_one_process_on_embedded_flux(tmp_path):
+    """Flow models shard as the DiT does: prompt id i % classes and noise seed + i, so 2 gloo ranks equal one process."""
+    run = RunConfig(sample=SampleConfig(steps=FLOW_STEPS, cfg=4.0, seed=5))  # the default reuse (attention, linear schedule)
+    single = tmp_path / "one.npz"
+    record = run_job(FidSampleJob(out=single, num_samples=FLOW_N, batch_size=BATCH, run=run, model="embedded-flux", device="cpu",
+                                  progress=False))
+    assert record["model"] == "embedded-flux" and record["rank0_executor"] == "patch" and record["image_shape"] == [28, 28, 1]
+    out = tmp_path / "two.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dqar.cli", "fid-sample",
+           "--model", "embedded-flux", "--num-samples", str(FLOW_N), "--batch-size", str(BATCH), "--steps", str(FLOW_STEPS),
+           "--cfg", "4", "--seed", "5", "--out", str(out), "--device", "cpu", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "with 2 rank(s)" in proc.stdout
+    with np.load(out) as two, np.load(single) as one:
+        assert np.array_equal(two["arr_0"], one["arr_0"]) and two["labels"].tolist() == [0, 1, 2]
+        assert len({one["arr_0"][i].tobytes() for i in range(FLOW_N)}) == FLOW_N
+
+
+def test_fid_sample_refuses_a_flow_model_without_images_in_one_line(tmp_path, capsys):
+    """random-flux-tiny has no VAE: its latents are not images. Refused after loading, before any sample is drawn."""
+    out = tmp_path / "r.npz"
+    assert cli_main(["fid-sample", "--model", "random-flux-tiny", "--num-samples", "2", "--steps", "2", "--device", "cpu",
+                     "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "random-flux-tiny has no VAE" in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists() and not list(shard_dir(out).glob("rank*_part*.npz"))
+
+
+def test_fid_sample_refuses_a_plan_for_another_layout(model_dir, tmp_path, capsys):
+    """A plan file checked against the loaded model before any work: here one of 2 dual-stream layers, on the 2-layer DiT."""
+    import json
+
+    (tmp_path / "p.json").write_text(json.dumps({"format": "dqar-plan/1", "key": {"streams": [2, 2]}, "rows": [".."] * STEPS}))
+    (tmp_path / "c.toml").write_text(f"[reuse]\nplan_file = '{tmp_path / 'p.json'}'\n")
+    out = tmp_path / "p.npz"
+    assert cli_main(["fid-sample", "--model", str(model_dir), "--num-samples", "2", "--steps", str(STEPS), "--device", "cpu",
+                     "--config", str(tmp_path / "c.toml"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "streams 2 x2" in err and "streams 1 x2" in err and err.count("\n") == 1, err
+    assert not list(shard_dir(out).glob("rank*_part*.npz"))

@@ -18,6 +18,10 @@ from its finished batches. After a barrier, rank 0 merges every part into `<out>
     torchrun --standalone --nproc_per_node=8 -m dqar.cli fid-sample --model facebook/DiT-XL-2-256 \\
         --num-samples 50000 --batch-size 64 --out samples.npz
 
+Flow models (Flux, SD3: `loaded.family`) shard the same way: index i's label is its prompt id and its noise comes from
+seed + i (`dqar.generate`), so 2 gloo ranks match one process bit for bit (tested on embedded-flux). A flow model
+without a VAE (the random-weight shapes) has latents, not images, and is refused in one line after loading.
+
 Process group: initialised from torchrun's environment when WORLD_SIZE > 1 (NCCL on GPUs, gloo on
 the CPU); a plain `python -m dqar.cli fid-sample` or `dqar fid-sample` is one process. On several
 nodes, `--out` must be on a filesystem every node sees.
@@ -101,6 +105,16 @@ def check_job(job: FidSampleJob) -> None:
         raise DqarError(f"cannot write next to '{out}' ({exc.strerror})", "choose a writable output path") from None
     if not os.access(shard_dir(out), os.W_OK) or not os.access(out.parent, os.W_OK):
         raise DqarError(f"cannot write next to '{out}' (permission denied)", "choose a writable output path")
+
+
+def check_model(job: FidSampleJob, loaded) -> None:
+    """After loading, before any work: a model that yields images, and the plan file the run names made for it."""
+    from dqar.tuning.calibrate import check_plan_file
+
+    if loaded.vae is None and not loaded.pixel_space:
+        raise DqarError(f"fid-sample writes images, and {loaded.name} has no VAE to decode its latents",
+                        "use a model with a VAE or a pixel-space one (embedded, embedded-flux)")
+    check_plan_file(loaded, job.run)
 
 
 def labels_for(num_samples: int, classes: list[int]) -> np.ndarray:
@@ -250,6 +264,7 @@ def run_job(job: FidSampleJob) -> dict:
         dist.init_process_group(_backend(device), timeout=BARRIER_TIMEOUT)
     try:
         loaded = load_model(job.model, device=device, dtype=resolve_dtype(job.dtype, device))
+        check_model(job, loaded)
         classes = parse_labels(job.classes, loaded.num_classes, loaded.class_names) if job.classes else list(range(loaded.num_classes))
         labels = labels_for(job.num_samples, classes)  # (N,)
         check_manifest(job, _manifest(job, loaded, classes), rank)
