@@ -285,3 +285,80 @@ def test_without_the_reset_state_would_leak_into_the_next_generation(tiny):
         leaked = draw(model)
     assert not torch.equal(leaked, fresh) and torch.equal(generation(model, a)[0], fresh)
     a.detach()
+
+
+# ----- every family of tests/families.py, in its stock pipeline -------------------------------------
+FAMILY_STEPS = 6
+FAMILY_SKIPPING = {"pab": P.PAB(), "first_block_cache": P.FirstBlockCache(threshold=0.5),
+                   "taylorseer": P.TaylorSeer(cache_interval=2, disable_cache_before_step=2), "magcache": P.MagCache(threshold=0.5)}
+SKIPS = {"pab": {"attn1"}, "taylorseer": {"attn1", "ff"}}  # the others skip whole blocks
+REFUSED = {("sd3", "first_block_cache"), ("sd35", "first_block_cache")}  # diffusers' FBC needs the last block's text stream
+
+
+@pytest.fixture(scope="module")
+def family_runs(single_thread):
+    """Per family: (pipeline, call kwargs, stock latents, stock counted calls), built once."""
+    from families import FAMILIES, run
+
+    out = {}
+    for name, build in FAMILIES.items():
+        pipe, kwargs = build()
+        with torch.no_grad(), P.count_calls(P.layers(pipe.transformer)) as counts:
+            base = run(pipe, kwargs, FAMILY_STEPS)
+        out[name] = (pipe, kwargs, base, dict(counts))
+    return out
+
+
+def family_generation(pipe, kwargs, a):
+    from families import run
+
+    with torch.no_grad(), P.count_calls(a.blocks) as counts, a.generation():
+        latents = run(pipe, kwargs, FAMILY_STEPS)
+    return latents, dict(counts)
+
+
+@pytest.mark.parametrize("method", list(FAMILY_SKIPPING))
+@pytest.mark.parametrize("family", ["pixart_sigma", "pixart_alpha", "sd3", "sd35", "flux", "flux_true_cfg", "wan", "qwen_image"])
+def test_each_diffusers_peer_acts_on_each_family_and_detaches_exactly(family_runs, family, method):
+    """Attached through diffusers' own hook functions (`apply_*`: PixArt and SD3 have no CacheMixin), the peer skips the
+    calls it caches and changes the output; detached, the stock pipeline's latents and calls come back exactly."""
+    from families import run
+
+    pipe, kwargs, base, full = family_runs[family]
+    t = pipe.transformer
+    calibrate = lambda: run(pipe, kwargs, FAMILY_STEPS, seed=SEED_OFFSET)  # noqa: E731
+    if (family, method) in REFUSED:
+        with pytest.raises(DqarError, match="context_pre_only") as err:
+            P.attach(FAMILY_SKIPPING[method], t, FAMILY_STEPS, calibrate=calibrate)
+        assert "\n" not in str(err.value) and not getattr(getattr(t, "_diffusers_hook", None), "hooks", None)  # no hook applied
+        return
+    a = P.attach(FAMILY_SKIPPING[method], t, FAMILY_STEPS, calibrate=calibrate)
+    try:
+        latents, counts = family_generation(pipe, kwargs, a)
+        skipped = SKIPS.get(method, set(P.COUNTED))
+        assert all(counts[k] < full[k] for k in skipped) and all(counts[k] == full[k] for k in set(P.COUNTED) - skipped), counts
+        assert not torch.equal(latents, base)
+        again, counts_again = family_generation(pipe, kwargs, a)  # state reset per generation
+        assert torch.equal(again, latents) and counts_again == counts
+    finally:
+        a.detach()
+    with torch.no_grad(), P.count_calls(P.layers(t)) as after_counts:
+        after = run(pipe, kwargs, FAMILY_STEPS)
+    assert torch.equal(after, base) and dict(after_counts) == full
+
+
+@pytest.mark.parametrize("family", ["pixart_sigma", "sd35", "flux_true_cfg", "wan", "qwen_image"])
+def test_peers_that_skip_nothing_reproduce_each_family_exactly(family_runs, family):
+    """The wiring alone (clock, cache context, hooks) changes no value of the stock pipeline."""
+    from families import run
+
+    pipe, kwargs, base, full = family_runs[family]
+    for method, peer in NEVER_SKIPPING.items():
+        if method == "cache_dit" or (family, method) in REFUSED:
+            continue
+        a = P.attach(peer, pipe.transformer, FAMILY_STEPS, calibrate=lambda: run(pipe, kwargs, FAMILY_STEPS, seed=SEED_OFFSET))
+        try:
+            latents, counts = family_generation(pipe, kwargs, a)
+        finally:
+            a.detach()
+        assert torch.equal(latents, base) and counts == full, method

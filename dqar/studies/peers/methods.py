@@ -90,6 +90,12 @@ class FirstBlockCache:
 
     def attach(self, transformer: torch.nn.Module, steps: int, calibrate=None) -> "Attached":
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+        tail = layers(transformer)[-1]
+        if getattr(tail, "context_pre_only", False):  # SD3 / 3.5: the last JointTransformerBlock drops the text stream
+            raise DqarError(f"diffusers' FirstBlockCache subtracts the last block's text-stream output, which "
+                            f"{type(transformer).__name__}'s last {type(tail).__name__} does not return (context_pre_only)",
+                            "compare another peer on this model (pab, taylorseer, magcache)")
         from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 
         apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=self.threshold))
@@ -290,8 +296,9 @@ def attach(peer: Any, transformer: torch.nn.Module, steps: int, calibrate: Calla
 
 
 # ----- module names per family -------------------------------------------------------------------
-TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}  # FluxPipeline passes timestep / 1000 to its transformer
-MLP_MODULES = ("ff", "ff_context")  # a block's MLP modules that TaylorSeer target 'ff' forecasts
+TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0, "QwenImageTransformer2DModel": 1000.0}  # their pipelines pass timestep / 1000
+MLP_MODULES = ("ff", "ff_context", "ffn", "img_mlp", "txt_mlp")  # a block's MLP modules that TaylorSeer target 'ff' forecasts
+# (DiT, PixArt, SD3, Flux dual-stream: ff [+ ff_context]; Wan: ffn; Qwen-Image: img_mlp, txt_mlp)
 
 
 def module_patterns(transformer: torch.nn.Module, target: str) -> list[str]:

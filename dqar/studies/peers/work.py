@@ -5,10 +5,10 @@ A transformer's layers come from the block adapter (`dqar.engine.adapter.describ
 `single_transformer_blocks`. Each layer has three probes, children that run only inside their
 parent's own forward (a cache hook that returns a cached or predicted output skips them):
 
-- block: `norm1` (DiT, Flux dual-stream) or `norm` (Flux single-stream);
+- block: `norm1` (DiT, PixArt, SD3, Flux dual-stream, Wan), `norm` (Flux single-stream) or `img_norm1` (Qwen-Image);
 - attention ("attn1" in the counts: the layer's self/joint attention module): its `to_q`;
-- MLP ("ff"): `ff.net.0` (DiT, Flux dual-stream), `proj_mlp` (Flux single-stream; a bare Linear,
-  counted, never itself a peer's target).
+- MLP ("ff"): `ff.net.0` (DiT, PixArt, SD3, Flux dual-stream), `ffn.net.0` (Wan), `img_mlp.net.0` (Qwen-Image),
+  `proj_mlp` (Flux single-stream; a bare Linear, counted, never itself a peer's target).
 
 Work weights: per layer, FLOPs of one attention call and of the rest of the block (its MLP, norms,
 projections): analytic on the DiT (`dqar.engine.flops`), counted with torch's FlopCounterMode on a
@@ -25,6 +25,7 @@ from dqar.engine.adapter import describe
 from dqar.errors import DqarError
 
 COUNTED = ("block", "attn1", "ff")  # what `count_calls` counts
+FIX = "count calls on DiT, PixArt, SD3, Flux, Wan or Qwen-Image blocks"
 
 
 def layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -41,17 +42,17 @@ def _child(module: torch.nn.Module, names: Sequence[str], what: str) -> torch.nn
                 break
         if sub is not None:
             return sub
-    raise DqarError(f"{type(module).__name__} has no {what} to count ({' or '.join(names)})",
-                    "count calls on DiT or Flux blocks")
+    raise DqarError(f"{type(module).__name__} has no {what} to count ({' or '.join(names)})", FIX)
 
 
 def probes(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The child module each counted kind fires on."""
     attn = getattr(block, "attn1", None) or getattr(block, "attn", None)
     if attn is None:
-        raise DqarError(f"{type(block).__name__} has no attention module to count", "count calls on DiT or Flux blocks")
-    return {"block": _child(block, ("norm1", "norm"), "block norm"), "attn1": _child(attn, ("to_q",), "query projection"),
-            "ff": _child(block, ("ff.net.0", "proj_mlp"), "MLP projection")}
+        raise DqarError(f"{type(block).__name__} has no attention module to count", FIX)
+    return {"block": _child(block, ("norm1", "norm", "img_norm1"), "block norm"),
+            "attn1": _child(attn, ("to_q",), "query projection"),
+            "ff": _child(block, ("ff.net.0", "ffn.net.0", "img_mlp.net.0", "proj_mlp"), "MLP projection")}
 
 
 @contextlib.contextmanager
