@@ -1,5 +1,10 @@
 """Peer caching methods, run through their own packages on a diffusers DiT, for side-by-side comparison.
 
+The diffusers peers are applied with diffusers' own hook functions (`apply_*`), which need only the block lists and
+`TransformerBlockRegistry`, not `CacheMixin`: so they attach on every family the block adapter describes (tested on
+PixArt-α / Σ, SD3 / 3.5, Flux, Wan and Qwen-Image in their stock pipelines; PixArt and SD3 have no `CacheMixin`, so
+`enable_cache` itself is not offered there). FirstBlockCache is refused on SD3, whose last block drops the text stream.
+
 A peer is a frozen config dataclass (a `[[peer]]` table of an ablation grid; unknown keys refused):
 
 - `pab`: diffusers `PyramidAttentionBroadcast` on every layer's self/joint attention (the DiT's
