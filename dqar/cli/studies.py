@@ -43,7 +43,8 @@ def _bench_settings(args) -> dict:
     quick = dict(batch_sizes=(2,), steps=10, repeats=3, warmup=1) if args.quick else {}
     flags = {"batch_sizes": tuple(args.batch_sizes) if args.batch_sizes is not None else None, "steps": args.steps, "cfg": args.cfg,
              "repeats": args.repeats, "executors": tuple(args.executors) if args.executors else None,
-             "peers": tuple(args.peers) if args.peers is not None else None, "cases": tuple(args.cases or ())}
+             "peers": tuple(args.peers) if args.peers is not None else None, "cases": tuple(args.cases or ()),
+             "verify_target": args.verify_target}
     given = {k: v for k, v in flags.items() if v is not None}
     return {**quick, **given, "compile": not (args.no_compile or args.quick), "presets": tuple(args.presets)}
 
@@ -76,6 +77,9 @@ def bench_parser(sub) -> None:
                    help="diffusers caching peers to time (pab first_block_cache taylorseer magcache: the default), each under "
                         "torch.compile where it tolerates it, else eager; --peers alone: none")
     p.add_argument("--cases", nargs="+", default=None, help="time only the cases with these names or shell patterns, e.g. 'stock_*' full_dqar_graph")
+    p.add_argument("--verify-target", type=float, default=None,
+                   help="with --presets adaptive: scale the verifying decider's τ to skip this share of the FLOPs (0-1, e.g. "
+                        "0.64, full_dqar's on embedded-flux), calibrated on the batch's labels at other seeds before timing")
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile row (stock_compiled, stock_compiled_cudagraphs, dqar compiled and graph; "
                                                                "peers eager)")
     p.add_argument("--quick", action="store_true",

@@ -44,14 +44,15 @@ def render_table(result: dict) -> str:
              f"Peak MiB: {result.get('memory_method', '')}.",
              *[f"\nNote: {n}" for n in result.get("notes", [])],
              "", "| batch | case | setting | s / sample | vs stock eager | vs stock compiled | vs stock best | reuse % | peak MiB "
-             "| FLOPs skipped % | bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| FLOPs skipped % | bound | host syncs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ru, bound = _pct(r["reuse_fraction"]), r.get("speedup_bound")
         lines.append(f"| {r['batch']} | {_case(r, st['repeats'])} | {r.get('setting', '')} | {r['per_sample_s']:.4f} "
                      f"| {_ratio(r['vs_stock_eager'], r['vs_stock_eager_ci'])} "
                      f"| {_ratio(r['vs_stock_compiled'], r['vs_stock_compiled_ci'])} "
                      f"| {_ratio(r.get('vs_stock_best'), r.get('vs_stock_best_ci'))} | {ru} | {_mib(r)} "
-                     f"| {_pct(r.get('flops_skipped_fraction'))} | {f'{bound:.2f}×' if bound is not None else '–'} |")
+                     f"| {_pct(r.get('flops_skipped_fraction'))} | {f'{bound:.2f}×' if bound is not None else '–'} "
+                     f"| {r['host_syncs'] if r.get('host_syncs') is not None else '–'} |")
     for case, why in result.get("not_applicable", {}).items():
         lines.append(f"\nNot applicable: {case} — {why}")
     for case, error in result.get("failed", {}).items():

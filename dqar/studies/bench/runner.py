@@ -4,7 +4,9 @@ caching peers, in one process.
 Rows: `stock_eager`, `stock_compiled` and, on CUDA only, `stock_compiled_cudagraphs` (mode reduce-overhead); `noreuse_<executor>` and `<preset>_<executor>` for the executors asked for
 (eager = patch, compiled, graph, flow_compiled; a gate preset's decisions frozen into a plan for the compiled ones;
 `noreuse_flow_compiled` runs whole blocks compiled at block granularity; `_compiled_modeldtype`:
-the same plan with a model-dtype cache); `peer_<name>` (dqar.studies.bench.peers: under torch.compile where it tolerates it).
+the same plan with a model-dtype cache; a verifying-decider preset, e.g. `--presets adaptive`, runs live on every
+executor and gets `<preset>_static_<executor>` beside its compiled rows: its own executed decisions replayed as a plan,
+the same FLOPs without the probe check and its host reads, `dqar.studies.bench.cases`); `peer_<name>` (dqar.studies.bench.peers: under torch.compile where it tolerates it).
 Flow models (Flux, SD3: dqar.models.RANDOM_FLOW) sample with `sample_flow` through `generate`; a row whose executor or peer
 refuses the family at enable is not timed but listed under "not_applicable" with the refusal (`Case.refused`).
 Every case draws the same labels and noise; all cases of one batch size are warmed up in `warmup` passes (each
@@ -13,7 +15,8 @@ on GPU, wall time beside); every ratio is a ratio of medians with a paired boots
 against the stock eager, the stock compiled and the faster stock compiled row (`stock_best`). The result is handed on
 after every timed case (rows still short of their rounds: `complete: false`). Peak memory: the CUDA allocator's, reset before each run; on CPU only
 the dqar cache's bytes. Timed runs have diagnostics off. Ratios are what travels between machines. Each dqar row also
-reports its skipped FLOPs and the bound they set, 1 / (1 - skipped): the most reuse alone can gain over no reuse.
+reports its skipped FLOPs and the bound they set, 1 / (1 - skipped): the most reuse alone can gain over no reuse, and
+its counted host syncs.
 """
 from __future__ import annotations
 
@@ -21,28 +24,23 @@ import fnmatch
 import functools
 import platform
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from dqar.engine.api import on_cuda
-from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
+from dqar.engine.config import ReuseConfig, preset
 from dqar.errors import DqarError
-from dqar.engine.plan import Plan
-from dqar.generate import generate
-from dqar.labels import cycle_labels
-from dqar.sampling import make_scheduler
 from dqar.studies.measure import compile_cache, memory
-from dqar.studies.bench.family import compiled_twin, family, flops, for_model, refusal, stock_supported
-from dqar.studies.bench.peers import PEERS, PREFIX, PeerCase, check_peers, flow_peer_refusal
-from dqar.studies.ablation.blocks import timed_run
+from dqar.studies.bench.cases import Batch, Case, dqar_case, labels_for, peer_case, planned_case, stock_case, verify_static_case
+from dqar.studies.bench.family import flops, for_model, stock_supported
+from dqar.studies.bench.peers import PEERS, PREFIX, check_peers
 from dqar.studies.bench.report import render_table  # noqa: F401 - re-exported
 from dqar.studies.measure.intervals import ratio_ci
 from dqar.studies.measure.timing import Run, clock_for, median, round_robin, seconds, walls, warm_up
-from dqar.tuning.distill import executed_plan
 
 BLOCK_PRESET = "block_reuse"
 STOCK_EAGER, STOCK_COMPILED, STOCK_CUDAGRAPHS = "stock_eager", "stock_compiled", "stock_compiled_cudagraphs"
@@ -51,8 +49,6 @@ EXECUTORS = ("eager", "compiled", "graph", "flow_compiled")  # dqar's rows: patc
 # per plan row (DiT), compiled stock block forwards under patch's dispatch (the other families: dqar.engine.flow_compiled)
 ENGINE_EXECUTORS = ("patch", "compiled", "graph", "flow_compiled")  # the engine's name of each bench executor
 FLOW_NOREUSE = ReuseConfig(enabled=False, granularity="block")  # flow_compiled's no-reuse row: whole blocks compiled, as full_dqar
-COMPILE_SETTING = "torch.compile (default mode, static shapes)"
-CUDAGRAPHS_SETTING = "torch.compile (mode reduce-overhead: CUDA graphs, static shapes)"
 NO_CUDAGRAPHS = (f"{STOCK_CUDAGRAPHS} left out: torch.compile mode reduce-overhead has no CUDA graphs on this device, so stock_best "
                  f"is {STOCK_COMPILED}")
 MEMORY_CACHE = "dqar cache only: ReuseStats.cache_bytes_peak of the last timed run (process memory is not measured on CPU)"
@@ -75,6 +71,7 @@ class BenchSettings:
     executors: tuple[str, ...] = EXECUTORS  # which of dqar's executors get rows
     peers: tuple[str, ...] = tuple(PEERS)  # diffusers caching methods timed beside dqar (dqar.studies.bench.peers)
     cases: tuple[str, ...] = ()  # only the cases matching one of these names or shell patterns; empty: all
+    verify_target: float | None = None  # verifying-decider presets: τ scaled to skip this FLOPs share (cases.Batch.config); None: the preset's
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -85,6 +82,8 @@ class BenchSettings:
             raise DqarError(f"steps = {self.steps} is invalid", "use steps >= 1")
         if self.warmup < 1:
             raise DqarError(f"warmup = {self.warmup} is invalid", "use warmup >= 1 (compilation must happen before the rounds)")
+        if self.verify_target is not None and not 0.0 < self.verify_target < 1.0:
+            raise DqarError(f"verify_target = {self.verify_target} is out of range", "use a fraction of FLOPs skipped in (0, 1), e.g. 0.64")
         for p in self.presets:
             preset(p)
         for e in self.executors:
@@ -122,144 +121,39 @@ class BenchRow:
     compile_seconds: float | None = None  # dqar's first-call seconds over the warm-up passes
     flops_skipped_fraction: float | None = None  # dqar's ReuseStats of the last run (None without dqar)
     speedup_bound: float | None = None  # 1 / (1 - flops_skipped_fraction): the most skipping those FLOPs can gain
-
-
-@dataclass
-class Case:
-    """One bench case: a generation closure, how it ran, and the stats of its last run (None without dqar)."""
-
-    run: Callable[[], Any]
-    setting: Callable[[], str]
-    stats: Callable[[], Any] = lambda: None
-    refused: str | None = None  # why the row does not apply to this model (its executor or peer refuses it): not timed
-
-
-@dataclass
-class _Batch:
-    """What the cases of one batch size share: the model, the labels, the settings and the distilled plans."""
-
-    loaded: Any
-    labels: list[int]
-    s: "BenchSettings"
-    plans: dict = field(default_factory=dict)
-
-    def reuse(self, name: str) -> tuple[ReuseConfig, Plan | None]:
-        """A preset for the compiled executors: a gate's decisions, taken once eagerly, frozen into a plan (zero syncs)."""
-        cfg = preset(name)
-        if not cfg.gate:
-            return cfg, None
-        if name not in self.plans:
-            self.plans[name] = executed_plan(self.loaded, self.labels, _run(self.s, cfg))
-        return replace(cfg, gate=False), self.plans[name]
-
-
-def _labels(loaded, batch: int) -> list[int]:
-    return cycle_labels(loaded.num_classes, batch, stride=7)
-
-
-def _run(s: BenchSettings, cfg: ReuseConfig) -> RunConfig:
-    return timed_run(RunConfig(reuse=cfg, sample=SampleConfig(steps=s.steps, cfg=s.cfg, sampler="ddim", seed=s.seed)))
-
-
-def _dqar(b: _Batch, cfg: ReuseConfig, executor: str, plan: Plan | None = None) -> Case:
-    """dqar attached on `executor` (patch, compiled, graph) under `cfg`; the setting names the executor that ran."""
-    why = refusal(b.loaded, cfg, executor)
-    if why:
-        return _refused(why)
-    run = _run(b.s, cfg)
-    last = []
-
-    def one():
-        gen = generate(b.loaded, b.labels, run, executor=executor, plan=plan)
-        last[:] = [gen]
-        return gen
-
-    planned = ", the gate's decisions frozen into a plan" if plan is not None else ""
-
-    def setting() -> str:  # the executor that ran (the engine's own word), not the one asked for
-        ran = last[0].executor if last else executor
-        return f"dqar executor {ran}{planned}" if ran else "nothing of dqar attached (reuse off on the patch executor)"
-
-    return Case(one, setting, lambda: last[0].stats if last else None)
-
-
-def _refused(why: str) -> Case:
-    def run():
-        raise DqarError(why, "the row is not timed")
-
-    return Case(run, lambda: why, refused=why)
-
-
-def _pipeline_case(loaded, labels, s: BenchSettings, transformer) -> Callable:
-    from diffusers import DiTPipeline
-
-    pipe = DiTPipeline(transformer=transformer, vae=loaded.vae, scheduler=make_scheduler("ddim", loaded.scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
-    gen = lambda: [torch.Generator().manual_seed(s.seed + i) for i in range(len(labels))]  # noqa: E731
-    return lambda: pipe(labels, num_inference_steps=s.steps, guidance_scale=s.cfg, generator=gen(), output_type="pt")
-
-
-def _stock(b: _Batch, mode: str | None) -> Case:
-    """The stock model, nothing of dqar attached: diffusers' DiTPipeline where it runs the model, else dqar's no-reuse
-    loop (bit-identical to it, tests/test_sampling.py); `mode`: the whole transformer under torch.compile in that mode."""
-    compiled = compiled_transformer if family(b.loaded) == "dit" else compiled_twin  # a flow model keeps its class
-    transformer = compiled(b.loaded.transformer, mode) if mode else b.loaded.transformer
-    setting = {None: "eager", "default": COMPILE_SETTING, "reduce-overhead": CUDAGRAPHS_SETTING}[mode]
-    if b.s.stock and stock_supported(b.loaded) is None:
-        return Case(_pipeline_case(b.loaded, b.labels, b.s, transformer), lambda: setting)
-    model = replace(b.loaded, transformer=transformer)
-    run = _run(b.s, ReuseConfig(enabled=False))
-    return Case(lambda: generate(model, b.labels, run), lambda: setting)
-
-
-def _peer(b: _Batch, name: str) -> Case:
-    why = flow_peer_refusal(b.loaded) if family(b.loaded) != "dit" else None
-    if why:
-        return _refused(why)
-    peer = PeerCase(b.loaded, b.labels, _run(b.s, ReuseConfig(enabled=False)), name, b.s.compile)
-    return Case(peer, lambda: peer.setting)
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_transformer(transformer, mode: str = "default"):
-    """The whole transformer under torch.compile (static shapes); default mode: as dqar's compiled executor."""
-    return torch.compile(transformer, mode=mode, dynamic=False)
+    host_syncs: int | None = None  # dqar's counted device→host reads in the last run (the verifying decider: one per deciding step)
 
 
 def _specs(s: BenchSettings):
     """(name, kind, builder) of every case the settings name; kind: stock | stock_compiled | eager | compiled | graph | peer."""
     off = ReuseConfig(enabled=False)
-    yield STOCK_EAGER, "stock", lambda b: _stock(b, None)
-    yield STOCK_COMPILED, "stock_compiled", lambda b: _stock(b, "default")
-    yield STOCK_CUDAGRAPHS, "stock_cudagraphs", lambda b: _stock(b, "reduce-overhead")  # CUDA only (selected)
+    yield STOCK_EAGER, "stock", lambda b: stock_case(b, None)
+    yield STOCK_COMPILED, "stock_compiled", lambda b: stock_case(b, "default")
+    yield STOCK_CUDAGRAPHS, "stock_cudagraphs", lambda b: stock_case(b, "reduce-overhead")  # CUDA only (selected)
     for kind, executor in zip(EXECUTORS, ENGINE_EXECUTORS):
         cfg = FLOW_NOREUSE if kind == "flow_compiled" else off
-        yield f"noreuse_{kind}", kind, functools.partial(lambda b, e, c: _dqar(b, c, e), e=executor, c=cfg)
+        yield f"noreuse_{kind}", kind, functools.partial(lambda b, e, c: dqar_case(b, c, e), e=executor, c=cfg)
     for name in s.presets:
         yield from _preset_specs(name)
     for name in s.peers:
-        yield f"{PREFIX}{name}", "peer", functools.partial(_peer, name=name)
+        yield f"{PREFIX}{name}", "peer", functools.partial(peer_case, name=name)
 
 
 def _preset_specs(name: str):
-    """A preset eager, and where the compiled executors take it (no CFG sharing): compiled, graph, compiled with a model-dtype cache."""
+    """A preset eager, and where the compiled executors take it (no CFG sharing): compiled, graph, flow_compiled, compiled with a
+    model-dtype cache; a verifying-decider preset (adaptive) instead gets `<name>_static_<executor>` beside its compiled rows."""
     cfg = preset(name)
-    yield f"{name}_eager", "eager", lambda b: _dqar(b, cfg, "patch")
+    yield f"{name}_eager", "eager", lambda b: dqar_case(b, b.config(name), "patch", note=b.note(name))
     if cfg.cfg_share != "none":  # CFG sharing runs on the patch executor only
         return
-    yield f"{name}_compiled", "compiled", lambda b: _planned(b, name, "compiled")
-    yield f"{name}_graph", "graph", lambda b: _planned(b, name, "graph")  # a graph per plan row
-    yield f"{name}_flow_compiled", "flow_compiled", lambda b: _planned(b, name, "flow_compiled")  # compiled stock blocks
-    if cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
-        yield f"{name}_compiled_modeldtype", "compiled", lambda b: _planned(b, name, "compiled", cache_dtype="model")
-
-
-def _planned(b: _Batch, name: str, executor: str, **change) -> Case:
-    why = refusal(b.loaded, replace(preset(name), **change), executor)
-    if why:  # before b.reuse: a gate preset would be traced on a model that refuses it
-        return _refused(why)
-    cfg, plan = b.reuse(name)
-    return _dqar(b, replace(cfg, **change), executor, plan)
+    yield f"{name}_compiled", "compiled", lambda b: planned_case(b, name, "compiled")
+    yield f"{name}_graph", "graph", lambda b: planned_case(b, name, "graph")  # a graph per plan row
+    yield f"{name}_flow_compiled", "flow_compiled", lambda b: planned_case(b, name, "flow_compiled")  # compiled stock blocks
+    if cfg.decider == "verify":  # beside each compiled row, the static plan of its own executed decisions (same FLOPs)
+        for kind in ("compiled", "flow_compiled"):
+            yield f"{name}_static_{kind}", kind, functools.partial(verify_static_case, name=name, executor=kind)
+    elif cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
+        yield f"{name}_compiled_modeldtype", "compiled", lambda b: planned_case(b, name, "compiled", cache_dtype="model")
 
 
 def _wanted(s: BenchSettings, kind: str) -> bool:
@@ -283,7 +177,7 @@ def case_names(s: BenchSettings) -> list[str]:
 def cases_for(loaded, batch: int, s: BenchSettings) -> dict[str, Case]:
     """Name → case for one batch size (settings left None resolved for the model: `for_model`)."""
     s = for_model(s, loaded)
-    b = _Batch(loaded, _labels(loaded, batch), s)
+    b = Batch(loaded, labels_for(loaded, batch), s)
     return {name: build(b) for name, build in selected(s, on_cuda(loaded.transformer))}
 
 
@@ -436,7 +330,8 @@ def _rows(batch: int, timed: dict[str, list[Run]], cases: dict[str, Case], warm:
                             warmup_s=warm.get(name, {}).get("seconds", []),
                             graphs=st.graphs if st is not None else None,
                             fallback_evaluations=st.fallback_evaluations if st is not None else None,
-                            compile_seconds=warm.get(name, {}).get("compile_seconds"), **flops(st)))
+                            compile_seconds=warm.get(name, {}).get("compile_seconds"), **flops(st),
+                            host_syncs=getattr(st, "host_syncs", None)))
     return out
 
 
