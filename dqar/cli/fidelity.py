@@ -7,7 +7,7 @@ from pathlib import Path
 from dqar.cli.common import at_least, quiet_arg, set_threads, threads_arg, writable_folder
 from dqar.errors import DqarError
 
-SECTIONS = ("dynamic", "engine", "forecast", "adaptive")
+SECTIONS = ("dynamic", "engine", "forecast", "adaptive", "forecaster")
 MODELS = ("embedded", "embedded-flux")  # the models the embedded classifier scores
 
 
@@ -22,7 +22,8 @@ def fidelity_parser(sub) -> None:
                         "cache formats and granularity (--samples is the total, spread over the 10 classes); forecast: "
                         "forecast order x granularity x refresh, INT8 history, peers at matched shares, DPM-Solver++ axes; "
                         "adaptive: the verifying decider (tau calibrated on probe seeds) against the best static plan per "
-                        "forecaster at 50-80%% of FLOPs skipped and at full_dqar's share")
+                        "forecaster at 50-80%% of FLOPs skipped and at full_dqar's share; forecaster: full_dqar's plan under "
+                        "each forecast_kind on both embedded models, the kind chosen on probe seeds (ignores --model)")
     p.add_argument("--samples", type=int, default=None,
                    help=f"evaluated images (default {d.samples}; adaptive 100; the forecast targets use 100)")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help=f"dynamic, adaptive: calibration images (default {d.calib_samples})")
@@ -60,8 +61,8 @@ def cmd_fidelity(args) -> int:
     args.cfg = defaults["cfg"] if args.cfg is None else args.cfg
     SampleConfig(steps=args.steps, cfg=args.cfg, seed=args.seed)  # validated before any work
     if args.samples is None:
-        args.samples = 100 if args.section == "adaptive" else DynamicSettings().samples
-    run = {"dynamic": _dynamic, "engine": _engine, "forecast": _forecast, "adaptive": _adaptive}[args.section]
+        args.samples = 100 if args.section in ("adaptive", "forecaster") else DynamicSettings().samples
+    run = {"dynamic": _dynamic, "engine": _engine, "forecast": _forecast, "adaptive": _adaptive, "forecaster": _forecaster}[args.section]
     return run(args)
 
 
@@ -96,6 +97,18 @@ def _engine(args) -> int:
     for r in result["rows"]:
         if "refused" in r:
             print(f"  refused on {result['model']}: {r['name']}: {r['refused']}")
+    return 0
+
+
+def _forecaster(args) -> int:
+    from dqar.studies.fidelity.forecaster import SECTION, ForecasterSettings, run_forecaster, verdicts, write_forecaster
+
+    s = ForecasterSettings(samples_per_class=max(1, args.samples // 10), probe_per_class=max(1, args.probe_samples // 10),
+                           out_dir=args.out, machine=args.machine)
+    result = run_forecaster(s, progress=not args.quiet)
+    print(f"wrote section '{SECTION}' of {write_forecaster(result, s.out_dir)}")
+    for line in verdicts(result):
+        print("  " + line)
     return 0
 
 
