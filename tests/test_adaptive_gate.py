@@ -90,3 +90,44 @@ def test_gate_verdicts_are_computed_from_the_numbers(delta, ci, skipped, word, w
     assert f"beats the best static plan at matched work {wins}; presets using it: none." in text
     assert "(taylor, linear) cannot reach the target: even at τ = ∞ with the largest cap it skips 39.0%" in text
     assert gate_verdicts({**_gate_result(delta, ci), "targets": []}) == []  # no gate rows: nothing said
+
+
+def test_policy_rows_run_and_are_rendered_with_verdicts(dit):
+    from dqar.studies.fidelity import adaptive_policy as P
+    from dqar.studies.fidelity.policy_eval import shipped_policy
+
+    s = A.AdaptiveSettings(**{**TINY, "steps": 8})
+    path = str(shipped_policy())
+    rows = P.run_policy_rows({"shipped": path, "same": path}, s, targets=(0.45,), progress=False)
+    assert 0.3 < rows["attention_share"] < 0.45  # attention's share of the embedded DiT's FLOPs
+    comp = rows["targets"][0]
+    assert comp["share"] == pytest.approx(0.45 * rows["attention_share"]) and comp["static"]["decider"] == "static"
+    assert {r["policy"] for r in comp["policy"].values()} == {"shipped", "same"}
+    assert comp["between"]["delta_db"] == 0.0  # the same checkpoint, the same seeds: the same images
+    assert all("delta_ci" in r and r["host_syncs_per_evaluation"] > 0 for r in comp["policy"].values())
+    text = section_body({**_result_with_gate_free_rows(), "policy_rows": rows}, "cmd", "today", "here")
+    assert "**Learned policies at matched work.**" in text and "Presets using a learned policy: none." in text
+    assert "the same policy is not distinguishable from the shipped policy: +0.00 dB" in text
+
+
+def _result_with_gate_free_rows():
+    row = {"name": "static", "flops_skipped": 0.6, "psnr_db": 36.0, "delta_db": 0.0, "delta_ci": [0.0, 0.0],
+           "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 0.0}
+    comp = {"target": 0.6, "static": {"taylor": row}, "verify": {}, "best_static_kind": "taylor"}
+    return {"settings": {"tolerance": 0.02, "samples": 2, "probe_samples": 2, "calib_samples": 1, "targets": [0.6]},
+            "model": "embedded", "steps": 8, "cfg": 4.0, "reference": {"class_accuracy": 0.9},
+            "shipped": {"full_dqar": copy.deepcopy(row)}, "at_full_dqar": copy.deepcopy(comp), "targets": [comp]}
+
+
+@pytest.mark.parametrize("ci, word", [([0.2, 0.9], "beats"), ([-0.9, -0.2], "loses to"), ([-0.2, 0.3], "is not distinguishable from")])
+def test_policy_verdicts_are_computed_from_the_numbers(ci, word):
+    from dqar.studies.fidelity.adaptive_section import policy_lines
+
+    row = {"name": "policy probe, threshold 0.01", "flops_skipped": 0.16, "psnr_db": 40.0, "delta_db": sum(ci) / 2,
+           "delta_ci": ci, "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 0.9}
+    static = {**row, "name": "static attention", "flops_skipped": 0.165, "host_syncs_per_evaluation": 0.0}
+    pr = {"attention_share": 0.367, "targets": [{"target": 0.45, "share": 0.165, "static": static, "policy": {"probe": row}}]}
+    text = " ".join(policy_lines({**_result_with_gate_free_rows(), "policy_rows": pr}))
+    assert f"policy probe, threshold 0.01 (16.0% of the FLOPs) {word} the best static plan (static attention): {sum(ci) / 2:+.2f} dB" in text
+    far = {**pr, "targets": [{**pr["targets"][0], "policy": {"probe": {**row, "flops_skipped": 0.10}}}]}
+    assert "6.5 points from the static plan" in " ".join(policy_lines({**_result_with_gate_free_rows(), "policy_rows": far}))

@@ -47,7 +47,8 @@ def test_settings_refuse_bad_values():
 
 def test_tiny_flow_run_scores_static_kinds_and_the_calibrated_decider(single_thread):
     s = A.AdaptiveSettings(model="embedded-flux", samples=3, probe_samples=2, calib_samples=1, calib_steps=1,
-                           targets=(0.5,), steps=6, kinds=("taylor", "bdf2_heun"))
+                           targets=(0.5,), steps=6, kinds=("taylor", "bdf2_heun"), gate_kinds=("taylor",),
+                           gate_schedules=("constant",))
     result = A.run_adaptive(s, progress=False)
     assert (result["evaluated"], result["probed"]) == (3, 2)  # the counts asked for, labels cycling over the classes
     comp = result["targets"][0]
@@ -55,6 +56,8 @@ def test_tiny_flow_run_scores_static_kinds_and_the_calibrated_decider(single_thr
     row = comp["verify"]["taylor"]
     assert row["calibration"]["max_interval"] >= 3 and row["host_syncs_per_evaluation"] > 0 and "delta_db" in row
     assert "| 50.0% |" in section_body(result, "cmd", "today", "here")
+    gate = comp["gate"]["taylor/constant"]  # the probe-error gate runs on Flux blocks too (patch executor)
+    assert gate["host_syncs_per_evaluation"] > 0 and "delta_db" in gate
 
 
 def test_a_decider_the_engine_refuses_becomes_a_sentence(dit, monkeypatch):

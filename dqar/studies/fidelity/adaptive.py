@@ -107,12 +107,14 @@ def static_share(cfg: ReuseConfig, steps: int, costs: np.ndarray) -> float:
     return float((mask.sum(axis=0) * costs).sum())
 
 
-def static_candidates(kind: str, target: float, steps: int, costs: np.ndarray, tolerance: float) -> list[tuple[str, ReuseConfig, float]]:
-    """Per refresh interval, the warm-up whose share is nearest `target`, kept where it is within `tolerance`."""
+def static_candidates(kind: str, target: float, steps: int, costs: np.ndarray, tolerance: float,
+                      max_warmup: int | None = None) -> list[tuple[str, ReuseConfig, float]]:
+    """Per refresh interval, the warm-up (below `max_warmup`, default half the steps) whose share is nearest `target`,
+    kept where it is within `tolerance`."""
     out = []
     for r in INTERVALS:
         options = [(abs(static_share(c, steps, costs) - target), w, c)
-                   for w in range(0, steps // 2) for c in [static_config(kind, r, w, steps)]]
+                   for w in range(0, max_warmup or steps // 2) for c in [static_config(kind, r, w, steps)]]
         gap, w, cfg = min(options, key=lambda o: (o[0], o[1]))
         if gap <= tolerance:
             out.append((f"static {kind}, refresh {r}, warm-up {w}", cfg, static_share(cfg, steps, costs)))

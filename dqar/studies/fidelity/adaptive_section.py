@@ -117,11 +117,58 @@ def gate_verdicts(result: dict) -> list[str]:
                    f"{best['delta_db']:+.2f} dB {_ci(best['delta_ci'])}.")
     if not ran:
         return out
+    again = [(c["target"], c["gate_base_psnr_db"], c["static"][c["best_static_kind"]]["psnr_db"])
+             for c in [result["at_full_dqar"], *result["targets"]] if "gate_base_psnr_db" in c]
+    if again:  # rows added to a saved result: their Δ is paired with the best static plan measured again
+        out.append("- The gate rows' Δ is paired with the best static plan measured again in the same run: "
+                   + "; ".join(f"{100 * t:.1f}%: {new:.2f} dB (table: {old:.2f})" for t, new, old in again) + ".")
     used = [n for n, v in PRESETS.items() if v.get("gate_signal") == "probe_error"]
     out.append("- The probe-error gate " + (f"beats the best static plan at matched work at {', '.join(wins)}"
                if wins else "beats the best static plan at matched work at no target") + "; presets using it: "
                + (", ".join(f"`{n}`" for n in used) if used else "none") + ".")
     return out
+
+
+def _word(ci) -> str:
+    return "beats" if ci[0] > 0 else "loses to" if ci[1] < 0 else "is not distinguishable from"
+
+
+def policy_lines(result: dict) -> list[str]:
+    """The learned policies' rows (`adaptive_policy.run_policy_rows`, kept as `policy_rows`) and their verdicts."""
+    from dqar.engine.config import PRESETS
+
+    pr = result.get("policy_rows")
+    if not pr:
+        return []
+    tol, ref, attn = result["settings"]["tolerance"], result["reference"], pr["attention_share"]
+    shares = ", ".join(f"{100 * c['target']:.0f}% ({100 * c['share']:.1f}% of the FLOPs)" for c in pr["targets"])
+    lines = ["", f"**Learned policies at matched work.** A policy reuses attention outputs only: all of them are "
+             f"{100 * attn:.1f}% of the FLOPs, so the targets above are out of its reach. Each policy is compared at "
+             f"{shares} of the attention cells reused (threshold bisected on 4 knob-search images), against the best "
+             "static plan at that FLOPs share chosen on the probe seeds (whole-block plans per forecast kind, and static "
+             f"attention schedules at that reuse); the same {result['settings']['samples']} evaluated samples.", "",
+             "| attention reused | configuration | FLOPs skipped | PSNR (dB) | Δ vs best static, 95% CI | class accuracy "
+             "(drop, points) | FD | host syncs / evaluation | |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    verdicts_, used = [], [n for n, v in PRESETS.items() if v.get("policy")]
+    for comp in pr["targets"]:
+        label = f"{100 * comp['target']:.0f}%"
+        if comp.get("static"):
+            lines.append(_row(label, {**comp["static"], "name": comp["static"]["name"] + " **(best static)**",
+                                      "delta_db": 0.0, "delta_ci": [0.0, 0.0]}, ref))
+        for row in comp["policy"].values():
+            lines.append(_row(label, row, ref))
+            if row.get("delta_ci") and comp.get("static"):
+                gap = abs(row["flops_skipped"] - comp["static"]["flops_skipped"])
+                verdicts_.append(f"- At {label} of the attention cells, {row['name']} ({100 * row['flops_skipped']:.1f}% of the "
+                                 f"FLOPs{'' if gap <= tol else f', {100 * gap:.1f} points from the static plan'}) "
+                                 f"{_word(row['delta_ci'])} the best static plan ({comp['static']['name']}): "
+                                 f"{row['delta_db']:+.2f} dB {_ci(row['delta_ci'])}.")
+        b = comp.get("between")
+        if b:
+            verdicts_.append(f"- At {label}, the {b['second']} policy {_word(b['delta_ci'])} the {b['first']} policy: "
+                             f"{b['delta_db']:+.2f} dB {_ci(b['delta_ci'])} (paired).")
+    verdicts_.append("- Presets using a learned policy: " + (", ".join(f"`{n}`" for n in used) if used else "none") + ".")
+    return lines + [""] + verdicts_
 
 
 def section_body(result: dict, command: str, when: str, machine: str) -> str:
@@ -135,7 +182,7 @@ def section_body(result: dict, command: str, when: str, machine: str) -> str:
     if done < asked:
         head += [f"**Partial run**: {done} of the {asked} targets ({', '.join(f'{t:.0%}' for t in s['targets'][done:])} "
                  "not yet measured) when this section was written.", ""]
-    return "\n".join(head + table(result) + [""] + verdicts(result)) + "\n"
+    return "\n".join(head + table(result) + [""] + verdicts(result) + policy_lines(result)) + "\n"
 
 
 def write_adaptive(result: dict, out_dir: Path, command: str, machine: str = "") -> Path:
