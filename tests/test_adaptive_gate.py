@@ -72,8 +72,8 @@ def test_extending_a_saved_result_adds_the_gate_rows(dit):
 
 def _gate_result(delta, ci, skipped=0.6):
     row = {"name": "gate ε taylor", "flops_skipped": skipped, "psnr_db": 36.0, "delta_db": delta, "delta_ci": ci,
-           "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 1.0}
-    comp = {"target": 0.6, "static": {}, "verify": {}, "gate": {"taylor/constant": row},
+           "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 1.0, "calibration": {"max_interval": 3}}
+    comp = {"target": 0.6, "static": {}, "verify": {"taylor": {**row, "psnr_db": 35.9}}, "gate": {"taylor/constant": row},
             "gate_unreachable": {"taylor/linear": 0.39}}
     return {"settings": {"tolerance": 0.02}, "at_full_dqar": {"target": 0.64, "static": {}, "verify": {}}, "targets": [comp]}
 
@@ -88,7 +88,8 @@ def test_gate_verdicts_are_computed_from_the_numbers(delta, ci, skipped, word, w
     text = " ".join(gate_verdicts(_gate_result(delta, ci, skipped)))
     assert f") {word} the best static plan: {delta:+.2f} dB" in text
     assert f"beats the best static plan at matched work {wins}; presets using it: none." in text
-    assert "(taylor, linear) cannot reach the target: even at τ = ∞ with the largest cap it skips 39.0%" in text
+    assert "(taylor, linear) cannot reach 60.0%: even at τ = ∞ with the largest cap it skips 39.0%" in text
+    assert "their PSNR differs by at most 0.10 dB over 1 pairs" in text
     assert gate_verdicts({**_gate_result(delta, ci), "targets": []}) == []  # no gate rows: nothing said
 
 

@@ -95,14 +95,16 @@ def gate_verdicts(result: dict) -> list[str]:
     """The probe-error gate against the best static plan at each target it ran at, and whether a preset may use it."""
     from dqar.engine.config import PRESETS
 
-    tol, out, wins, ran = result["settings"]["tolerance"], [], [], False
+    tol, out, wins, ran, unreachable, same = result["settings"]["tolerance"], [], [], False, {}, []
     for comp in [result["at_full_dqar"], *result["targets"]]:
         if "gate" not in comp:
             continue
         ran = True
         for key, share in comp.get("gate_unreachable", {}).items():
-            out.append(f"- At {comp['target']:.1%}: the probe-error gate ({key.replace('/', ', ')}) cannot reach the target: "
-                       f"even at τ = ∞ with the largest cap it skips {100 * share:.1f}%.")
+            unreachable.setdefault(key, (share, []))[1].append(f"{comp['target']:.1%}")
+        pairs = [(row, comp.get("verify", {}).get(key.split("/")[0])) for key, row in comp["gate"].items() if key.endswith("/constant")]
+        same += [abs(g["psnr_db"] - v["psnr_db"]) for g, v in pairs
+                 if v and (g.get("calibration") or {}).get("max_interval") == (v.get("calibration") or {}).get("max_interval")]
         rows = [r for r in comp["gate"].values() if r is not None and r.get("delta_db") is not None]
         if not rows:
             continue
@@ -117,6 +119,12 @@ def gate_verdicts(result: dict) -> list[str]:
                    f"{best['delta_db']:+.2f} dB {_ci(best['delta_ci'])}.")
     if not ran:
         return out
+    for key, (share, targets) in unreachable.items():
+        out.append(f"- The probe-error gate ({key.replace('/', ', ')}) cannot reach {', '.join(targets)}: even at τ = ∞ with "
+                   f"the largest cap it skips {100 * share:.1f}%.")
+    if same:  # probe "first", every layer eligible: the gate decides as the verifying decider (tests/test_probe_gate.py)
+        out.append(f"- On the constant schedule the gate's rows are the verifying decider's with the same kind and cap: their "
+                   f"PSNR differs by at most {max(same):.2f} dB over {len(same)} pairs.")
     again = [(c["target"], c["gate_base_psnr_db"], c["static"][c["best_static_kind"]]["psnr_db"])
              for c in [result["at_full_dqar"], *result["targets"]] if "gate_base_psnr_db" in c]
     if again:  # rows added to a saved result: their Δ is paired with the best static plan measured again
