@@ -179,6 +179,35 @@ def policy_lines(result: dict) -> list[str]:
     return lines + [""] + verdicts_
 
 
+POLICY_DOC_SECTION = "On the verify signal: the probe feature"
+
+
+def policy_doc_body(result: dict, shipped_report: dict, command: str) -> str:
+    """docs/POLICY.md's section on the probe-feature policy: held-out fit against the shipped policy's, and the
+    matched-work verdicts of the "Adaptive" section (`policy_lines`), all from the numbers."""
+    pr, names = result["policy_rows"], list(result["policy_rows"]["policies"])
+    new, old = pr["training"]["heldout"], shipped_report["heldout"]
+    same = pr["training"]["split"]["heldout_generations"] == shipped_report["split"]["heldout_generations"]
+    fit = [f"| {k} | {old[k]:.4f} | {new[k]:.4f} |" for k in ("r2_log", "spearman", "mse_log")]
+    better = new["mse_log"] < old["mse_log"]
+    verdict = [line for line in policy_lines(result) if line.startswith("- ")]
+    return "\n".join([
+        f"## {POLICY_DOC_SECTION}", "",
+        "`dqar.tuning.collect.CollectSettings(probe_feature=True)` adds `log_probe_error` (`dqar.engine.features`): the "
+        "first layer's last measured change, one evaluation late, for every layer; a policy trained on it never reuses "
+        "that layer, which computes and stores at every evaluation. A checkpoint names its features, so the shipped "
+        "policies (8 features) load and act as before; a checkpoint naming another set is refused in one line.", "",
+        f"Trained as the shipped policy was (the same {pr['training']['collect']['generations']} generations, seeds and "
+        f"training settings; {pr['training']['parameters']:,} parameters; collect {pr['training']['collect_wall_seconds']:.0f} s, "
+        f"train {pr['training']['train_wall_seconds']:.0f} s), held out on "
+        f"{'the same' if same else 'other'} {len(pr['training']['split']['heldout_generations'])} generations:", "",
+        "| held out | shipped (8 features) | with the probe feature |", "|---|---:|---:|", *fit, "",
+        f"The probe feature {'lowers' if better else 'does not lower'} the held-out MSE of the log label "
+        f"({old['mse_log']:.4f} → {new['mse_log']:.4f}). At matched work on the embedded DiT "
+        f"({result['settings']['samples']} evaluated samples, docs/FIDELITY.md \"Adaptive\"; `{names[0]}` and `{names[1]}` "
+        "below):", "", *verdict, "", f"Measured with `{command}`.", ""])
+
+
 def section_body(result: dict, command: str, when: str, machine: str) -> str:
     s = result["settings"]
     head = [f"Model `{result['model']}`, {result['steps']} steps, CFG {result['cfg']}, {s['samples']} evaluated samples; "
