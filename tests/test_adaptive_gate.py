@@ -140,13 +140,16 @@ def test_the_policy_doc_section_is_computed_from_the_numbers(mse, word):
 
     row = {"name": "policy probe-feature, threshold 0.01", "flops_skipped": 0.16, "psnr_db": 40.0, "delta_db": -0.5,
            "delta_ci": [-0.9, -0.1], "class_accuracy": 0.9, "fd": 1.0, "host_syncs_per_evaluation": 0.9}
-    split = {"heldout_generations": [1, 2]}
-    training = {"heldout": {"r2_log": 0.98, "spearman": 0.99, "mse_log": mse}, "split": split, "collect": {"generations": 48},
+    split, collect = {"heldout_generations": [1, 2]}, {"generations": 48, "batch": 2, "seed": 10000}
+    training = {"heldout": {"r2_log": 0.98, "spearman": 0.99, "mse_log": mse}, "split": split, "collect": {**collect, "probe_feature": True},
                 "parameters": 4865, "collect_wall_seconds": 75.0, "train_wall_seconds": 8.0}
     pr = {"attention_share": 0.367, "policies": {"shipped": "a", "probe-feature": "b"}, "training": training,
           "targets": [{"target": 0.45, "share": 0.165, "static": {**row, "name": "static"}, "policy": {"probe-feature": row}}]}
-    shipped = {"heldout": {"r2_log": 0.97, "spearman": 0.989, "mse_log": 0.034}, "split": split}
+    shipped = {"heldout": {"r2_log": 0.97, "spearman": 0.989, "mse_log": 0.034}, "split": split, "collect": collect}
     text = policy_doc_body({**_result_with_gate_free_rows(), "policy_rows": pr}, shipped, "cmd")
     assert text.startswith(f"## {POLICY_DOC_SECTION}\n") and "held out on the same 2 generations" in text
+    assert "the shipped policy's collect settings" in text
+    other = policy_doc_body({**_result_with_gate_free_rows(), "policy_rows": pr}, {**shipped, "collect": {**collect, "seed": 1}}, "c")
+    assert "collect settings other than the shipped policy's: seed" in other
     assert "| mse_log | 0.0340 | " in text and f"The probe feature {word} the held-out MSE" in text
     assert "loses to the best static plan (static): -0.50 dB [-0.90, -0.10]" in text

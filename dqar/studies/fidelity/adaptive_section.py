@@ -190,6 +190,9 @@ def policy_doc_body(result: dict, shipped_report: dict, command: str) -> str:
     same = pr["training"]["split"]["heldout_generations"] == shipped_report["split"]["heldout_generations"]
     fit = [f"| {k} | {old[k]:.4f} | {new[k]:.4f} |" for k in ("r2_log", "spearman", "mse_log")]
     better = new["mse_log"] < old["mse_log"]
+    mine, theirs = pr["training"]["collect"], shipped_report.get("collect") or {}
+    differ = sorted(k for k in set(mine) | set(theirs) if k != "probe_feature" and mine.get(k, 0) != theirs.get(k, 0))
+    settings_same = pr["training"].get("settings") == shipped_report.get("settings")
     verdict = [line for line in policy_lines(result) if line.startswith("- ")]
     return "\n".join([
         f"## {POLICY_DOC_SECTION}", "",
@@ -197,8 +200,10 @@ def policy_doc_body(result: dict, shipped_report: dict, command: str) -> str:
         "first layer's last measured change, one evaluation late, for every layer; a policy trained on it never reuses "
         "that layer, which computes and stores at every evaluation. A checkpoint names its features, so the shipped "
         "policies (8 features) load and act as before; a checkpoint naming another set is refused in one line.", "",
-        f"Trained as the shipped policy was (the same {pr['training']['collect']['generations']} generations, seeds and "
-        f"training settings; {pr['training']['parameters']:,} parameters; collect {pr['training']['collect_wall_seconds']:.0f} s, "
+        f"Collected and trained on {mine['generations']} generations of {mine['batch']} samples (seeds from {mine['seed']}; "
+        + ("the shipped policy's collect settings" if not differ else f"collect settings other than the shipped policy's: {', '.join(differ)}")
+        + (", its training settings" if settings_same else ", other training settings")
+        + f"; {pr['training']['parameters']:,} parameters; collect {pr['training']['collect_wall_seconds']:.0f} s, "
         f"train {pr['training']['train_wall_seconds']:.0f} s), held out on "
         f"{'the same' if same else 'other'} {len(pr['training']['split']['heldout_generations'])} generations:", "",
         "| held out | shipped (8 features) | with the probe feature |", "|---|---:|---:|", *fit, "",
@@ -210,11 +215,15 @@ def policy_doc_body(result: dict, shipped_report: dict, command: str) -> str:
 
 def section_body(result: dict, command: str, when: str, machine: str) -> str:
     s = result["settings"]
+    gated = any("gate" in c for c in [result["at_full_dqar"], *result["targets"]])
     head = [f"Model `{result['model']}`, {result['steps']} steps, CFG {result['cfg']}, {s['samples']} evaluated samples; "
             f"static plans chosen on {s['probe_samples']} probe samples and τ calibrated on {s['calib_samples']} "
             f"(other seeds), matched work ±{s['tolerance']:.0%}. PSNR against no reuse on the same seeds; Δ: mean per-sample "
             "difference to the best static plan at the same target, 95% percentile-bootstrap interval. Measured "
-            f"{when} on {machine}: `{command}`.", ""]
+            f"{when} on {machine}: `{command}`."
+            + (" Rows \"gate ε\": the online gate on the probe block's forecast error (`gate = true`, `gate_signal = "
+               "\"probe_error\"`) with the adaptive preset's history and forecast, on the layer schedule named, its τ scale "
+               "bisected on the calibration seeds." if gated else ""), ""]
     done, asked = len(result["targets"]), len(s["targets"])
     if done < asked:
         head += [f"**Partial run**: {done} of the {asked} targets ({', '.join(f'{t:.0%}' for t in s['targets'][done:])} "
