@@ -76,8 +76,11 @@ def grid_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
 
 
 def extra_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
-    """The full_dqar preset: the grid's block / order 2 / refresh 3 plan with its history in INT8 (per-channel scales)."""
-    return [("full_dqar preset", {"preset": "full_dqar", "cache": "int8", "refresh": 3}, preset("full_dqar"))]
+    """The full_dqar preset (the grid's block / order 2 / refresh 3 plan, its own forecaster, its history in INT8 per channel)
+    and its twin with the history in the model dtype: the same plan and forecaster, so their difference is the cache alone."""
+    fd = preset("full_dqar")
+    return [("full_dqar preset", {"preset": "full_dqar", "cache": "int8", "refresh": 3}, fd),
+            ("full_dqar preset, model-dtype history", {"preset": "full_dqar", "cache": "model", "refresh": 3}, replace(fd, cache_dtype="model"))]
 
 
 def dqar_share_candidates(steps: int) -> list[tuple[str, ReuseConfig]]:
