@@ -209,7 +209,8 @@ def test_calibrate_save_sample_reproduces_the_plan_without_syncs(tmp_path):
     run = RunConfig(sample=SampleConfig(steps=8, cfg=4.0, seed=5))
     cal = calibrate(loaded, [1, 2], run, target_fraction=0.4, max_staleness=2)
     assert cal.plan.key == {"model": "tiny", "sampler": "ddim", "steps": 8, "granularity": "attention", "forecast_order": 0,
-                            "forecast_axis": "evaluation", "forecast_kind": "taylor", "structure": "cells"}
+                            "forecast_axis": "evaluation", "forecast_kind": "taylor", "structure": "cells",
+                            "streams": [1, 1, 1]}  # the 3-layer DiT: one output stream per layer (f96ee2e)
     assert np.isfinite(cal.trace.change[1:]).all()
     path = tmp_path / "plan.json"
     save_plan(cal.plan, path)
