@@ -2,8 +2,7 @@
 
 A probe block's forecast error drives the refreshes: τ = 0 never reuses, a huge τ reuses up to the interval bound,
 a different τ schedule changes the executed mask; the one scalar read per evaluation is counted; generations reset;
-bad values are one-line errors; the graph executor is refused at enable (Flux: tests/test_verify_flow.py; the compiled
-executors: tests/test_verify_compiled.py).
+bad values are one-line errors (Flux: tests/test_verify_flow.py; the compiled and graph executors: tests/test_verify_compiled.py).
 """
 from dataclasses import replace
 
@@ -150,18 +149,15 @@ def test_a_probe_outside_the_model_is_refused_in_one_line(model):
     assert "\n" not in str(exc.value)
 
 
-def test_the_graph_executor_is_refused_at_enable_naming_why(model):
-    with pytest.raises(DqarError, match="not run on 'graph'.*split at the probe") as exc:
-        dqar.enable(model, BASE, executor="graph")
-    assert "\n" not in str(exc.value)  # fused, compiled, flow_compiled run it: tests/test_verify_compiled.py
+def test_auto_runs_it_on_patch_on_the_cpu_and_would_pick_compiled_on_cuda(model, monkeypatch):
+    import dqar.engine.api as api
 
-
-def test_auto_runs_it_on_patch_on_the_cpu_and_would_pick_compiled_not_graph_on_cuda(model):
     with dqar.enable(model, BASE) as h:
         assert h.executor == "patch" and isinstance(h.engine.decider, VerifyDecider)
-    with pytest.raises(DqarError, match="not run on 'graph'"):
-        graph.check_graph_supported(BASE, make_decider(BASE), model)  # what "auto" asks first on CUDA
+    graph.check_graph_supported(BASE, make_decider(BASE), model)  # graph runs it (tests/test_verify_compiled.py)
     assert compiled_takes(BASE, make_decider(BASE), model)
+    monkeypatch.setattr(api, "on_cuda", lambda t: True)
+    assert api.resolve_executor(model, BASE, make_decider(BASE))[0] == "compiled"  # graph's split is not measured on CUDA
 
 
 def test_flux_runs_it_on_patch_and_refuses_other_executors_in_one_line():

@@ -1,7 +1,8 @@
 """The verifying decider on the compiled executors: "fused" / "compiled" (the DiT's block kernels) and "flow_compiled"
 (Flux: patch's dispatch over compiled stock blocks) take the same decisions as on patch, measure the same errors and
 give the same outputs within float tolerance, never recompile in a second generation, and read one scalar per deciding
-evaluation; "graph" is refused in one line naming why.
+evaluation. "graph" splits an evaluation it decides into two graphs (up to the probe, after it) with the verdict read
+between them, and decides as patch does.
 """
 from dataclasses import replace
 
@@ -113,10 +114,37 @@ def test_a_second_compiled_generation_never_recompiles(model):
     assert first.to_dict() == second.to_dict()
 
 
-def test_graph_is_refused_in_one_line_naming_why_and_compiled_is_what_auto_may_pick(model):
-    with pytest.raises(DqarError, match="one compiled graph per .* pattern") as exc:
-        dqar.enable(model, CONFIGS["adaptive"], executor="graph")
-    assert "\n" not in str(exc.value) and not hasattr(model, "_diffusers_hook")
+def test_graph_splits_a_decided_evaluation_at_the_probe_as_patch_decides(model):
+    """Two graphs per decided evaluation (up to the probe, after it), the verdict read between them: the same decisions,
+    errors and syncs as patch, outputs within compiled tolerance; a second generation compiles nothing."""
+    cfg = CONFIGS["adaptive"]
+    knots, (ref_outs, ref, ref_decider) = tau_with_margin(model, cfg)
+    cfg = replace(cfg, verify_tau=knots)
+    outs, stats, decider = run(model, cfg, "graph")
+    assert 0 < stats.reused < E * L and stats.fallback_evaluations == 0 and stats.graphs >= 3  # plain, head, tail
+    np.testing.assert_array_equal(mask(stats), mask(ref))
+    np.testing.assert_array_equal(decider.decisions, ref_decider.decisions)
+    np.testing.assert_allclose(decider.errors, ref_decider.errors, rtol=1e-3, atol=1e-6)
+    assert stats.host_syncs == ref.host_syncs == int(np.isfinite(decider.errors).sum())
+    assert stats.flops_skipped == ref.flops_skipped
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a, b, **TOLERANCE["compiled"])
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = run(model, cfg, "graph")[1]
+    assert counters["stats"]["unique_graphs"] == graphs and again.reuse_mask == stats.reuse_mask
+    assert again.host_syncs == stats.host_syncs
+
+
+def test_graph_refuses_other_probe_readers_in_one_line_and_compiled_takes_verify(model):
+    from dqar.engine.graph import check_graph_supported
+
+    class Reader:  # a decider that, like the probe-error gate, reads the probe inside the forward
+        verifies, name, needs = True, "the probe-error gate", None
+
+    with pytest.raises(DqarError, match="the probe-error gate reads its probe block's error") as exc:
+        check_graph_supported(CONFIGS["adaptive"], Reader(), model)
+    assert "\n" not in str(exc.value)
     assert compiled_takes(CONFIGS["adaptive"], make_decider(CONFIGS["adaptive"]), model)
 
 

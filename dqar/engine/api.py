@@ -105,6 +105,8 @@ def resolve_executor(transformer: torch.nn.Module, cfg: ReuseConfig, decider, st
     """
     if not on_cuda(transformer):
         return "patch", "patch: not on CUDA"
+    if getattr(decider, "verifies", False) and compiled_takes(cfg, decider, transformer):  # graph's split: not run on CUDA yet
+        return "compiled", "compiled: the verifying decider's two graphs per evaluation (graph) are not measured on CUDA"
     try:
         check_graph_supported(cfg, decider, transformer)
     except DqarError as exc:

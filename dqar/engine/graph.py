@@ -7,7 +7,8 @@ tensors, so new values never recompile. On CUDA the graphs use `torch.compile(mo
 which captures each one as a CUDA graph and replays it. At most `max_patterns` patterns get a graph
 (the most frequent of a plan first); other evaluations run the same layer functions compiled per block
 and walked in Python (the fallback), counted in the stats. Host-side bookkeeping (weights, bytes,
-counts) happens before each call, never inside a replay.
+counts) happens before each call, never inside a replay. The verifying decider's evaluations run as two graphs, split
+at its probe block (`evaluate_head`, `evaluate_tail`), with its verdict read on the host between them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dqar.engine.forecasters import forecaster_of
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.variants import Variants, compiled_copy
 from dqar.engine.stats import ReuseStats
-from dqar.engine.verify import GRAPH_REASON
+from dqar.engine.verify import VerifyDecider, relative_l1
 from dqar.errors import DqarError
 
 GRAPH_HOOK = "dqar_graph"
@@ -61,6 +62,31 @@ def head(model, h, timestep, labels):
     return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, model.out_channels, side * p, side * p)
 
 
+def evaluate_head(spec, row, store, share, probe, checked, model, x, timestep, labels, weights, state):
+    """The verifying decider's first graph: the layers before the probe (decided at the evaluation's start) and the probe
+    computed, its store deferred to the verdict. Returns h (B, T, C) after the probe, the probe's value to store
+    (residual or attention output, (B, T, C)) and ε () against its forecast (0 where `checked` is False: no history)."""
+    layers, error_sum, bad = state
+    blocks = model.transformer_blocks
+    h = model.pos_embed(x)  # (B, T, C)
+    for i in range(probe):
+        h = layer(spec, row[i], store[i], share, blocks[i], h, timestep, labels, layers[i], weights[i], error_sum, bad)
+    out, cached = (B.whole if spec.block else B.compute)(blocks[probe], h, timestep, labels, share)
+    error = relative_l1(cached, H.read(spec, layers[probe], weights[probe], h.dtype)) if checked else error_sum * 0
+    return out, cached, error
+
+
+def evaluate_tail(spec, row, store, share, probe, model, h, cached, timestep, labels, weights, state):
+    """The verifying decider's second graph, per verdict: the probe's store, the layers after it, the final layer."""
+    layers, error_sum, bad = state
+    blocks = model.transformer_blocks
+    if store[probe]:
+        H.write(spec, layers[probe], cached, error_sum)
+    for i in range(probe + 1, len(blocks)):
+        h = layer(spec, row[i], store[i], share, blocks[i], h, timestep, labels, layers[i], weights[i], error_sum, bad)
+    return head(model, h, timestep, labels)
+
+
 def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state):
     """A whole model evaluation for one pattern; `state` = (per-layer buffers, error_sum, bad); (B, C, H, W) → (B, C', H, W)."""
     layers, error_sum, bad = state
@@ -76,9 +102,9 @@ def check_graph_supported(engine_cfg, decider, transformer) -> None:
     family = layout.family
     if not layout.is_dit:
         raise DqarError(f"the graph executor runs the class-conditional DiT ({DIT_CLASS}), not {family}", "use executor = 'patch'")
-    if getattr(decider, "verifies", False):
-        raise DqarError(f"the verifying decider does not run on 'graph': {GRAPH_REASON}",
-                        "use executor = 'compiled', or 'patch' (or 'auto')")
+    if getattr(decider, "verifies", False) and not isinstance(decider, VerifyDecider):
+        raise DqarError(f"{decider.name} reads its probe block's error inside the forward, which a graph cannot",
+                        "use executor = 'patch'")
     needs = getattr(decider, "needs", None)
     if needs is not None and needs.any:
         raise DqarError("the gate, signal traces and policies run on the 'patch' executor, not 'graph'", "use executor = 'patch'")
@@ -191,6 +217,9 @@ class GraphEngine(ReuseEngine):
         st, x = self.state, hidden_states
         timestep = _as_batch(timestep, x)
         layers = self.history.use(_token_shape(self.transformer, x), x.dtype, x.device)
+        if self.verifier is not None and self.verifier.active[st.evaluation]:
+            out = self._verified(st, x, timestep, class_labels, layers)
+            return (out,) if not return_dict else _output(out)
         row = tuple(bool(r) and self.history.has(i) for i, r in enumerate(st.row))
         store = self.stores if self.stores is not None else tuple(bool(s) for s in st.store)
         st.executed[st.evaluation] = row
@@ -241,6 +270,50 @@ class GraphEngine(ReuseEngine):
             self.compile_seconds[key] = time.perf_counter() - start
             self.generation["compile"] += self.compile_seconds[key]
         return out.clone()  # a CUDA-graph replay overwrites its outputs: hand out a copy (on every device, so tests see it)
+
+    def _verified(self, st, x, timestep, labels, layers) -> torch.Tensor:
+        """An evaluation the verifying decider decides: the head graph up to the probe, the verdict on the host (one read of
+        ε where the interval bounds do not decide), then the tail graph of that verdict's rows. Graphs per (rows before the
+        probe, stores, history present) and per (rows after it, stores): a handful (both groups' rows are uniform)."""
+        d, p, e = self.verifier, self.verifier.probe, st.evaluation
+        share = self.cfg.cfg_share if st.sharing else "none"
+        checked = self.history.has(p)
+        before = tuple(bool(r) and self.history.has(i) for i, r in enumerate(st.row[:p]))
+        pre = before + (checked,) + (False,) * (len(self.blocks) - p - 1)  # the probe's forecast weights, as if it reused
+        weights = self._weights(e, H.row_weights(self.history.where, pre, self.history.position, self.forecaster,
+                                                 self.spec.slots), x.device)  # (L, K)
+        key = ("head", tuple(x.shape), x.dtype, x.device, before, tuple(st.store[:p]), checked, share)
+        h, cached, error = self._call(key, evaluate_head, (pre, tuple(st.store), share, p, checked),
+                                      (x, timestep, labels, weights, layers))
+        row, store, read = d.verdict(e, error if checked else None)
+        st.host_syncs += read
+        row = tuple(bool(r) and self.history.has(i) for i, r in enumerate(row))
+        st.row, st.store = row, store
+        st.executed[e] = row
+        if st.sharing:
+            st.shared[e] = [not r for r in row]
+        weights = self._weights(e, self.history.step(row, store), x.device)
+        key = ("tail", tuple(x.shape), x.dtype, x.device, row[p + 1:], tuple(store[p:]), share)
+        return self._call(key, evaluate_tail, (row, tuple(store), share, p), (h.clone(), cached.clone(), timestep, labels,
+                                                                                weights, layers)).clone()
+
+    def _call(self, key: tuple, fn: Callable, constants: tuple, args: tuple):
+        """`fn` compiled once per key with `constants` baked in (shared by later handles), called on `args`."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            mode = "reduce-overhead" if key[3].type == "cuda" else None
+            graph = self.graphs[key] = functools.partial(compiled_copy(fn, f"dqar_{key[0]}_{len(self.graphs)}", mode), self.spec,
+                                                         *constants)
+        self.generation["graphs"].add(key)
+        first = key not in self.compile_seconds
+        start = time.perf_counter()
+        if key[3].type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        out = graph(self.transformer, *args)
+        if first:
+            self.compile_seconds[key] = time.perf_counter() - start
+            self.generation["compile"] += self.compile_seconds[key]
+        return out
 
     def _compile(self, row, store, share, device) -> Callable:
         graph = compiled_copy(evaluate, f"dqar_pattern_{len(self.graphs)}", "reduce-overhead" if device.type == "cuda" else None)

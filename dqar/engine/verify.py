@@ -29,10 +29,12 @@ cond's at 18 of 19 steps; deciding per branch would buy that one step at the pri
 
 Decisions are per generation (one for the whole batch). Reading ε is one device→host read of one scalar, at most
 once per evaluation, counted in `ReuseStats.host_syncs`; with probe "first" it happens inside the forward, right
-after the probe. Runs at block or attention granularity on every executor that dispatches per layer in Python:
-"patch" (every family `dqar.engine.adapter` describes), "flow_compiled" (the non-DiT families: `forwards` over compiled
-stock blocks) and "fused" / "compiled" (the DiT: the probe's block kernel returns its residual or attention output,
-which `observe` compares; decisions stay outside every graph, so none recompiles). Not on "graph" (`check`).
+after the probe. Runs at block or attention granularity on every executor: "patch" (every family
+`dqar.engine.adapter` describes), "flow_compiled" (the non-DiT families: `forwards` over compiled stock blocks),
+"fused" / "compiled" (the DiT: the probe's block kernel returns its residual or attention output, which `observe`
+compares; decisions stay outside every graph, so none recompiles) and "graph" (the DiT: an evaluation
+it decides runs as two graphs, up to the probe and after it, with the verdict read on the host in between; a graph
+per (rows before the probe, stores) and per (rows after it, stores), a handful, since each group's row is uniform).
 """
 from __future__ import annotations
 
@@ -172,18 +174,13 @@ class VerifyDecider:
         return row, self._store, read
 
 
-PER_LAYER = ("patch", "fused", "compiled", "flow_compiled")  # executors whose per-layer Python dispatch `observe` runs in
-GRAPH_REASON = ("the graph executor runs a whole evaluation as one compiled graph per (row, stores) pattern, so the probe's "
-                "error cannot decide the later layers of the same evaluation inside it (that needs the graph split at the probe)")
+EXECUTORS = ("patch", "fused", "compiled", "flow_compiled", "graph")  # graph: two graphs per evaluation (`dqar.engine.graph`)
 
 
 def check(engine_cfg, layout, executor: str) -> None:
-    """One line where the verifying decider cannot run: the graph executor, K/V targets. Every described family runs it."""
-    if executor == "graph":
-        raise DqarError(f"the verifying decider does not run on 'graph': {GRAPH_REASON}",
-                        "use executor = 'compiled' (the DiT), 'flow_compiled' (other families) or 'patch'")
-    if executor not in PER_LAYER:
-        raise DqarError(f"the verifying decider runs on {', '.join(PER_LAYER)}, not '{executor}'", "use executor = 'patch'")
+    """One line where the verifying decider cannot run: K/V targets. Every described family and executor runs it."""
+    if executor not in EXECUTORS:
+        raise DqarError(f"the verifying decider runs on {', '.join(EXECUTORS)}, not '{executor}'", "use executor = 'patch'")
     if engine_cfg.target == "kv":
         raise DqarError("the verifying decider compares cached attention or block outputs, not K/V", "use target = 'attention'")
 

@@ -72,7 +72,7 @@ def stock_supported(loaded) -> str | None:
 def refusal(loaded, cfg: ReuseConfig, executor: str) -> str | None:
     """Why dqar's `executor` refuses this flow model under `cfg` at enable (the engine's own line), or None; a DiT: None,
     except on flow_compiled (the compiled path of the other families, which refuses the class-conditional DiT) and for
-    the verifying decider (which the graph executor refuses)."""
+    the verifying decider (its executors' checks at enable)."""
     if family(loaded) == "dit" and executor != "flow_compiled" and cfg.decider != "verify":
         return None
     try:

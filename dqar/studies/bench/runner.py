@@ -150,7 +150,7 @@ def _preset_specs(name: str):
     yield f"{name}_graph", "graph", lambda b: planned_case(b, name, "graph")  # a graph per plan row
     yield f"{name}_flow_compiled", "flow_compiled", lambda b: planned_case(b, name, "flow_compiled")  # compiled stock blocks
     if cfg.decider == "verify":  # beside each compiled row, the static plan of its own executed decisions (same FLOPs)
-        for kind in ("compiled", "flow_compiled"):
+        for kind in ("compiled", "graph", "flow_compiled"):
             yield f"{name}_static_{kind}", kind, functools.partial(verify_static_case, name=name, executor=kind)
     elif cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
         yield f"{name}_compiled_modeldtype", "compiled", lambda b: planned_case(b, name, "compiled", cache_dtype="model")
