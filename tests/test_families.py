@@ -82,7 +82,7 @@ def test_dit_only_executors_are_refused_at_enable(family, executor):
     assert hooks(pipe.transformer) == before  # nothing attached
 
 
-@pytest.mark.parametrize("config", [dict(gate=True), dict(target="kv", granularity="attention", forecast_order=0), dict(cfg_share="cond_to_uncond")])
+@pytest.mark.parametrize("config", [dict(gate=True), dict(target="kv", granularity="attention", forecast_kind="taylor", forecast_order=0), dict(cfg_share="cond_to_uncond")])
 def test_dit_only_options_are_refused_with_a_reason(family, config):
     name, pipe, _, _ = family
     cfg = replace(dqar.preset("full_dqar"), **config)
@@ -187,7 +187,7 @@ def test_attention_granularity_needs_an_isolated_attention(monkeypatch):
 @pytest.mark.parametrize("order,dtype", [(0, "int8"), (1, "model"), (2, "model")])
 def test_forecast_orders_and_histories_act_on_flux(order, dtype):
     pipe, kwargs = flux(true_cfg=True)
-    cfg = replace(dqar.preset("full_dqar"), forecast_order=order, cache_dtype=dtype)
+    cfg = replace(dqar.preset("full_dqar"), forecast_kind="taylor", forecast_order=order, cache_dtype=dtype)  # the taylor orders
     outs, steps = {}, 12  # enough steps for a three-entry history (order 2)
     with torch.no_grad(), dqar.enable(pipe, cfg) as handle:
         outs["reuse"] = run(pipe, kwargs, steps)
@@ -215,6 +215,21 @@ def test_a_plan_for_another_layer_count_is_refused():
         with pytest.raises(DqarError, match="layer"):
             with torch.no_grad():
                 run(pipe, kwargs, STEPS)
+
+
+def test_enable_refuses_a_plan_file_of_another_stream_layout_before_attaching(tmp_path):
+    from dqar.engine.plan import Plan, stream_layout
+
+    pipe, _ = flux()
+    layout = stream_layout(pipe.transformer)  # the tiny Flux: dual-stream blocks (2) then single-stream (1)
+    before = hooks(pipe.transformer)
+    path = tmp_path / "plan.json"
+    path.write_text(Plan(np.zeros((STEPS, len(layout)), dtype=bool), key={"streams": [1] * len(layout)}).to_json())
+    with pytest.raises(DqarError, match="plan was made for .*streams 1 x"):
+        dqar.enable(pipe, replace(dqar.preset("full_dqar"), plan_file=str(path)))
+    assert hooks(pipe.transformer) == before  # nothing attached
+    path.write_text(Plan(np.zeros((STEPS, len(layout)), dtype=bool), key={"streams": layout}).to_json())
+    dqar.enable(pipe, replace(dqar.preset("full_dqar"), plan_file=str(path))).disable()  # its own layout attaches
 
 
 @pytest.mark.parametrize("key,expect", [({"steps": 3}, "plan was made for 8 layers but random-flux-tiny has 4 layers (streams 2 x4)"),

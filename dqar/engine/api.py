@@ -15,7 +15,7 @@ from dqar.engine.gate import GateDecider
 from dqar.engine.graph import GraphEngine, check_graph_supported, pattern_counts
 from dqar.engine.policy import PolicyDecider
 from dqar.errors import DqarError
-from dqar.engine.plan import Plan, load_plan
+from dqar.engine.plan import Plan, load_plan, stream_layout
 from dqar.engine.executors import EXECUTORS
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.stats import ReuseStats
@@ -133,6 +133,9 @@ class ReuseHandle:
         self.config = _resolve_config(config)
         if executor not in EXECUTOR_CHOICES:
             raise DqarError(f"unknown executor '{executor}'", f"choose one of: {', '.join(EXECUTOR_CHOICES)}")
+        if self.config.enabled and self.config.plan_file and plan is None and decider is None:
+            # a plan file is read at the first generation: refuse one made for another stream layout before attaching anything
+            load_plan(self.config.plan_file).check_streams(stream_layout(transformer), model=type(transformer).__name__)
         decider = decider or make_decider(self.config, key, plan)
         self.executor_reason = f"{executor}: asked for"  # why this executor runs (a short sentence)
         if executor == "auto":
