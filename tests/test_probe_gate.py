@@ -132,3 +132,16 @@ def test_on_a_constant_schedule_it_decides_as_the_verifying_decider(model, tau):
     verify_mask, _, v = run(model, **verify)
     assert np.array_equal(gate_mask, verify_mask) and np.array_equal(np.isnan(g.errors), np.isnan(v.errors))
     assert np.allclose(g.errors[np.isfinite(g.errors)], v.errors[np.isfinite(v.errors)])
+
+
+@pytest.mark.parametrize("executor", ["fused", "compiled"])
+def test_the_dit_kernels_gate_on_the_probe_error_as_patch_does(model, executor):
+    """τ = 0.27 (scale 9) lies ≥ 8% from every error the tiny model reads, so a last-bit difference flips no verdict."""
+    ref_mask, ref, _ = run(model, **dict(BASE, verify_scale=9))
+    with dqar.enable(model, ReuseConfig(**dict(BASE, verify_scale=9)), executor=executor) as h:
+        assert h.executor == executor
+        drive(model, h)
+        got, stats = np.array(h.stats.reuse_mask, dtype=bool), h.stats
+    assert 0 < ref_mask.sum() < ref_mask.size - E  # some eligible cells reuse, some refresh
+    np.testing.assert_array_equal(got, ref_mask)
+    assert stats.host_syncs == ref.host_syncs and stats.flops_skipped == ref.flops_skipped
