@@ -78,3 +78,15 @@ def test_rows_flag_is_refused_off_the_engine_section_in_one_line(capsys):
     assert main(["fidelity", "--section", "dynamic", "--rows", "full_dqar"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rows" in err[0]
+
+
+def test_rows_rerun_accepts_an_older_result_without_the_newer_settings_keys(monkeypatch):
+    from dqar.studies.fidelity import engine
+    from dqar.studies.fidelity.engine import EngineSettings, rerun_engine
+
+    base = _row("baseline (no reuse)", 0.0, None, 0.90, 0.0, "baseline")
+    old = _result([base, _row("full_dqar", 0.6, 30.0, 0.9, 0.6, "preset")])
+    old["settings"] = {k: v for k, v in old["settings"].items() if k not in ("model", "machine")}  # as written before them
+    monkeypatch.setattr(engine, "run_engine", lambda settings, progress, cases: _result([dict(base), _row("full_dqar", 0.6, 31.0, 0.9, 0.6, "preset")]))
+    merged = rerun_engine(EngineSettings(model="embedded"), ["full_dqar"], old, progress=False)  # the CLI names the DiT "embedded"
+    assert merged["rows"][1]["psnr_db"] == 31.0

@@ -90,8 +90,7 @@ def rerun_engine(settings: EngineSettings, names: list[str], old: dict, progress
     unknown = [n for n in names if n not in known]
     if unknown:
         raise DqarError(f"unknown engine row(s) {', '.join(unknown)}", f"use names from: {'; '.join(known)}")
-    if {k: v for k, v in old["settings"].items() if k not in ("out_dir", "machine")} != \
-            {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "machine")}:
+    if _comparable(old["settings"]) != _comparable(asdict(settings)):
         raise DqarError("the saved engine result was run with other settings", "rerun with its model, steps, cfg, seed and samples")
     new = run_engine(settings, progress, cases=[(known[n][0], n, known[n][1]) for n in names])
     base_old, base_new = old["rows"][0], new["rows"][0]
@@ -106,6 +105,14 @@ def rerun_engine(settings: EngineSettings, names: list[str], old: dict, progress
     merged["reruns"] = [*old.get("reruns", []), {"rows": names, "date": new["date"], "machine": new["machine"],
                                                 "torch": new["torch"], "seconds": new["seconds"]}]
     return merged
+
+
+def _comparable(settings: dict) -> dict:
+    """What must match for a merge: the settings without where they ran or were written, a key an older result lacks
+    at its default, and the DiT named one way (None or "embedded")."""
+    full = {**asdict(EngineSettings()), **settings}
+    full["model"] = None if full["model"] in (None, DEFAULT_MODEL) else full["model"]
+    return {k: v for k, v in full.items() if k not in ("out_dir", "machine")}
 
 
 def _reruns(result: dict) -> str:
