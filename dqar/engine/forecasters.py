@@ -51,7 +51,7 @@ class Forecaster:
                             "use forecast_order = 1 or 2 with hermite")
         if self.kind == "bdf2_heun" and self.order != 2:
             raise DqarError(f"forecast_kind 'bdf2_heun' steps over three outputs, got forecast_order = {self.order!r}",
-                            "use forecast_order = 2 with bdf2_heun")
+                            "use forecast_order = 2 with bdf2_heun, or forecast_kind = 'taylor' for orders 0-1")
         points = self.points
         if not isinstance(points, int) or isinstance(points, bool) or points < 0:
             raise DqarError(f"forecast_points = {points!r} is invalid", "use an integer >= 0 (0: the kind's default)")

@@ -84,7 +84,7 @@ def layer_costs(loaded, run: RunConfig) -> np.ndarray:
     from dqar.generate import generate
 
     layers, steps = len(describe(loaded.transformer).blocks), run.sample.steps
-    base = replace(preset("full_dqar"), forecast_order=0, warmup_frac=0.0, cooldown_frac=0.0)
+    base = replace(preset("full_dqar"), forecast_kind="taylor", forecast_order=0, warmup_frac=0.0, cooldown_frac=0.0)
     costs = np.zeros(layers)
     for layer in range(layers):
         reuse = replace(base, schedule="custom", custom_layers=(layer,))

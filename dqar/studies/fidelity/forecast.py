@@ -83,12 +83,18 @@ def extra_cases(steps: int) -> list[tuple[str, dict, ReuseConfig]]:
             ("full_dqar preset, model-dtype history", {"preset": "full_dqar", "cache": "model", "refresh": 3}, replace(fd, cache_dtype="model"))]
 
 
+SHARE_KINDS = ("taylor", "bdf2_heun")  # the second-order forecasters dqar may pick at a matched share (hermite never won)
+
+
 def dqar_share_candidates(steps: int) -> list[tuple[str, ReuseConfig]]:
-    """Block plans with a quadratic forecast that dqar may pick at a matched share (warm-up, refresh, ramp end, staleness cap)."""
+    """Block plans with a second-order forecast (each of `SHARE_KINDS`) that dqar may pick at a matched share (warm-up,
+    refresh, ramp end, staleness cap)."""
     cells = [(w, k, 0, None) for w, k in itertools.product((1, 2), (2, 3, 4, 5))] + [(5, 3, 0, None)]
     cells += [(1, 4, 2, None), (1, 5, 2, None), (1, 4, 3, None), (1, 5, 3, 3), (1, 6, 2, 4), (2, 2, 3, None)]  # ramped intervals
-    return [(f"block, order 2, warm-up {w}, {_interval_name(k, end)}" + (f", staleness ≤ {cap}" if cap else ""),
-             forecast_config(2, "block", k, w, steps, refresh_end=end, staleness=cap)) for w, k, end, cap in cells]
+    return [(("block, order 2" if kind == "taylor" else f"block, {kind}") + f", warm-up {w}, {_interval_name(k, end)}"
+             + (f", staleness ≤ {cap}" if cap else ""),
+             forecast_config(2, "block", k, w, steps, refresh_end=end, staleness=cap, forecast_kind=kind))
+            for kind in SHARE_KINDS for w, k, end, cap in cells]
 
 
 def taylorseer_candidates() -> list[P.TaylorSeer]:
