@@ -85,7 +85,7 @@ def markdown(result: dict) -> str:
              f"model's target ({', '.join(f'{m} {t:.0f} dB' for m, t in result['targets'].items())}); {n_ev} evaluated samples (seeds from 0) "
              f"then score every kind. Regenerate: `dqar fidelity --section forecaster`. Run {result['date']} on a {result['machine']} "
              f"(torch threads: {result['threads']}), {result['seconds'] / 60:.1f} min.", "",
-             "| forecast_kind | FLOPs skipped % | " + " | ".join(f"{m} probe dB | {m} dB | {m} class acc % | {m} FD" for m in MODELS)
+             f"| forecast_kind | FLOPs skipped % ({' / '.join(MODELS)}) | " + " | ".join(f"{m} probe dB | {m} dB | {m} class acc % | {m} FD" for m in MODELS)
              + " | worst margin (probe) dB |",
              "|---|---|" + "---|---|---|---|" * len(MODELS) + "---|"]
     for k in FORECAST_KINDS:
@@ -106,9 +106,10 @@ def verdicts(result: dict) -> list[str]:
     for m in MODELS:
         best = max(FORECAST_KINDS, key=lambda k: ev[m][k]["psnr_db"])
         met = ev[m][chosen]["psnr_db"] >= result["targets"][m]
+        where = ("it is also the best kind there" if best == chosen else
+                 f"the best kind there is `{best}` ({ev[m][best]['psnr_db'] - ev[m][chosen]['psnr_db']:+.2f} dB against the chosen one)")
         out.append(f"- {m}: `{chosen}` {ev[m][chosen]['psnr_db']:.2f} dB on the evaluated seeds, target {result['targets'][m]:.0f} dB "
-                   f"{'met' if met else 'missed'}; the best kind there is `{best}` ({ev[m][best]['psnr_db'] - ev[m][chosen]['psnr_db']:+.2f} dB "
-                   "against the chosen one).")
+                   f"{'met' if met else 'missed'}; {where}.")
     return out
 
 
