@@ -50,7 +50,8 @@ def test_rows_rerun_replaces_only_the_named_rows_and_records_it(monkeypatch):
     from dqar.studies.fidelity.engine import EngineSettings, rerun_engine
 
     base = _row("baseline (no reuse)", 0.0, None, 0.90, 0.0, "baseline")
-    old = _result([base, _row("full_dqar", 0.6, 30.0, 0.9, 0.6, "preset"), _row("refresh 2, model dtype", 0.4, 40.0, 0.9)])
+    old = _result([base, _row("full_dqar", 0.6, 30.0, 0.9, 0.6, "preset"), _row("a row of an older table", 0.1, 50.0, 0.9),
+                   _row("refresh 2, model dtype", 0.4, 40.0, 0.9)])
     asked = []
 
     def fake_run(settings, progress, cases):
@@ -61,7 +62,8 @@ def test_rows_rerun_replaces_only_the_named_rows_and_records_it(monkeypatch):
     assert asked == [["full_dqar", "adaptive"]]
     by = {r["name"]: r for r in merged["rows"]}
     assert by["full_dqar"]["psnr_db"] == 33.0 and by["refresh 2, model dtype"]["psnr_db"] == 40.0  # named replaced, rest kept
-    assert [r["name"] for r in merged["rows"]] == ["baseline (no reuse)", "full_dqar", "adaptive", "refresh 2, model dtype"]
+    assert [r["name"] for r in merged["rows"]] == ["baseline (no reuse)", "full_dqar", "adaptive", "a row of an older table",
+                                                   "refresh 2, model dtype"]  # a row of another name is kept where it was
     assert "Rows full_dqar, adaptive re-measured d0" in markdown(merged)
     with pytest.raises(DqarError, match="unknown engine row"):
         rerun_engine(EngineSettings(), ["no such row"], old, progress=False)

@@ -98,13 +98,22 @@ def rerun_engine(settings: EngineSettings, names: list[str], old: dict, progress
     if base_old.get("class_accuracy") != base_new.get("class_accuracy") or not same_fd:  # FD's eigen-solve varies in ~1e-7
         raise DqarError("the regenerated baseline does not score as the saved one (another model or torch build)",
                         "run the whole section again instead of --rows")
-    fresh = {r["name"]: r for r in new["rows"][1:]}
-    order = ["baseline (no reuse)", *known]
-    rows = {r["name"]: r for r in old["rows"]} | fresh
-    merged = dict(old, rows=[rows[n] for n in order if n in rows])
+    merged = dict(old, rows=_merged_rows(old["rows"], new["rows"][1:], list(known)))
     merged["reruns"] = [*old.get("reruns", []), {"rows": names, "date": new["date"], "machine": new["machine"],
                                                 "torch": new["torch"], "seconds": new["seconds"]}]
     return merged
+
+
+def _merged_rows(rows: list[dict], fresh: list[dict], order: list[str]) -> list[dict]:
+    """`rows` with each fresh row in place of its namesake; a fresh row new to them goes after the last row that comes
+    before it in `order` (after the baseline if none). Every other row is kept where it was, whatever its name."""
+    by = {r["name"]: r for r in fresh}
+    out = [by.pop(r["name"], r) for r in rows]
+    for name, row in by.items():
+        before = set(order[:order.index(name)])
+        at = max((i for i, r in enumerate(out) if r["name"] in before), default=0)
+        out.insert(at + 1, row)
+    return out
 
 
 def _comparable(settings: dict) -> dict:
