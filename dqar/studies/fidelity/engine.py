@@ -99,7 +99,8 @@ def rerun_engine(settings: EngineSettings, names: list[str], old: dict, progress
         raise DqarError("the regenerated baseline does not score as the saved one (another model or torch build)",
                         "run the whole section again instead of --rows")
     merged = dict(old, rows=_merged_rows(old["rows"], new["rows"][1:], list(known)))
-    merged["reruns"] = [*old.get("reruns", []), {"rows": names, "date": new["date"], "machine": new["machine"],
+    kept = [r for r in old.get("reruns", []) if not set(r["rows"]) <= set(names)]  # a rerun these rows supersede goes
+    merged["reruns"] = [*kept, {"rows": names, "date": new["date"], "machine": new["machine"],
                                                 "torch": new["torch"], "seconds": new["seconds"]}]
     return merged
 
