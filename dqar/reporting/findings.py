@@ -339,7 +339,9 @@ def describe(config: dict, calibration: dict | None = None) -> str:
         where = f"{c['schedule']} schedule over {100 * c['layer_frac']:.0f}% of layers"
     what = "whole-block reuse" if c["granularity"] == "block" else f"reuse of {'K/V' if c['target'] == 'kv' else 'attention output'}"
     if c.get("forecast_order"):
-        what += f" with an order-{c['forecast_order']} forecast over the {c.get('forecast_axis', 'evaluation')} axis"
+        kind = c.get("forecast_kind", "taylor")
+        what += (f" with an order-{c['forecast_order']} {'' if kind == 'taylor' else kind + ' '}forecast over the "
+                 f"{c.get('forecast_axis', 'evaluation')} axis")
     parts = [what, where,
              f"warmup {100 * c['warmup_frac']:.0f}%", f"refresh every {c['refresh_interval']}"]
     cache = "model-dtype cache" if c["cache_dtype"] == "model" else f"INT8 per-{c['quant_mode']} cache"
