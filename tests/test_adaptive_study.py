@@ -134,3 +134,17 @@ def test_a_partial_run_says_so():
     assert "**Partial run**: 1 of the 2 targets (70% not yet measured)" in section_body(r, "cmd", "today", "here")
     r["settings"]["targets"] = [0.6]
     assert "Partial" not in section_body(r, "cmd", "today", "here")
+
+
+def test_a_shipped_row_of_a_preset_that_changed_since_says_what_changed():
+    import json as _json
+    from dataclasses import asdict as _asdict
+
+    from dqar.engine.config import preset as _preset
+    from dqar.studies.fidelity.adaptive_section import stale_presets
+
+    now = _json.loads(_json.dumps(_asdict(_preset("full_dqar"))))
+    assert stale_presets({"shipped": {"full_dqar": {"config": now}}}) == []
+    then = dict(now, forecast_kind="hermite")
+    (line,) = stale_presets({"shipped": {"full_dqar": {"config": then}}})
+    assert f"forecast_kind: hermite → {now['forecast_kind']}" in line

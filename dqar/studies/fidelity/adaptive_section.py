@@ -81,6 +81,7 @@ def verdicts(result: dict) -> list[str]:
     refused = {k: v for c in [result["at_full_dqar"], *result["targets"]] for k, v in c.get("refused", {}).items()}
     for kind, why in refused.items():
         out.append(f"- The verifying decider with `{kind}` did not run on `{result['model']}`: {why}")
+    out += stale_presets(result)
     a, f = result["shipped"].get("adaptive"), result["shipped"]["full_dqar"]
     if a is None:
         out.append(f"- The shipped `adaptive` preset did not run: {result.get('adaptive_refused')}")
@@ -88,6 +89,26 @@ def verdicts(result: dict) -> list[str]:
     out.append(f"- The shipped `adaptive` preset (fixed τ, no calibration) skips {100 * a['flops_skipped']:.1f}% at "
                f"{a['psnr_db']:.2f} dB; `full_dqar` skips {100 * f['flops_skipped']:.1f}% at {f['psnr_db']:.2f} dB "
                f"(paired difference {a.get('delta_db', float('nan')):+.2f} dB {_ci(a.get('delta_ci'))}, at different work).")
+    return out
+
+
+def stale_presets(result: dict) -> list[str]:
+    """A sentence per shipped row whose preset has changed since the run (the fields that differ, then → now)."""
+    import json
+    from dataclasses import asdict
+
+    from dqar.engine.config import PRESETS, preset
+
+    out = []
+    for name, row in result["shipped"].items():
+        if name not in PRESETS or "config" not in row:
+            continue
+        now = json.loads(json.dumps(asdict(preset(name))))
+        then = row["config"]
+        changed = [f"{k}: {then.get(k)} → {v}" for k, v in now.items() if k in then and then[k] != v]
+        if changed:
+            out.append(f"- The shipped `{name}` rows ran the preset as it was then; it has changed since ({'; '.join(changed)}): "
+                       "today's is measured in \"Forecaster of full_dqar\" and \"Engine\".")
     return out
 
 
