@@ -67,7 +67,8 @@ def test_cli_calibrate_writes_a_keyed_plan(tmp_path, capsys):
                  "--trace", str(tmp_path / "trace.json"), "--quiet"]) == 0
     plan = load_plan(out)
     assert plan.key == {"model": "embedded", "sampler": "ddim", "steps": 4, "granularity": "attention", "forecast_order": 0,
-                        "forecast_axis": "evaluation", "forecast_kind": "taylor", "structure": "cells"} and plan.reuse_fraction > 0
+                        "forecast_axis": "evaluation", "forecast_kind": "taylor", "streams": [1] * 8, "structure": "cells"} \
+        and plan.reuse_fraction > 0
     assert json.loads((tmp_path / "trace.json").read_text())["shape"] == [4, plan.num_layers]
     assert "reuse" in capsys.readouterr().out
 

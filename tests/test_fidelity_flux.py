@@ -80,9 +80,10 @@ def test_flux_calibrated_plan_runs_and_plans_refuse_the_other_model(flux, dit, t
     assert gen.stats.reuse_fraction == pytest.approx(cal.plan.reuse_fraction)
     other = calibrate(dit, [0], run, target_fraction=0.5, max_staleness=2).plan
     save_plan(other, tmp_path / "d.json")
-    with pytest.raises(DqarError, match="model='embedded'"):
+    # refused at enable by the plan's stream layout (each model's own plans record theirs), before the model name is read
+    with pytest.raises(DqarError, match=r"plan was made for 8 layers \(streams 1 x8\) but FluxTransformer2DModel"):
         generate(flux, [0], replace(run, reuse=ReuseConfig(plan_file=str(tmp_path / "d.json"))))
-    with pytest.raises(DqarError, match="model='embedded-flux'"):
+    with pytest.raises(DqarError, match=r"plan was made for 5 layers \(streams 2 x5\) but DiTTransformer2DModel"):
         generate(dit, [0], replace(run, reuse=ReuseConfig(plan_file=str(tmp_path / "f.json"))))
 
 
@@ -198,3 +199,15 @@ def test_replace_section_keeps_a_flux_heading_apart_from_the_dit_one():
     text = "# Fidelity\n\n## Engine\n\ndit\n\n## Engine (embedded-flux)\n\nold\n\n## Forecast\n\nf\n"
     out = replace_section(text, "Engine (embedded-flux)", "## Engine (embedded-flux)\n\nnew\n")
     assert "dit" in out and "new" in out and "old" not in out and out.index("new") < out.index("## Forecast")
+
+
+def test_flux_trace_measures_the_runs_own_forecaster(flux):
+    """The block trace forecasts as the engine would (`forecast_kind`), so full_dqar's bdf2_heun calibrates on Flux."""
+    from dqar.tuning.calibrate import record_trace
+
+    run = RunConfig(reuse=ReuseConfig(forecast_order=2, granularity="block"), sample=replace(SAMPLE, steps=5))
+    taylor = record_trace(flux, [1], run).change
+    bdf2 = record_trace(flux, [1], replace(run, reuse=replace(run.reuse, forecast_kind="bdf2_heun"))).change
+    assert np.isfinite(bdf2[1:]).all()
+    np.testing.assert_array_equal(bdf2[:3], taylor[:3])  # up to two stored outputs both forecast alike (copy, then line)
+    assert not np.allclose(bdf2[3:], taylor[3:])  # with three, the BDF2/Heun weights differ from the quadratic's

@@ -5,8 +5,8 @@ other blocks. A calibrated plan needs only the change a reuse would miss, and pl
 family the block adapter describes: the model samples with nothing of the engine attached, and a hook on each layer's
 reused module (its attention module at attention granularity, else the block) keeps the layer's newest outputs per CFG
 branch (diffusers' `cache_context`). At evaluation e ≥ 1 the trace holds, per layer, `‖o_e − r_e‖ / ‖r_e‖` over the
-layer's output streams together, `r_e` what a reuse would return there (order 0: `o_(e−1)`; order 1/2: the engine's
-Lagrange forecast from the newest outputs, `dqar.engine.forecast.weights`, on the run's forecast axis), and the
+layer's output streams together, `r_e` what a reuse would return there (order 0: `o_(e−1)`; else the engine's own
+forecast from the newest outputs, `Forecaster.weights` of the run's `forecast_kind`, on the run's forecast axis), and the
 largest of the branches' values: a plan reuses a cell in every branch (plans count denoising steps). Entropy and the
 prediction SNR are not measured (NaN); the scheduler SNR is rectified flow's `((1 − σ) / σ)²`.
 """
@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from diffusers.hooks import ModelHook
 
-from dqar.engine import forecast
 from dqar.engine.adapter import Layout, describe
 from dqar.engine.branches import ContextTracker
 from dqar.engine.config import RunConfig
+from dqar.engine.forecasters import Forecaster, forecaster_of
 from dqar.engine.hooks import add_hook, refresh_child_registries, remove_hook
 from dqar.engine.signals import Trace
-from dqar.errors import DqarError
 from dqar.generate import generate
 
 TRACE_HOOK = "dqar_block_trace"
@@ -50,8 +49,8 @@ class _Evaluations(ModelHook):
 class BlockTrace:
     """Forward hooks on one transformer's reused modules: per branch, per layer, the error of the reuse at each evaluation."""
 
-    def __init__(self, layout: Layout, granularity: str, order: int, axis: str):
-        self.layout, self.order, self.axis = layout, order, axis
+    def __init__(self, layout: Layout, granularity: str, forecaster: Forecaster, axis: str):
+        self.layout, self.forecaster, self.axis = layout, forecaster, axis
         self.context: str | None = None  # set by the ContextTracker
         self.evaluation: dict[str | None, int] = {}  # branch → its current evaluation
         self.timesteps: list[float] = []  # of the first branch's evaluations
@@ -78,13 +77,13 @@ class BlockTrace:
             at = self.position(e)
             past = self.past.setdefault((branch, layer), [])
             if past:
-                w = forecast.weights([p for p, _ in past], at, self.order)
+                w = self.forecaster.weights([p for p, _ in past], at)
                 ref = [sum(wi * old[s] for wi, (_, old) in zip(w, past)) for s in range(len(streams))]
                 diff = sum(((o - r) ** 2).sum() for o, r in zip(streams, ref))
                 norm = sum((r ** 2).sum() for r in ref)
                 self.values[(branch, e, layer)] = (diff / norm.clamp_min(SNR_EPS)).sqrt()
             past.insert(0, (at, streams))
-            del past[self.order + 1:]
+            del past[self.forecaster.depth:]
         return hook
 
     def remove(self) -> None:
@@ -104,21 +103,12 @@ class BlockTrace:
                      snr_scheduler=((1.0 - sigma) / sigma) ** 2, snr_prediction=np.full(e_count, np.nan))
 
 
-def check_traceable(run: RunConfig) -> None:
-    """What a block trace measures: copies or the Lagrange (taylor) forecast."""
-    kind = getattr(run.reuse, "forecast_kind", "taylor")
-    if run.reuse.forecast_order and kind != "taylor":
-        raise DqarError(f"a block trace forecasts with Lagrange weights, not forecast_kind '{kind}'",
-                        "calibrate with forecast_kind = 'taylor' (or forecast_order = 0) on this model")
-
-
 def record_block_trace(loaded, labels: Sequence[int], run: RunConfig, *, progress: bool = False) -> Trace:
     """Signals of one full-compute generation of `labels` under `run`'s sampling settings, measured by forward hooks."""
-    check_traceable(run)
     transformer = loaded.transformer
     layout = describe(transformer)
     r = run.reuse
-    recorder = BlockTrace(layout, r.granularity, r.forecast_order, r.forecast_axis)
+    recorder = BlockTrace(layout, r.granularity, forecaster_of(r), r.forecast_axis)
     created = add_hook(transformer, TRACE_HOOK, _Evaluations(recorder))
     try:
         generate(loaded, labels, replace(run, reuse=replace(r, enabled=False)), progress=progress)
