@@ -211,3 +211,15 @@ def test_flux_trace_measures_the_runs_own_forecaster(flux):
     assert np.isfinite(bdf2[1:]).all()
     np.testing.assert_array_equal(bdf2[:3], taylor[:3])  # up to two stored outputs both forecast alike (copy, then line)
     assert not np.allclose(bdf2[3:], taylor[3:])  # with three, the BDF2/Heun weights differ from the quadratic's
+
+
+def test_policy_collect_probe_feature_flag_records_the_probe_column(tmp_path, single_thread):
+    from dqar.engine.features import FEATURES, PROBE_FEATURES
+    from dqar.tuning.collect import load_traces
+
+    args = ["policy", "collect", "--generations", "1", "--batch", "1", "--steps", "3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "plain.npz")]) == 0
+    assert main([*args, "--probe-feature", "--out", str(tmp_path / "probe.npz")]) == 0
+    plain, probe = load_traces(tmp_path / "plain.npz"), load_traces(tmp_path / "probe.npz")
+    assert tuple(plain.meta["features"]) == tuple(FEATURES) and tuple(probe.meta["features"]) == tuple(PROBE_FEATURES)
+    assert probe.features.shape[1] == plain.features.shape[1] + 1

@@ -82,7 +82,7 @@ def cmd_policy_collect(args) -> int:
     check_policy_model(args.model)
     settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed, steps=args.steps, cfg=args.cfg,
                                sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows,
-                               forecast_order=args.forecast_order)
+                               forecast_order=args.forecast_order, probe_feature=args.probe_feature)
     at_least("--validate", args.validate, 0)
     validation = Path(writable_file(args.out)).with_suffix(".validation.json")
     loaded = load(args)
@@ -180,6 +180,9 @@ def _collect_parser(psub) -> None:
     c.add_argument("--entropy-rows", type=int, default=16, help="query rows of the entropy subsample (default 16)")
     c.add_argument("--forecast-order", type=int, default=0,
                    help="the reuse labelled: 0 copy (default) | 1 linear | 2 quadratic forecast (kept in the traces' metadata)")
+    c.add_argument("--probe-feature", action="store_true",
+                   help="also record log_probe_error (the first layer's last change, what the verifying decider's probe sees); "
+                        "`policy train` on these traces gives a policy that reads it (docs/POLICY.md: it fits better, samples worse)")
     c.add_argument("--validate", type=int, default=0, help="also sample N reuse runs to the end and correlate labels with the final error")
     c.add_argument("--out", default="traces.npz", help="traces file (default traces.npz)")
     quiet_arg(c, "no progress bars")
