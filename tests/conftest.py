@@ -12,6 +12,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from torch.utils._python_dispatch import TorchDispatchMode
 
 E = 12  # evaluations of `drive`
+TAU_HUGE = ((0.0, 1e9), (1.0, 1e9))  # verify_tau knots: every error passes
+TAU_ZERO = ((0.0, 0.0), (1.0, 0.0))  # verify_tau knots: every error refreshes
 FASHION_MNIST = Path(__file__).parent / "data" / "fashion-mnist"  # 256 training and 500 test images (README.md there)
 
 

@@ -17,13 +17,11 @@ from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, from_dict, 
 from dqar.engine.verify import VerifyDecider, relative_l1, tau_schedule
 from dqar.errors import DqarError
 
-from conftest import E, CountSyncs, drive, make_tiny_transformer, tiny_loaded
+from conftest import E, TAU_HUGE as HUGE, TAU_ZERO as ZERO, CountSyncs, drive, make_tiny_transformer, tiny_loaded
 
 L = 4
 BASE = ReuseConfig(decider="verify", granularity="block", forecast_order=2, warmup_frac=0.2, cooldown_frac=0.0, cache_dtype="int8",
                    quant_mode="token", verify_max_interval=3)
-HUGE = ((0.0, 1e9), (1.0, 1e9))
-ZERO = ((0.0, 0.0), (1.0, 0.0))
 
 
 @pytest.fixture(scope="module")

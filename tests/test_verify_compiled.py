@@ -18,7 +18,7 @@ from dqar.errors import DqarError
 from dqar.generate import generate
 from dqar.models import load_model
 
-from conftest import E, CountSyncs, drive, make_tiny_transformer
+from conftest import E, TAU_HUGE as HUGE, TAU_ZERO as ZERO, CountSyncs, drive, make_tiny_transformer
 
 L = 4
 START = int(np.ceil(0.2 * E))  # the first evaluation inside the reuse window
@@ -30,8 +30,6 @@ CONFIGS = {
                                   cache_dtype="int8", quant_mode="token", verify_max_interval=3),
 }
 TOLERANCE = {"fused": dict(atol=2e-5, rtol=1e-4), "compiled": dict(atol=2e-3, rtol=1e-3)}  # as tests/test_compiled.py (INT8)
-HUGE = ((0.0, 1e9), (1.0, 1e9))
-ZERO = ((0.0, 0.0), (1.0, 0.0))
 
 
 @pytest.fixture(scope="module")
