@@ -145,6 +145,7 @@ def test_a_shipped_row_of_a_preset_that_changed_since_says_what_changed():
 
     now = _json.loads(_json.dumps(_asdict(_preset("full_dqar"))))
     assert stale_presets({"shipped": {"full_dqar": {"config": now}}}) == []
+    assert stale_presets({"shipped": {"adaptive": {"config": _asdict(_preset("adaptive"))}}}) == []  # in memory: tuples
     then = dict(now, forecast_kind="hermite")
     (line,) = stale_presets({"shipped": {"full_dqar": {"config": then}}})
     assert f"forecast_kind: hermite → {now['forecast_kind']}" in line

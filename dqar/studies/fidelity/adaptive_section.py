@@ -104,7 +104,7 @@ def stale_presets(result: dict) -> list[str]:
         if name not in PRESETS or "config" not in row:
             continue
         now = json.loads(json.dumps(asdict(preset(name))))
-        then = row["config"]
+        then = json.loads(json.dumps(row["config"]))  # as saved: tuples are lists
         changed = [f"{k}: {then.get(k)} → {v}" for k, v in now.items() if k in then and then[k] != v]
         if changed:
             out.append(f"- The shipped `{name}` rows ran the preset as it was then; it has changed since ({'; '.join(changed)}): "
