@@ -42,6 +42,13 @@ def plan_key(model_name: str | None, run: RunConfig) -> dict:
             "forecast_kind": r.forecast_kind}
 
 
+def loaded_plan_key(loaded, run: RunConfig) -> dict:
+    """`plan_key` of a loaded model under `run`: its name, and the sampler it really runs ("flow" for a flow model,
+    whatever `run.sample.sampler` says)."""
+    key = plan_key(loaded.name, run)
+    return key | {"sampler": "flow"} if getattr(loaded, "family", "dit") != "dit" else key
+
+
 def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = None, plan: Plan | None = None,
              executor: str | None = None, progress: bool = False, generator=None) -> Generation:
     """Sample `labels` from a loaded model under `run`; reuse is attached only for this call.
@@ -63,7 +70,7 @@ def generate(loaded, labels: Sequence[int], run: RunConfig, *, decider: Any = No
     given = {k: v for k, v in (("decider", decider), ("plan", plan), ("executor", executor)) if v is not None}
     if not run.reuse.enabled and decider is None and plan is None and executor in (None, "auto", "patch"):
         return Generation(sample(loaded.transformer, labels, **kwargs), None)
-    with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), **given) as handle:
+    with enable(loaded.transformer, run.reuse, key=loaded_plan_key(loaded, run), **given) as handle:
         out = sample(loaded.transformer, labels, reuse=handle, **kwargs)
         return Generation(out, handle.stats, handle.executor)
 
@@ -110,8 +117,7 @@ def _generate_flow(loaded, labels, run: RunConfig, decider, plan, executor, prog
     given = {k: v for k, v in (("decider", decider), ("plan", plan), ("executor", executor)) if v is not None}
     if not run.reuse.enabled and decider is None and plan is None and executor in (None, "auto", "patch"):
         return Generation(_pixels(loaded, sample_flow(loaded.transformer, scheduler, **kwargs)), None)
-    key = plan_key(loaded.name, run) | {"sampler": "flow"}
-    with enable(loaded.transformer, run.reuse, key=key, **given) as handle:
+    with enable(loaded.transformer, run.reuse, key=loaded_plan_key(loaded, run), **given) as handle:
         out = sample_flow(loaded.transformer, scheduler, reuse=handle, **kwargs)
         return Generation(_pixels(loaded, out), handle.stats, handle.executor)
 

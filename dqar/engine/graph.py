@@ -260,15 +260,7 @@ class GraphEngine(ReuseEngine):
             self.generation["fallback"] += 1
             self.generation["fallback_rows"].add("".join("R" if r else "." for r in row))
             return self._fallback(row, store, share, x, timestep, labels, weights, layers)
-        self.generation["graphs"].add(key)
-        first = key not in self.compile_seconds
-        start = time.perf_counter()
-        if x.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        out = graph(self.transformer, x, timestep, labels, weights, layers)
-        if first:
-            self.compile_seconds[key] = time.perf_counter() - start
-            self.generation["compile"] += self.compile_seconds[key]
+        out = self._timed(key, graph, x.device, (x, timestep, labels, weights, layers))
         return out.clone()  # a CUDA-graph replay overwrites its outputs: hand out a copy (on every device, so tests see it)
 
     def _verified(self, st, x, timestep, labels, layers) -> torch.Tensor:
@@ -304,10 +296,14 @@ class GraphEngine(ReuseEngine):
             mode = "reduce-overhead" if key[3].type == "cuda" else None
             graph = self.graphs[key] = functools.partial(compiled_copy(fn, f"dqar_{key[0]}_{len(self.graphs)}", mode), self.spec,
                                                          *constants)
+        return self._timed(key, graph, key[3], args)
+
+    def _timed(self, key: tuple, graph: Callable, device: torch.device, args: tuple):
+        """One call of a graph: counted in the generation, its first call's seconds (the compile) recorded per key."""
         self.generation["graphs"].add(key)
         first = key not in self.compile_seconds
         start = time.perf_counter()
-        if key[3].type == "cuda":
+        if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         out = graph(self.transformer, *args)
         if first:

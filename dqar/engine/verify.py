@@ -38,12 +38,10 @@ per (rows before the probe, stores) and per (rows after it, stores), a handful, 
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from dqar.engine.plan import cooldown_count
+from dqar.engine.plan import reuse_window
 from dqar.engine.signals import Needs
 from dqar.errors import DqarError
 
@@ -97,8 +95,7 @@ class VerifyDecider:
         e, l = ctx.num_evaluations, ctx.num_layers
         cfg = self.cfg
         self.num_layers, self.probe = l, probe_index(cfg.verify_probe, l)
-        start = max(1, math.ceil(cfg.warmup_frac * e)) if cfg.enabled else e
-        stop = max(start, e - cooldown_count(cfg.cooldown_frac, e))
+        start, stop = reuse_window(cfg, e) if cfg.enabled else (e, e)
         self.active = np.zeros(e, dtype=bool)  # (E,) evaluations inside the reuse window
         self.active[start:stop] = True
         self.tau = tau_schedule(cfg.verify_tau, cfg.verify_scale, e)  # (E,)

@@ -38,7 +38,7 @@ from dqar.engine.plan import Plan, apply_refresh, bound_patterns, load_plan, str
 from dqar.engine.decider import TracingDecider
 from dqar.engine.adapter import describe
 from dqar.engine.signals import Trace
-from dqar.generate import generate, plan_key
+from dqar.generate import generate, loaded_plan_key
 from dqar.tuning.block_trace import record_block_trace
 
 
@@ -219,10 +219,7 @@ class Calibration:
 def model_plan_key(loaded, run: RunConfig) -> dict[str, Any]:
     """`plan_key` of `loaded` under `run` with the sampler it really runs ("flow" for a flow model, as `generate` keys it,
     whatever `run.sample.sampler` says) and its layer layout (`streams`: each layer's output streams)."""
-    key = plan_key(loaded.name, run)
-    if getattr(loaded, "family", "dit") != "dit":
-        key["sampler"] = "flow"
-    return {**key, "streams": stream_layout(loaded.transformer)}
+    return {**loaded_plan_key(loaded, run), "streams": stream_layout(loaded.transformer)}
 
 
 def check_plan_file(loaded, run: RunConfig) -> None:

@@ -34,6 +34,11 @@ class TauCalibration:
         return abs(self.skipped - self.target) <= 0.02
 
 
+def reads_verify_scale(cfg: ReuseConfig) -> bool:
+    """Whether `cfg`'s decider compares a probe error with τ × `verify_scale`: the verifying decider, the probe-error gate."""
+    return cfg.decider == "verify" or (cfg.gate and cfg.gate_signal == "probe_error")
+
+
 def skipped_at(loaded, batches: Sequence[Sequence[int]], run: RunConfig, scale: float, seed_offset: int) -> float:
     """Mean FLOPs skipped fraction of the verifying decider at `scale` over `batches` of probe labels."""
     reuse = replace(run.reuse, verify_scale=scale)
@@ -46,13 +51,14 @@ def skipped_at(loaded, batches: Sequence[Sequence[int]], run: RunConfig, scale: 
 
 def calibrate_tau(loaded, batches: Sequence[Sequence[int]], run: RunConfig, target: float, *, steps: int = 8,
                   seed_offset: int = 1000) -> TauCalibration:
-    """`run.reuse` (decider "verify") with `verify_scale` bisected so the probe batches skip `target` of the FLOPs.
+    """`run.reuse` (the verifying decider or the probe-error gate) with `verify_scale` bisected so the probe batches skip `target` of the FLOPs.
 
     `batches`: lists of class labels, one generation each; `steps`: bisection steps on log(scale). Where even the
     largest scale skips less than the target (the interval bounds cap it), the largest is returned (`reached` False).
     """
-    if run.reuse.decider != "verify":
-        raise DqarError("τ calibration tunes the verifying decider", "use a config with decider = 'verify' (e.g. preset 'adaptive')")
+    if not reads_verify_scale(run.reuse):
+        raise DqarError("τ calibration tunes the verifying decider or the probe-error gate",
+                        "use a config with decider = 'verify' (e.g. preset 'adaptive') or gate = true, gate_signal = 'probe_error'")
     if not 0.0 < target < 1.0:
         raise DqarError(f"target = {target} is out of range", "use a fraction of FLOPs skipped in (0, 1)")
     if not batches or not all(batches):

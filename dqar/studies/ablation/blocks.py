@@ -17,7 +17,7 @@ import torch
 from dqar.engine.api import enable, on_cuda
 from dqar.engine.config import RunConfig, SampleConfig
 from dqar.errors import DqarError, first_line
-from dqar.generate import Generation, generate, plan_key
+from dqar.generate import Generation, generate, loaded_plan_key
 from dqar.studies.ablation import grid as G
 from dqar.studies.core import baseline_run
 from dqar.studies.measure.timing import Run, round_robin
@@ -59,7 +59,7 @@ def choose_executor(loaded, run: RunConfig, preference: str) -> tuple[str, str |
         if executor == "patch":
             break
         try:
-            with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), executor=executor):
+            with enable(loaded.transformer, run.reuse, key=loaded_plan_key(loaded, run), executor=executor):
                 pass
         except DqarError as exc:
             reasons.append(exc.problem)
@@ -77,7 +77,7 @@ def refusal(loaded, run: RunConfig) -> str | None:
     if not run.reuse.enabled:
         return None
     try:
-        with enable(loaded.transformer, run.reuse, key=plan_key(loaded.name, run), executor="patch"):
+        with enable(loaded.transformer, run.reuse, key=loaded_plan_key(loaded, run), executor="patch"):
             pass
     except DqarError as exc:
         return str(exc)

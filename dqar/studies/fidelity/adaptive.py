@@ -202,35 +202,20 @@ def gate_cap_for(kind: str, schedule: str, target: float, steps: int, costs: np.
 
 def calibrated_gate(loaded, run: RunConfig, kind: str, schedule: str, target: float, settings: AdaptiveSettings,
                     costs: np.ndarray) -> tuple[ReuseConfig | None, dict]:
-    """The probe-error gate with a cap that can reach `target`, `verify_scale` bisected on log scale over the calibration
-    seeds (as `verify_tau.calibrate_tau` does for the verifying decider, which it alone accepts): the trial nearest
-    the target. (None, {"open_share"}) where no cap reaches the target."""
-    import math
-
+    """The probe-error gate with a cap that can reach `target`, `verify_scale` bisected on the calibration seeds as the
+    verifying decider's is (`verify_tau.calibrate_tau`). (None, {"open_share"}) where no cap reaches the target."""
     from dqar.studies.core import SEED_OFFSET
-    from dqar.tuning.verify_tau import SCALE_RANGE, skipped_at
+    from dqar.tuning.verify_tau import calibrate_tau
 
     steps = run.sample.steps
     cap = gate_cap_for(kind, schedule, target, steps, costs, settings.tolerance)
     if cap is None:
         return None, {"open_share": gate_open_share(gate_config(kind, schedule, MAX_INTERVALS[-1]), steps, costs)}
     cal_run = RunConfig(reuse=gate_config(kind, schedule, cap), sample=run.sample)
-    labels = [cycle_labels(loaded.num_classes, settings.calib_samples)]
-    trials: list[tuple[float, float]] = []
-
-    def trial(log_scale: float) -> float:
-        trials.append((math.exp(log_scale), skipped_at(loaded, labels, cal_run, math.exp(log_scale), SEED_OFFSET)))
-        return trials[-1][1]
-
-    lo, hi = math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1])
-    if trial(hi) >= target:
-        for _ in range(settings.calib_steps):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if trial(mid) >= target else (mid, hi)
-    scale, share = min(trials, key=lambda t: (abs(t[1] - target), t[0]))
-    cal = {"scale": scale, "calibrated_share": share, "reached": abs(share - target) <= settings.tolerance,
-           "trials": len(trials), "max_interval": cap}
-    return replace(cal_run.reuse, verify_scale=scale), cal
+    labels = cycle_labels(loaded.num_classes, settings.calib_samples)
+    cal = calibrate_tau(loaded, [labels], cal_run, target, steps=settings.calib_steps, seed_offset=SEED_OFFSET)
+    return cal.config, {"scale": cal.scale, "calibrated_share": cal.skipped, "reached": abs(cal.skipped - target) <= settings.tolerance,
+                        "trials": len(cal.trials), "max_interval": cap}
 
 
 def gate_rows(target: float, ev: _Setting, costs: np.ndarray, settings: AdaptiveSettings,
