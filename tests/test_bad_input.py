@@ -78,6 +78,8 @@ CASES = [
     ("fidelity zero samples", "fidelity --section engine --samples 0 --out {tmp}/f", "--samples"),
     ("fidelity zero threads", "fidelity --section dynamic --threads 0 --out {tmp}/f", "--threads"),
     ("fidelity unwritable output", "fidelity --section dynamic --out {tmp}/afile/f", "cannot write"),
+    ("fidelity extend another section", "fidelity --section engine --extend per-sample --out {tmp}/f", "--extend"),
+    ("fidelity extend without a saved run", "fidelity --section adaptive --extend per-sample --out {tmp}/f", "run the whole section"),
     ("policy collect zero generations", "policy collect --model {model} --generations 0 --out {tmp}/t.npz", "generations"),
     ("policy collect negative validation", "policy collect --model {model} --validate -1 --out {tmp}/t.npz", "--validate"),
     ("policy train zero epochs", "policy train --traces {tmp}/none.npz --epochs 0", "epochs"),

@@ -33,6 +33,10 @@ def fidelity_parser(sub) -> None:
     p.add_argument("--rows", nargs="+", metavar="NAME", default=None,
                    help="engine: re-measure only these rows (e.g. full_dqar adaptive) into the saved section, which must exist "
                         "with the same settings; the baseline is regenerated and must score as before")
+    p.add_argument("--extend", choices=("per-sample",), default=None,
+                   help="adaptive: add rows to the saved section instead of running it again; per-sample: the verifying "
+                        "decider with verify_per_sample (each sample refreshes on its own probe error) at each saved target, "
+                        "paired with the batch decider and the best static plan, both re-measured")
     p.add_argument("--model", default="embedded", choices=MODELS,
                    help="embedded (the DiT, default) | embedded-flux (the Flux: its own sections, Flux's sampling defaults)")
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {d.steps}; embedded-flux 28)")
@@ -52,6 +56,8 @@ def cmd_fidelity(args) -> int:
     from dqar.models import SAMPLE_DEFAULTS
     from dqar.studies.fidelity.evidence import DynamicSettings
 
+    if args.extend and args.section != "adaptive":
+        raise DqarError(f"--extend adds rows to the adaptive section, not to '{args.section}'", "use --section adaptive, or drop --extend")
     if args.rows and args.section != "engine":
         raise DqarError(f"--rows re-measures rows of the engine section, not of '{args.section}'", "use --section engine, or drop --rows")
     set_threads(args.threads)
@@ -148,11 +154,37 @@ def _adaptive(args) -> int:
     s = AdaptiveSettings(model=None if args.model == "embedded" else args.model, samples=args.samples,
                          probe_samples=args.probe_samples, calib_samples=args.calib_samples, steps=args.steps, cfg=args.cfg,
                          seed=args.seed, out_dir=args.out)
+    command = "dqar " + " ".join(getattr(args, "argv", []))
+    if args.extend:
+        return _adaptive_extend(args, s, command)
     result = run_adaptive(s, progress=not args.quiet)
-    doc = write_adaptive(result, s.out_dir, "dqar " + " ".join(getattr(args, "argv", [])), args.machine)
+    doc = write_adaptive(result, s.out_dir, command, args.machine)
     print(f"wrote section '{section_name(SECTION, args.model)}' of {doc}")
     for line in verdicts(result):
         print("  " + line)
+    return 0
+
+
+def _adaptive_extend(args, s, command: str) -> int:
+    """`--extend per-sample`: the saved adaptive result with the per-sample rows added, its section written again."""
+    import time
+
+    from dqar.studies.fidelity.adaptive import SECTION
+    from dqar.studies.fidelity.adaptive_section import per_sample_lines, write_adaptive
+    from dqar.studies.fidelity.adaptive_split import extend_with_per_sample
+    from dqar.studies.fidelity.sections import file_stem, machine_description, section_name, today
+
+    model = None if args.model == "embedded" else args.model
+    saved = _saved(Path(s.out_dir) / f"{file_stem('fidelity_adaptive', model)}.json")
+    start = time.perf_counter()
+    result = extend_with_per_sample(saved, s, progress=not args.quiet)
+    result["per_sample_run"] = {"command": command, "when": today(), "machine": args.machine or machine_description(),
+                                "seconds": round(time.perf_counter() - start)}
+    doc = write_adaptive(result, s.out_dir, command, args.machine)
+    print(f"wrote section '{section_name(SECTION, args.model)}' of {doc}")
+    for line in per_sample_lines(result):
+        if line.startswith("- "):
+            print("  " + line)
     return 0
 
 

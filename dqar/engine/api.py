@@ -20,6 +20,7 @@ from dqar.engine.executors import EXECUTORS
 from dqar.engine.reuse import ReuseEngine
 from dqar.engine.stats import ReuseStats
 from dqar.engine.verify import VerifyDecider
+from dqar.engine.verify_rows import SampleVerifyDecider
 
 ALL_EXECUTORS = tuple(EXECUTORS)  # "graph": GraphEngine; "flow_compiled": FlowCompiledEngine; the others ReuseEngine
 EXECUTOR_CHOICES = ("auto", *ALL_EXECUTORS)  # "auto" (the default): resolve_executor picks graph or patch
@@ -29,7 +30,7 @@ def make_decider(cfg: ReuseConfig, key: dict[str, Any] | None = None, plan: Plan
     """The decider a config asks for: the verifying decider (`decider = "verify"`), a learned policy, the online gate
     (`gate = true`), else a plan (schedule, file or given)."""
     if cfg.decider == "verify" and plan is None:
-        return VerifyDecider(cfg)
+        return SampleVerifyDecider(cfg) if cfg.verify_per_sample else VerifyDecider(cfg)
     if cfg.policy and plan is None:
         return PolicyDecider(cfg, key)
     if cfg.gate and plan is None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-FIELDS = ("cache", "executed", "shared", "rows_per_eval", "evaluation", "finished")
+FIELDS = ("cache", "executed", "shared", "rows_per_eval", "evaluation", "finished", "row_share")
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Branch:
     executed: np.ndarray  # (E, L) bool: reuse executed
     shared: np.ndarray  # (E, L) bool: attn1 computed on one CFG half
     rows_per_eval: list[int]  # batch rows of each of its forwards
+    row_share: Any = None  # (E, L) float: share of rows reused where per-sample refresh split the batch
     evaluation: int = -1
     finished: int = 0
 

@@ -95,6 +95,7 @@ class ReuseConfig:
     verify_scale: float = 1.0  # verify: every τ times this (what dqar.tuning.verify_tau calibrates)
     verify_min_interval: int = 0  # verify: fewest consecutive reuses before a refresh
     verify_max_interval: int = 3  # verify: most consecutive reuses (>= 1)
+    verify_per_sample: bool = False  # verify: each sample (its CFG rows together) refreshes on its own error; probe 'first', block granularity, executor 'patch'
     max_patterns: int = 16  # executor 'graph': most distinct plan rows compiled as whole-model graphs; others run per block
     bound_patterns: bool = False  # True: a schedule's (or plan file's) plan keeps at most max_patterns distinct rows, the others computing more (dqar.engine.plan.bound_patterns): executor 'graph' never falls back
 
@@ -190,6 +191,9 @@ class ReuseConfig:
                             "unset them, or use decider = 'plan'")
         if self.decider == "verify" and self.target == "kv":
             raise DqarError("the verifying decider compares cached attention or block outputs, not K/V", "use target = 'attention'")
+        if self.verify_per_sample and (self.decider != "verify" or self.verify_probe not in ("first", 0) or self.granularity != "block"):
+            raise DqarError("verify_per_sample = true splits a batch after the first block: it needs decider = 'verify', "
+                            "verify_probe = 'first' and granularity = 'block'", "set those, or verify_per_sample = false")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from dqar.engine import verify
+from dqar.engine import verify, verify_rows
 from dqar.engine.adapter import form_of, outputs, pack
 from dqar.engine.attention import attend
 from dqar.engine.block import cfg_half
@@ -79,6 +79,8 @@ def block(engine, layer: int, original: Callable, *args, **kwargs) -> Any:
     st, slot, spec = engine.state, engine.slots[layer], engine.layout.specs[layer]
     hidden, encoder = engine.layout.inputs(layer, args, kwargs)  # (B, T, C), (B, S, C) or None
     if st.row[layer] and st.cache.has(slot):
+        if st.split is not None and (encoder is None or st.cache.has(slot + 1)):  # per-sample refresh: some rows compute
+            return verify_rows.split_block(engine, layer, original, args, kwargs, hidden, encoder)
         st.executed[st.evaluation, layer] = True
         h = hidden + st.cache.read(slot)  # (B, T, C) residual of attention + MLP, a copy or a forecast
         if not engine.forms.get(layer):
@@ -96,8 +98,10 @@ def block(engine, layer: int, original: Callable, *args, **kwargs) -> Any:
     text = e - encoder if e is not None and encoder is not None else None  # (B, S, C) the text stream's residual
     if change:
         st.signals.put_change(layer, relative_change(residual, cached(st, slot)))
-    if probe:
-        verify.observe(engine, layer, residual, text)  # may set the rest of this evaluation's row and stores
+    if probe:  # may set the rest of this evaluation's row and stores (per sample: the split)
+        (verify_rows.observe if getattr(engine.verifier, "per_sample", False) else verify.observe)(engine, layer, residual, text)
+        if st.split is not None:  # a split evaluation: the reusing rows store the forecast they read
+            residual, text = verify_rows.blend(st, slot, residual), verify_rows.blend(st, slot + 1, text)
     if st.store[layer]:
         st.cache.put(slot, residual)
         if text is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dqar.engine import branches, forecast, forwards, verify
+from dqar.engine import branches, forecast, forwards, verify, verify_rows
 from dqar.engine.adapter import check_family, describe
 from dqar.engine.cache import LayerCache, StorePolicy
 from dqar.engine.codec import Codec
@@ -61,6 +61,8 @@ class GenerationState:
     branch: str | None = None  # the cache context whose branch the fields above mirror (`dqar.engine.branches`)
     branches: dict = field(default_factory=dict)  # the other branches: context → Branch
     call: tuple | None = None  # (args, kwargs) of the first forward: its shapes give counted FLOPs (non-DiT families)
+    row_share: np.ndarray | None = None  # (E, L) float: share of rows reused where per-sample refresh split the batch (0 elsewhere)
+    split: Any = None  # this evaluation's per-sample split (`dqar.engine.verify_rows.Split`), or None
 
 
 class ReuseEngine:
@@ -168,13 +170,15 @@ class ReuseEngine:
             share_from=share_from,
             guided=guided,
             shared=first.shared,
+            row_share=first.row_share,
             branch=self.context,
         )
 
     def _new_branch(self, num_evaluations: int) -> branches.Branch:
         num_layers = len(self.blocks)
         return branches.Branch(cache=self._new_cache(num_layers), executed=np.zeros((num_evaluations, num_layers), dtype=bool),
-                               shared=np.zeros((num_evaluations, num_layers), dtype=bool), rows_per_eval=[])
+                               shared=np.zeros((num_evaluations, num_layers), dtype=bool), rows_per_eval=[],
+                               row_share=np.zeros((num_evaluations, num_layers)))
 
     def _new_cache(self, num_layers: int):
         """The cache of a new generation: a `LayerCache` (the graph executor reuses its static history instead)."""
@@ -241,6 +245,10 @@ class ReuseEngine:
         st.sharing = 0 <= st.share_from <= e and self._is_guided(st, args, kwargs, hidden.shape[0])
         st.row = self.decider.row(e)
         st.store = self.decider.store_row(e)
+        if getattr(self.verifier, "per_sample", False):
+            if st.guided is None and self.layout.is_dit:
+                self._is_guided(st, args, kwargs, hidden.shape[0])  # which rows are one sample's CFG pair
+            verify_rows.begin_evaluation(self, hidden)
         self._check_finite(st)
 
     def _check_finite(self, st: GenerationState) -> None:
@@ -333,7 +341,7 @@ class ReuseEngine:
         num_layers = len(self.blocks)
         idle = GenerationState(num_evaluations=1, cache=self._new_branch(1).cache, executed=np.zeros((1, num_layers), dtype=bool),
                                rows_per_eval=[], evaluation=0, row=(False,) * num_layers, store=(False,) * num_layers,
-                               shared=np.zeros((1, num_layers), dtype=bool))
+                               shared=np.zeros((1, num_layers), dtype=bool), row_share=np.zeros((1, num_layers)))
         saved, self.state, self.counting = self.state, idle, True
         try:
             return counted_flops(self.transformer, args, kwargs)
@@ -352,7 +360,8 @@ class ReuseEngine:
             shared = b.shared[:n] & ~b.executed[:n]  # (E, L) attn1 computed on half the rows
             shared_cells += int(shared.sum())
             total += int(rows.sum()) * fm.forward
-            skipped += int(((b.executed[:n].astype(np.int64) @ fm.skip) * rows).sum())
+            reused = np.where(b.row_share[:n] > 0, b.row_share[:n], b.executed[:n])  # (E, L) share of rows reused
+            skipped += int(round(float(((reused @ fm.skip) * rows).sum())))
             skipped += int((shared.sum(axis=1) * (rows // 2)).sum()) * fm.attention
         caches = [b.cache for b in runs]
         errors = [c.mean_error() for c in caches]

@@ -180,6 +180,9 @@ def check(engine_cfg, layout, executor: str) -> None:
         raise DqarError(f"the verifying decider runs on {', '.join(EXECUTORS)}, not '{executor}'", "use executor = 'patch'")
     if engine_cfg.target == "kv":
         raise DqarError("the verifying decider compares cached attention or block outputs, not K/V", "use target = 'attention'")
+    if engine_cfg.verify_per_sample and executor != "patch":
+        raise DqarError(f"per-sample refresh splits the batch between blocks: it runs on the 'patch' executor, not '{executor}'",
+                        "use executor = 'patch', or verify_per_sample = false")
 
 
 def observe(engine, layer: int, *fresh: torch.Tensor | None) -> None:

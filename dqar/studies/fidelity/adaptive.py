@@ -161,15 +161,16 @@ def max_interval_for(target: float, steps: int, costs: np.ndarray, tolerance: fl
 
 
 def calibrated_verify(loaded, run: RunConfig, kind: str, target: float, settings: AdaptiveSettings,
-                      costs: np.ndarray) -> tuple[ReuseConfig, dict]:
-    """The adaptive preset with `kind` and a reuse cap that can reach `target`, its τ scale bisected on the calibration
-    seeds to `target`."""
+                      costs: np.ndarray, per_sample: bool = False) -> tuple[ReuseConfig, dict]:
+    """The adaptive preset with `kind` and a reuse cap that can reach `target` (`per_sample`: each sample refreshes on its
+    own error), its τ scale bisected on the calibration seeds to `target`."""
     from dqar.studies.core import SEED_OFFSET
     from dqar.tuning.verify_tau import calibrate_tau
 
     labels = cycle_labels(loaded.num_classes, settings.calib_samples)
     m = max_interval_for(target, run.sample.steps, costs, settings.tolerance)
-    cal_run = RunConfig(reuse=replace(preset("adaptive"), forecast_kind=kind, verify_max_interval=m), sample=run.sample)
+    cal_run = RunConfig(reuse=replace(preset("adaptive"), forecast_kind=kind, verify_max_interval=m, verify_per_sample=per_sample),
+                        sample=run.sample)
     cal = calibrate_tau(loaded, [labels], cal_run, target, steps=settings.calib_steps, seed_offset=SEED_OFFSET)
     return cal.config, {"scale": cal.scale, "calibrated_share": cal.skipped, "reached": cal.reached, "trials": len(cal.trials),
                         "max_interval": m}
@@ -339,16 +340,10 @@ def _clean(out: dict) -> dict:
 REMEASURE_DB = 0.1  # the re-measured best static plan's PSNR may differ from the saved one by this much (engine changes since)
 
 
-def extend_with_gate(saved: dict, settings: AdaptiveSettings, progress: bool = True,
-                     checkpoint: Callable[[dict], None] | None = None) -> dict:
-    """`saved` (a `run_adaptive` result at `settings`' model, steps, CFG, seed and counts) with the gate rows added at each
-    of its targets. Each target's best static plan is re-measured on the evaluated seeds for the paired differences;
-    where its PSNR is not the saved one to `REMEASURE_DB`, the saved result does not describe this run and is refused
-    (the gate's differences are paired with the re-measured plan, on this run)."""
-    import copy
-
+def saved_setting(saved: dict, settings: AdaptiveSettings) -> tuple[_Setting, np.ndarray]:
+    """The evaluated seeds of `saved` (a `run_adaptive` result) re-made at `settings`, and its layer costs; refused where
+    the settings are not the saved ones."""
     from dqar.models import load_model
-    from tqdm import tqdm
 
     loaded = load_model(settings.model)
     run = _run(loaded, settings)
@@ -358,19 +353,36 @@ def extend_with_gate(saved: dict, settings: AdaptiveSettings, progress: bool = T
             settings.tolerance):
         raise DqarError("the saved adaptive result was measured at other settings (model, steps, CFG, seed, counts)",
                         "pass the settings it was run with, or run the whole comparison")
+    return _setting(loaded, cycle_labels(loaded.num_classes, settings.samples), run), np.asarray(saved["layer_costs"])
+
+
+def remeasure(ev: _Setting, kept: dict, target: float) -> dict:
+    """A saved row re-measured on the evaluated seeds (per-sample PSNR kept); refused where its PSNR is not the saved one
+    to `REMEASURE_DB` (the saved result does not describe this run)."""
+    row = measure(ev, kept["name"], build(ReuseConfig, dict(kept["config"]), "a saved adaptive row"))
+    if abs(row["psnr_db"] - kept["psnr_db"]) > REMEASURE_DB:
+        raise DqarError(f"'{kept['name']}' at {target:.1%} re-measures {row['psnr_db']:.3f} dB, saved {kept['psnr_db']:.3f} dB",
+                        "run the whole comparison on this machine")
+    return row
+
+
+def extend_with_gate(saved: dict, settings: AdaptiveSettings, progress: bool = True,
+                     checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """`saved` (a `run_adaptive` result at `settings`' model, steps, CFG, seed and counts) with the gate rows added at each
+    of its targets. Each target's best static plan is re-measured on the evaluated seeds for the paired differences
+    (`remeasure`: the gate's differences are paired with the re-measured plan, on this run)."""
+    import copy
+
+    from tqdm import tqdm
+
+    ev, costs = saved_setting(saved, settings)
     result = copy.deepcopy(saved)
-    result["settings"] = {**s, "gate_kinds": list(settings.gate_kinds), "gate_schedules": list(settings.gate_schedules)}
+    result["settings"] = {**saved["settings"], "gate_kinds": list(settings.gate_kinds), "gate_schedules": list(settings.gate_schedules)}
     comps = [result["at_full_dqar"], *result["targets"]]
     bar = tqdm(disable=not progress, desc="adaptive gate rows", total=len(comps))
     tick = lambda what: bar.set_postfix_str(what[:60])  # noqa: E731
-    ev = _setting(loaded, cycle_labels(loaded.num_classes, settings.samples), run)
-    costs = np.asarray(saved["layer_costs"])
     for comp in comps:
-        kept = comp["static"][comp["best_static_kind"]]
-        base = measure(ev, kept["name"], build(ReuseConfig, dict(kept["config"]), "the saved best static plan"))
-        if abs(base["psnr_db"] - kept["psnr_db"]) > REMEASURE_DB:
-            raise DqarError(f"the best static plan at {comp['target']:.1%} re-measures {base['psnr_db']:.3f} dB, saved "
-                            f"{kept['psnr_db']:.3f} dB", "run the whole comparison on this machine")
+        base = remeasure(ev, comp["static"][comp["best_static_kind"]], comp["target"])
         rows, comp["gate_unreachable"] = gate_rows(comp["target"], ev, costs, settings, tick)
         for row in rows.values():
             row.update(paired_delta(row, base))

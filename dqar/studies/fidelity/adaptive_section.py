@@ -71,7 +71,7 @@ def verdicts(result: dict) -> list[str]:
                    f"{best['delta_db']:+.2f} dB {_ci(best['delta_ci'])} against the best static plan: target "
                    f"≥ +{GAIN_DB:.1f} dB with the interval above 0 **{'met' if met and matched else 'missed'}**.")
     out += gate_verdicts(result)
-    rows = [r for c in [result["at_full_dqar"], *result["targets"]] for d in ("static", "verify", "gate")
+    rows = [r for c in [result["at_full_dqar"], *result["targets"]] for d in ("static", "verify", "gate", "per_sample")
             for r in c.get(d, {}).values() if r is not None] + list(result["shipped"].values())
     good = [r for r in rows if r["psnr_db"] >= FRONTIER[1]]
     top = max(good, key=lambda r: (r["flops_skipped"], r["psnr_db"])) if good else None  # ties: the better PSNR
@@ -162,6 +162,50 @@ def _word(ci) -> str:
     return "beats" if ci[0] > 0 else "loses to" if ci[1] < 0 else "is not distinguishable from"
 
 
+def per_sample_lines(result: dict) -> list[str]:
+    """The per-sample refresh rows (`adaptive_split.extend_with_per_sample`) against the batch decider, and the verdict."""
+    from dqar.engine.config import PRESETS
+
+    comps = [c for c in [result["at_full_dqar"], *result["targets"]] if c.get("per_sample")]
+    if not comps:
+        return []
+    tol, ref = result["settings"]["tolerance"], result["reference"].get("class_accuracy")
+    lines = ["", "**Per-sample refresh.** The verifying decider with `verify_per_sample = true`: each sample (its CFG rows "
+             "together) refreshes on its own probe error; the batch splits after the probe block, each later block "
+             "computing the refreshing rows only (no copy of the model). τ is calibrated to the same target on the same "
+             "calibration seeds as the batch decider's. Δ: paired per-sample PSNR differences with 95% bootstrap intervals.", "",
+             "| target | batch decider: skipped, PSNR | per-sample: skipped, PSNR | Δ per-sample − batch | Δ vs best static "
+             "| class accuracy | host syncs / evaluation |", "|---|---:|---:|---:|---:|---:|---:|"]
+    tally: dict[str, list[str]] = {"beats": [], "loses to": [], "is not distinguishable from": []}
+    static_wins, unmatched = [], []
+    for comp in comps:
+        label = f"{100 * comp['target']:.1f}%" + (" (full_dqar's)" if comp is result["at_full_dqar"] else "")
+        for row in comp["per_sample"].values():
+            acc = row.get("class_accuracy")
+            lines.append(f"| {label} | {100 * row['batch_flops_skipped']:.1f}%, {_f(row['batch_psnr_db'])} | "
+                         f"{100 * row['flops_skipped']:.1f}%, {_f(row['psnr_db'])} | {row['delta_vs_batch_db']:+.2f} "
+                         f"{_ci(row['delta_vs_batch_ci'])} | {_f(row.get('delta_db'), '{:+.2f}')} {_ci(row.get('delta_ci'))} | "
+                         f"{_f(acc and 100 * acc, '{:.1f}%')} ({_f(None if acc is None or ref is None else 100 * (ref - acc), '{:+.1f}')}) | "
+                         f"{row['host_syncs_per_evaluation']:.2f} |")
+            if not (_matched(row, comp["target"], tol) and abs(row["batch_flops_skipped"] - comp["target"]) <= tol):
+                unmatched.append(label)
+                continue
+            if row["delta_vs_batch_ci"]:
+                tally[_word(row["delta_vs_batch_ci"])].append(label)
+            if row.get("delta_ci") and row["delta_ci"][0] > 0:
+                static_wins.append(label)
+    said = [f"{word} the batch decider at {', '.join(at)}" for word, at in tally.items() if at]
+    used = [n for n, v in PRESETS.items() if v.get("verify_per_sample")]
+    run = result.get("per_sample_run")
+    if run:
+        lines += ["", f"Measured {run['when']} on {run['machine']}: `{run['command']}` ({run['seconds']} s)."]
+    lines += ["", "- Per-sample refresh " + ("; ".join(said) if said else "was not compared at matched work")
+              + (f" (work not matched within ±{tol:.0%} at {', '.join(unmatched)})" if unmatched else "") + "; it beats the "
+              "best static plan at " + (", ".join(static_wins) if static_wins else "no target") + ". Presets using it: "
+              + (", ".join(f"`{n}`" for n in used) if used else "none") + "."]
+    return lines
+
+
 def policy_lines(result: dict) -> list[str]:
     """The learned policies' rows (`adaptive_policy.run_policy_rows`, kept as `policy_rows`) and their verdicts."""
     from dqar.engine.config import PRESETS
@@ -249,7 +293,7 @@ def section_body(result: dict, command: str, when: str, machine: str) -> str:
     if done < asked:
         head += [f"**Partial run**: {done} of the {asked} targets ({', '.join(f'{t:.0%}' for t in s['targets'][done:])} "
                  "not yet measured) when this section was written.", ""]
-    return "\n".join(head + table(result) + [""] + verdicts(result) + policy_lines(result)) + "\n"
+    return "\n".join(head + table(result) + [""] + verdicts(result) + per_sample_lines(result) + policy_lines(result)) + "\n"
 
 
 def write_adaptive(result: dict, out_dir: Path, command: str, machine: str = "") -> Path:
@@ -258,7 +302,9 @@ def write_adaptive(result: dict, out_dir: Path, command: str, machine: str = "")
     from dqar.studies.fidelity.sections import file_stem, machine_description, section_name, today
 
     out_dir = Path(out_dir)
+    written = result.setdefault("written", {"command": command, "when": result.get("when") or today(),
+                                            "machine": machine or machine_description()})  # an extension keeps the run's
     atomic_write_json(out_dir / f"{file_stem('fidelity_adaptive', result['model'])}.json", result)
     name = section_name(SECTION, result["model"])
-    body = f"## {name}\n\n" + section_body(result, command, result.get("when") or today(), machine or machine_description())
+    body = f"## {name}\n\n" + section_body(result, written["command"], written["when"], written["machine"])
     return write_section(out_dir / "FIDELITY.md", name, body)
