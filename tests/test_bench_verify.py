@@ -47,6 +47,17 @@ def test_the_dit_times_adaptive_on_compiled_beside_its_static_twin():
     assert not result["not_applicable"]
 
 
+def test_the_dit_times_per_sample_refresh_beside_the_batch_decider():
+    result = _bench(load_model("embedded"), steps=12, batch_sizes=(4,), compile=False, verify_target=0.3,
+                    cases=("stock_eager", "adaptive_eager", "adaptive_per_sample_eager"))
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"stock_eager", "adaptive_eager", "adaptive_per_sample_eager"} and not result["failed"]
+    per, batch = rows["adaptive_per_sample_eager"], rows["adaptive_eager"]
+    assert "per-sample refresh" in per["setting"] and "per-sample refresh" not in batch["setting"]
+    assert "calibrated to skip 30%" in per["setting"] and per["host_syncs"] > 0
+    assert per["flops_skipped_fraction"] > 0 and per["setting"].startswith("dqar executor patch")
+
+
 def test_adaptive_rows_are_named_and_quick_times_no_compiled_row():
     s = BenchSettings(presets=("adaptive",), peers=())
     names = case_names(s)
@@ -55,7 +66,7 @@ def test_adaptive_rows_are_named_and_quick_times_no_compiled_row():
         assert n in names
     assert "adaptive_compiled_modeldtype" not in names
     quick = case_names(BenchSettings(presets=("adaptive",), peers=(), compile=False))
-    assert [n for n in quick if n.startswith("adaptive")] == ["adaptive_eager"]
+    assert [n for n in quick if n.startswith("adaptive")] == ["adaptive_eager", "adaptive_per_sample_eager"]
 
 
 @pytest.mark.parametrize("preset_name", ["full_dqar", "block_reuse"])

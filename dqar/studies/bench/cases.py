@@ -44,22 +44,25 @@ class Batch:
     s: Any  # BenchSettings
     plans: dict = field(default_factory=dict)
 
-    def config(self, name: str) -> ReuseConfig:
-        """Preset `name`; a verifying-decider preset with `s.verify_target` set gets its τ scaled (`verify_scale`) by
-        `calibrate_tau` to skip that share of the FLOPs on this batch's labels, seeds offset by 1000 (once per batch)."""
-        cfg = preset(name)
+    def config(self, name: str, per_sample: bool = False) -> ReuseConfig:
+        """Preset `name` (`per_sample`: a verifying-decider preset with `verify_per_sample`); a verifying-decider preset with
+        `s.verify_target` set gets its τ scaled (`verify_scale`) by `calibrate_tau` to skip that share of the FLOPs on
+        this batch's labels, seeds offset by 1000 (once per batch and form)."""
+        cfg = replace(preset(name), verify_per_sample=True) if per_sample else preset(name)
         if cfg.decider != "verify" or self.s.verify_target is None:
             return cfg
-        if ("tau", name) not in self.plans:
-            self.plans[("tau", name)] = calibrate_tau(self.loaded, [self.labels], run_config(self.s, cfg), self.s.verify_target)
-        return self.plans[("tau", name)].config
+        key = ("tau", name, per_sample)
+        if key not in self.plans:
+            self.plans[key] = calibrate_tau(self.loaded, [self.labels], run_config(self.s, cfg), self.s.verify_target)
+        return self.plans[key].config
 
-    def note(self, name: str) -> str:
+    def note(self, name: str, per_sample: bool = False) -> str:
         """How a verifying-decider row's τ was set, for its setting ("" for the preset's own τ)."""
-        cal = self.plans.get(("tau", name))
+        cal = self.plans.get(("tau", name, per_sample))
+        form = ", per-sample refresh (the batch split after the probe block)" if per_sample else ""
         if cal is None:
-            return ""
-        return f", τ × {cal.scale:.3g} (calibrated to skip {cal.target:.0%} of the FLOPs; {cal.skipped:.1%} on the probe seeds)"
+            return form
+        return form + f", τ × {cal.scale:.3g} (calibrated to skip {cal.target:.0%} of the FLOPs; {cal.skipped:.1%} on the probe seeds)"
 
     def reuse(self, name: str) -> tuple[ReuseConfig, Plan | None]:
         """A preset for the compiled executors: a gate's decisions, taken once eagerly, frozen into a plan (zero syncs)."""

@@ -141,7 +141,8 @@ def _specs(s: BenchSettings):
 
 def _preset_specs(name: str):
     """A preset eager, and where the compiled executors take it (no CFG sharing): compiled, graph, flow_compiled, compiled with a
-    model-dtype cache; a verifying-decider preset (adaptive) instead gets `<name>_static_<executor>` beside its compiled rows."""
+    model-dtype cache; a verifying-decider preset (adaptive) instead gets `<name>_static_<executor>` beside its compiled rows,
+    and `<name>_per_sample_eager` (per-sample refresh, patch executor only) beside its eager row."""
     cfg = preset(name)
     yield f"{name}_eager", "eager", lambda b: dqar_case(b, b.config(name), "patch", note=b.note(name))
     if cfg.cfg_share != "none":  # CFG sharing runs on the patch executor only
@@ -150,6 +151,7 @@ def _preset_specs(name: str):
     yield f"{name}_graph", "graph", lambda b: planned_case(b, name, "graph")  # a graph per plan row
     yield f"{name}_flow_compiled", "flow_compiled", lambda b: planned_case(b, name, "flow_compiled")  # compiled stock blocks
     if cfg.decider == "verify":  # beside each compiled row, the static plan of its own executed decisions (same FLOPs)
+        yield f"{name}_per_sample_eager", "eager", lambda b: dqar_case(b, b.config(name, True), "patch", note=b.note(name, True))
         for kind in ("compiled", "graph", "flow_compiled"):
             yield f"{name}_static_{kind}", kind, functools.partial(verify_static_case, name=name, executor=kind)
     elif cfg.cache_dtype == "int8":  # same plan, model-dtype cache: the INT8 overhead
