@@ -1,9 +1,9 @@
 """Issue 24 item 1: per-sample refresh (`verify_per_sample = true`) splits a batch after the probe block.
 
-Each sample gets its own verdict. With a copy history (one entry per layer, model dtype), where a reusing row's store
-changes nothing, a batch's outputs equal each sample sampled by itself (DiT with batched CFG, Flux with true CFG as
-separate forwards), where the batch decider's do not, and the FLOPs skipped are the sum of the samples'. With a forecast
-history the verdicts follow each sample's own error; one host read per step; bad combinations are one-line errors.
+Each sample gets its own verdict and keeps its own history (`dqar.engine.row_cache`): with a model-dtype history, a
+copy or a forecast, a batch's outputs equal each sample sampled by itself (DiT with batched CFG, Flux with true CFG as
+separate forwards), where the batch decider's do not, and the FLOPs skipped are the sum of the samples'. The verdicts
+follow each sample's own error; one host read per step; an INT8 history splits too; bad combinations are one-line errors.
 """
 from dataclasses import replace
 
@@ -20,9 +20,9 @@ from dqar.models import load_model
 LABELS = [0, 3, 7, 9]
 
 
-def config(tau: float, per_sample: bool, order: int = 0) -> ReuseConfig:
-    """The adaptive preset with a model-dtype history; order 0: a copy (a reusing row's store leaves its history as it was)."""
-    return replace(preset("adaptive"), cache_dtype="model", forecast_kind="taylor", forecast_order=order, warmup_frac=0.2,
+def config(tau: float, per_sample: bool, order: int = 0, kind: str = "taylor", cache: str = "model") -> ReuseConfig:
+    """The adaptive preset with a `cache` history; order 0: a copy."""
+    return replace(preset("adaptive"), cache_dtype=cache, forecast_kind=kind, forecast_order=order, warmup_frac=0.2,
                    verify_tau=((0.0, tau), (1.0, tau)), verify_max_interval=3, verify_per_sample=per_sample)
 
 
@@ -45,9 +45,9 @@ def alone(loaded, cfg, steps):
             sum(g.stats.flops_total for g in runs))
 
 
-def split_tau(loaded, steps, order: int = 0) -> float:
+def split_tau(loaded, steps, order: int = 0, kind: str = "taylor") -> float:
     """A τ inside the spread of the samples' errors, so the batch does split."""
-    _, d = run(loaded, LABELS, config(1e9, True, order), steps)
+    _, d = run(loaded, LABELS, config(1e9, True, order, kind), steps)
     errs = np.concatenate(list(d.sample_errors.values()))
     return float(np.median(errs))
 
@@ -64,18 +64,29 @@ def flux():
     return load_model("random-flux-tiny")
 
 
-@pytest.mark.parametrize("which, steps", [("dit", 12), ("flux", 6)])
-def test_a_batch_samples_as_its_samples_alone(which, steps, request):
+@pytest.mark.parametrize("which, steps, order, kind", [("dit", 12, 0, "taylor"), ("dit", 12, 2, "bdf2_heun"),
+                                                      ("flux", 6, 0, "taylor"), ("flux", 6, 2, "bdf2_heun")])
+def test_a_batch_samples_as_its_samples_alone(which, steps, order, kind, request):
     loaded = request.getfixturevalue(which)
-    tau = split_tau(loaded, steps)
-    per, decider = run(loaded, LABELS, config(tau, True), steps)
+    tau = split_tau(loaded, steps, order, kind)
+    cfg = config(tau, True, order, kind)
+    per, decider = run(loaded, LABELS, cfg, steps)
     assert decider.masks, "the batch never split: the test's τ is outside the samples' errors"
-    ref, skipped, total = alone(loaded, config(tau, True), steps)
+    ref, skipped, total = alone(loaded, cfg, steps)
     assert torch.allclose(out(per), ref, atol=2e-4), (out(per) - ref).abs().max()
     assert per.stats.flops_total == total and abs(per.stats.flops_skipped - skipped) <= len(LABELS)
-    batch, _ = run(loaded, LABELS, config(tau, False), steps)
+    batch, _ = run(loaded, LABELS, config(tau, False, order, kind), steps)
     assert (out(batch) - ref).abs().max() > 10 * (out(per) - ref).abs().max()  # the knob acts
-    assert batch.stats.flops_skipped != per.stats.flops_skipped
+
+
+def test_an_int8_history_splits_near_its_samples_alone(dit):
+    tau = split_tau(dit, 12, 2, "bdf2_heun")
+    cfg = config(tau, True, 2, "bdf2_heun", cache="int8")
+    per, decider = run(dit, LABELS, cfg, 12)
+    ref, _, _ = alone(dit, cfg, 12)
+    whole, _ = run(dit, LABELS, config(tau, False, 2, "bdf2_heun", cache="int8"), 12)
+    assert decider.masks and per.stats.quant_error is not None
+    assert (out(per) - ref).abs().mean() < 0.5 * (out(whole) - ref).abs().mean()  # the batch's scales are shared, not the verdicts
 
 
 def test_forecast_verdicts_follow_each_samples_error_with_one_read_per_step(dit):
@@ -111,3 +122,22 @@ def test_bad_combinations_are_one_line_errors(change, words):
 def test_other_executors_refuse_it(dit):
     with pytest.raises(DqarError, match="'patch' executor, not 'compiled'"):
         generate(dit, [0], RunConfig(reuse=config(0.03, True), sample=SampleConfig(steps=4)), executor="compiled")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_row_cache_forecasts_each_row_from_its_own_entries(int8):
+    """Rows on lines y = (b + 1)·x: row 0 stores at 0, 1, 2; row 1 at 0, 1 only; at 3 each extrapolates its own line."""
+    from dqar.engine.cache import StorePolicy
+    from dqar.engine.row_cache import RowCache
+
+    cache = RowCache(1, (StorePolicy(int8=int8, mode="token"),), False, 1)
+    slope = torch.tensor([1.0, 2.0]).view(2, 1, 1)  # (B, 1, 1)
+    for x in (0.0, 1.0):
+        cache.at(x)
+        cache.put(0, slope * x * torch.ones(2, 3, 4))
+    cache.at(2.0)
+    cache.put_rows(0, slope * 2.0 * torch.ones(2, 3, 4), np.array([True, False]))
+    cache.at(3.0)
+    got = cache.read(0)  # row 0: through (2, 2), (1, 1) → 3; row 1: through (1, 2), (0, 0) → 6
+    assert torch.allclose(got[0], torch.full((3, 4), 3.0), atol=0.05) and torch.allclose(got[1], torch.full((3, 4), 6.0), atol=0.1)
+    assert cache.entries_now == 2 and cache.bytes_now > 0

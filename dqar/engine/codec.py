@@ -38,10 +38,25 @@ def combine(parts: Sequence[torch.Tensor], weights, dtype: torch.dtype) -> torch
     return out.to(dtype)
 
 
-def _decoded(anchor: tuple[torch.Tensor, torch.Tensor], deltas: Sequence[tuple[torch.Tensor, torch.Tensor]], mode: str,
-             acc: torch.dtype) -> list[torch.Tensor]:
+def decode(anchor: tuple[torch.Tensor, torch.Tensor], deltas: Sequence[tuple[torch.Tensor, torch.Tensor]], mode: str,
+           acc: torch.dtype) -> list[torch.Tensor]:
+    """The entries of an anchored history, `Â + d̂_i` (newest first), in `acc`."""
     base = dequantize_values(anchor[0], anchor[1], acc, mode)
     return [base + dequantize_values(v, s, acc, mode) for v, s in deltas]
+
+
+def encode_history(entries: Sequence[torch.Tensor], mode: str, heads: int, track: bool):
+    """An anchored history of decoded `entries` (newest first): the newest quantized as the anchor, every entry as an INT8
+    difference from the decoded anchor. Returns (anchor values, anchor scale, difference values, difference scales, the
+    newest entry's round-trip error or None)."""
+    src = entries[0].detach()
+    acc = accumulation_dtype(src.dtype)
+    anchor_values, anchor_scale = quantize_values(src, mode, heads)
+    base = dequantize_values(anchor_values, anchor_scale, acc, mode)
+    coded = [quantize_values(y.to(acc) - base, mode, heads) for y in [src, *entries[1:]]]
+    values, scales = tuple(c[0] for c in coded), tuple(c[1] for c in coded)
+    error = relative_change(base + dequantize_values(values[0], scales[0], acc, mode), src) if track else None
+    return anchor_values, anchor_scale, values, scales, error
 
 
 def rebase(x: torch.Tensor, anchor: tuple | None, kept: tuple, mode: str, heads: int, track: bool):
@@ -51,21 +66,14 @@ def rebase(x: torch.Tensor, anchor: tuple | None, kept: tuple, mode: str, heads:
     `anchor`: (values, scale) or None (no history yet); `kept`: ((values, scale), …) newest first.
     Returns (anchor values, anchor scale, difference values, difference scales, x's round-trip error or None).
     """
-    acc = accumulation_dtype(x.dtype)
-    src = x.detach()
-    older = _decoded(anchor, kept, mode, acc) if anchor is not None else []
-    anchor_values, anchor_scale = quantize_values(src, mode, heads)
-    base = dequantize_values(anchor_values, anchor_scale, acc, mode)
-    coded = [quantize_values(y - base, mode, heads) for y in [src.to(acc), *older]]
-    values, scales = tuple(c[0] for c in coded), tuple(c[1] for c in coded)
-    error = relative_change(base + dequantize_values(values[0], scales[0], acc, mode), src) if track else None
-    return anchor_values, anchor_scale, values, scales, error
+    older = decode(anchor, kept, mode, accumulation_dtype(x.dtype)) if anchor is not None else []
+    return encode_history([x, *older], mode, heads, track)
 
 
 def forecast_anchored(anchor_values: torch.Tensor, anchor_scale: torch.Tensor, values: tuple, scales: tuple, mode: str, weights,
                       dtype: torch.dtype) -> torch.Tensor:
     """`Σ_i weights[i] · (Â + d̂_i)` over the newest len(weights) entries of an anchored history, in `dtype`."""
-    return combine(_decoded((anchor_values, anchor_scale), list(zip(values, scales)), mode, accumulation_dtype(dtype)), weights, dtype)
+    return combine(decode((anchor_values, anchor_scale), list(zip(values, scales)), mode, accumulation_dtype(dtype)), weights, dtype)
 
 
 @dataclass(frozen=True)

@@ -100,12 +100,10 @@ def block(engine, layer: int, original: Callable, *args, **kwargs) -> Any:
         st.signals.put_change(layer, relative_change(residual, cached(st, slot)))
     if probe:  # may set the rest of this evaluation's row and stores (per sample: the split)
         (verify_rows.observe if getattr(engine.verifier, "per_sample", False) else verify.observe)(engine, layer, residual, text)
-        if st.split is not None:  # a split evaluation: the reusing rows store the forecast they read
-            residual, text = verify_rows.blend(st, slot, residual), verify_rows.blend(st, slot + 1, text)
-    if st.store[layer]:
-        st.cache.put(slot, residual)
+    if st.store[layer]:  # at a split evaluation (per-sample refresh) the refreshing rows only
+        verify_rows.store(st, slot, residual)
         if text is not None:
-            st.cache.put(slot + 1, text)
+            verify_rows.store(st, slot + 1, text)
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from dqar.engine import branches, forecast, forwards, verify, verify_rows
 from dqar.engine.adapter import check_family, describe
 from dqar.engine.cache import LayerCache, StorePolicy
+from dqar.engine.row_cache import RowCache
 from dqar.engine.codec import Codec
 from dqar.engine.config import ReuseConfig
 from dqar.engine.decider import Decider, DeciderContext
@@ -182,7 +183,8 @@ class ReuseEngine:
 
     def _new_cache(self, num_layers: int):
         """The cache of a new generation: a `LayerCache` (the graph executor reuses its static history instead)."""
-        return LayerCache(self.layout.num_slots, self._policies(), self.cfg.track_quant_error, forecaster_of(self.cfg), self.codec)
+        cls = RowCache if self.cfg.verify_per_sample else LayerCache  # per-sample refresh: each row its own history
+        return cls(self.layout.num_slots, self._policies(), self.cfg.track_quant_error, forecaster_of(self.cfg), self.codec)
 
     def _positions(self, num_evaluations: int, scheduler: Any) -> np.ndarray:
         """(E,) forecast-axis positions, from the scheduler's timesteps (read once per generation) for axis 'timestep'."""

@@ -7,10 +7,11 @@ and the other rows read their forecast. A sample's CFG rows decide together: wit
 DiT sampler) rows r and r + N are one sample, judged by the relative L1 over both; with CFG as separate forwards
 (Flux's true CFG) the first branch decides per row and the later branches replay its split.
 
-History: forecast positions stay shared by the batch. Where a split evaluation has some samples refreshing and some
-reusing, every layer stores, each row its own value: a computed row its fresh residual, a reusing row the forecast
-it used. A polynomial forecaster ("taylor") then forecasts a reusing sample as if nothing had been stored (the new
-point lies on its polynomial); "bdf2_heun" steps on from its own predicted point; an INT8 history re-quantizes it.
+History: each row keeps its own (`dqar.engine.row_cache.RowCache`). At a split evaluation the refreshing rows store
+their fresh outputs and the reusing rows store nothing, as each would alone; a later forecast weighs each row's entries
+by its own positions. So, with a model-dtype history, a batch samples as its samples do one by one (up to float
+rounding; an INT8 history shares its quantization scales over the batch). A split store re-encodes the layer's
+history: one more quantization of the kept entries per split, where the batch decider re-encodes them at every store.
 `verify_min_interval` / `verify_max_interval` count per sample. FLOPs skipped count rows: a split layer-evaluation
 skips the reusing rows' share of its work (`ReuseStats.flops_skipped`); the reuse mask marks it reused.
 
@@ -36,6 +37,7 @@ class Split:
     rows: torch.Tensor  # (R,) int64 on the device, ascending
     share: float  # reusing rows / all rows
     mask: np.ndarray  # (G,) bool on the host: which samples reuse
+    refresh: np.ndarray  # (B,) bool on the host: which rows compute and store
 
 
 class SampleVerifyDecider(VerifyDecider):
@@ -74,7 +76,7 @@ class SampleVerifyDecider(VerifyDecider):
         row = self._set(e, False, bool(reuse.any()))
         if reuse.all() or not reuse.any():
             return row, self._store, read, None
-        self._store = (True,) * l  # a split evaluation: every layer stores, each row its own value
+        self._store = (True,) * l  # a split evaluation: every layer stores, on the refreshing rows only
         self.stores[e] = self._store
         self.masks[e] = reuse
         return row, self._store, read, reuse
@@ -100,9 +102,11 @@ def _guided(st, batch: int) -> bool:
 def make_split(mask: np.ndarray, batch: int, guided: bool, device: torch.device) -> Split:
     """The rows of the refreshing samples (both CFG halves where guided) as a device index."""
     groups = np.flatnonzero(~mask)
-    rows = np.concatenate([groups, groups + len(mask)]) if guided else groups
-    index = torch.as_tensor(np.sort(rows), dtype=torch.int64).to(device, non_blocking=True)
-    return Split(rows=index, share=float(mask.mean()), mask=mask)
+    rows = np.sort(np.concatenate([groups, groups + len(mask)]) if guided else groups)
+    refresh = np.zeros(batch, dtype=bool)
+    refresh[rows] = True
+    index = torch.as_tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    return Split(rows=index, share=float(mask.mean()), mask=mask, refresh=refresh)
 
 
 def begin_evaluation(engine, hidden: torch.Tensor) -> None:
@@ -128,12 +132,12 @@ def observe(engine, layer: int, *fresh: torch.Tensor | None) -> None:
         st.split = make_split(mask, batch, _guided(st, batch), fresh[0].device)
 
 
-def blend(st, slot: int, fresh: torch.Tensor | None) -> torch.Tensor | None:
-    """What a split evaluation stores for a fully computed stream: `fresh` on the refreshing rows, the forecast elsewhere."""
-    if fresh is None or not st.cache.has(slot):
-        return fresh
-    rows = st.split.rows
-    return st.cache.read(slot, count=False).index_copy(0, rows, fresh.index_select(0, rows))  # (B, T, C)
+def store(st, slot: int, x: torch.Tensor) -> None:
+    """Store a computed stream (B, T, C): every row, or at a split evaluation the refreshing rows only."""
+    if st.split is None:
+        st.cache.put(slot, x)
+    else:
+        st.cache.put_rows(slot, x, st.split.refresh)
 
 
 def take_rows(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
@@ -157,7 +161,7 @@ def split_block(engine, layer: int, original, args: tuple, kwargs: dict, hidden:
     st.executed[st.evaluation, layer] = True
     st.row_share[st.evaluation, layer] = st.split.share
     if st.store[layer]:
-        st.cache.put(slot, residual)
+        store(st, slot, residual)
         if text is not None:
-            st.cache.put(slot + 1, text)
+            store(st, slot + 1, text)
     return pack(spec, engine.forms[layer], hidden + residual, None if text is None else encoder + text)
