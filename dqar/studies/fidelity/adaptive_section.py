@@ -219,7 +219,8 @@ def policy_lines(result: dict) -> list[str]:
              f"{100 * attn:.1f}% of the FLOPs, so the targets above are out of its reach. Each policy is compared at "
              f"{shares} of the attention cells reused (threshold bisected on 4 knob-search images), against the best "
              "static plan at that FLOPs share chosen on the probe seeds (whole-block plans per forecast kind, and static "
-             f"attention schedules at that reuse); the same {result['settings']['samples']} evaluated samples.", "",
+             f"attention schedules at that reuse); the same {result['settings']['samples']} evaluated samples."
+             + (f" Measured {pr['when']} (`dqar.studies.fidelity.adaptive_policy.run_policy_rows`)." if pr.get("when") else ""), "",
              "| attention reused | configuration | FLOPs skipped | PSNR (dB) | Δ vs best static, 95% CI | class accuracy "
              "(drop, points) | FD | host syncs / evaluation | |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     verdicts_, used = [], [n for n, v in PRESETS.items() if v.get("policy")]
