@@ -124,6 +124,9 @@ def test_ablate_on_flux_writes_the_report_with_refused_rows(flux, tmp_path):
     refused = {n["name"]: n["reason"] for n in res["not_run"] if n.get("refused")}
     assert set(refused) == {"refused/cfg_share=cond_to_uncond", "refused/target=kv"}
     assert "cfg_share" in refused["refused/cfg_share=cond_to_uncond"] and "kv" in refused["refused/target=kv"]
+    ran = {r["name"]: r["measurements"]["executor"] for r in res["records"]}
+    assert ran["full_dqar"] == ran["baseline"] == "flow_compiled"  # compiled stock blocks, the baseline timed alike
+    assert ran["peer/first_block_cache,threshold=0.5"] == "peer"
     peer = next(r for r in res["records"] if r["name"].startswith("peer/"))
     assert peer["peer"]["baseline_counts"]["block"] == 2 * 2 * len(W.layers(flux.transformer))  # per forward, both lists
     report = (out / REPORT_FILE).read_text()

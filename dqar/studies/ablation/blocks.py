@@ -27,8 +27,9 @@ EXECUTOR_METHOD = (
     "each configuration (the baseline included) is timed on the fastest executor that runs it here: on CUDA the graph "
     "executor (one whole-model CUDA graph per plan row) where it runs the configuration; on a CPU 'compiled' "
     "(dqar's torch.compile'd block functions) wherever the engine supports the configuration — or, with --executor graph, "
-    "the graph executor first there too (not the CPU default, as it compiles for minutes per configuration on a CPU) — "
-    "else 'patch' (eager), "
+    "the graph executor first there too (not the CPU default, as it compiles for minutes per configuration on a CPU) —; "
+    "a model of another family (Flux, SD3, ...) on 'flow_compiled' (its stock blocks under torch.compile, one copy per "
+    "block kind shared by every configuration) where the engine supports the configuration; else 'patch' (eager), "
     "with the reason in the Executor column; a compiled case that fails in its warm-up falls back to 'patch' "
     "(reason given); peers run eagerly through their own packages. Speedups are against the baseline on its executor; "
     "an eager configuration also gets its speedup against the eager baseline timed in the same rounds"
@@ -40,14 +41,16 @@ def timed_run(run: RunConfig) -> RunConfig:
     return replace(run, reuse=replace(run.reuse, track_quant_error=False)) if run.reuse.enabled else run
 
 
-COMPILED = ("compiled", "graph")  # the executors that run torch.compile'd graphs
-FASTEST_FIRST = {"auto": ("compiled", "patch"), "graph": ("graph", "compiled", "patch"), "patch": ("patch",)}
+COMPILED = ("compiled", "graph", "flow_compiled")  # the executors that run torch.compile'd graphs
+# the DiT's compiled executors first; "flow_compiled" (compiled stock blocks) where the model is another family
+FASTEST_FIRST = {"auto": ("compiled", "flow_compiled", "patch"), "graph": ("graph", "compiled", "flow_compiled", "patch"),
+                 "patch": ("patch",)}
 
 
 def choose_executor(loaded, run: RunConfig, preference: str) -> tuple[str, str | None]:
     """(executor, why not the first choice) for `run`: the first of the preference's executors the engine accepts.
 
-    'auto': on CUDA as 'graph', on a CPU compiled, else patch; 'graph': the graph executor first (one whole-model graph
+    'auto': on CUDA as 'graph', on a CPU compiled (flow_compiled for a non-DiT family), else patch; 'graph': the graph executor first (one whole-model graph
     per plan row: the fastest per generation, but it compiles for 0.5-2.5 minutes per configuration on a CPU,
     docs/BENCHMARKS.md); 'patch': eager.
     """
