@@ -125,7 +125,7 @@ def _saved(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DqarError(f"cannot read the saved result {path} ({type(e).__name__})", "run the whole section first, without --rows") from None
+        raise DqarError(f"cannot read the saved result {path} ({type(e).__name__})", "run the whole section first, without --rows or --extend") from None
 
 
 def _forecast(args) -> int:
