@@ -5,7 +5,9 @@ The batch decider (`dqar.engine.verify`) refreshes the whole batch when the prob
 model: each later block is called on the rows of the samples that refresh (`take_rows` slices every batched input),
 and the other rows read their forecast. A sample's CFG rows decide together: with batched CFG ([cond; uncond], the
 DiT sampler) rows r and r + N are one sample, judged by the relative L1 over both; with CFG as separate forwards
-(Flux's true CFG) the first branch decides per row and the later branches replay its split.
+(Flux's true CFG) the first branch decides per row and the later branches replay its split. A batch whose CFG halves
+the engine is not told of (a stock pipeline other than DiTPipeline that batches them, e.g. SD3's through `dqar.enable`)
+decides per row.
 
 History: each row keeps its own (`dqar.engine.row_cache.RowCache`). At a split evaluation the refreshing rows store
 their fresh outputs and the reusing rows store nothing, as each would alone; a later forecast weighs each row's entries
