@@ -48,7 +48,7 @@ def test_the_dit_times_adaptive_on_compiled_beside_its_static_twin():
 
 
 def test_the_dit_times_per_sample_refresh_beside_the_batch_decider():
-    result = _bench(load_model("embedded"), steps=12, batch_sizes=(4,), compile=False, verify_target=0.3,
+    result = _bench(load_model("embedded"), steps=8, batch_sizes=(2,), compile=False, verify_target=0.3,
                     cases=("stock_eager", "adaptive_eager", "adaptive_per_sample_eager"))
     rows = {r["case"]: r for r in result["rows"]}
     assert set(rows) == {"stock_eager", "adaptive_eager", "adaptive_per_sample_eager"} and not result["failed"]
