@@ -50,9 +50,9 @@ FASTEST_FIRST = {"auto": ("compiled", "flow_compiled", "patch"), "graph": ("grap
 def choose_executor(loaded, run: RunConfig, preference: str) -> tuple[str, str | None]:
     """(executor, why not the first choice) for `run`: the first of the preference's executors the engine accepts.
 
-    'auto': on CUDA as 'graph', on a CPU compiled (flow_compiled for a non-DiT family), else patch; 'graph': the graph executor first (one whole-model graph
-    per plan row: the fastest per generation, but it compiles for 0.5-2.5 minutes per configuration on a CPU,
-    docs/BENCHMARKS.md); 'patch': eager.
+    'auto': on CUDA as 'graph', on a CPU compiled (flow_compiled for a non-DiT family), else patch; 'graph': the graph
+    executor first (one whole-model graph per plan row: the fastest per generation, but it compiles for 0.5-2.5 minutes
+    per configuration on a CPU, docs/BENCHMARKS.md); 'patch': eager.
     """
     if preference == "patch":
         return "patch", "asked for (--executor patch)"
