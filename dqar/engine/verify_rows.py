@@ -20,7 +20,8 @@ skips the reusing rows' share of its work (`ReuseStats.flops_skipped`); the reus
 Cost: one device→host read per evaluation, of the (G,) errors, where the batch decider reads one scalar, and an
 index upload (host→device) where the batch splits. Executor "patch" only: a compiled or captured graph would see a
 new batch size at every split. Probe "first" only: the split then covers the rest of the same evaluation. Measured
-(docs/BENCHMARKS.md, CPU, DiT batch 8): where it splits, 0.90 of the batch decider's speed at the same FLOPs; at matched
+(docs/BENCHMARKS.md, CPU, DiT batch 8): where it splits, 0.90 of the batch decider's speed (at 0.9 points fewer FLOPs
+skipped); at matched
 work its PSNR is within about ±0.5 dB of the batch decider's on the DiT, +1.4 to −0.5 dB on embedded-flux
 (docs/FIDELITY.md "Adaptive"), and it loses to the best static plan on both.
 """
