@@ -21,9 +21,8 @@ Cost: one device→host read per evaluation, of the (G,) errors, where the batch
 index upload (host→device) where the batch splits. Executor "patch" only: a compiled or captured graph would see a
 new batch size at every split. Probe "first" only: the split then covers the rest of the same evaluation. Measured
 (docs/BENCHMARKS.md, CPU, DiT batch 8): where it splits, 0.90 of the batch decider's speed (at 0.9 points fewer FLOPs
-skipped); at matched
-work its PSNR is within about ±0.5 dB of the batch decider's on the DiT, +1.4 to −0.5 dB on embedded-flux
-(docs/FIDELITY.md "Adaptive"), and it loses to the best static plan on both.
+skipped); at matched work its PSNR is within about ±0.5 dB of the batch decider's on the DiT, +1.4 to −0.5 dB on
+embedded-flux (docs/FIDELITY.md "Adaptive"), and it loses to the best static plan on both.
 """
 from __future__ import annotations
 
