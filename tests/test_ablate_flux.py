@@ -115,7 +115,7 @@ def test_ablate_on_flux_writes_the_report_with_refused_rows(flux, tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)
     out = tmp_path / "out"
-    done = run_ablation(AblationOptions(out=out, config=str(grid), progress=False, repeats=1, executor="auto"), loaded=flux)
+    done = run_ablation(AblationOptions(out=out, config=str(grid), progress=False, repeats=1, executor="patch"), loaded=flux)
     assert done.completed == done.total and not done.interrupted
     res = json.loads((out / RESULTS_FILE).read_text())
     assert res["environment"]["family"] == "flux"
@@ -125,9 +125,22 @@ def test_ablate_on_flux_writes_the_report_with_refused_rows(flux, tmp_path):
     assert set(refused) == {"refused/cfg_share=cond_to_uncond", "refused/target=kv"}
     assert "cfg_share" in refused["refused/cfg_share=cond_to_uncond"] and "kv" in refused["refused/target=kv"]
     ran = {r["name"]: r["measurements"]["executor"] for r in res["records"]}
-    assert ran["full_dqar"] == ran["baseline"] == "flow_compiled"  # compiled stock blocks, the baseline timed alike
-    assert ran["peer/first_block_cache,threshold=0.5"] == "peer"
+    assert ran["full_dqar"] == ran["baseline"] == "patch" and ran["peer/first_block_cache,threshold=0.5"] == "peer"
     peer = next(r for r in res["records"] if r["name"].startswith("peer/"))
     assert peer["peer"]["baseline_counts"]["block"] == 2 * 2 * len(W.layers(flux.transformer))  # per forward, both lists
     report = (out / REPORT_FILE).read_text()
     assert "## Refused" in report and "refused/target=kv" in report and "flow matching, 2 steps, true CFG 4" in report
+
+
+def test_auto_times_flux_on_flow_compiled_and_its_baseline_alike(flux):
+    """`--executor auto` on a CPU: compiled stock blocks for a non-DiT family (the DiT keeps 'compiled'), the baseline too."""
+    from dqar.engine.config import RunConfig, SampleConfig, preset
+    from dqar.models import load_model
+    from dqar.studies.ablation import blocks as B
+
+    sample = SampleConfig(steps=2, cfg=4.0)
+    assert B.choose_executor(flux, RunConfig(reuse=preset("full_dqar"), sample=sample), "auto")[0] == "flow_compiled"
+    assert B.baseline_executor(flux, sample, "auto") == "flow_compiled"
+    assert B.choose_executor(flux, RunConfig(reuse=preset("full_dqar"), sample=sample), "patch")[0] == "patch"
+    dit = load_model("embedded")
+    assert B.choose_executor(dit, RunConfig(reuse=preset("full_dqar"), sample=sample), "auto")[0] == "compiled"
