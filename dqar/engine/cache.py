@@ -118,17 +118,29 @@ class LayerCache(HostHistory):
         """The anchored INT8 history: x quantized as the new anchor, x and the kept entries as differences from it."""
         policy, old = self.policies[0], self.anchors[layer]
         kept = tuple((q.values, q.scale) for (q,) in self.history[layer][: self.order])
-        values, scale, diffs, diff_scales, error = self.codec.rebase(
-            x, None if old is None else (old.values, old.scale), kept, policy.mode, policy.num_heads, self.track_error)
+        coded = self.codec.rebase(x, None if old is None else (old.values, old.scale), kept, policy.mode, policy.num_heads,
+                                  self.track_error)
+        before, count = self.held_bytes(layer), len(self.history[layer])
+        self.set_anchored(layer, coded, x.dtype)
+        self.where[layer] = [self.position, *self.where[layer][: self.order]]
+        self.account(len(self.history[layer]) - count, self.held_bytes(layer) - before)
+
+    def set_anchored(self, layer: int, coded: tuple, dtype: torch.dtype) -> None:
+        """`layer`'s anchored history from `codec.rebase` / `codec.encode_history`'s (anchor values, anchor scale,
+        difference values, difference scales, round-trip error or None); the error is accumulated."""
+        values, scale, diffs, diff_scales, error = coded
+        mode = self.policies[0].mode
         if error is not None:
             self.error_sum = error if self.error_sum is None else self.error_sum + error
             self.error_count += 1
-        before, count = _bytes(self.history[layer]) + (old.nbytes if old is not None else 0), len(self.history[layer])
-        self.anchors[layer] = QTensor(values=values, scale=scale, dtype=x.dtype, mode=policy.mode)
-        self.history[layer] = [(QTensor(values=v, scale=s, dtype=x.dtype, mode=policy.mode),) for v, s in zip(diffs, diff_scales)]
-        self.where[layer] = [self.position, *self.where[layer][: self.order]]
+        self.anchors[layer] = QTensor(values=values, scale=scale, dtype=dtype, mode=mode)
+        self.history[layer] = [(QTensor(values=v, scale=s, dtype=dtype, mode=mode),) for v, s in zip(diffs, diff_scales)]
         self.finite[layer] = torch.stack([torch.isfinite(s).all() for s in (scale, *diff_scales)]).all()
-        self.account(len(diffs) - count, _bytes(self.history[layer]) + self.anchors[layer].nbytes - before)
+
+    def held_bytes(self, layer: int) -> int:
+        """Bytes `layer`'s history holds: its entries, and the anchor of an anchored history."""
+        anchor = self.anchors[layer]
+        return _bytes(self.history[layer]) + (anchor.nbytes if anchor is not None else 0)
 
     def finite_flags(self, layers: list[int]) -> torch.Tensor:
         """(len(layers),) bool on the device: which of these layers' histories are all finite."""

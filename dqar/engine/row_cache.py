@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dqar.engine.cache import LayerCache, _all_finite, _bytes
+from dqar.engine.cache import LayerCache, _all_finite
 from dqar.engine.codec import accumulation_dtype, combine, decode, encode_history
 from dqar.engine.quant import QTensor, dequantize
 
@@ -63,28 +63,21 @@ class RowCache(LayerCache):
 
     def _rewrite(self, layer: int, entries: list[torch.Tensor]) -> None:
         """Replace `layer`'s history by `entries` (newest first), in its stored form, bytes accounted."""
-        before, count = _bytes(self.history[layer]) + (self.anchors[layer].nbytes if self.anchors[layer] is not None else 0), \
-            len(self.history[layer])
+        before, count = self.held_bytes(layer), len(self.history[layer])
         policy = self.policies[0]
         if self.anchored:
-            values, scale, diffs, scales, error = encode_history(entries, policy.mode, policy.num_heads, self.track_error)
-            dtype = entries[0].dtype
-            self.anchors[layer] = QTensor(values=values, scale=scale, dtype=dtype, mode=policy.mode)
-            self.history[layer] = [(QTensor(values=v, scale=s, dtype=dtype, mode=policy.mode),) for v, s in zip(diffs, scales)]
-            self.finite[layer] = torch.stack([torch.isfinite(s).all() for s in (scale, *scales)]).all()
+            self.set_anchored(layer, encode_history(entries, policy.mode, policy.num_heads, self.track_error), entries[0].dtype)
         else:
             coded = [self._encode(y, policy) for y in entries]
             self.history[layer] = [(v,) for v, _ in coded]
             self._flags[layer] = [_all_finite(entry) for entry in self.history[layer]]
             self.finite[layer] = torch.stack(self._flags[layer]).all()
-            errors = [err for _, err in coded[:1] if err is not None]
-            error = errors[0] if errors else None
-        if error is not None:
-            self.error_sum = error.sum() if self.error_sum is None else self.error_sum + error.sum()
-            self.error_count += 1
+            error = coded[0][1]  # the newest entry's round-trip error (None: not INT8 or not tracked)
+            if error is not None:
+                self.error_sum = error if self.error_sum is None else self.error_sum + error
+                self.error_count += 1
         self.where[layer] = [self.position, *self.where[layer]][: len(entries)]
-        after = _bytes(self.history[layer]) + (self.anchors[layer].nbytes if self.anchors[layer] is not None else 0)
-        self.account(len(entries) - count, after - before)
+        self.account(len(entries) - count, self.held_bytes(layer) - before)
 
     def read(self, layer: int, count: bool = True) -> torch.Tensor:
         table = self._row_weights(layer)
@@ -97,10 +90,8 @@ class RowCache(LayerCache):
         return combine(entries, w.view(shape), entries[0].dtype)  # (B, T, C)
 
     def _dtype(self, layer: int) -> torch.dtype:
-        if self.anchored:
-            return self.anchors[layer].dtype
-        v = self.history[layer][0][0]
-        return v.dtype if isinstance(v, QTensor) else v.dtype
+        """The dtype `layer`'s entries decode to (a `QTensor` and a tensor both name it)."""
+        return (self.anchors[layer] if self.anchored else self.history[layer][0][0]).dtype
 
     def _row_weights(self, layer: int) -> np.ndarray | None:
         """(K, B) forecast weights of each row from its own positions; None where every row has the same positions."""

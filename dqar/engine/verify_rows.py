@@ -55,7 +55,6 @@ class SampleVerifyDecider(VerifyDecider):
         super().begin(ctx)
         self.since = np.zeros(0, dtype=np.int64)  # (G,) consecutive reuses of each sample's later layers
         self.masks: dict[int, np.ndarray] = {}  # evaluation → (G,) bool reuse, where the batch split
-        self.shares = np.zeros(ctx.num_evaluations)  # (E,) share of samples whose later layers reused
         self.sample_errors: dict[int, np.ndarray] = {}  # evaluation → (G,) ε read
 
     def verdict(self, evaluation: int, error: torch.Tensor | None):
@@ -77,7 +76,6 @@ class SampleVerifyDecider(VerifyDecider):
             ok = errs <= self.tau[e]
         reuse = np.where(forced_reuse, True, np.where(forced_refresh, False, ok))  # (G,)
         self.since = np.where(reuse, self.since + 1, 0)
-        self.shares[e] = reuse.mean()
         row = self._set(e, False, bool(reuse.any()))
         if reuse.all() or not reuse.any():
             return row, self._store, read, None
