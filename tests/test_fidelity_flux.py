@@ -1,4 +1,4 @@
-"""Every remaining study on embedded-flux: fidelity sections (engine, dynamic), calibrated plans, and the policy's refusal.
+"""Every remaining study on embedded-flux: fidelity sections (engine, dynamic), calibrated plans, and DiT policies' refusal.
 
 Fast CPU runs: embedded-flux at 2-3 steps on 1-2 samples (or one per class). Rows the Flux family cannot run are
 refused rows with the engine's reason; the Flux sections are written beside the DiT's without touching them.
@@ -115,13 +115,13 @@ def dit_policy(tmp_path_factory, single_thread):
 
 
 @pytest.mark.parametrize("argv, words", [
-    ("policy collect --model embedded-flux --generations 1 --out {tmp}/x.npz", "DiT BasicTransformerBlocks only"),
-    ("policy collect --model random-flux-tiny --generations 1 --out {tmp}/x.npz", "dqar calibrate --model random-flux-tiny"),
+    ("policy collect --model embedded-flux --granularity attention --generations 1 --out {tmp}/x.npz", "DiT BasicTransformerBlocks only"),
+    ("policy collect --model random-flux-tiny --granularity attention --generations 1 --out {tmp}/x.npz",
+     "dqar policy collect --model random-flux-tiny --granularity block"),
     ("policy evaluate --model embedded-flux --policy {policy} --out {tmp}", "trained for model 'embedded'"),
-    ("policy evaluate --model embedded-flux --out {tmp}", "dqar calibrate --model embedded-flux"),
     ("policy distill --model embedded-flux --policy {policy} --out {tmp}/p.json", "trained for model 'embedded'"),
 ])
-def test_policy_refuses_flux_in_one_line(argv, words, dit_policy, tmp_path, capsys):
+def test_dit_policies_are_refused_on_flux_in_one_line(argv, words, dit_policy, tmp_path, capsys):
     rc = _rc(argv.format(tmp=tmp_path, policy=dit_policy).split())
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and words in err and "Traceback" not in err
@@ -157,7 +157,7 @@ def test_engine_section_on_flux_refuses_the_gate_and_keeps_the_dit_section(tmp_p
     text = doc.read_text()
     assert _section(text, "## Engine") == before
     flux_part = _section(text, "## Engine (embedded-flux)")
-    assert "refused: the gate" in flux_part and "--model embedded-flux" in flux_part and "test CPU" in flux_part
+    assert "refused: the entropy gate" in flux_part and "--model embedded-flux" in flux_part and "test CPU" in flux_part
     assert (tmp_path / "fidelity_engine_embedded-flux.json").is_file() and not (tmp_path / "fidelity_engine.json").exists()
 
 

@@ -204,7 +204,6 @@ def test_bad_checkpoints_are_one_line_errors(trained, tmp_path):
     ({"policy": "p.safetensors", "gate": True}, "exclusive"),
     ({"policy": "p.safetensors", "plan_file": "p.json"}, "exclusive"),
     ({"policy": "p.safetensors", "target": "kv"}, "attention"),
-    ({"policy": "p.safetensors", "granularity": "block"}, "attention"),
 ])
 def test_policy_config_is_validated(bad, match):
     with pytest.raises(DqarError, match=match):
@@ -287,7 +286,8 @@ def test_shipped_policy_loads_and_is_small():
 
 
 def test_policy_study_at_a_forecast_order_runs_every_method_at_that_order(tmp_path, single_thread):
-    from dqar.studies.fidelity.policy_eval import EvaluateSettings, run_policy_study, write_policy_section
+    from dqar.studies.fidelity.policy_eval import EvaluateSettings, run_policy_study
+    from dqar.studies.fidelity.policy_report import write_policy_section
 
     def study(order):
         s = EvaluateSettings(samples=2, steps=6, targets=(0.3,), probe_samples=1, probe_iterations=1, calib_samples=1,

@@ -141,6 +141,14 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _sample_keys(path: str) -> set[str]:
+    """The keys a config file's [sample] table sets (the file was read and checked by `load_toml` already)."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        return set((tomllib.load(f).get("sample") or {}).keys())
+
+
 def run_config(args, check_files: bool = True):
     """Config file (else the model's sampling defaults, `models.SAMPLE_DEFAULTS`), then --preset, then explicit sampling
     flags; the plan and policy files it names are checked too."""
@@ -149,6 +157,9 @@ def run_config(args, check_files: bool = True):
 
     defaults = SAMPLE_DEFAULTS.get(str(getattr(args, "model", None)), {})
     run = load_toml(args.config) if args.config else RunConfig(sample=SampleConfig(**defaults))
+    unset = {k: v for k, v in defaults.items() if k not in _sample_keys(args.config)} if args.config else {}
+    if unset:  # a config file that leaves a key out gets the model's default, as no config file does
+        run = replace(run, sample=build(SampleConfig, {**run.sample.__dict__, **unset}, "sample"))
     if args.preset:
         run = replace(run, reuse=preset(args.preset))
     flags = {k: getattr(args, k) for k in ("steps", "cfg", "sampler", "seed", "eta") if getattr(args, k, None) is not None}

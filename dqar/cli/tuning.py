@@ -76,13 +76,17 @@ def calibrate_parser(sub) -> None:
 
 def cmd_policy_collect(args) -> int:
     from dqar.io import atomic_write_json
-    from dqar.tuning.collect import CollectSettings, ValidateSettings, check_policy_model, collect_traces, save_traces, validate_proxy
+    from dqar.models import SAMPLE_DEFAULTS
+    from dqar.tuning.collect import CollectSettings, ValidateSettings, collect_traces, granularity_for, save_traces, validate_proxy
 
     set_threads(args.threads)
-    check_policy_model(args.model)
-    settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                               sampler=args.sampler, max_age=args.max_age, entropy_rows=args.entropy_rows,
-                               forecast_order=args.forecast_order, probe_feature=args.probe_feature)
+    granularity = granularity_for(args.model, args.granularity)
+    defaults = {"steps": 50, "cfg": 4.0, **SAMPLE_DEFAULTS.get(str(args.model), {})}
+    settings = CollectSettings(generations=args.generations, batch=args.batch, seed=args.seed,
+                               steps=defaults["steps"] if args.steps is None else args.steps,
+                               cfg=defaults["cfg"] if args.cfg is None else args.cfg, sampler=args.sampler, max_age=args.max_age,
+                               entropy_rows=args.entropy_rows, forecast_order=args.forecast_order, probe_feature=args.probe_feature,
+                               granularity=granularity, forecast_kind=args.forecast_kind)
     at_least("--validate", args.validate, 0)
     validation = Path(writable_file(args.out)).with_suffix(".validation.json")
     loaded = load(args)
@@ -149,21 +153,20 @@ def cmd_policy_distill(args) -> int:
 
 
 def _check_policy_for(policy: str, model: str | None) -> None:
-    """Before loading the model: the policy was trained for `model`, and `model` is not a flow model (no policy runs there)."""
+    """Before loading the model: the policy was trained for `model` (a policy names its model)."""
     from dqar.engine.policy_net import load_policy
-    from dqar.tuning.collect import check_policy_model
     from dqar.tuning.train import check_trained_for
 
     check_trained_for(load_policy(policy).meta, model)
-    check_policy_model(model)
 
 
 def cmd_policy_evaluate(args) -> int:
-    from dqar.studies.fidelity.policy_eval import run_command, shipped_policy
+    from dqar.studies.fidelity.policy_eval import shipped_policy
+    from dqar.studies.fidelity.policy_report import run_command
 
     set_threads(args.threads)
     writable_folder(args.out)
-    _check_policy_for(args.policy or str(shipped_policy()), args.model)
+    _check_policy_for(args.policy or str(shipped_policy(args.model)), args.model)
     return run_command(args)  # checks its settings before it samples
 
 
@@ -173,13 +176,18 @@ def _collect_parser(psub) -> None:
     c.add_argument("--generations", type=int, default=64, help="generations; the held-out split is by generation (default 64)")
     c.add_argument("--batch", type=int, default=2, help="samples per generation (default 2)")
     c.add_argument("--seed", type=int, default=10_000, help="generation g, sample i uses seed + g * batch + i (default 10000)")
-    c.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    c.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4.0)")
+    c.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; embedded-flux 28)")
+    c.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4.0)")
     c.add_argument("--sampler", default="ddim", help="ddim | dpm (default ddim)")
     c.add_argument("--max-age", type=int, default=3, help="largest reuse staleness labelled (default 3)")
     c.add_argument("--entropy-rows", type=int, default=16, help="query rows of the entropy subsample (default 16)")
     c.add_argument("--forecast-order", type=int, default=0,
                    help="the reuse labelled: 0 copy (default) | 1 linear | 2 quadratic forecast (kept in the traces' metadata)")
+    c.add_argument("--granularity", default=None, choices=("attention", "block"),
+                   help="attention: DiT attention labels and features (default on the DiT) | block: whole-block labels and the "
+                        "model-agnostic BLOCK_FEATURES, on any family (default, and the only choice, on flow models)")
+    c.add_argument("--forecast-kind", default="taylor", help="block granularity: the forecaster the labels measure, "
+                   "taylor (default) | hermite | bdf2_heun (run the policy with the same forecast_kind)")
     c.add_argument("--probe-feature", action="store_true",
                    help="also record log_probe_error (the first layer's last change, what the verifying decider's probe sees); "
                         "`policy train` on these traces gives a policy that reads it (docs/POLICY.md: it fits better, samples worse)")
@@ -220,7 +228,7 @@ def _distill_parser(psub) -> None:
 
 
 def _evaluate_parser(psub) -> None:
-    from dqar.studies.fidelity.policy_eval import add_arguments
+    from dqar.studies.fidelity.policy_report import add_arguments
 
     e = psub.add_parser("evaluate", help="policy vs gate vs calibrated plan vs static schedules at matched reuse -> docs/FIDELITY.md")
     add_arguments(e)

@@ -176,9 +176,13 @@ def check_family(layout: Layout, cfg, needs, executor: str) -> None:
         raise DqarError(f"the '{executor}' executor runs the class-conditional DiT ({DIT_CLASS}), not {family}",
                         "use executor = 'patch' (or 'auto') for this model")
     if not layout.dit_blocks:
-        if needs.any:
-            raise DqarError(f"the gate, the policy and signal traces read DiT BasicTransformerBlock attention, not {family}'s blocks",
-                            "use a plan (schedule, calibrated plan or plan file) for this model")
+        if needs.entropy or needs.snr or needs.record:
+            raise DqarError(f"the entropy gate, DiT-feature policies and signal traces read DiT BasicTransformerBlock attention, "
+                            f"not {family}'s blocks", "use a plan, gate_signal = 'probe_error' or a block-feature policy "
+                            "(dqar policy collect --model <this model>) for this model")
+        if needs.any and cfg.granularity != "block":
+            raise DqarError(f"on {family} the engine measures block changes on whole blocks only",
+                            "set granularity = 'block' (a block-feature policy's setting)")
         if cfg.target == "kv":
             raise DqarError(f"target 'kv' caches BasicTransformerBlock K/V, not {family}'s", "use target = 'attention'")
     if cfg.cfg_share != "none" and not layout.is_dit:

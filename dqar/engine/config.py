@@ -138,9 +138,9 @@ class ReuseConfig:
         if self.bound_patterns and (self.gate or self.policy):
             raise DqarError("bound_patterns bounds a plan's rows, but the gate and a policy decide each evaluation online",
                             "use bound_patterns with a schedule or plan_file, or set bound_patterns = false")
-        if self.policy and (self.target != "attention" or self.granularity != "attention"):
-            raise DqarError("a learned policy predicts the error of a reused attention output",
-                            "use target = 'attention' and granularity = 'attention' with policy")
+        if self.policy and self.target != "attention":
+            raise DqarError("a learned policy predicts the error of a reused attention or block output, not K/V",
+                            "use target = 'attention' with policy")
         if not isinstance(self.forecast_order, int) or isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
             raise DqarError(f"forecast_order = {self.forecast_order!r} is not supported",
                             "use 0 (copy the last computed output), 1 (linear) or 2 (quadratic extrapolation)")

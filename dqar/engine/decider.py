@@ -111,6 +111,7 @@ class EligibleDecider(ABC):
         self._store = store_rows(self.eligible, self.keep_for_later or forecaster_of(self.cfg).extrapolates)
         self.staleness = np.zeros(l, dtype=np.int64)  # (L,) evaluations reused since the cached output was computed
         self.decisions = np.zeros((e, l), dtype=bool)
+        self.through = -1  # the last evaluation decided
 
     @abstractmethod
     def accept(self, evaluation: int, candidate: np.ndarray) -> np.ndarray:
@@ -120,6 +121,9 @@ class EligibleDecider(ABC):
         """Called with each evaluation's final decisions (for deciders that track more than staleness)."""
 
     def row(self, evaluation: int) -> tuple[bool, ...]:
+        if evaluation <= self.through:  # a later CFG branch (separate forwards) of a decided step: its row again, nothing read
+            return tuple(self.decisions[evaluation].tolist())
+        self.through = evaluation
         candidate = self.eligible[evaluation] & (self.staleness < self.limits[evaluation])  # (L,)
         if candidate.any():
             candidate = candidate & self.accept(evaluation, candidate)

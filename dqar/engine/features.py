@@ -22,6 +22,11 @@ trained before the probe feature) and `PROBE_FEATURES`, which adds
   probe's change from e−2 to e−1: the verify signal at age 1 (the copy's error), one evaluation late, because the
   policy decides before any layer of e runs (1.0 where none was measured yet).
 
+`BLOCK_FEATURES` is the model-agnostic set, for whole-block policies on any family the block adapter describes (Flux,
+SD3, …): the six features that need neither DiT attention (`entropy`) nor a DDPM noise schedule (the two SNRs), so
+`log_change_rate` is the relative change of the layer's image-stream block residual and `log_probe_error` the
+probe block's.
+
 A policy builds the features its checkpoint names, so a policy trained without the probe feature acts as before.
 """
 from __future__ import annotations
@@ -35,7 +40,9 @@ FEATURES = ("entropy", "log_snr_scheduler", "log_snr_prediction", "log_x_rms", "
             "log_change_rate")
 PROBE_FEATURE = "log_probe_error"
 PROBE_FEATURES = (*FEATURES, PROBE_FEATURE)
-FEATURE_SETS = (FEATURES, PROBE_FEATURES)  # the feature sets a checkpoint may name
+BLOCK_FEATURES = ("log_x_rms", "step_fraction", "layer_fraction", "age", "log_change_rate", PROBE_FEATURE)
+FEATURE_SETS = (FEATURES, PROBE_FEATURES, BLOCK_FEATURES)  # the feature sets a checkpoint may name
+DIT_SIGNALS = ("entropy", "log_snr_scheduler", "log_snr_prediction")  # measured on DiT attention and DDPM schedules only
 PROBE_LAYER = 0  # the layer whose change is `log_probe_error`
 LOG_FLOOR = 1e-6  # values are clamped here before a log
 MISSING_CHANGE = 1.0  # relative change assumed where none was measured yet
@@ -51,31 +58,37 @@ def latest_vector(values: Sequence[torch.Tensor | None], fill: float, device: to
     return torch.stack([const if v is None else v.to(device).float().reshape(()) for v in values])
 
 
-def feature_matrix(entropy: torch.Tensor, change: torch.Tensor, gap: torch.Tensor, snr_scheduler: torch.Tensor,
-                   snr_prediction: torch.Tensor, x_rms: torch.Tensor, step_fraction: torch.Tensor, ages: torch.Tensor,
-                   num_layers: int, probe_error: torch.Tensor | None = None) -> torch.Tensor:
+def dit_only(names) -> bool:
+    """Whether a feature set reads a signal measured on DiT blocks only (`DIT_SIGNALS`)."""
+    return any(n in DIT_SIGNALS for n in names)
+
+
+def feature_matrix(change: torch.Tensor, gap: torch.Tensor, x_rms: torch.Tensor, step_fraction: torch.Tensor,
+                   ages: torch.Tensor, num_layers: int, entropy: torch.Tensor | None = None,
+                   snr_scheduler: torch.Tensor | None = None, snr_prediction: torch.Tensor | None = None,
+                   probe_error: torch.Tensor | None = None, names: Sequence[str] | None = None) -> torch.Tensor:
     """Features (..., L, F) from per-layer (..., L) and per-evaluation (...,) tensors, all on one device.
 
-    `change` is the last measured relative change of each layer, spanning `gap` evaluations;
-    `ages` the staleness a reuse would have; `probe_error` (...,): given, the `PROBE_FEATURES` set (F = 9), else
-    `FEATURES` (F = 8). Nothing here reads a value back to the host.
+    `change` is the last measured relative change of each layer, spanning `gap` evaluations; `ages` the staleness a
+    reuse would have. `names`: the columns, in order (one of `FEATURE_SETS`); None: `PROBE_FEATURES` where
+    `probe_error` is given, else `FEATURES`. A set reads only the inputs it names. Nothing here reads a value back.
     """
-    layers = entropy.shape[-1]
-    frac_layer = torch.arange(layers, device=entropy.device, dtype=torch.float32) / max(num_layers - 1, 1)  # (L,)
-    per_eval = lambda v: v.float()[..., None].expand(entropy.shape)  # noqa: E731  (...,) -> (..., L)
-    cols = [
-        entropy.float(),
-        per_eval(_log(snr_scheduler)),
-        per_eval(_log(snr_prediction)),
-        per_eval(_log(x_rms)),
-        per_eval(step_fraction),
-        frac_layer.expand(entropy.shape),
-        ages.float().expand(entropy.shape),
-        _log(change.float() / gap.float().clamp_min(1.0)),
-    ]
-    if probe_error is not None:
-        cols.append(per_eval(_log(probe_error)))
-    return torch.stack(cols, dim=-1)  # (..., L, F)
+    names = tuple(names) if names is not None else (PROBE_FEATURES if probe_error is not None else FEATURES)
+    shape = change.shape
+    per_eval = lambda v: v.float()[..., None].expand(shape)  # noqa: E731  (...,) -> (..., L)
+    columns = {
+        "entropy": lambda: entropy.float(),
+        "log_snr_scheduler": lambda: per_eval(_log(snr_scheduler)),
+        "log_snr_prediction": lambda: per_eval(_log(snr_prediction)),
+        "log_x_rms": lambda: per_eval(_log(x_rms)),
+        "step_fraction": lambda: per_eval(step_fraction),
+        "layer_fraction": lambda: (torch.arange(shape[-1], device=change.device, dtype=torch.float32)
+                                   / max(num_layers - 1, 1)).expand(shape),
+        "age": lambda: ages.float().expand(shape),
+        "log_change_rate": lambda: _log(change.float() / gap.float().clamp_min(1.0)),
+        PROBE_FEATURE: lambda: per_eval(_log(probe_error)),
+    }
+    return torch.stack([columns[n]() for n in names], dim=-1)  # (..., L, F)
 
 
 def step_fraction(evaluation: int, num_evaluations: int) -> float:

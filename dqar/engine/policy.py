@@ -2,7 +2,8 @@
 
 At the start of an evaluation, for every layer the schedule and the staleness cap allow to
 reuse, the features (`dqar.engine.features`) are built on the device from the engine's signals,
-the MLP predicts the relative error of reusing the cached attention output, and layers whose
+the MLP predicts the relative error of reusing the cached attention output (a `BLOCK_FEATURES` policy: the whole
+block's residual, on any family, at block granularity), and layers whose
 prediction is at most `policy_threshold` reuse (at most `policy_budget` of the layers, lowest
 prediction first). The flags come back in one read, counted in `signals.host_syncs`. Warmup,
 cooldown, the layer schedule and the staleness cap act as for the gate. A checkpoint trained with the probe
@@ -22,15 +23,26 @@ from dqar.engine.decider import DeciderContext, EligibleDecider
 from dqar.errors import DqarError
 from dqar.engine.gate import read_flags
 from dqar.engine.signals import Needs
-from dqar.engine.features import (MISSING_CHANGE, PROBE_FEATURE, PROBE_LAYER, feature_matrix, latest_vector, log_threshold,
-                                  step_fraction)
+from dqar.engine.features import (FEATURES, MISSING_CHANGE, PROBE_FEATURE, PROBE_LAYER, dit_only, feature_matrix, latest_vector,
+                                  log_threshold, step_fraction)
 from dqar.engine.policy_net import PolicyCheckpoint, load_policy
 
 
+TRAINED_DEFAULTS = {"granularity": "attention", "forecast_kind": "taylor", "forecast_axis": "evaluation"}  # what a checkpoint without these keys was labelled on
+
+
 def policy_needs(ckpt: PolicyCheckpoint) -> Needs:
-    """The signals the policy's features are built from (entropy subsample as in training)."""
+    """The signals the policy's features are built from (entropy subsample as in training); a `BLOCK_FEATURES` policy
+    needs only block changes and the input RMS, which the engine measures on every family."""
+    if not dit_only(feature_names(ckpt)):
+        return Needs(change=True, state_norm=True)
     return Needs(entropy=True, change=True, snr=("scheduler", "prediction"), state_norm=True,
                  entropy_rows=int(ckpt.meta.get("entropy_rows", 16)))
+
+
+def feature_names(ckpt: PolicyCheckpoint) -> tuple[str, ...]:
+    """The feature set the checkpoint was trained on (`features.FEATURE_SETS`)."""
+    return tuple(ckpt.meta.get("features", FEATURES))
 
 
 def keep_lowest(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,7 +67,8 @@ class PolicyDecider(EligibleDecider):
         self.key = dict(key or {})
         self.checkpoint = checkpoint if checkpoint is not None else load_policy(cfg.policy)
         self.needs = policy_needs(self.checkpoint)
-        self.probe = PROBE_LAYER if PROBE_FEATURE in self.checkpoint.meta.get("features", ()) else None  # None: no probe feature
+        self.names = feature_names(self.checkpoint)
+        self.probe = PROBE_LAYER if PROBE_FEATURE in self.names else None  # None: no probe feature
         self._on_device: dict[torch.device, PolicyCheckpoint] = {}
         self.predictions: list[torch.Tensor] = []  # (L,) predicted log error per deciding evaluation, on the device
 
@@ -70,6 +83,12 @@ class PolicyDecider(EligibleDecider):
             raise DqarError(f"the policy was trained on order-{order} forecast labels but this run has forecast_order = "
                             f"{self.cfg.forecast_order}", f"set forecast_order = {order}, or collect and train a policy at "
                             f"this order (`dqar policy collect --forecast-order {self.cfg.forecast_order}`)")
+        for name in TRAINED_DEFAULTS:
+            have = getattr(self.cfg, name)
+            trained_with = meta.get(name, TRAINED_DEFAULTS[name])  # policies before block features: attention, taylor
+            if trained_with != have:
+                raise DqarError(f"the policy was trained on {name} = {trained_with!r} labels but this run has {name} = {have!r}",
+                                f"set {name} = {trained_with!r}, or collect and train a policy for this setting")
         model, have = meta.get("model"), self.key.get("model")
         if model is not None and have is not None and model != have:
             raise DqarError(f"the policy was trained for model {model!r} but this run uses {have!r}",
@@ -99,17 +118,19 @@ class PolicyDecider(EligibleDecider):
         dev = sig.device
         zero = torch.zeros((), device=dev)
         one = torch.ones((), device=dev)
+        dit = dit_only(self.names)
         feats = feature_matrix(
-            entropy=latest_vector(sig.entropy_last, 1.0, dev),
+            entropy=latest_vector(sig.entropy_last, 1.0, dev) if dit else None,
             change=latest_vector(sig.change_last, MISSING_CHANGE, dev),
             gap=torch.as_tensor(self.gap, dtype=torch.float32).to(dev),
-            snr_scheduler=sig.snr.get("scheduler", zero),
-            snr_prediction=sig.snr.get("prediction", one),
+            snr_scheduler=sig.snr.get("scheduler", zero) if dit else None,
+            snr_prediction=sig.snr.get("prediction", one) if dit else None,
             x_rms=sig.x_norm if sig.x_norm is not None else one,
             step_fraction=torch.full((), step_fraction(evaluation, self.num_evaluations), device=dev),
             ages=torch.as_tensor(self.staleness + 1, dtype=torch.float32).to(dev),
             num_layers=len(self.staleness),
             probe_error=None if self.probe is None else latest_vector([sig.change_last[self.probe]], MISSING_CHANGE, dev)[0],
+            names=self.names,
         )  # (L, F)
         return self._model(dev).predict(feats)  # (L,)
 

@@ -35,6 +35,9 @@ from dqar.engine.stats import ReuseStats, summarize
 from dqar.errors import DqarError
 
 
+UNSET = object()  # a GenerationState field not known until the generation's first forward
+
+
 @dataclass
 class GenerationState:
     """Everything that changes during one generation; replaced at the start of the next."""
@@ -50,7 +53,9 @@ class GenerationState:
     host_syncs: int = 0
     nonfinite: int = 0
     shape: tuple[int, int] = (0, 0)  # latent (H, W)
-    signals: SignalRecorder | None = None  # measured signals, when the decider needs any
+    signals: SignalRecorder | None = None  # measured signals, when the decider needs any (None in a later CFG branch)
+    recorder: SignalRecorder | None = None  # the generation's signals, whichever branch runs (`signals` mirrors it)
+    signal_branch: Any = UNSET  # the CFG branch whose forwards the signals measure: the first one to run a forward
     share_from: int = -1  # CFG-branch sharing from this evaluation on (-1: never)
     guided: bool | None = None  # the batch is [conditional; unconditional] (None: look at the labels once)
     sharing: bool = False  # attn1 computes one CFG half in the current evaluation
@@ -168,6 +173,7 @@ class ReuseEngine:
             timesteps_ref=getattr(scheduler, "timesteps", None),
             positions=self._positions(num_evaluations, scheduler),
             signals=signals,
+            recorder=signals,
             share_from=share_from,
             guided=guided,
             shared=first.shared,
@@ -240,6 +246,10 @@ class ReuseEngine:
             st.call = (args, dict(kwargs))
         st.cache.at(float(st.positions[e]))
         st.shape = (hidden.shape[-2], hidden.shape[-1])
+        # signals measure the first CFG branch only (the one a decision is taken on; later branches replay it)
+        if st.signal_branch is UNSET:
+            st.signal_branch = st.branch
+        st.signals = st.recorder if st.branch == st.signal_branch else None
         if st.signals is not None:
             timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             st.signals.begin_evaluation(e, timestep, hidden.device, hidden)
@@ -367,7 +377,7 @@ class ReuseEngine:
             skipped += int((shared.sum(axis=1) * (rows // 2)).sum()) * fm.attention
         caches = [b.cache for b in runs]
         errors = [c.mean_error() for c in caches]
-        syncs = st.host_syncs + (st.signals.host_syncs if st.signals is not None else 0)
+        syncs = st.host_syncs + (st.recorder.host_syncs if st.recorder is not None else 0)
         return summarize(
             mask,
             cache_bytes=sum(c.bytes_now for c in caches),

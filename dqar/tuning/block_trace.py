@@ -31,18 +31,19 @@ TRACE_HOOK = "dqar_block_trace"
 SNR_EPS = 1e-12
 
 
-class _Evaluations(ModelHook):
-    """On the transformer: counts each branch's forwards and keeps each evaluation's timestep."""
+class Evaluations(ModelHook):
+    """On the transformer: tells the recorder each forward's timestep and input (it counts each branch's forwards)."""
 
     _is_stateful = True
 
-    def __init__(self, recorder: "BlockTrace"):
+    def __init__(self, recorder):
         super().__init__()
         self.recorder = recorder
         self.contexts = ContextTracker(recorder)  # diffusers' cache_context reaches the recorder through it
 
     def pre_forward(self, module, *args, **kwargs):
-        self.recorder.begin_evaluation(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        hidden = args[0] if args else kwargs.get("hidden_states")  # (B, T, C) tokens, or (B, C, H, W)
+        self.recorder.begin_evaluation(kwargs.get("timestep", args[1] if len(args) > 1 else None), hidden)
         return args, kwargs
 
 
@@ -59,7 +60,7 @@ class BlockTrace:
         modules = [layout.attention_module(i) if granularity == "attention" else b for i, b in enumerate(layout.blocks)]
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
-    def begin_evaluation(self, timestep: Any) -> None:
+    def begin_evaluation(self, timestep: Any, hidden: torch.Tensor | None = None) -> None:
         e = self.evaluation.get(self.context, -1) + 1
         self.evaluation[self.context] = e
         if e == len(self.timesteps):
@@ -109,7 +110,7 @@ def record_block_trace(loaded, labels: Sequence[int], run: RunConfig, *, progres
     layout = describe(transformer)
     r = run.reuse
     recorder = BlockTrace(layout, r.granularity, forecaster_of(r), r.forecast_axis)
-    created = add_hook(transformer, TRACE_HOOK, _Evaluations(recorder))
+    created = add_hook(transformer, TRACE_HOOK, Evaluations(recorder))
     try:
         generate(loaded, labels, replace(run, reuse=replace(r, enabled=False)), progress=progress)
     finally:

@@ -31,7 +31,8 @@ from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace, relative_change
-from dqar.engine.features import FEATURE_SETS, FEATURES, MISSING_CHANGE, PROBE_FEATURES, PROBE_LAYER, feature_matrix
+from dqar.engine.features import (BLOCK_FEATURES, FEATURE_SETS, FEATURES, MISSING_CHANGE, PROBE_FEATURES, PROBE_LAYER,
+                                  feature_matrix)
 from dqar.engine.plan import Plan
 from dqar.generate import generate
 from dqar.labels import cycle_labels
@@ -39,6 +40,9 @@ from dqar.labels import cycle_labels
 TRACES_FORMAT = "dqar-policy-traces/1"
 LABEL = ("relative residual-stream perturbation of reusing attn1's output from `age` evaluations earlier: "
          "||gate_msa_e * (o_(e-age) - o_e)|| / ||h_e|| over all batch rows (h_e: the block's input)")
+BLOCK_LABEL = ("relative perturbation of reusing a whole block's residual as the engine's {kind} forecast (order {order}, "
+               "evaluation axis) from the residuals computed at e-age, e-age-1, ...: max over output streams of "
+               "||forecast - r_e|| / ||h_e|| (r: block output - input, h: the stream's block input), largest over CFG branches")
 FORECAST_LABEL = ("relative residual-stream perturbation of reusing attn1's output as the engine's order-{order} forecast "
                   "(evaluation axis) from the outputs computed at e-age, e-age-1, ...: ||gate_msa_e * (forecast - o_e)|| / ||h_e||")
 
@@ -57,17 +61,33 @@ class CollectSettings:
     entropy_rows: int = 16  # query rows of the entropy subsample (as the engine measures it)
     forecast_order: int = 0  # what a reuse returns (the engine's forecast_order): labels measure that reuse's error
     probe_feature: bool = False  # add `log_probe_error` (features.PROBE_FEATURES): the probe layer's change one evaluation before
+    granularity: str = "attention"  # "block": whole-block labels and `BLOCK_FEATURES` on any family (`block_labels`)
+    forecast_kind: str = "taylor"  # block granularity: the engine's forecaster the labels measure (attention: taylor)
 
     def __post_init__(self) -> None:
-        ReuseConfig(forecast_order=self.forecast_order)  # validates (the engine's check)
+        self.reuse  # validates (the engine's check)
+        if self.granularity == "attention" and self.forecast_kind != "taylor":
+            raise DqarError(f"attention-granularity labels measure taylor forecasts, not forecast_kind = '{self.forecast_kind}'",
+                            "use --granularity block with --forecast-kind, or forecast_kind taylor")
         for name, lo in (("generations", 1), ("batch", 1), ("max_age", 1), ("entropy_rows", 1), ("steps", 2), ("seed", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise DqarError(f"{name} = {v!r} is invalid", f"use an integer >= {lo}")
         SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler)  # validates
 
+    @property
+    def reuse(self) -> ReuseConfig:
+        return ReuseConfig(forecast_order=self.forecast_order, forecast_kind=self.forecast_kind, granularity=self.granularity)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The feature set the traces hold."""
+        if self.granularity == "block":
+            return BLOCK_FEATURES
+        return PROBE_FEATURES if self.probe_feature else FEATURES
+
     def run(self, seed: int) -> RunConfig:
-        return RunConfig(reuse=ReuseConfig(forecast_order=self.forecast_order), sample=SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler, seed=seed))
+        return RunConfig(reuse=self.reuse, sample=SampleConfig(steps=self.steps, cfg=self.cfg, sampler=self.sampler, seed=seed))
 
 
 @dataclass(frozen=True)
@@ -208,12 +228,16 @@ def full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int, en
     return FullCompute(decider.trace(), x_rms, hooks.host("change"), hooks.host("label"), out.images)
 
 
-def rows_of(fc: FullCompute, num_layers: int, max_age: int, probe_feature: bool = False) -> dict[str, np.ndarray]:
+def rows_of(fc: FullCompute, num_layers: int, max_age: int, probe_feature: bool = False,
+            names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Training rows of one generation: for evaluation e >= 1, age a, change span g, and every layer.
 
     `probe_feature`: also `log_probe_error`, the probe layer's age-1 change measured at e − 1 (what a policy reads at the
-    start of e; `MISSING_CHANGE` at e = 1, where the probe has no change yet).
+    start of e; `MISSING_CHANGE` at e = 1, where the probe has no change yet). `names`: the feature set (default:
+    `FEATURES`, or `PROBE_FEATURES` with the probe feature); `BLOCK_FEATURES` reads no entropy or SNR.
     """
+    names = tuple(names) if names is not None else (PROBE_FEATURES if probe_feature else FEATURES)
+    probe_feature = probe_feature or "log_probe_error" in names
     e_count = fc.errors.shape[0]
     combos = []  # (e, a, g) with g = 0 where no change was measured at the source yet
     for e in range(1, e_count):
@@ -230,6 +254,7 @@ def rows_of(fc: FullCompute, num_layers: int, max_age: int, probe_feature: bool 
         snr_scheduler=t(fc.trace.snr_scheduler[e_i]), snr_prediction=t(fc.trace.snr_prediction[e_i - 1]),
         x_rms=t(fc.x_rms[e_i]), step_fraction=t(e_i / max(e_count - 1, 1)), ages=t(a_i[:, None]), num_layers=num_layers,
         probe_error=t(np.where(e_i >= 2, fc.change[np.maximum(e_i - 1, 0), PROBE_LAYER, 0], MISSING_CHANGE)) if probe_feature else None,
+        names=names,
     )  # (K, L, F)
     labels = fc.errors[e_i, :, a_i - 1]  # (K, L)
     grid = lambda v: np.broadcast_to(v[:, None], labels.shape).reshape(-1)  # noqa: E731
@@ -246,23 +271,27 @@ def flow_model_name(model: str | None) -> bool:
 
 
 def policy_refusal(model: str, family: str) -> DqarError:
-    return DqarError(f"the learned policy reads per-layer signals (attention entropy, attn1's change, gate_msa) that the engine "
-                     f"measures on DiT BasicTransformerBlocks only, not on {model} ({family})",
-                     f"use a calibrated plan on it instead: dqar calibrate --model {model} --target 0.5")
+    return DqarError(f"a policy with DiT features (attention entropy, attn1's change, gate_msa, DDPM SNR) runs on DiT "
+                     f"BasicTransformerBlocks only, not on {model} ({family})",
+                     f"collect a block-feature policy for it: dqar policy collect --model {model} --granularity block")
 
 
-def check_policy_model(model: str | None) -> None:
-    """Refuse, before loading, a model whose name says it is a flow model (the policy cannot run there)."""
-    if flow_model_name(model):
+def granularity_for(model: str | None, given: str | None) -> str:
+    """The policy granularity for `model` before loading it: `given`, else "block" on flow models and "attention" on the
+    DiT; attention on a flow model is refused (its features are DiT signals)."""
+    flow = flow_model_name(model)
+    if given == "attention" and flow:
         raise policy_refusal(str(model), "a flow transformer")
+    return given or ("block" if flow else "attention")
 
 
-def check_policy_family(loaded) -> None:
-    """Refuse a loaded model whose blocks are not DiT `BasicTransformerBlock`s (where the policy's signals exist)."""
+def check_policy_family(loaded, names: Sequence[str] = FEATURES) -> None:
+    """Refuse a loaded model whose blocks are not DiT `BasicTransformerBlock`s for a feature set that reads DiT signals."""
     from dqar.engine.adapter import describe
+    from dqar.engine.features import dit_only
 
     layout = describe(loaded.transformer)
-    if not layout.dit_blocks:
+    if dit_only(names) and not layout.dit_blocks:
         raise policy_refusal(loaded.name, layout.family)
 
 
@@ -273,22 +302,24 @@ def generation_labels(g: int, batch: int, num_classes: int) -> list[int]:
 
 def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progress: bool = True) -> PolicyTraces:
     """Full-compute generations of `settings.batch` samples each, turned into training rows."""
-    check_policy_family(loaded)
+    check_policy_family(loaded, settings.names)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    layers = len(loaded.transformer.transformer_blocks)
+    layers = num_layers_of(loaded)
     parts: list[dict[str, np.ndarray]] = []
     for g in tqdm(range(settings.generations), desc="collecting traces", disable=not progress):
         labels = generation_labels(g, settings.batch, loaded.num_classes)
-        fc = full_compute(loaded, labels, settings.run(settings.seed + g * settings.batch), settings.max_age, settings.entropy_rows)
-        rows = rows_of(fc, layers, settings.max_age, settings.probe_feature)
+        fc = computed(loaded, labels, settings.run(settings.seed + g * settings.batch), settings)
+        rows = rows_of(fc, layers, settings.max_age, names=settings.names)
         rows["group"] = np.full(len(rows["labels"]), g, dtype=np.int64)
         parts.append(rows)
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    label = FORECAST_LABEL.format(order=settings.forecast_order) if settings.forecast_order else LABEL
-    meta = {**trained_for(loaded, settings), "collect": asdict(settings), "label": label,
-            "features": list(PROBE_FEATURES if settings.probe_feature else FEATURES),
+    if settings.granularity == "block":
+        label = BLOCK_LABEL.format(kind=settings.forecast_kind, order=settings.forecast_order)
+    else:
+        label = FORECAST_LABEL.format(order=settings.forecast_order) if settings.forecast_order else LABEL
+    meta = {**trained_for(loaded, settings), "collect": asdict(settings), "label": label, "features": list(settings.names),
             "seconds": time.perf_counter() - start}
     return PolicyTraces(features=cat["features"].astype(np.float32), labels=cat["labels"], group=cat["group"],
                         evaluation=cat["evaluation"].astype(np.int64), layer=cat["layer"].astype(np.int64),
@@ -296,10 +327,27 @@ def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progre
 
 
 def trained_for(loaded, settings: CollectSettings) -> dict[str, Any]:
-    """What a policy trained on these traces is for."""
-    return {"model": loaded.name, "num_layers": len(loaded.transformer.transformer_blocks), "sampler": settings.sampler,
+    """What a policy trained on these traces is for (`PolicyDecider` refuses a run that differs)."""
+    return {"model": loaded.name, "num_layers": num_layers_of(loaded), "sampler": settings.sampler,
             "steps": settings.steps, "cfg": settings.cfg, "max_age": settings.max_age, "entropy_rows": settings.entropy_rows,
-            "forecast_order": settings.forecast_order}
+            "forecast_order": settings.forecast_order, "granularity": settings.granularity,
+            "forecast_kind": settings.forecast_kind, "forecast_axis": "evaluation"}
+
+
+def num_layers_of(loaded) -> int:
+    """The layers reuse sees (every block list, in order: Flux's dual- then single-stream blocks)."""
+    from dqar.engine.adapter import describe
+
+    return len(describe(loaded.transformer).blocks)
+
+
+def computed(loaded, labels: Sequence[int], run: RunConfig, settings: CollectSettings) -> FullCompute:
+    """One full-compute generation's labels and signals: whole blocks (`block_labels`, any family) or DiT attention."""
+    if settings.granularity == "block":
+        from dqar.tuning.block_labels import block_full_compute
+
+        return block_full_compute(loaded, labels, run, settings.max_age)
+    return full_compute(loaded, labels, run, settings.max_age, settings.entropy_rows)
 
 
 # ----- proxy validation --------------------------------------------------------------------------
@@ -325,13 +373,13 @@ def choose_groups(num_evaluations: int, num_layers: int, max_age: int, count: in
 
 def validate_proxy(loaded, settings: CollectSettings, check: ValidateSettings = ValidateSettings(), progress: bool = True) -> dict:
     """Spearman correlation of the label (summed over a run's cells) with the final-image error of that run."""
-    check_policy_family(loaded)
+    check_policy_family(loaded, settings.names)
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
     labels = cycle_labels(loaded.num_classes, check.samples)
     run = settings.run(check.seed)
-    base = full_compute(loaded, labels, run, settings.max_age, settings.entropy_rows)
+    base = computed(loaded, labels, run, settings)
     e_count, l_count, _ = base.errors.shape
     rows = []
     for e, l, a in tqdm(choose_groups(e_count, l_count, settings.max_age, check.groups, check.rng_seed),

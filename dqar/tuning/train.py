@@ -20,14 +20,11 @@ from dqar.engine.policy_net import PolicyCheckpoint, PolicyNet, num_parameters
 
 def check_trained_for(meta: dict, model: str | None) -> None:
     """Refuse a policy whose metadata names another model than `model` (None: the embedded DiT)."""
-    from dqar.tuning.collect import flow_model_name
-
     trained, want = meta.get("model"), str(model or "embedded")
     if trained is None or trained == want:
         return
-    fix = (f"no policy runs on {want} (its blocks lack the policy's signals): use a calibrated plan, dqar calibrate --model {want} "
-           "--target 0.5" if flow_model_name(want) else f"train one for it: dqar policy collect --model {want}, then dqar policy train")
-    raise DqarError(f"the policy was trained for model {trained!r} but this run uses {want!r}", fix)
+    raise DqarError(f"the policy was trained for model {trained!r} but this run uses {want!r}",
+                    f"train one for it: dqar policy collect --model {want}, then dqar policy train")
 
 
 QUANTILES = (0.3, 0.45, 0.6)  # held-out decisions are scored at these quantiles of the measured labels
@@ -101,7 +98,8 @@ def heldout_metrics(pred_log: np.ndarray, traces: PolicyTraces) -> dict:
     from scipy.stats import spearmanr
 
     y = log_target(traces.labels)
-    naive = traces.features[:, FEATURES.index("log_change_rate")] + np.log(traces.features[:, FEATURES.index("age")])
+    names = list(traces.meta.get("features", FEATURES))
+    naive = traces.features[:, names.index("log_change_rate")] + np.log(traces.features[:, names.index("age")])
     return {
         "rows": len(y),
         "mse_log": float(np.mean((pred_log - y) ** 2)),
