@@ -9,7 +9,7 @@ import torch
 from dqar.cli import main
 from dqar.engine import policy as policy_module
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
-from dqar.engine.features import BLOCK_FEATURES, FEATURES, MISSING_CHANGE, PROBE_LAYER, feature_matrix
+from dqar.engine.features import BLOCK_FEATURES, BLOCK_PROBE_FEATURES, FEATURES, MISSING_CHANGE, PROBE_LAYER, feature_matrix
 from dqar.engine.policy_net import PolicyCheckpoint, PolicyNet, save_policy
 from dqar.engine.signals import relative_change
 from dqar.errors import DqarError
@@ -31,16 +31,16 @@ def dit(single_thread):
     return load_model("embedded")
 
 
-def constant_policy(log_error: float, meta: dict) -> PolicyCheckpoint:
-    """A block-feature policy predicting exp(log_error) everywhere."""
-    net = PolicyNet(len(BLOCK_FEATURES), (4,))
+def constant_policy(log_error: float, meta: dict, names=BLOCK_FEATURES) -> PolicyCheckpoint:
+    """A block-feature policy (over `names`) predicting exp(log_error) everywhere."""
+    net = PolicyNet(len(names), (4,))
     with torch.no_grad():
         for p in net.parameters():
             p.zero_()
         net.layers[-1].bias.fill_(log_error)
-    f = len(BLOCK_FEATURES)
+    f = len(names)
     return PolicyCheckpoint(net.eval(), torch.zeros(f), torch.ones(f), 0.0, 1.0,
-                            {"features": list(BLOCK_FEATURES), "hidden": [4], "granularity": "block", "forecast_kind": "taylor",
+                            {"features": list(names), "hidden": [4], "granularity": "block", "forecast_kind": "taylor",
                              "forecast_order": 0, **meta})
 
 
@@ -73,9 +73,9 @@ def test_the_block_set_reads_no_dit_signal():
     shape = (3, 5)
     feats = feature_matrix(change=torch.full(shape, 0.5), gap=torch.ones(shape), x_rms=torch.full((3,), 2.0),
                            step_fraction=torch.tensor([0.0, 0.5, 1.0]), ages=torch.ones(shape), num_layers=5,
-                           probe_error=torch.full((3,), 0.25), names=BLOCK_FEATURES)  # no entropy, no SNR given
-    assert feats.shape == (3, 5, len(BLOCK_FEATURES))
-    col = {n: feats[..., i] for i, n in enumerate(BLOCK_FEATURES)}
+                           probe_error=torch.full((3,), 0.25), names=BLOCK_PROBE_FEATURES)  # no entropy, no SNR given
+    assert feats.shape == (3, 5, len(BLOCK_PROBE_FEATURES))
+    col = {n: feats[..., i] for i, n in enumerate(BLOCK_PROBE_FEATURES)}
     assert torch.allclose(col["log_x_rms"], torch.log(torch.tensor(2.0)).expand(shape))
     assert torch.allclose(col["log_probe_error"], torch.log(torch.tensor(0.25)).expand(shape))
     assert torch.allclose(col["layer_fraction"][0], torch.linspace(0, 1, 5))
@@ -143,7 +143,7 @@ def test_attention_labels_refuse_a_forecaster_they_do_not_measure():
 # ----- sampling with a block policy -----------------------------------------------------------------
 def test_flux_policy_reads_the_engines_block_signals_on_the_first_branch(flux, tmp_path, monkeypatch):
     path = tmp_path / "never.safetensors"
-    save_policy(constant_policy(0.0, {"model": "embedded-flux", "num_layers": 5}), path)  # error 1: nothing reuses
+    save_policy(constant_policy(0.0, {"model": "embedded-flux", "num_layers": 5}, BLOCK_PROBE_FEATURES), path)  # never reuses
     seen = []
     build = policy_module.feature_matrix
     monkeypatch.setattr(policy_module, "feature_matrix", lambda **kw: (seen.append(kw), build(**kw))[1])
@@ -159,7 +159,7 @@ def test_flux_policy_reads_the_engines_block_signals_on_the_first_branch(flux, t
 
 def test_flux_threshold_acts_and_cfg_branches_share_each_decision(flux, tmp_path):
     path = tmp_path / "p.safetensors"
-    save_policy(constant_policy(np.log(0.1), {"model": "embedded-flux", "num_layers": 5}), path)
+    save_policy(constant_policy(np.log(0.1), {"model": "embedded-flux", "num_layers": 5}, BLOCK_PROBE_FEATURES), path)
     run = lambda th: RunConfig(reuse=ReuseConfig(**BLOCK, policy=str(path), policy_threshold=th), sample=SAMPLE)  # noqa: E731
     low, high = generate(flux, [3], run(0.05)), generate(flux, [3], run(0.2))
     assert low.stats.reused == 0 and high.stats.reused > 0

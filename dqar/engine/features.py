@@ -23,9 +23,9 @@ trained before the probe feature) and `PROBE_FEATURES`, which adds
   policy decides before any layer of e runs (1.0 where none was measured yet).
 
 `BLOCK_FEATURES` is the model-agnostic set, for whole-block policies on any family the block adapter describes (Flux,
-SD3, …): the six features that need neither DiT attention (`entropy`) nor a DDPM noise schedule (the two SNRs), so
-`log_change_rate` is the relative change of the layer's image-stream block residual and `log_probe_error` the
-probe block's.
+SD3, the DiT): the five features that need neither DiT attention (`entropy`) nor a DDPM noise schedule (the two
+SNRs); `log_change_rate` is the relative change of the layer's image-stream block residual. `BLOCK_PROBE_FEATURES`
+adds `log_probe_error`, the probe block's (the first layer's) change, which keeps that layer computing.
 
 A policy builds the features its checkpoint names, so a policy trained without the probe feature acts as before.
 """
@@ -40,8 +40,9 @@ FEATURES = ("entropy", "log_snr_scheduler", "log_snr_prediction", "log_x_rms", "
             "log_change_rate")
 PROBE_FEATURE = "log_probe_error"
 PROBE_FEATURES = (*FEATURES, PROBE_FEATURE)
-BLOCK_FEATURES = ("log_x_rms", "step_fraction", "layer_fraction", "age", "log_change_rate", PROBE_FEATURE)
-FEATURE_SETS = (FEATURES, PROBE_FEATURES, BLOCK_FEATURES)  # the feature sets a checkpoint may name
+BLOCK_FEATURES = ("log_x_rms", "step_fraction", "layer_fraction", "age", "log_change_rate")
+BLOCK_PROBE_FEATURES = (*BLOCK_FEATURES, PROBE_FEATURE)
+FEATURE_SETS = (FEATURES, PROBE_FEATURES, BLOCK_FEATURES, BLOCK_PROBE_FEATURES)  # the feature sets a checkpoint may name
 DIT_SIGNALS = ("entropy", "log_snr_scheduler", "log_snr_prediction")  # measured on DiT attention and DDPM schedules only
 PROBE_LAYER = 0  # the layer whose change is `log_probe_error`
 LOG_FLOOR = 1e-6  # values are clamped here before a log

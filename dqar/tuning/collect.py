@@ -31,7 +31,7 @@ from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.errors import DqarError
 from dqar.engine.decider import TracingDecider
 from dqar.engine.signals import Trace, relative_change
-from dqar.engine.features import (BLOCK_FEATURES, FEATURE_SETS, FEATURES, MISSING_CHANGE, PROBE_FEATURES, PROBE_LAYER,
+from dqar.engine.features import (BLOCK_FEATURES, BLOCK_PROBE_FEATURES, FEATURE_SETS, FEATURES, MISSING_CHANGE, PROBE_FEATURES, PROBE_LAYER,
                                   feature_matrix)
 from dqar.engine.plan import Plan
 from dqar.generate import generate
@@ -83,7 +83,7 @@ class CollectSettings:
     def names(self) -> tuple[str, ...]:
         """The feature set the traces hold."""
         if self.granularity == "block":
-            return BLOCK_FEATURES
+            return BLOCK_PROBE_FEATURES if self.probe_feature else BLOCK_FEATURES
         return PROBE_FEATURES if self.probe_feature else FEATURES
 
     def run(self, seed: int) -> RunConfig:
