@@ -205,3 +205,43 @@ def test_flux_policy_study_runs_its_methods_and_writes_its_own_section(tmp_path,
     text = write_policy_section(result, tmp_path).read_text()
     assert "## Learned policy (embedded-flux)" in text and "the DiT's" in text and "gate (probe error)" in text
     assert "gate (entropy τ)" not in text and (tmp_path / "fidelity_policy_embedded-flux.json").is_file()
+
+
+# ----- block policies at the adaptive targets (`adaptive_policy.extend_with_policy`) -----------------------
+ADAPTIVE = dict(samples=2, probe_samples=2, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6, kinds=("taylor",), gate_kinds=())
+
+
+def test_block_policies_extend_a_saved_adaptive_result(dit, tmp_path, single_thread):
+    from dqar.studies.fidelity import adaptive as A
+    from dqar.studies.fidelity.adaptive_policy import extend_with_policy
+    from dqar.studies.fidelity.adaptive_section import block_policy_lines, section_body
+
+    s = A.AdaptiveSettings(**ADAPTIVE)
+    saved = A.run_adaptive(s, progress=False)
+    meta = {"model": "embedded", "num_layers": 8, "max_age": 3, "forecast_kind": "taylor", "forecast_order": 0}
+    paths = {}
+    for name, log_error in (("cheap", np.log(1e-3)), ("dear", np.log(0.5))):
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_policy(constant_policy(log_error, meta), paths[name])
+    out = extend_with_policy(saved, s, paths, progress=False)
+    for comp in [out["at_full_dqar"], *out["targets"]]:
+        rows = comp["policy"]
+        assert set(rows) == {"cheap", "dear"} and "psnr_per_sample" not in rows["cheap"]
+        assert rows["cheap"]["config"]["policy"] == paths["cheap"] and rows["cheap"]["config"]["granularity"] == "block"
+        assert rows["cheap"]["config"]["max_staleness"] == 3 and "delta_ci" in rows["cheap"]
+        assert comp["policy_between"]["first"] == "cheap" and "calibrated_share" in rows["cheap"]["calibration"]
+    assert "policy" not in saved["targets"][0]
+    lines = block_policy_lines(out)
+    assert lines[-1].startswith("- A block-feature policy beats the best static plan at matched work at")
+    assert "**Block-feature policies at matched work.**" in section_body(out, "cmd", "today", "here")
+    save_policy(constant_policy(0.0, {**meta, "model": "embedded-flux"}), tmp_path / "other.safetensors")
+    with pytest.raises(DqarError, match="trained for model 'embedded-flux'"):
+        extend_with_policy(saved, s, {"other": str(tmp_path / "other.safetensors")}, progress=False)
+
+
+def test_extend_policy_needs_a_policy_file(tmp_path, capsys):
+    assert main(["fidelity", "--section", "adaptive", "--extend", "policy", "--policy", str(tmp_path / "none.safetensors"),
+                 "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["fidelity", "--section", "engine", "--policy", str(tmp_path / "x"), "--out", str(tmp_path)]) == 2
+    assert "--extend policy" in capsys.readouterr().err

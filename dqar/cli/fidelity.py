@@ -33,10 +33,13 @@ def fidelity_parser(sub) -> None:
     p.add_argument("--rows", nargs="+", metavar="NAME", default=None,
                    help="engine: re-measure only these rows (e.g. full_dqar adaptive) into the saved section, which must exist "
                         "with the same settings; the baseline is regenerated and must score as before")
-    p.add_argument("--extend", choices=("per-sample",), default=None,
+    p.add_argument("--extend", choices=("per-sample", "policy"), default=None,
                    help="adaptive: add rows to the saved section instead of running it again; per-sample: the verifying "
                         "decider with verify_per_sample (each sample refreshes on its own probe error) at each saved target, "
-                        "paired with the batch decider and the best static plan, both re-measured")
+                        "paired with the batch decider and the best static plan, both re-measured; policy: block-feature "
+                        "policies (--policy) at each saved target, paired with the best static plan re-measured")
+    p.add_argument("--policy", nargs="+", default=None, metavar="PATH",
+                   help="--extend policy: block-feature policy checkpoints, named by file stem (default: the model's shipped ones)")
     p.add_argument("--model", default="embedded", choices=MODELS,
                    help="embedded (the DiT, default) | embedded-flux (the Flux: its own sections, Flux's sampling defaults)")
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {d.steps}; embedded-flux 28)")
@@ -58,6 +61,8 @@ def cmd_fidelity(args) -> int:
 
     if args.extend and args.section != "adaptive":
         raise DqarError(f"--extend adds rows to the adaptive section, not to '{args.section}'", "use --section adaptive, or drop --extend")
+    if args.policy and args.extend != "policy":
+        raise DqarError("--policy names the policies of --extend policy", "add --section adaptive --extend policy, or drop --policy")
     if args.rows and args.section != "engine":
         raise DqarError(f"--rows re-measures rows of the engine section, not of '{args.section}'", "use --section engine, or drop --rows")
     set_threads(args.threads)
@@ -165,24 +170,47 @@ def _adaptive(args) -> int:
     return 0
 
 
+def _block_policies(args) -> dict[str, str]:
+    """name → checkpoint of `--extend policy`: the --policy files (checked to exist) or the model's shipped block policies."""
+    from dqar.studies.fidelity.policy_eval import shipped_block_policies
+
+    if not args.policy:
+        found = shipped_block_policies(args.model)
+        if not found:
+            raise DqarError(f"no block-feature policy ships for {args.model}", "train one (dqar policy collect --granularity "
+                            "block, dqar policy train) and pass it with --policy PATH")
+        return found
+    for path in args.policy:
+        if not Path(path).is_file():
+            raise DqarError(f"policy file '{path}' does not exist", "pass a checkpoint written by dqar policy train")
+    return {Path(p).stem: str(p) for p in args.policy}
+
+
 def _adaptive_extend(args, s, command: str) -> int:
-    """`--extend per-sample`: the saved adaptive result with the per-sample rows added, its section written again."""
+    """`--extend per-sample | policy`: the saved adaptive result with those rows added, its section written again."""
     import time
 
     from dqar.studies.fidelity.adaptive import SECTION
-    from dqar.studies.fidelity.adaptive_section import per_sample_lines, write_adaptive
-    from dqar.studies.fidelity.adaptive_split import extend_with_per_sample
+    from dqar.studies.fidelity.adaptive_section import block_policy_lines, per_sample_lines, write_adaptive
     from dqar.studies.fidelity.sections import file_stem, machine_description, section_name, today
 
     model = None if args.model == "embedded" else args.model
+    policies = _block_policies(args) if args.extend == "policy" else {}
     saved = _saved(Path(s.out_dir) / f"{file_stem('fidelity_adaptive', model)}.json")
     start = time.perf_counter()
-    result = extend_with_per_sample(saved, s, progress=not args.quiet)
-    result["per_sample_run"] = {"command": command, "when": today(), "machine": args.machine or machine_description(),
-                                "seconds": round(time.perf_counter() - start)}
+    if args.extend == "policy":
+        from dqar.studies.fidelity.adaptive_policy import extend_with_policy
+
+        result, key, lines = extend_with_policy(saved, s, policies, progress=not args.quiet), "policy_run", block_policy_lines
+    else:
+        from dqar.studies.fidelity.adaptive_split import extend_with_per_sample
+
+        result, key, lines = extend_with_per_sample(saved, s, progress=not args.quiet), "per_sample_run", per_sample_lines
+    result[key] = {"command": command, "when": today(), "machine": args.machine or machine_description(),
+                   "seconds": round(time.perf_counter() - start)}
     doc = write_adaptive(result, s.out_dir, command, args.machine)
     print(f"wrote section '{section_name(SECTION, args.model)}' of {doc}")
-    for line in per_sample_lines(result):
+    for line in lines(result):
         if line.startswith("- "):
             print("  " + line)
     return 0

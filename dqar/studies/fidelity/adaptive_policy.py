@@ -8,6 +8,12 @@ the policies' trained schedule), and the best static plan at the same FLOPs shar
 whole-block plans (`adaptive.static_candidates`, each forecast kind, warm-ups up to the last steps) and the static
 attention schedules at the same reuse (`policy_eval.static_choices`). All are scored on the evaluated seeds: paired
 PSNR with a 95% bootstrap interval of the difference to that static plan, and between the policies.
+
+A block-feature policy (`features.BLOCK_FEATURES`, any family) reuses whole blocks and reaches the adaptive targets
+themselves: `extend_with_policy` adds it to a saved `run_adaptive` result at each target and at full_dqar's share,
+with full_dqar's history and the policy's forecaster, its threshold bisected on the knob-search seeds to the target's
+FLOPs share, paired with the target's best static plan re-measured (`adaptive.remeasure`), as the gate rows are.
+`dqar fidelity --section adaptive --extend policy` runs it.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from dqar.engine.config import ReuseConfig, RunConfig
 from dqar.errors import DqarError
 from dqar.labels import cycle_labels
 from dqar.studies.fidelity.adaptive import (AdaptiveSettings, _run, _setting, _strip, layer_costs, measure, paired_delta,
-                                            static_candidates)
+                                            remeasure, saved_setting, static_candidates)
 
 TARGETS = (0.30, 0.45, 0.60)  # attention cells reused (the policy study's targets)
 PROBE_SEED, PROBE_SAMPLES, ITERATIONS = 30_000, 4, 8  # the policy study's knob search (`policy_eval.EvaluateSettings`)
@@ -106,3 +112,81 @@ def run_policy_rows(policies: dict[str, str], settings: AdaptiveSettings = Adapt
         comp["policy"] = {k: _strip(v) for k, v in rows.items()}
         out["targets"].append(comp)
     return out
+
+
+# ----- block-feature policies at the adaptive targets ----------------------------------------------------------
+def block_policy_config(path: str, threshold: float, meta: dict) -> ReuseConfig:
+    """full_dqar's history under a block-feature policy: its forecaster, every layer a candidate up to its labelled age."""
+    from dqar.engine.config import preset
+
+    age = int(meta.get("max_age", 3))
+    return replace(preset("full_dqar"), schedule="constant", refresh_interval=age + 1, max_staleness=age,
+                   forecast_kind=meta.get("forecast_kind", "taylor"), forecast_order=int(meta.get("forecast_order") or 0),
+                   policy=path, policy_threshold=threshold)
+
+
+def block_threshold(loaded, run: RunConfig, path: str, meta: dict, share: float) -> tuple[float, float]:
+    """(threshold, knob-search FLOPs share) bisected so the policy skips `share` of the FLOPs on the search seeds."""
+    from dqar.generate import generate
+    from dqar.studies.fidelity.policy_eval import Knob, search
+
+    labels = cycle_labels(loaded.num_classes, PROBE_SAMPLES)
+    sample = replace(run.sample, seed=PROBE_SEED)
+    skipped = lambda cfg: generate(loaded, labels, RunConfig(reuse=cfg, sample=sample)).stats.flops_skipped_fraction  # noqa: E731
+    knob = Knob("policy", 1e-5, 1.0, "log", lambda v: block_policy_config(path, v, meta), str)
+    return search(knob, share, skipped, ITERATIONS)
+
+
+def block_policies(policies: dict[str, str], model_name: str) -> dict[str, dict]:
+    """name → checkpoint metadata, each a block-feature policy trained for `model_name`; refused in one line otherwise."""
+    from dqar.engine.features import dit_only
+    from dqar.engine.policy_net import load_policy
+    from dqar.tuning.train import check_trained_for
+
+    if not policies:
+        raise DqarError("no policy to add", "pass a block-feature policy: --policy PATH (dqar policy collect --granularity block)")
+    metas = {}
+    for name, path in policies.items():
+        meta = load_policy(path).meta
+        check_trained_for(meta, model_name)
+        if dit_only(meta.get("features", ())) or meta.get("granularity") != "block":
+            raise DqarError(f"policy {path} reuses attention outputs: the adaptive targets need a block-feature policy",
+                            f"collect one: dqar policy collect --model {model_name} --granularity block")
+        metas[name] = meta
+    return metas
+
+
+def extend_with_policy(saved: dict, settings: AdaptiveSettings, policies: dict[str, str], progress: bool = True) -> dict:
+    """`saved` (a `run_adaptive` result at `settings`) with each block-feature policy's row at each target (module
+    docstring); between two policies, their paired difference too."""
+    import copy
+
+    from tqdm import tqdm
+
+    ev, costs = saved_setting(saved, settings)
+    loaded = ev.study.loaded
+    metas = block_policies(policies, loaded.name)
+    result = copy.deepcopy(saved)
+    result["block_policies"] = {n: {"path": p, "features": list(metas[n]["features"]), "max_age": metas[n].get("max_age"),
+                                    "forecast_kind": metas[n].get("forecast_kind")} for n, p in policies.items()}
+    comps = [result["at_full_dqar"], *result["targets"]]
+    bar = tqdm(disable=not progress, desc="adaptive policy rows", total=len(comps) * len(policies))
+    tol = settings.tolerance
+    for comp in comps:
+        base = remeasure(ev, comp["static"][comp["best_static_kind"]], comp["target"])
+        rows = {}
+        for name, path in policies.items():
+            bar.set_postfix_str(f"{comp['target']:.0%} {name}")
+            value, probe_share = block_threshold(loaded, ev.run, path, metas[name], comp["target"])
+            row = measure(ev, f"policy {name}, threshold {value:.3g}, ≤ {metas[name].get('max_age', 3)} reuses",
+                          block_policy_config(path, value, metas[name]), {"decider": "policy", "policy": name, "threshold": value})
+            row["calibration"] = {"reached": abs(probe_share - comp["target"]) <= tol, "calibrated_share": probe_share}
+            rows[name] = {**row, **paired_delta(row, base)}
+            bar.update(1)
+        names = list(rows)
+        if len(names) == 2:
+            comp["policy_between"] = {"first": names[0], "second": names[1], **paired_delta(rows[names[1]], rows[names[0]])}
+        comp["policy"] = {k: _strip(v) for k, v in rows.items()}
+        comp["policy_base_psnr_db"] = base["psnr_db"]
+    bar.close()
+    return result

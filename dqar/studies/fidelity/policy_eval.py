@@ -38,6 +38,7 @@ FAMILIES = {"policy": "learned policy", "policy_plan": "policy → plan", "gate_
             "static": "static schedule"}
 OTHERS = ("gate_snr", "gate_entropy", "gate_probe", "calibrated", "static")  # what the policy is compared with
 SHIPPED = {"embedded": "policy.safetensors", "embedded-flux": "policy_flux.safetensors"}  # the shipped policy per model
+SHIPPED_BLOCK = {"embedded": ("policy_block.safetensors",), "embedded-flux": ("policy_flux.safetensors",)}  # block-feature ones
 
 
 def shipped_policy(model: str | None = None) -> Path:
@@ -48,6 +49,13 @@ def shipped_policy(model: str | None = None) -> Path:
     path = Path(EMBEDDED_DIR) / SHIPPED.get(str(model or "embedded"), SHIPPED["embedded"])
     rel = Path(os.path.relpath(path))
     return path if rel.parts[:1] == ("..",) else rel
+
+
+def shipped_block_policies(model: str | None) -> dict[str, str]:
+    """name (file stem) → path of the block-feature policies shipped for `model` (those present)."""
+    folder = shipped_policy().parent
+    files = [folder / f for f in SHIPPED_BLOCK.get(str(model or "embedded"), ())]
+    return {f.stem: str(f) for f in files if f.is_file()}
 
 
 @dataclass(frozen=True)
