@@ -15,7 +15,7 @@ from dqar.engine.signals import relative_change
 from dqar.errors import DqarError
 from dqar.generate import generate
 from dqar.models import load_model
-from dqar.tuning.collect import CollectSettings, collect_traces, load_traces
+from dqar.tuning.collect import CollectSettings, FullCompute, collect_traces, load_traces
 
 SAMPLE = SampleConfig(steps=5, cfg=4.0, seed=0)
 BLOCK = dict(granularity="block", schedule="constant", warmup_frac=0.0, refresh_interval=4, max_staleness=3)
@@ -90,7 +90,7 @@ def test_flux_block_labels_are_the_residual_perturbation_of_a_copy(flux):
     from dqar.tuning.block_labels import block_full_compute
 
     run = RunConfig(reuse=ReuseConfig(granularity="block"), sample=replace(SAMPLE, cfg=1.0))
-    fc = block_full_compute(flux, [3], run, max_age=2)
+    fc = FullCompute(*block_full_compute(flux, [3], run, max_age=2))
     seen = block_residuals(flux, 2, 5, [3], 1.0)
     assert fc.errors.shape == (5, 5, 2) and np.isnan(fc.errors[0]).all() and np.isfinite(fc.errors[1:, :, 0]).all()
     for e in range(1, 5):
@@ -105,7 +105,7 @@ def test_true_cfg_labels_take_the_worse_branch(flux):
     from dqar.tuning.block_labels import block_full_compute
 
     run = RunConfig(reuse=ReuseConfig(granularity="block"), sample=SAMPLE)
-    fc = block_full_compute(flux, [3], run, max_age=1)
+    fc = FullCompute(*block_full_compute(flux, [3], run, max_age=1))
     seen = block_residuals(flux, 1, 5, [3], 4.0)  # forwards: cond, uncond per step
     for e in range(1, 5):
         per_branch = []

@@ -13,8 +13,8 @@ layer's newest residuals, and measure at every evaluation e, layer l and age a =
 - the **change** the engine measures when a layer computes with a policy attached: `‖r_e − r_(e−a)‖ / ‖r_(e−a)‖` of the
   image stream, on the first branch (the engine measures signals on that branch only).
 
-and, per evaluation, the RMS of the transformer's input (first branch). The result is a `collect.FullCompute`, whose
-rows `collect.rows_of` builds with `features.BLOCK_FEATURES`.
+and, per evaluation, the RMS of the transformer's input (first branch). `collect` makes a `FullCompute` of the result
+and its rows with `features.BLOCK_FEATURES` (or `BLOCK_PROBE_FEATURES`).
 """
 from __future__ import annotations
 
@@ -107,9 +107,8 @@ class BlockErrors:
 
 
 def block_full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: int):
-    """Sample `labels` with every block computed, measuring block-residual labels and changes (`collect.FullCompute`)."""
-    from dqar.tuning.collect import FullCompute
-
+    """Sample `labels` with every block computed, measuring block-residual labels and changes: the fields of a
+    `collect.FullCompute`, (trace, x_rms (E,), change (E, L, A), label (E, L, A), images (N, C, H, W))."""
     transformer = loaded.transformer
     layout = describe(transformer)
     recorder = BlockErrors(layout, max_age, forecaster_of(run.reuse))
@@ -124,4 +123,4 @@ def block_full_compute(loaded, labels: Sequence[int], run: RunConfig, max_age: i
     x_rms, change, errors = recorder.host(e_count)
     nan_el, nan_e = np.full((e_count, len(layout.blocks)), np.nan), np.full(e_count, np.nan)
     trace = Trace(entropy=nan_el, change=change[:, :, 0], snr_scheduler=nan_e, snr_prediction=nan_e)
-    return FullCompute(trace, x_rms, change, errors, out.images)
+    return trace, x_rms, change, errors, out.images

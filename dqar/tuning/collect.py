@@ -346,7 +346,7 @@ def computed(loaded, labels: Sequence[int], run: RunConfig, settings: CollectSet
     if settings.granularity == "block":
         from dqar.tuning.block_labels import block_full_compute
 
-        return block_full_compute(loaded, labels, run, settings.max_age)
+        return FullCompute(*block_full_compute(loaded, labels, run, settings.max_age))
     return full_compute(loaded, labels, run, settings.max_age, settings.entropy_rows)
 
 
