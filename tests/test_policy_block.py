@@ -245,3 +245,16 @@ def test_extend_policy_needs_a_policy_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["fidelity", "--section", "engine", "--policy", str(tmp_path / "x"), "--out", str(tmp_path)]) == 2
     assert "--extend policy" in capsys.readouterr().err
+
+
+def test_the_shipped_block_policies_name_their_model_and_setting():
+    from dqar.engine.policy_net import load_policy
+    from dqar.studies.fidelity.policy_eval import shipped_block_policies, shipped_policy
+
+    flux_path = shipped_policy("embedded-flux")
+    assert flux_path.name == "policy_flux.safetensors" and set(shipped_block_policies("embedded-flux")) == {"policy_flux"}
+    assert set(shipped_block_policies(None)) == {"policy_block"} and shipped_policy(None).name == "policy.safetensors"
+    for path, model, layers in ((flux_path, "embedded-flux", 5), (shipped_block_policies(None)["policy_block"], "embedded", 8)):
+        ckpt = load_policy(path)
+        assert ckpt.meta["model"] == model and ckpt.meta["num_layers"] == layers and ckpt.meta["granularity"] == "block"
+        assert tuple(ckpt.meta["features"]) == BLOCK_FEATURES and ckpt.meta["forecast_kind"] == "bdf2_heun"
