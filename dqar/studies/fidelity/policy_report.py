@@ -161,8 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-iterations", type=int, default=d.probe_iterations, help=f"bisection steps (default {d.probe_iterations})")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help=f"calibration images (default {d.calib_samples})")
     p.add_argument("--out", default=d.out_dir, help=f"folder of FIDELITY.md, the plot and the JSON (default {d.out_dir})")
-    p.add_argument("--forecast-order", type=int, default=d.forecast_order,
-                   help="every method reuses at this forecast order; its own FIDELITY.md section (default 0: the shipped policy's)")
+    p.add_argument("--forecast-order", type=int, default=None,
+                   help="every method reuses at this forecast order; its own FIDELITY.md section (default: the policy's labels')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -180,7 +180,8 @@ def run_command(args) -> int:
     steps = args.steps if args.steps is not None else SAMPLE_DEFAULTS.get(str(args.model), {}).get("steps", EvaluateSettings.steps)
     s = EvaluateSettings(policy=policy, model=args.model, samples=args.samples, seed=args.seed, steps=steps, cfg=args.cfg,
                          targets=tuple(args.targets), probe_samples=args.probe_samples, probe_iterations=args.probe_iterations,
-                         calib_samples=args.calib_samples, out_dir=args.out, forecast_order=args.forecast_order,
+                         calib_samples=args.calib_samples, out_dir=args.out,
+                         forecast_order=trained["forecast_order"] if args.forecast_order is None else args.forecast_order,
                          granularity=trained["granularity"], forecast_kind=trained["forecast_kind"])
     SampleConfig(steps=s.steps, cfg=s.cfg, seed=s.seed)  # validate early
     torch.set_grad_enabled(False)
