@@ -124,9 +124,27 @@ def test_collect_on_flux_defaults_to_blocks_and_its_steps(tmp_path, single_threa
     t = load_traces(out)
     assert tuple(t.meta["features"]) == BLOCK_FEATURES and t.features.shape[1] == len(BLOCK_FEATURES)
     assert t.meta["granularity"] == "block" and t.meta["forecast_kind"] == "bdf2_heun" and t.meta["num_layers"] == 5
+    assert t.meta["sampler"] == "flow" and t.meta["steps"] == 4  # the sampler the model really runs
     assert np.isfinite(t.features).all() and (t.labels > 0).all()
-    args = CollectSettings(generations=1, batch=1, steps=28, cfg=4.0)
-    assert args.steps == 28  # the CLI's default on embedded-flux (models.SAMPLE_DEFAULTS), checked without sampling 28 steps
+    assert main(["policy", "collect", "--model", "embedded-flux", "--probe-feature", "--generations", "1", "--batch", "1",
+                 "--steps", "3", "--out", str(tmp_path / "p.npz"), "--quiet"]) == 0
+    assert tuple(load_traces(tmp_path / "p.npz").meta["features"]) == BLOCK_PROBE_FEATURES
+
+
+def test_collect_takes_the_models_sampling_defaults(tmp_path, monkeypatch):
+    import dqar.tuning.collect as collect
+
+    seen = {}
+
+    def fake(loaded, settings, progress=True):
+        seen["settings"] = settings
+        raise DqarError("stopped here", "nothing to fix")
+
+    monkeypatch.setattr(collect, "collect_traces", fake)
+    for model, steps in (("embedded-flux", 28), ("embedded", 50)):
+        assert main(["policy", "collect", "--model", model, "--out", str(tmp_path / "t.npz"), "--quiet"]) == 2
+        s = seen.pop("settings")
+        assert s.steps == steps and s.cfg == 4.0 and s.granularity == ("block" if model == "embedded-flux" else "attention")
 
 
 def test_a_block_policy_collects_on_the_dit_too(dit):

@@ -328,7 +328,8 @@ def collect_traces(loaded, settings: CollectSettings = CollectSettings(), progre
 
 def trained_for(loaded, settings: CollectSettings) -> dict[str, Any]:
     """What a policy trained on these traces is for (`PolicyDecider` refuses a run that differs)."""
-    return {"model": loaded.name, "num_layers": num_layers_of(loaded), "sampler": settings.sampler,
+    sampler = "flow" if getattr(loaded, "family", "dit") != "dit" else settings.sampler  # what the model really runs
+    return {"model": loaded.name, "num_layers": num_layers_of(loaded), "sampler": sampler,
             "steps": settings.steps, "cfg": settings.cfg, "max_age": settings.max_age, "entropy_rows": settings.entropy_rows,
             "forecast_order": settings.forecast_order, "granularity": settings.granularity,
             "forecast_kind": settings.forecast_kind, "forecast_axis": "evaluation"}

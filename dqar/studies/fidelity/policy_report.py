@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from dqar.engine.config import SampleConfig
+
+SAMPLERS = {"flow": "flow matching", "ddim": "DDIM", "dpm": "DPM-Solver++"}  # a policy's recorded sampler, in words
 from dqar.studies.fidelity.policy_eval import (FAMILIES, EvaluateSettings, present, run_policy_study, section_for,
                                                shipped_policy, stem_for, trained_setting)
 
@@ -62,11 +64,13 @@ def _training_lines(report: dict | None) -> list[str]:
         lines.append(f"- Label vs final image: over {v['groups']} reuse runs (single cells and runs of up to {trained.get('max_age')} "
                      f"cells of one layer, {v['samples']} images, seeds {v['seed']}+), the summed labels rank the relative L2 error "
                      f"of the final images with Spearman **{v['spearman']:.3f}** (single cells only: {single}, {v['single_cells']} runs); "
-                     f"the attention output's plain relative change (what calibrated plans use) reaches "
+                     f"the {'block residual' if trained.get('granularity') == 'block' else 'attention output'}'s plain relative "
+                     "change (what calibrated plans use) reaches "
                      f"{_fmt(v.get('spearman_attention_change'), '.3f')} (single cells {_fmt(v.get('spearman_attention_change_single_cells'), '.3f')}).")
     if col:
         lines.append(f"- Traces: {col.get('generations')} generations × {col.get('batch')} samples (seeds {col.get('seed')}+), "
-                     f"{trained.get('sampler', '').upper()} {trained.get('steps')} steps, CFG {trained.get('cfg')}.")
+                     f"{SAMPLERS.get(trained.get('sampler'), str(trained.get('sampler', '')).upper())} {trained.get('steps')} "
+                     f"steps, CFG {trained.get('cfg')}.")
     return lines
 
 
