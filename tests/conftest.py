@@ -50,6 +50,24 @@ def tiny_transformer():
     return make_tiny_transformer()
 
 
+TINY_ADAPTIVE = dict(samples=2, probe_samples=2, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6, kinds=("taylor",),
+                     gate_kinds=())  # the smallest adaptive comparison on the embedded DiT
+
+
+@pytest.fixture(scope="session")
+def tiny_adaptive():
+    """One `run_adaptive` result at `TINY_ADAPTIVE` (one thread), shared by the tests that extend a saved result;
+    each test deep-copies what it changes (the extensions never modify their input)."""
+    from dqar.studies.fidelity import adaptive as A
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return A.run_adaptive(A.AdaptiveSettings(**TINY_ADAPTIVE), progress=False)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for the module (restored after): small tensors on a shared machine run faster so."""

@@ -49,8 +49,8 @@ def test_settings_refuse_bad_gate_kinds_and_schedules():
         A.AdaptiveSettings(gate_schedules=("custom",))
 
 
-def test_extending_a_saved_result_adds_the_gate_rows(dit):
-    saved = A.run_adaptive(A.AdaptiveSettings(**TINY, gate_kinds=()), progress=False)
+def test_extending_a_saved_result_adds_the_gate_rows(dit, tiny_adaptive):
+    saved = tiny_adaptive  # run_adaptive at TINY without gate kinds
     assert all(comp["gate"] == {} for comp in saved["targets"])
     s = A.AdaptiveSettings(**TINY, gate_kinds=("taylor",), gate_schedules=("constant", "linear"))
     out = A.extend_with_gate(saved, s, progress=False)

@@ -5,18 +5,16 @@ import copy
 import pytest
 
 from dqar.errors import DqarError
-from dqar.models import load_model
 from dqar.studies.fidelity import adaptive as A
 from dqar.studies.fidelity.adaptive_section import per_sample_lines, section_body
 from dqar.studies.fidelity.adaptive_split import extend_with_per_sample
 
-TINY = dict(samples=2, probe_samples=2, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6, kinds=("taylor",), gate_kinds=())
+from conftest import TINY_ADAPTIVE as TINY
 
 
 @pytest.fixture(scope="module")
-def saved(single_thread):
-    load_model()
-    return A.run_adaptive(A.AdaptiveSettings(**TINY), progress=False)
+def saved(tiny_adaptive, single_thread):
+    return tiny_adaptive
 
 
 def test_extending_a_saved_result_adds_per_sample_rows(saved):

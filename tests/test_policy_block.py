@@ -17,6 +17,8 @@ from dqar.generate import generate
 from dqar.models import load_model
 from dqar.tuning.collect import CollectSettings, FullCompute, collect_traces, load_traces
 
+from conftest import TINY_ADAPTIVE
+
 SAMPLE = SampleConfig(steps=5, cfg=4.0, seed=0)
 BLOCK = dict(granularity="block", schedule="constant", warmup_frac=0.0, refresh_interval=4, max_staleness=3)
 
@@ -226,16 +228,12 @@ def test_flux_policy_study_runs_its_methods_and_writes_its_own_section(tmp_path,
 
 
 # ----- block policies at the adaptive targets (`adaptive_policy.extend_with_policy`) -----------------------
-ADAPTIVE = dict(samples=2, probe_samples=2, calib_samples=1, calib_steps=1, targets=(0.5,), steps=6, kinds=("taylor",), gate_kinds=())
-
-
-def test_block_policies_extend_a_saved_adaptive_result(dit, tmp_path, single_thread):
+def test_block_policies_extend_a_saved_adaptive_result(dit, tiny_adaptive, tmp_path, single_thread):
     from dqar.studies.fidelity import adaptive as A
     from dqar.studies.fidelity.adaptive_policy import extend_with_policy
     from dqar.studies.fidelity.adaptive_section import block_policy_lines, section_body
 
-    s = A.AdaptiveSettings(**ADAPTIVE)
-    saved = A.run_adaptive(s, progress=False)
+    s, saved = A.AdaptiveSettings(**TINY_ADAPTIVE), tiny_adaptive
     meta = {"model": "embedded", "num_layers": 8, "max_age": 3, "forecast_kind": "taylor", "forecast_order": 0}
     paths = {}
     for name, log_error in (("cheap", np.log(1e-3)), ("dear", np.log(0.5))):
