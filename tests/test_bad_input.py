@@ -80,6 +80,14 @@ CASES = [
     ("fidelity unwritable output", "fidelity --section dynamic --out {tmp}/afile/f", "cannot write"),
     ("fidelity extend another section", "fidelity --section engine --extend per-sample --out {tmp}/f", "--extend"),
     ("fidelity extend without a saved run", "fidelity --section adaptive --extend per-sample --out {tmp}/f", "run the whole section"),
+    ("fidelity --policy without --extend policy", "fidelity --section adaptive --policy {tmp}/p.safetensors --out {tmp}/f",
+     "--extend policy"),
+    ("fidelity extend policy missing file", "fidelity --section adaptive --extend policy --policy {tmp}/none.safetensors "
+     "--out {tmp}/f", "does not exist"),
+    ("policy collect attention on a flow model", "policy collect --model embedded-flux --granularity attention --out {tmp}/t.npz",
+     "--granularity block"),
+    ("policy collect unknown forecast kind", "policy collect --model {model} --granularity block --forecast-kind spline "
+     "--out {tmp}/t.npz", "forecast_kind"),
     ("policy collect zero generations", "policy collect --model {model} --generations 0 --out {tmp}/t.npz", "generations"),
     ("policy collect negative validation", "policy collect --model {model} --validate -1 --out {tmp}/t.npz", "--validate"),
     ("policy train zero epochs", "policy train --traces {tmp}/none.npz --epochs 0", "epochs"),
