@@ -274,3 +274,22 @@ def test_the_shipped_block_policies_name_their_model_and_setting():
         ckpt = load_policy(path)
         assert ckpt.meta["model"] == model and ckpt.meta["num_layers"] == layers and ckpt.meta["granularity"] == "block"
         assert tuple(ckpt.meta["features"]) == BLOCK_FEATURES and ckpt.meta["forecast_kind"] == "bdf2_heun"
+
+
+@pytest.mark.parametrize("second_share, words", [(0.60, "policy `b` beats policy `a`"), (0.52, "ran at different work")])
+def test_between_two_policies_a_verdict_only_at_matched_work(second_share, words):
+    from dqar.studies.fidelity.adaptive_section import block_policy_lines
+
+    def row(name, share, delta, ci):
+        return {"name": name, "flops_skipped": share, "psnr_db": 30.0, "delta_db": delta, "delta_ci": ci, "class_accuracy": 0.9,
+                "fd": 100.0, "host_syncs_per_evaluation": 0.9, "calibration": {"reached": True, "calibrated_share": share}}
+
+    static = row("static", 0.6, 0.0, [0.0, 0.0])
+    comp = {"target": 0.6, "best_static_kind": "taylor", "static": {"taylor": static}, "policy_base_psnr_db": 30.0,
+            "policy": {"a": row("policy a", 0.6, -2.0, [-3.0, -1.0]), "b": row("policy b", second_share, -1.0, [-1.5, -0.5])},
+            "policy_between": {"first": "a", "second": "b", "delta_db": 1.0, "delta_ci": [0.5, 1.5]}}
+    result = {"settings": {"tolerance": 0.02}, "reference": {"class_accuracy": 0.9}, "targets": [comp],
+              "at_full_dqar": {"target": 0.64, "static": {}}, "block_policies": {}}
+    lines = block_policy_lines(result)
+    assert any(words in line for line in lines)
+    assert lines[-1].endswith("at no target; presets using a learned policy: none.")

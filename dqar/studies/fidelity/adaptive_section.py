@@ -279,8 +279,15 @@ def block_policy_lines(result: dict) -> list[str]:
                 wins.append(label)
         b = comp.get("policy_between")
         if b:
-            said.append(f"- At {label}, policy `{b['second']}` {_word(b['delta_ci'])} policy `{b['first']}`: "
-                        f"{b['delta_db']:+.2f} dB {_ci(b['delta_ci'])} (paired).")
+            one, two = comp["policy"][b["first"]], comp["policy"][b["second"]]
+            apart = abs(one["flops_skipped"] - two["flops_skipped"]) > tol
+            if apart:
+                said.append(f"- At {label}, policies `{b['second']}` and `{b['first']}` ran at different work "
+                            f"({100 * two['flops_skipped']:.1f}% and {100 * one['flops_skipped']:.1f}% skipped): paired "
+                            f"difference {b['delta_db']:+.2f} dB {_ci(b['delta_ci'])}, no verdict between them.")
+            else:
+                said.append(f"- At {label}, policy `{b['second']}` {_word(b['delta_ci'])} policy `{b['first']}`: "
+                            f"{b['delta_db']:+.2f} dB {_ci(b['delta_ci'])} (paired).")
     used = [n for n, v in PRESETS.items() if v.get("policy")]
     run = result.get("policy_run")
     if run:
