@@ -68,6 +68,36 @@ def tiny_adaptive():
         torch.set_num_threads(before)
 
 
+def constant_checkpoint(log_error: float, names, meta: dict, hidden: int = 8):
+    """A policy checkpoint over the feature set `names` predicting exp(log_error) everywhere (`meta` joins its metadata)."""
+    from dqar.engine.policy_net import PolicyCheckpoint, PolicyNet
+
+    net = PolicyNet(len(names), (hidden,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.layers[-1].bias.fill_(log_error)
+    f = len(names)
+    return PolicyCheckpoint(net.eval(), torch.zeros(f), torch.ones(f), 0.0, 1.0,
+                            {"features": list(names), "hidden": [hidden], **meta})
+
+
+@pytest.fixture(scope="module")
+def flux(single_thread):
+    """The shipped embedded-flux (modules that need another Flux define their own `flux`)."""
+    from dqar.models import load_model
+
+    return load_model("embedded-flux")
+
+
+@pytest.fixture(scope="module")
+def dit(single_thread):
+    """The shipped embedded DiT (modules that need another DiT define their own `dit`)."""
+    from dqar.models import load_model
+
+    return load_model("embedded")
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for the module (restored after): small tensors on a shared machine run faster so."""

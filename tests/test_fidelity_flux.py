@@ -15,21 +15,11 @@ from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig, preset
 from dqar.engine.plan import load_plan, save_plan
 from dqar.errors import DqarError
 from dqar.generate import generate
-from dqar.models import load_model
 from dqar.reporting.documents import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = SampleConfig(steps=3, cfg=4.0, seed=0)
 
-
-@pytest.fixture(scope="module")
-def flux(single_thread):
-    return load_model("embedded-flux")
-
-
-@pytest.fixture(scope="module")
-def dit(single_thread):
-    return load_model("embedded")
 
 
 def _section(text: str, heading: str) -> str:

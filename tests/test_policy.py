@@ -12,13 +12,12 @@ from dqar.errors import DqarError
 from dqar.engine.plan import build_plan, max_run_staleness
 from dqar.engine.features import FEATURES
 from dqar.engine.policy_net import PolicyCheckpoint
-from dqar.engine.policy_net import PolicyNet
 from dqar.engine.policy_net import load_policy
 from dqar.engine.policy_net import save_policy
 from dqar.tuning.collect import CollectSettings, collect_traces, load_traces, save_traces
 from dqar.tuning.train import TrainSettings, train_policy
 
-from conftest import E, CountSyncs, drive, make_tiny_transformer, tiny_loaded
+from conftest import E, CountSyncs, constant_checkpoint, drive, make_tiny_transformer, tiny_loaded
 
 SCHEDULE = dict(schedule="constant", warmup_frac=0.1, refresh_interval=4, max_staleness=3)
 
@@ -30,14 +29,7 @@ def model():
 
 def constant_policy(log_error: float, num_layers: int = 4) -> PolicyCheckpoint:
     """A policy predicting the same relative error, exp(log_error), everywhere."""
-    net = PolicyNet(len(FEATURES), (8,))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.layers[-1].bias.fill_(log_error)
-    f = len(FEATURES)
-    return PolicyCheckpoint(net.eval(), torch.zeros(f), torch.ones(f), 0.0, 1.0,
-                            {"features": list(FEATURES), "hidden": [8], "num_layers": num_layers, "entropy_rows": 4})
+    return constant_checkpoint(log_error, FEATURES, {"num_layers": num_layers, "entropy_rows": 4})
 
 
 @pytest.fixture(scope="module")

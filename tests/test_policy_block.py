@@ -10,40 +10,22 @@ from dqar.cli import main
 from dqar.engine import policy as policy_module
 from dqar.engine.config import ReuseConfig, RunConfig, SampleConfig
 from dqar.engine.features import BLOCK_FEATURES, BLOCK_PROBE_FEATURES, FEATURES, MISSING_CHANGE, PROBE_LAYER, feature_matrix
-from dqar.engine.policy_net import PolicyCheckpoint, PolicyNet, save_policy
+from dqar.engine.policy_net import save_policy
 from dqar.engine.signals import relative_change
 from dqar.errors import DqarError
 from dqar.generate import generate
-from dqar.models import load_model
 from dqar.tuning.collect import CollectSettings, FullCompute, collect_traces, load_traces
 
-from conftest import TINY_ADAPTIVE
+from conftest import TINY_ADAPTIVE, constant_checkpoint
 
 SAMPLE = SampleConfig(steps=5, cfg=4.0, seed=0)
 BLOCK = dict(granularity="block", schedule="constant", warmup_frac=0.0, refresh_interval=4, max_staleness=3)
 
 
-@pytest.fixture(scope="module")
-def flux(single_thread):
-    return load_model("embedded-flux")
-
-
-@pytest.fixture(scope="module")
-def dit(single_thread):
-    return load_model("embedded")
-
-
-def constant_policy(log_error: float, meta: dict, names=BLOCK_FEATURES) -> PolicyCheckpoint:
-    """A block-feature policy (over `names`) predicting exp(log_error) everywhere."""
-    net = PolicyNet(len(names), (4,))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.layers[-1].bias.fill_(log_error)
-    f = len(names)
-    return PolicyCheckpoint(net.eval(), torch.zeros(f), torch.ones(f), 0.0, 1.0,
-                            {"features": list(names), "hidden": [4], "granularity": "block", "forecast_kind": "taylor",
-                             "forecast_order": 0, **meta})
+def constant_policy(log_error: float, meta: dict, names=BLOCK_FEATURES):
+    """A block-feature policy (over `names`) predicting exp(log_error) everywhere, labelled like the shipped ones."""
+    return constant_checkpoint(log_error, names, {"granularity": "block", "forecast_kind": "taylor", "forecast_order": 0, **meta},
+                               hidden=4)
 
 
 def block_residuals(model, layer: int, steps: int, labels, cfg: float):

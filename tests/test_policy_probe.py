@@ -2,20 +2,19 @@
 without it keep their 8 features and act as before."""
 import numpy as np
 import pytest
-import torch
 
 import dqar
 from dqar.engine import policy as policy_module
 from dqar.engine.config import ReuseConfig
 from dqar.engine.features import FEATURES, MISSING_CHANGE, PROBE_FEATURES, PROBE_LAYER
 from dqar.engine.policy import PolicyDecider
-from dqar.engine.policy_net import PolicyCheckpoint, PolicyNet, load_policy, save_policy
+from dqar.engine.policy_net import PolicyCheckpoint, load_policy, save_policy
 from dqar.engine.signals import relative_change
 from dqar.errors import DqarError
 from dqar.tuning.collect import CollectSettings, collect_traces, load_traces, save_traces
 from dqar.tuning.train import TrainSettings, train_policy
 
-from conftest import E, CountSyncs, drive, make_tiny_transformer, tiny_loaded
+from conftest import E, CountSyncs, constant_checkpoint, drive, make_tiny_transformer, tiny_loaded
 
 SCHEDULE = dict(schedule="constant", warmup_frac=0.1, refresh_interval=4, max_staleness=3)
 COLLECT = dict(generations=4, batch=1, steps=6, max_age=3, entropy_rows=4)
@@ -36,14 +35,7 @@ def both_traces():
 
 def zero_policy(log_error: float, features=PROBE_FEATURES) -> PolicyCheckpoint:
     """A policy predicting exp(log_error) everywhere, over the feature set `features`."""
-    net = PolicyNet(len(features), (8,))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.layers[-1].bias.fill_(log_error)
-    f = len(features)
-    return PolicyCheckpoint(net.eval(), torch.zeros(f), torch.ones(f), 0.0, 1.0,
-                            {"features": list(features), "hidden": [8], "num_layers": 4, "entropy_rows": 4})
+    return constant_checkpoint(log_error, features, {"num_layers": 4, "entropy_rows": 4})
 
 
 def test_probe_traces_add_one_column_and_keep_the_others(both_traces, tmp_path):
