@@ -7,11 +7,11 @@
 #   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256) and score 100
 #      samples per class (DDIM 50, CFG 4) with the shipped classifier; the shipped weights came from TRAIN_MIN=4
 #      (docs/EMBEDDED.md) — outside the 8-minute bench budget;
-#   2. `dqar bench` on DiT-XL/2-256 with random weights at batch 8, every row, in two calls (each with its own stock eager
-#      and stock compiled rows, so every ratio is within one call's rounds): (a) dqar no reuse on its three executors,
-#      full_dqar and quant_cache_only (attention-only, 40% of the cells reused) on every executor; (b) the four diffusers
-#      peers, each under torch.compile where it tolerates it;
-#   3. batches 1, 32 and 64 with fewer rows (stock, no reuse / full_dqar / quant_cache_only on graph, two peers);
+#   2. `dqar bench` on DiT-XL/2-256 with random weights, the GPU table's rows, in three calls (each with its own stock
+#      eager and both stock compiled rows, so every ratio is within one call's rounds): (a) batch 8: no reuse,
+#      full_dqar and quant_cache_only (attention-only, 40% of the cells reused) on the graph executor; (b) batch 8:
+#      the four diffusers peers, each under torch.compile where it tolerates it; (c) batch 1: all of those rows;
+#   3. batches 32 and 64 with fewer rows (stock, no reuse / full_dqar / quant_cache_only on graph, two peers);
 #   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows;
 #   5. (FLUX=1, the default) Flux.1-dev shapes with random weights (19 + 38 blocks, hidden 3072, 11.9 B parameters, built
 #      on the GPU in bf16: 24 GB, plus one 24 GB copy per peer), batch 1, 1024 px, 28 steps, guidance-distilled (one
@@ -20,8 +20,12 @@
 #      stock_compiled_cudagraphs left out by FLUX_CASES (one more compile and 5 more generations would not fit; CUDA
 #      graphs save launch overhead, small beside 12 B parameters per forward). Outside the bench BUDGET, under its own
 #      `timeout $FLUX_LIMIT`; a killed run keeps the rows it finished.
-# Each stage runs under `timeout` with its share of the budget; a killed stage keeps the batch sizes it finished (bench
+# Each stage runs under `timeout` with its share of the budget; a killed stage keeps the rows it finished (bench
 # writes after every case) and the next stage still runs. Raw JSON and Markdown go to $OUT.
+# Resumable: a stage that finished leaves $OUT/<stage>.done (the smoke: $OUT/smoke.done after its PASS), and a rerun
+# with the same OUT skips it, so a second call in the same GPU window (OUT under the checkout's ignored results/ stays
+# on a warm machine) runs only what the first left, with the compile caches warm. PACK=<file.tar.gz>: after every
+# stage, everything in $OUT but the compile cache is packed into that one file (a device call returns at most 8 files).
 # Set-up fails fast: the script first installs the carried wheels (.whl/, made on a machine with PyPI by
 # benchmarks/gpu_wheels.sh; the device call carries .whl) through benchmarks/gpu_install.sh, which checks
 # `import torch, diffusers, dqar` and CUDA and stops the script with one line if any check fails; the environment stage
@@ -34,7 +38,7 @@
 # EXTRA=--no-compile FLUX_CASES='stock_eager noreuse_* full_dqar_* peer_*' (FLUX=0: skip stage 5)
 # Smoke run on a CPU with diffusers installed (the bench stages without compiling: graph compiles take minutes there;
 # stage 0 compiles three small graphs of the embedded model, about 80 s cold):
-#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 SMALL="1 2" BATCH=2 EXTRA=--no-compile SMOKE_LIMIT=300 FLUX_MODEL=random-flux-tiny FLUX_STEPS=4 FLUX_DTYPE=fp32 FLUX_CASES='stock_eager noreuse_* full_dqar_* peer_*' bash benchmarks/gpu_session.sh
+#   OUT=/tmp/s DEVICE=cpu SKIP_INSTALL=1 TRAIN_MIN=0.1 PER_CLASS=1 MODEL=embedded MODEL512=embedded STEPS=3 LARGE="2" BATCH=2 EXTRA=--no-compile SMOKE_LIMIT=300 FLUX_MODEL=random-flux-tiny FLUX_STEPS=4 FLUX_DTYPE=fp32 FLUX_CASES='stock_eager noreuse_* full_dqar_* peer_*' bash benchmarks/gpu_session.sh
 set -euo pipefail
 OUT=${OUT:-results/gpu}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
@@ -46,9 +50,9 @@ MODEL512=${MODEL512:-random-dit-xl2-512}
 STEPS=${STEPS:-50}
 REPEATS=${REPEATS:-3}
 BATCH=${BATCH:-8}
-SMALL=${SMALL:-1 32 64}
+LARGE=${LARGE:-32 64}  # stage 3's batch sizes
 EXTRA=${EXTRA:-}  # more flags for every bench call (the CPU smoke: --no-compile)
-BUDGET=${BUDGET:-470}  # seconds for the bench stages together (<= 480 with the environment stage)
+BUDGET=${BUDGET:-560}  # seconds for the smoke and the bench stages together (a device call runs <= 600 s)
 SMOKE_LIMIT=${SMOKE_LIMIT:-90}  # seconds for stage 0
 PY=${PY:-python3}
 FLUX=${FLUX:-1}  # stage 5
@@ -64,11 +68,18 @@ export DQAR_COMPILE_CACHE=${DQAR_COMPILE_CACHE:-$OUT/compile_cache.bin}
 if [ -n "${CACHE_FROM:-}" ] && [ -f "$CACHE_FROM" ] && [ ! -f "$DQAR_COMPILE_CACHE" ]; then cp "$CACHE_FROM" "$DQAR_COMPILE_CACHE"; fi
 START=$(date +%s)
 
+# pack: everything in $OUT but the compile cache into $PACK (when set), atomically
+pack() {
+    [ -n "${PACK:-}" ] || return 0
+    tar czf "$PACK.tmp" --exclude="$(basename "$DQAR_COMPILE_CACHE")" --exclude='*.tmp' -C "$OUT" . 2>/dev/null || true
+    if [ -s "$PACK.tmp" ]; then mv "$PACK.tmp" "$PACK"; fi
+}
 stage() { echo "== $(date -u +%H:%M:%S) $*"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 # bench NAME SECONDS ARGS...: one dqar bench call under `timeout` (at most what is left), its JSON and Markdown copied to $OUT
 bench() {
     local name=$1 limit=$2; shift 2
+    if [ -f "$OUT/$name.done" ]; then echo "skipped $name: done in an earlier call ($OUT/$name.done)"; return; fi
     local rest; rest=$(left); [ "$limit" -gt "$rest" ] && limit=$rest
     if [ "$limit" -le 10 ]; then echo "skipped $name: budget spent"; return; fi
     stage "bench $name (limit ${limit}s)"
@@ -80,6 +91,8 @@ bench() {
     tail -n 3 "$WORK/$name.log"
     for f in bench.json bench.md; do [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/${name}_$f"; done
     cp "$WORK/$name.log" "$OUT/$name.log"
+    [ "$rc" = 0 ] && touch "$OUT/$name.done"
+    pack
 }
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
@@ -94,17 +107,22 @@ stage environment
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
     $PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } | tee "$OUT/env.txt"
+pack
 
+if [ -f "$OUT/smoke.done" ]; then echo "skipped stage 0: the smoke PASSed in an earlier call ($OUT/smoke.done)"; else
 stage "0: smoke (limit ${SMOKE_LIMIT}s)"
 rc=0
 timeout "$SMOKE_LIMIT" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --out "$WORK/smoke" 2>&1 | tee "$OUT/smoke.log" || rc=$?
 [ -f "$WORK/smoke/smoke.json" ] && cp "$WORK/smoke/smoke.json" "$OUT/smoke.json"
+pack
 case $rc in  # any failure stops the script before the bench stages; smoke.json (when written) has what it saw
     0) ;;
     1) echo "stage 0: a check FAILed (the FAIL lines above): stopped before the bench stages"; exit 1 ;;
     124) echo "stage 0 ran past ${SMOKE_LIMIT}s (compiling?): stopped; the compile cache keeps what it compiled, a rerun compiles less"; exit 1 ;;
     *) echo "stage 0 could not run (exit $rc, the line above): stopped before the bench stages"; exit 1 ;;
 esac
+touch "$OUT/smoke.done"
+fi
 
 if [ "$TRAIN_MIN" != 0 ]; then
 stage train the embedded DiT
@@ -119,16 +137,19 @@ timeout 60 $PY -m dqar.embedded.check --folder "$WORK/emb" --per-class "$PER_CLA
 START=$(date +%s)  # the bench budget starts after training
 fi
 
+GRAPH=(--presets full_dqar quant_cache_only --executors graph)  # dqar's rows of the GPU table: graph no reuse, the presets
 # the fewer rows: stock eager / compiled, and on the graph executor no reuse and the two presets; two peers
-FEW=(--presets full_dqar quant_cache_only --executors graph --peers first_block_cache taylorseer)
+FEW=("${GRAPH[@]}" --peers first_block_cache taylorseer)
 # shellcheck disable=SC2086
-bench b${BATCH}_256_dqar 200 --model "$MODEL" --batch-sizes "$BATCH" --presets full_dqar quant_cache_only --peers $EXTRA
+bench b${BATCH}_256_dqar 170 --model "$MODEL" --batch-sizes "$BATCH" "${GRAPH[@]}" --peers $EXTRA
 # shellcheck disable=SC2086
-bench b${BATCH}_256_peers 110 --model "$MODEL" --batch-sizes "$BATCH" --cases 'stock_*' 'peer_*' $EXTRA
+bench b${BATCH}_256_peers 120 --model "$MODEL" --batch-sizes "$BATCH" --cases 'stock_*' 'peer_*' $EXTRA
 # shellcheck disable=SC2086
-bench small_256 100 --model "$MODEL" --batch-sizes $SMALL "${FEW[@]}" $EXTRA
+bench b1_256 120 --model "$MODEL" --batch-sizes 1 "${GRAPH[@]}" $EXTRA
 # shellcheck disable=SC2086
-bench b${BATCH}_512 60 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
+bench large_256 60 --model "$MODEL" --batch-sizes $LARGE "${FEW[@]}" $EXTRA
+# shellcheck disable=SC2086
+bench b${BATCH}_512 40 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
 # stage 5, own timeout: BUDGET=$FLUX_LIMIT for this call alone (the DiT stages above spend theirs)
 if [ "$FLUX" = 1 ]; then
     # shellcheck disable=SC2086
