@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, at most 8 minutes (BUDGET seconds) on one H200, as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
 #   the environment: card, driver, memory, torch / diffusers / CUDA versions, the date (env.txt);
-#   0. `dqar smoke` (fail fast, under `timeout $SMOKE_LIMIT`, 90 s): noreuse_graph and full_dqar_graph at 2 steps, batch 2,
+#   0. `dqar smoke` (fail fast, under `timeout $SMOKE_LIMIT`, 150 s): noreuse_graph and full_dqar_graph at 2 steps, batch
+#      $BATCH (the bench's, so noreuse_graph's whole-model graph is compiled once for both),
 #      against the patch executor, PASS/FAIL on CUDA-graph capture, recompiles, fp16 equality and host syncs; a FAIL or a
 #      timeout stops the script (smoke.json and smoke.log kept in $OUT), so no GPU time goes to a broken path;
 #   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256) and score 100
@@ -53,7 +54,7 @@ BATCH=${BATCH:-8}
 LARGE=${LARGE:-32 64}  # stage 3's batch sizes
 EXTRA=${EXTRA:-}  # more flags for every bench call (the CPU smoke: --no-compile)
 BUDGET=${BUDGET:-560}  # seconds for the smoke and the bench stages together (a device call runs <= 600 s)
-SMOKE_LIMIT=${SMOKE_LIMIT:-90}  # seconds for stage 0
+SMOKE_LIMIT=${SMOKE_LIMIT:-150}  # seconds for stage 0 (H200, 2026-12-04: one DiT-XL/2 graph compiles in 41 s)
 PY=${PY:-python3}
 FLUX=${FLUX:-1}  # stage 5
 FLUX_MODEL=${FLUX_MODEL:-random-flux-dev}  # 1024 px; random-flux-dev@512 for 512 px
@@ -73,6 +74,10 @@ pack() {
     [ -n "${PACK:-}" ] || return 0
     tar czf "$PACK.tmp" --exclude="$(basename "$DQAR_COMPILE_CACHE")" --exclude='*.tmp' -C "$OUT" . 2>/dev/null || true
     if [ -s "$PACK.tmp" ]; then mv "$PACK.tmp" "$PACK"; fi
+    # the compile cache beside it (when <= 16 MiB, what one returned file may be): CACHE_FROM for a later machine
+    if [ -f "$DQAR_COMPILE_CACHE" ] && [ "$(stat -c %s "$DQAR_COMPILE_CACHE")" -le $((16 << 20)) ]; then
+        cp "$DQAR_COMPILE_CACHE" "$(dirname "$PACK")/compile_cache.bin.tmp" && mv "$(dirname "$PACK")/compile_cache.bin.tmp" "$(dirname "$PACK")/compile_cache.bin"
+    fi
 }
 stage() { echo "== $(date -u +%H:%M:%S) $*"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -112,7 +117,7 @@ pack
 if [ -f "$OUT/smoke.done" ]; then echo "skipped stage 0: the smoke PASSed in an earlier call ($OUT/smoke.done)"; else
 stage "0: smoke (limit ${SMOKE_LIMIT}s)"
 rc=0
-timeout "$SMOKE_LIMIT" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --out "$WORK/smoke" 2>&1 | tee "$OUT/smoke.log" || rc=$?
+timeout "$SMOKE_LIMIT" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --out "$WORK/smoke" 2>&1 | tee "$OUT/smoke.log" || rc=$?
 [ -f "$WORK/smoke/smoke.json" ] && cp "$WORK/smoke/smoke.json" "$OUT/smoke.json"
 pack
 case $rc in  # any failure stops the script before the bench stages; smoke.json (when written) has what it saw
@@ -141,15 +146,15 @@ GRAPH=(--presets full_dqar quant_cache_only --executors graph)  # dqar's rows of
 # the fewer rows: stock eager / compiled, and on the graph executor no reuse and the two presets; two peers
 FEW=("${GRAPH[@]}" --peers first_block_cache taylorseer)
 # shellcheck disable=SC2086
-bench b${BATCH}_256_dqar 170 --model "$MODEL" --batch-sizes "$BATCH" "${GRAPH[@]}" --peers $EXTRA
+bench b${BATCH}_256_dqar 360 --model "$MODEL" --batch-sizes "$BATCH" "${GRAPH[@]}" --peers $EXTRA
 # shellcheck disable=SC2086
-bench b${BATCH}_256_peers 120 --model "$MODEL" --batch-sizes "$BATCH" --cases 'stock_*' 'peer_*' $EXTRA
+bench b${BATCH}_256_peers 240 --model "$MODEL" --batch-sizes "$BATCH" --cases 'stock_*' 'peer_*' $EXTRA
 # shellcheck disable=SC2086
-bench b1_256 120 --model "$MODEL" --batch-sizes 1 "${GRAPH[@]}" $EXTRA
+bench b1_256 300 --model "$MODEL" --batch-sizes 1 "${GRAPH[@]}" $EXTRA
 # shellcheck disable=SC2086
-bench large_256 60 --model "$MODEL" --batch-sizes $LARGE "${FEW[@]}" $EXTRA
+bench large_256 200 --model "$MODEL" --batch-sizes $LARGE "${FEW[@]}" $EXTRA
 # shellcheck disable=SC2086
-bench b${BATCH}_512 40 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
+bench b${BATCH}_512 150 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
 # stage 5, own timeout: BUDGET=$FLUX_LIMIT for this call alone (the DiT stages above spend theirs)
 if [ "$FLUX" = 1 ]; then
     # shellcheck disable=SC2086

@@ -122,6 +122,11 @@ def test_int8_sized_differences_pass_at_fp16_tolerance():
     assert smoke._matches(want, [close], *smoke.TOLERANCES[torch.float16])["status"] == "PASS"
     assert smoke._matches(want, [want + 0.5], *smoke.TOLERANCES[torch.float16])["status"] == "FAIL"
     assert smoke._matches(want, [want * float("nan")], 1.0, 1.0)["status"] == "FAIL"
+    scattered = want.clone()  # as on the H200 in fp16: 5% of the elements past the elementwise bound, the tensor within
+    scattered.view(-1)[::20] += 0.08
+    seen = smoke._matches(want, [scattered], *smoke.TOLERANCES[torch.float16])
+    assert seen["status"] == "PASS" and "elements outside the elementwise bound" in seen["detail"]
+    assert smoke._matches(want, [want.flip(-1)], *smoke.TOLERANCES[torch.float16])["status"] == "FAIL"  # a wrong output
     nan = want.clone()
     nan[0, 0, 0, 0] = float("nan")  # the same NaN in both: equal (the model's problem, not the graph executor's)
     same = smoke._matches(nan, [nan.clone()], 1e-4, 1e-4)

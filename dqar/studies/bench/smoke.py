@@ -4,7 +4,7 @@ on the patch executor; PASS or FAIL per check and case, so a broken path costs s
 Checks, per case: `cuda_graphs` (every pattern captured as a CUDA graph: inductor's `cudagraph_skips` unchanged and new
 cudagraph-tree nodes recorded; "n/a (cpu)" without CUDA), `no_recompile` (the second generation under dynamo's
 `error_on_recompile`, and no new dynamo graph), `matches_patch` (both generations' final latents within the dtype's
-tolerance of the patch executor's), `no_host_syncs` (`ReuseStats.host_syncs == 0` in every generation with dqar attached).
+tolerance of the patch executor's, norm-wise), `no_host_syncs` (`ReuseStats.host_syncs == 0` in every generation with dqar attached).
 The cases are bench's own (`dqar.studies.bench.runner.cases_for`: the same run configs, labels and noise); generating is
 `dqar.generate.generate`.
 """
@@ -231,19 +231,30 @@ def _recompiles(seen: _Seen) -> dict:
 
 
 def _matches(want: torch.Tensor, got: list[torch.Tensor], atol: float, rtol: float) -> dict:
-    """Every graph generation's final latents (N, C, h, w) against the patch executor's: |a - b| <= atol + rtol |b|
-    elementwise, a non-finite value equal only to the same non-finite value in patch's."""
+    """Every graph generation's final latents (N, C, h, w) against the patch executor's, norm-wise: ||a - b|| <= atol
+    sqrt(n) + rtol ||b|| (isclose's bound on the whole tensor: in fp16 a 28-block network's fused kernels move single
+    elements past an elementwise bound, not the tensor); a non-finite value equal only to the same value in patch's.
+    The detail also names the largest elementwise difference and how many elements an elementwise bound would miss."""
     ref = want.float()
-    worst, bad = 0.0, 0
+    worst, worst_rel, bad, fails = 0.0, 0.0, 0, 0
     for g in got:
         g = g.float()
         finite = torch.isfinite(g) & torch.isfinite(ref)  # (N, C, h, w)
-        worst = max(worst, float((g - ref).abs()[finite].max()) if bool(finite.any()) else 0.0)
+        off = ~torch.isfinite(ref)  # (N, C, h, w): patch's non-finite values, matched position and value (NaN = NaN)
+        same_nonfinite = torch.equal(~torch.isfinite(g), off) and torch.equal(g[off].nan_to_num(0.0, 1.0, -1.0),
+                                                                              ref[off].nan_to_num(0.0, 1.0, -1.0))
+        diff = (g - ref)[finite]
+        dist, size = float(diff.norm()), float(ref[finite].norm())
+        worst = max(worst, float(diff.abs().max()) if diff.numel() else 0.0)
+        worst_rel = max(worst_rel, dist / size if size else dist)
         bad += int((~torch.isclose(g, ref, rtol=rtol, atol=atol, equal_nan=True)).sum())
-    detail = f"max |graph - patch| {worst:.3g} over {len(got)} generations (atol {atol:g}, rtol {rtol:g})"
+        fails += int(not same_nonfinite or dist > atol * diff.numel() ** 0.5 + rtol * size)
+    detail = (f"||graph - patch|| / ||patch|| {worst_rel:.3g}, max |graph - patch| {worst:.3g} over {len(got)} generations "
+              f"(norm-wise atol {atol:g}, rtol {rtol:g})")
     nonfinite = int((~torch.isfinite(ref)).sum())
     detail += f", {nonfinite} non-finite values in patch's latents" if nonfinite else ""
-    return _check(FAIL if bad else PASS, detail + (f", {bad} elements outside" if bad else ""))
+    detail += f", {bad} elements outside the elementwise bound" if bad else ""
+    return _check(FAIL if fails else PASS, detail)
 
 
 def _host_syncs(gens) -> dict:
