@@ -23,6 +23,7 @@ Every kind gives weights `w` with `ŷ(x) = Σ_i w_i · y_i` over the layer's new
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,15 +75,22 @@ class Forecaster:
         return self.depth > 1
 
     def weights(self, history: Sequence[float], at: float) -> tuple[float, ...]:
-        """Weights over `history` (positions, newest first) for the value at `at`; as many as entries used."""
-        if self.kind == "taylor" or len(history) < 2:
-            return forecast.weights(history, at, self.order if self.kind == "taylor" else 0)
-        xs = [float(x) for x in history[: self.depth]]
-        if len(set(xs)) != len(xs):
-            raise DqarError(f"forecast positions {xs} repeat", "give each computed output its own evaluation or timestep")
-        if self.kind == "hermite":
-            return hermite_weights(xs, float(at), self.order)
-        return bdf2_heun_weights(xs, float(at))
+        """Weights over `history` (positions, newest first) for the value at `at`; as many as entries used.
+        Memoized on (kind, positions, target): the graph executor asks for them per layer and evaluation on the host,
+        and the layers of a plan share their histories (28 identical requests per DiT-XL/2 evaluation)."""
+        return _weights(self, tuple(float(x) for x in history[: self.depth]), float(at))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _weights(f: Forecaster, xs: tuple[float, ...], at: float) -> tuple[float, ...]:
+    """`Forecaster.weights` over the newest `f.depth` positions `xs`."""
+    if f.kind == "taylor" or len(xs) < 2:
+        return forecast.weights(xs, at, f.order if f.kind == "taylor" else 0)
+    if len(set(xs)) != len(xs):
+        raise DqarError(f"forecast positions {list(xs)} repeat", "give each computed output its own evaluation or timestep")
+    if f.kind == "hermite":
+        return hermite_weights(list(xs), at, f.order)
+    return bdf2_heun_weights(list(xs), at)
 
 
 def as_forecaster(order: "int | Forecaster") -> Forecaster:
