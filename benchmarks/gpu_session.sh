@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session, at most 8 minutes (BUDGET seconds) on one H200, as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
 #   the environment: card, driver, memory, torch / diffusers / CUDA versions, the date (env.txt);
-#   0. `dqar smoke` (fail fast, under `timeout $SMOKE_LIMIT`, 150 s): noreuse_graph and full_dqar_graph at 2 steps, batch
+#   0. `dqar smoke` (fail fast, under `timeout $SMOKE_LIMIT`, 150 s): noreuse_graph and full_dqar_graph at 8 steps, batch
 #      $BATCH (the bench's, so noreuse_graph's whole-model graph is compiled once for both),
-#      against the patch executor, PASS/FAIL on CUDA-graph capture, recompiles, fp16 equality and host syncs; a FAIL or a
+#      against the patch executor, PASS/FAIL on CUDA-graph capture, recompiles, fp16 equality, host syncs and time that
+#      follows the skipped work; a FAIL or a
 #      timeout stops the script (smoke.json and smoke.log kept in $OUT), so no GPU time goes to a broken path;
 #   1. (TRAIN_MIN > 0 only) train the embedded DiT on the GPU for TRAIN_MIN minutes (seed 0, batch 256) and score 100
 #      samples per class (DDIM 50, CFG 4) with the shipped classifier; the shipped weights came from TRAIN_MIN=4

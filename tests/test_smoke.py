@@ -30,7 +30,7 @@ def test_smoke_passes_on_cpu_and_writes_what_it_saw(tiny_folder, tmp_path, capsy
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = [ln for ln in out.splitlines() if ln.split(" ", 1)[0] in ("PASS", "FAIL", "n/a")]
-    assert len(lines) == 8 and not any(ln.startswith("FAIL") for ln in lines)
+    assert len(lines) == 10 and not any(ln.startswith("FAIL") for ln in lines)
     assert sum(ln.startswith("n/a (cpu) ") and "cuda_graphs" in ln for ln in lines) == 2  # no CUDA graphs on a CPU: not PASS
     result = json.loads((tmp_path / "s" / "smoke.json").read_text())
     assert result["passed"] and list(result["cases"]) == ["noreuse_graph", "full_dqar_graph"]
@@ -38,7 +38,9 @@ def test_smoke_passes_on_cpu_and_writes_what_it_saw(tiny_folder, tmp_path, capsy
         assert case["executor"] == "graph" and case["stats"]["graphs"] >= 1 and case["stats"]["fallback_evaluations"] == 0
         assert case["stats"]["host_syncs"] == 0 and case["new_graphs_second"] == 0 and len(case["seconds"]) == 3
         assert case["checks"]["cuda_graphs"]["status"] == "n/a (cpu)"
-    assert result["cases"]["full_dqar_graph"]["stats"]["reuse_fraction"] > 0  # two steps still reuse: the INT8 path runs
+    assert result["cases"]["full_dqar_graph"]["stats"]["reuse_fraction"] > 0  # the INT8 forecast path runs
+    assert result["cases"]["full_dqar_graph"]["checks"]["time_follows_work"]["status"] == "n/a (cpu)"
+    assert all(case["replay_s"] > 0 for case in result["cases"].values())
     assert result["tolerance"] == {"atol": 1e-4, "rtol": 1e-4} and result["command"].startswith("dqar smoke")
 
 
@@ -144,3 +146,15 @@ def test_smoke_settings_refuse_bad_values(kw):
 def test_smoke_bad_input_exits_2(argv, tmp_path, capsys):
     assert main(["smoke", "--out", str(tmp_path / "s"), *argv]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_time_follows_work_fails_a_reusing_case_no_faster_than_no_reuse():
+    """On CUDA: 64% reused at 1.10x no reuse's time (the H200's host-bound full_dqar of 2026-12-04) is a FAIL."""
+    cuda = torch.device("cuda")
+    case = lambda t, reuse: {"stats": {"reuse_fraction": reuse}, "replay_s": t}  # noqa: E731
+    assert smoke._time_follows_work("full_dqar_graph", case(0.110, 0.64), 0.100, cuda)["status"] == "FAIL"
+    passed = smoke._time_follows_work("full_dqar_graph", case(0.050, 0.64), 0.100, cuda)
+    assert passed["status"] == "PASS" and "bound 0.68" in passed["detail"]
+    assert smoke._time_follows_work("full_dqar_graph", case(0.05, 0.64), None, cuda)["status"] == "n/a"  # nothing to compare
+    assert smoke._time_follows_work("noreuse_graph", case(0.1, 0.0), None, cuda)["status"] == "n/a"
+    assert smoke._time_follows_work("full_dqar_graph", case(0.05, 0.64), 0.1, torch.device("cpu"))["status"] == "n/a (cpu)"

@@ -38,12 +38,13 @@ def cmd_smoke(args) -> int:
 
 
 def smoke_parser(sub) -> None:
-    p = sub.add_parser("smoke", help="fail fast: 2 steps, batch 2, noreuse_graph and full_dqar_graph against the patch executor; "
-                                     "PASS/FAIL on CUDA-graph capture, recompiles, equality and host syncs (exit 1 on a FAIL)",
+    p = sub.add_parser("smoke", help="fail fast: 8 steps, batch 2, noreuse_graph and full_dqar_graph against the patch executor; "
+                                     "PASS/FAIL on CUDA-graph capture, recompiles, equality, host syncs and time against "
+                                     "the skipped work (exit 1 on a FAIL)",
                        description="--model also takes random-dit-xl2 and random-dit-xl2-512 (DiT-XL/2 shapes, random weights, as "
                                    "dqar bench); $DQAR_COMPILE_CACHE names a compile-cache file loaded first and saved after every case")
     model_args(p)
-    p.add_argument("--steps", type=int, default=2, help="DDIM steps (default 2)")
+    p.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8: full_dqar's forecasts then read a full history)")
     p.add_argument("--batch", type=int, default=2, help="images per generation (default 2)")
     p.add_argument("--cases", nargs="+", default=None, help="graph cases of dqar bench (default noreuse_graph full_dqar_graph)")
     p.add_argument("--out", default="results/smoke", help="output folder for smoke.json (default results/smoke)")

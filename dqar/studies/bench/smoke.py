@@ -1,10 +1,11 @@
-"""`dqar smoke`: stage 0 of a GPU session. Two steps, batch 2, each graph-executor case of bench against the same config
+"""`dqar smoke`: stage 0 of a GPU session. Eight steps, batch 2, each graph-executor case of bench against the same config
 on the patch executor; PASS or FAIL per check and case, so a broken path costs seconds, not the GPU window.
 
 Checks, per case: `cuda_graphs` (every pattern captured as a CUDA graph: inductor's `cudagraph_skips` unchanged and new
 cudagraph-tree nodes recorded; "n/a (cpu)" without CUDA), `no_recompile` (the second generation under dynamo's
 `error_on_recompile`, and no new dynamo graph), `matches_patch` (both generations' final latents within the dtype's
-tolerance of the patch executor's, norm-wise), `no_host_syncs` (`ReuseStats.host_syncs == 0` in every generation with dqar attached).
+tolerance of the patch executor's, norm-wise), `no_host_syncs` (`ReuseStats.host_syncs == 0` in every generation with dqar attached),
+`time_follows_work` (on CUDA: a reusing case's fastest synchronized generation at most 1 - reuse / 2 of no reuse's).
 The cases are bench's own (`dqar.studies.bench.runner.cases_for`: the same run configs, labels and noise); generating is
 `dqar.generate.generate`.
 """
@@ -26,8 +27,10 @@ from dqar.errors import DqarError, first_line
 from dqar.studies.measure import compile_cache
 from dqar.studies.bench.runner import BenchSettings, cases_for
 
-PASS, FAIL, NA_CPU = "PASS", "FAIL", "n/a (cpu)"
-CHECKS = ("cuda_graphs", "no_recompile", "matches_patch", "no_host_syncs")
+PASS, FAIL, NA_CPU, NA = "PASS", "FAIL", "n/a (cpu)", "n/a"
+CHECKS = ("cuda_graphs", "no_recompile", "matches_patch", "no_host_syncs", "time_follows_work")
+REPLAYS = 3  # synchronized generations per case after the checks, the fastest kept (`time_follows_work`)
+REFERENCE = "noreuse_graph"  # the case whose replays the others' are held against
 CASES = ("noreuse_graph", "full_dqar_graph")
 # (atol, rtol) on the final latents per dtype: inductor's fused kernels reorder sums, INT8 codes may differ by one
 TOLERANCES = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2), torch.float32: (1e-4, 1e-4)}
@@ -37,7 +40,7 @@ TOLERANCES = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2), torch.f
 class SmokeSettings:
     """What `dqar smoke` runs: graph-executor cases of bench (`noreuse_graph`, `<preset>_graph`) at one small batch."""
 
-    steps: int = 2
+    steps: int = 8  # enough for a forecast over a full history (full_dqar: three slots) — at 2 no weights are computed
     batch: int = 2  # images per generation (CFG doubles the rows)
     cfg: float = 4.0
     seed: int = 0
@@ -94,6 +97,8 @@ def run_smoke(loaded, device: torch.device, s: SmokeSettings, log: Callable[[str
     cases = cases_for(loaded, s.batch, s.bench())
     for name in s.cases:
         seen = _case(cases[name], cases[patch_twin(name)], device, atol, rtol)
+        reference = result["cases"].get(REFERENCE, {}).get("replay_s")
+        seen["checks"]["time_follows_work"] = _time_follows_work(name, seen, reference, device)
         result["cases"][name] = seen
         for check in CHECKS:
             c = seen["checks"][check]
@@ -118,6 +123,7 @@ class _Seen:
     new_graphs_second: int = 0  # dynamo graphs compiled during the second generation
     error: str | None = None
     recompiled: str | None = None  # the RecompileError of the second generation
+    replay_s: float | None = None  # the fastest of REPLAYS synchronized graph generations after the checks
 
 
 class _Lines(logging.Handler):
@@ -172,8 +178,20 @@ def _generations(seen: _Seen, graph, patch) -> None:
             seen.recompiled = first_line(exc)
         seen.seconds.append(time.perf_counter() - start)
         seen.new_graphs_second = counters["stats"]["unique_graphs"] - graphs0
+        if not seen.recompiled:
+            seen.replay_s = min(_synchronized(graph.run) for _ in range(REPLAYS))
     except Exception as exc:  # noqa: BLE001 - a broken case is what the smoke reports
         seen.error = f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _synchronized(run: Callable) -> float:
+    """Seconds of one generation, the device's queue drained before and after (CUDA work runs asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - start
 
 
 def _report(seen: _Seen, graph, device: torch.device, atol: float, rtol: float) -> dict:
@@ -192,7 +210,8 @@ def _report(seen: _Seen, graph, device: torch.device, atol: float, rtol: float) 
             "seconds": [round(t, 3) for t in seen.seconds], "error": seen.error,
             "stats": None if st is None else {k: getattr(st, k) for k in ("graphs", "fallback_evaluations", "compile_seconds",
                                                                          "reuse_fraction", "host_syncs", "evaluations")},
-            "cudagraph_skips": seen.skips, "cudagraph_skip_reasons": seen.skip_reasons[:5], "cudagraph_nodes": seen.captured, "new_graphs_second": seen.new_graphs_second}
+            "cudagraph_skips": seen.skips, "cudagraph_skip_reasons": seen.skip_reasons[:5], "cudagraph_nodes": seen.captured, "new_graphs_second": seen.new_graphs_second,
+            "replay_s": None if seen.replay_s is None else round(seen.replay_s, 5)}
 
 
 def _timing_line(name: str, seen: dict) -> str:
@@ -201,6 +220,24 @@ def _timing_line(name: str, seen: dict) -> str:
     st = seen["stats"] or {}
     return (f"     {name}: {secs or 'nothing ran'}; graphs {st.get('graphs', '–')}, fallbacks {st.get('fallback_evaluations', '–')}, "
             f"reuse {st.get('reuse_fraction', 0.0):.0%}")
+
+
+def _time_follows_work(name: str, seen: dict, reference: float | None, device: torch.device) -> dict:
+    """A reusing case's fastest replay against no reuse's: at most 1 - reuse / 2 of its time, so at least half of the
+    skipped work shows up as time (on the H200, 2026-12-04, full_dqar skipped 64% and ran 1.10x no reuse's time: host-bound)."""
+    reuse = (seen["stats"] or {}).get("reuse_fraction") or 0.0
+    if name == REFERENCE or not reuse:
+        return _check(NA, "no reuse: the reference" if name == REFERENCE else "nothing reused")
+    if device.type != "cuda":
+        return _check(NA_CPU, "timed on CUDA only (a CPU's compute hides the host's bookkeeping)")
+    if reference is None:
+        return _check(NA, f"no {REFERENCE} case before it to compare with")
+    if seen["replay_s"] is None:
+        return _check(FAIL, "not timed: its generations did not finish")
+    ratio, bound = seen["replay_s"] / reference, 1.0 - reuse / 2
+    detail = (f"{seen['replay_s'] * 1e3:.1f} ms per generation, {ratio:.2f}x {REFERENCE}'s {reference * 1e3:.1f} ms "
+              f"(bound {bound:.2f}: {reuse:.0%} reused)")
+    return _check(PASS if ratio <= bound else FAIL, detail)
 
 
 def _check(status: str, detail: str) -> dict:
