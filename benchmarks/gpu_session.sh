@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session, at most 8 minutes (BUDGET seconds) on one H200, as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
+# One GPU session: calls of at most BUDGET = 560 s on one H200 (resumable), as recorded in docs/BENCHMARKS.md and docs/EMBEDDED.md:
 #   the environment: card, driver, memory, torch / diffusers / CUDA versions, the date (env.txt);
 #   0. `dqar smoke` (fail fast, under `timeout $SMOKE_LIMIT`, 150 s): noreuse_graph and full_dqar_graph at 8 steps, batch
 #      $BATCH (the bench's, so noreuse_graph's whole-model graph is compiled once for both),
