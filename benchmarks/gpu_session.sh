@@ -14,7 +14,11 @@
 #      full_dqar and quant_cache_only (attention-only, 40% of the cells reused) on the graph executor; (b) batch 8:
 #      the four diffusers peers, each under torch.compile where it tolerates it; (c) batch 1: all of those rows;
 #   3. batches 32 and 64 with fewer rows (stock, no reuse / full_dqar / quant_cache_only on graph, two peers);
-#   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows;
+#   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows; then the embedded Flux at batch 8: stock eager /
+#      compiled, dqar no reuse, full_dqar and quant_cache_only on patch and flow_compiled, three peers;
+#   (FLUX_TRAIN_MIN > 0 only, before the bench stages) the embedded Flux's H200 recipe: flux_train for FLUX_TRAIN_MIN
+#      minutes (batch 256, lr 1e-3, seed 0) and flux_check on 100 samples per class; DATA must then be carried
+#      (docs/BENCHMARKS.md, "GPU set-up"), the weights come back beside the archive;
 #   5. (FLUX=1, the default) Flux.1-dev shapes with random weights (19 + 38 blocks, hidden 3072, 11.9 B parameters, built
 #      on the GPU in bf16: 24 GB, plus one 24 GB copy per peer), batch 1, 1024 px, 28 steps, guidance-distilled (one
 #      forward per step): stock eager / compiled, dqar no reuse and full_dqar on the patch executor, the compiled and
@@ -58,6 +62,7 @@ BUDGET=${BUDGET:-560}  # seconds for the smoke and the bench stages together (a 
 SMOKE_LIMIT=${SMOKE_LIMIT:-150}  # seconds for stage 0 (H200, 2026-12-04: one DiT-XL/2 graph compiles in 41 s)
 PY=${PY:-python3}
 FLUX=${FLUX:-1}  # stage 5
+FLUX_TRAIN_MIN=${FLUX_TRAIN_MIN:-0}  # > 0: train the embedded Flux for this many minutes first (the H200 recipe)
 FLUX_MODEL=${FLUX_MODEL:-random-flux-dev}  # 1024 px; random-flux-dev@512 for 512 px
 FLUX_STEPS=${FLUX_STEPS:-28}
 FLUX_DTYPE=${FLUX_DTYPE:-bf16}
@@ -73,8 +78,15 @@ START=$(date +%s)
 # pack: everything in $OUT but the compile cache into $PACK (when set), atomically
 pack() {
     [ -n "${PACK:-}" ] || return 0
-    tar czf "$PACK.tmp" --exclude="$(basename "$DQAR_COMPILE_CACHE")" --exclude='*.tmp' -C "$OUT" . 2>/dev/null || true
+    tar czf "$PACK.tmp" --exclude="$(basename "$DQAR_COMPILE_CACHE")" --exclude='*.tmp' --exclude='*.safetensors' \
+        -C "$OUT" . 2>/dev/null || true
     if [ -s "$PACK.tmp" ]; then mv "$PACK.tmp" "$PACK"; fi
+    # trained weights beside it, one file each (a returned file holds at most 16 MiB), named by their path in $OUT
+    local w rel
+    while IFS= read -r -d '' w; do
+        rel=${w#"$OUT"/}
+        cp "$w" "$(dirname "$PACK")/${rel//\//_}"
+    done < <(find "$OUT" -name '*.safetensors' -print0 2>/dev/null)
     # the compile cache beside it (when <= 16 MiB, what one returned file may be): CACHE_FROM for a later machine
     if [ -f "$DQAR_COMPILE_CACHE" ] && [ "$(stat -c %s "$DQAR_COMPILE_CACHE")" -le $((16 << 20)) ]; then
         cp "$DQAR_COMPILE_CACHE" "$(dirname "$PACK")/compile_cache.bin.tmp" && mv "$(dirname "$PACK")/compile_cache.bin.tmp" "$(dirname "$PACK")/compile_cache.bin"
@@ -143,6 +155,20 @@ timeout 60 $PY -m dqar.embedded.check --folder "$WORK/emb" --per-class "$PER_CLA
 START=$(date +%s)  # the bench budget starts after training
 fi
 
+if [ "$FLUX_TRAIN_MIN" != 0 ] && [ ! -f "$OUT/flux_train.done" ]; then
+stage train the embedded Flux
+mkdir -p "$OUT/flux"
+timeout $((${FLUX_TRAIN_MIN%.*} * 60 + 90)) $PY -m dqar.embedded.flux_train --out "$WORK/flux" --minutes "$FLUX_TRAIN_MIN" \
+    --batch-size 256 --lr 1e-3 --seed 0 --device "$DEVICE" --data "$DATA" --no-progress 2>&1 | { grep -v "^step" || true; }
+cp -r "$WORK/flux/." "$OUT/flux/"
+
+stage quality check of the embedded Flux
+timeout 240 $PY -m dqar.embedded.flux_check --folder "$WORK/flux" --per-class "$PER_CLASS" --threads 8 \
+    --out "$OUT/flux_check.json" | tail -n 3
+touch "$OUT/flux_train.done"; pack
+START=$(date +%s)  # the bench budget starts after training
+fi
+
 GRAPH=(--presets full_dqar quant_cache_only --executors graph)  # dqar's rows of the GPU table: graph no reuse, the presets
 # the fewer rows: stock eager / compiled, and on the graph executor no reuse and the two presets; two peers
 FEW=("${GRAPH[@]}" --peers first_block_cache taylorseer)
@@ -156,6 +182,9 @@ bench b1_256 300 --model "$MODEL" --batch-sizes 1 "${GRAPH[@]}" $EXTRA
 bench large_256 200 --model "$MODEL" --batch-sizes $LARGE "${FEW[@]}" $EXTRA
 # shellcheck disable=SC2086
 bench b${BATCH}_512 150 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
+# shellcheck disable=SC2086
+bench flux_embedded 120 --model embedded-flux --batch-sizes "$BATCH" --steps 28 --presets full_dqar quant_cache_only \
+    --executors eager flow_compiled --peers first_block_cache taylorseer magcache $EXTRA
 # stage 5, own timeout: BUDGET=$FLUX_LIMIT for this call alone (the DiT stages above spend theirs)
 if [ "$FLUX" = 1 ]; then
     # shellcheck disable=SC2086

@@ -113,7 +113,7 @@ def test_gpu_session_script_parses_and_names_existing_commands():
         assert f"-m {module}" in text and importlib.util.find_spec(module) is not None
     import re
 
-    assert 'timeout "$limit"' in text and text.count("\nbench ") == 5  # every bench stage bounded, by what is left
+    assert 'timeout "$limit"' in text and text.count("\nbench ") == 6  # every bench stage bounded, by what is left
     limits = [int(m) for m in re.findall(r"^bench \S+ (\d+) ", text, re.M)]
     budget = int(re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", text).group(1))
     assert budget <= 570 and max(limits) <= 480  # one call (<= 600 s) holds the budget; any stage fits an 8-minute call
