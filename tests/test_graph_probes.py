@@ -101,7 +101,8 @@ def test_each_pattern_is_one_graph_without_breaks(model, monkeypatch):
         patterns = h.stats.graphs
         assert patterns >= 2 and len(probe.calls) == patterns
         for fn, args in probe.calls:
-            explained = torch._dynamo.explain(fn)(*args)
+            with torch.no_grad():  # as sampling runs: the blocks are nested compile regions (dqar.engine.graph._region)
+                explained = torch._dynamo.explain(fn)(*args)
             assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -155,3 +156,20 @@ def test_outputs_survive_a_replay_that_overwrites_its_buffer(model, kind, monkey
         want = drive(model, h, evaluations=E)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_are_nested_compile_regions_while_sampling(model, monkeypatch):
+    """Under no_grad each pattern's graph calls its blocks as invoke_subgraph regions (compiled once per decision);
+    with DQAR_NESTED_REGIONS=0 the region wrapper is the plain layer function."""
+    from dqar.engine import graph as G
+
+    cfg = KINDS["anchored"]
+    with Probe().installed(monkeypatch) as probe, dqar.enable(model, cfg, executor="graph") as h:
+        drive(model, h, evaluations=E)
+        fn, args = probe.calls[0]
+        with torch.no_grad():
+            explained = torch._dynamo.explain(fn)(*args)
+    code = explained.graphs[0].code
+    assert "invoke_subgraph" in code and code.count("invoke_subgraph(") >= 2  # one call per block
+    monkeypatch.setenv("DQAR_NESTED_REGIONS", "0")
+    assert G._region(G.layer) is G.layer

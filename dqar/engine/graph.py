@@ -13,6 +13,7 @@ at its probe block (`evaluate_head`, `evaluate_tail`), with its verdict read on 
 from __future__ import annotations
 
 import functools
+import os
 import time
 import weakref
 from collections import Counter
@@ -52,6 +53,24 @@ def layer(spec: H.Spec, reuse: bool, store: bool, share: str, blk, h, timestep, 
     return out
 
 
+def _region(fn: Callable) -> Callable:
+    """`fn` as a nested compile region where it can be one: torch.compile traces the 28 calls of a DiT-XL/2 evaluation
+    but compiles each distinct (decision, shapes) once and stamps it out (about half the compile time of the unrolled
+    graph of 28 tiny blocks on a CPU, docs/BENCHMARKS.md "Graph executor"). Only without autograd (sampling): the region
+    operator refuses in-place history writes under grad mode. DQAR_NESTED_REGIONS=0, or a torch without it: `fn`."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    if region is None or os.environ.get("DQAR_NESTED_REGIONS", "1") == "0":
+        return fn
+    compiled = region(fn)
+
+    def call(*args):
+        return (fn if torch.is_grad_enabled() else compiled)(*args)  # a trace-time constant, guarded by dynamo
+    return call
+
+
+block_region = _region(layer)  # what the whole-model graphs call per block
+
+
 def head(model, h, timestep, labels):
     """DiT's final layer and unpatchify, as in diffusers' forward: (B, T, C) → (B, C_out, H, W)."""
     conditioning = model.transformer_blocks[0].norm1.emb(timestep, labels, hidden_dtype=h.dtype)
@@ -70,7 +89,7 @@ def evaluate_head(spec, row, store, share, probe, checked, model, x, timestep, l
     blocks = model.transformer_blocks
     h = model.pos_embed(x)  # (B, T, C)
     for i in range(probe):
-        h = layer(spec, row[i], store[i], share, blocks[i], h, timestep, labels, layers[i], weights[i], error_sum, bad)
+        h = block_region(spec, row[i], store[i], share, blocks[i], h, timestep, labels, layers[i], weights[i], error_sum, bad)
     out, cached = (B.whole if spec.block else B.compute)(blocks[probe], h, timestep, labels, share)
     error = relative_l1(cached, H.read(spec, layers[probe], weights[probe], h.dtype)) if checked else error_sum * 0
     return out, cached, error
@@ -83,7 +102,7 @@ def evaluate_tail(spec, row, store, share, probe, model, h, cached, timestep, la
     if store[probe]:
         H.write(spec, layers[probe], cached, error_sum)
     for i in range(probe + 1, len(blocks)):
-        h = layer(spec, row[i], store[i], share, blocks[i], h, timestep, labels, layers[i], weights[i], error_sum, bad)
+        h = block_region(spec, row[i], store[i], share, blocks[i], h, timestep, labels, layers[i], weights[i], error_sum, bad)
     return head(model, h, timestep, labels)
 
 
@@ -92,7 +111,7 @@ def evaluate(spec, row, store, share, model, x, timestep, labels, weights, state
     layers, error_sum, bad = state
     h = model.pos_embed(x)  # (B, T, C)
     for i, blk in enumerate(model.transformer_blocks):
-        h = layer(spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
+        h = block_region(spec, row[i], store[i], share, blk, h, timestep, labels, layers[i], weights[i], error_sum, bad)
     return head(model, h, timestep, labels)
 
 
