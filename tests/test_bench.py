@@ -164,7 +164,23 @@ def test_a_peer_whose_compile_fails_falls_back_to_eager_and_says_so(monkeypatch,
     result = _tiny_bench(presets=(), peers=("first_block_cache",), cases=("stock_eager", "peer_*"))
     (row,) = [r for r in result["rows"] if r["case"] == "peer_first_block_cache"]
     assert row["setting"].startswith("eager: torch.compile failed in the warm-up") and "no compiler on this machine" in row["setting"]
-    assert len(row["times_s"]) == 3 and not result["failed"] and {r["case"] for r in result["rows"]} == {"stock_eager", row["case"]}
+    assert len(row["times_s"]) == 3 and not result["failed"]
+    assert {r["case"] for r in result["rows"]} == {"stock_eager", row["case"], "peer_first_block_cache_eager"}
+
+
+def test_a_compiled_peer_row_has_its_eager_twin_and_no_twin_without_compile():
+    """With compile rows on every peer is timed both ways (compared at its faster form); with them off, once (eagerly)."""
+    from dqar.studies.bench import runner as bench
+    from dqar.studies.bench.peers import EAGER_TWIN
+
+    on = bench.case_names(BenchSettings(peers=("magcache",), presets=()))
+    assert "peer_magcache" in on and "peer_magcache_eager" in on
+    assert "peer_magcache_eager" not in bench.case_names(BenchSettings(peers=("magcache",), presets=(), compile=False))
+    from conftest import tiny_loaded
+
+    cases = bench.cases_for(tiny_loaded(), 1, BenchSettings(peers=("magcache",), presets=(), cases=("peer_*",), steps=3))
+    assert cases["peer_magcache_eager"].setting() == EAGER_TWIN and not cases["peer_magcache_eager"].run.compile
+    assert cases["peer_magcache"].run.compile
 
 
 def test_cases_select_the_graph_section_rows_without_a_model():

@@ -75,7 +75,8 @@ def bench_parser(sub) -> None:
                         "cannot run, with the reason")
     p.add_argument("--peers", nargs="*", default=None,
                    help="diffusers caching peers to time (pab first_block_cache taylorseer magcache: the default), each under "
-                        "torch.compile where it tolerates it, else eager; --peers alone: none")
+                        "torch.compile where it tolerates it, else eager, and with compile rows on also eagerly beside it "
+                        "(peer_<name>_eager); --peers alone: none")
     p.add_argument("--cases", nargs="+", default=None, help="time only the cases with these names or shell patterns, e.g. 'stock_*' full_dqar_graph")
     p.add_argument("--verify-target", type=float, default=None,
                    help="with --presets adaptive: scale the verifying decider's τ to skip this share of the FLOPs (0-1, e.g. "

@@ -17,7 +17,7 @@ from dqar.labels import cycle_labels
 from dqar.sampling import make_scheduler
 from dqar.studies.ablation.blocks import timed_run
 from dqar.studies.bench.family import compiled_twin, family, refusal, stock_supported
-from dqar.studies.bench.peers import PeerCase, flow_peer_refusal
+from dqar.studies.bench.peers import EAGER_TWIN, PeerCase, flow_peer_refusal
 from dqar.tuning.distill import executed_plan
 from dqar.tuning.verify_tau import calibrate_tau
 
@@ -134,11 +134,14 @@ def stock_case(b: Batch, mode: str | None) -> Case:
     return Case(lambda: generate(model, b.labels, run), lambda: setting)
 
 
-def peer_case(b: Batch, name: str) -> Case:
+def peer_case(b: Batch, name: str, compile: bool = True) -> Case:
+    """Peer `name` on its own copy of the transformer, under torch.compile when `compile` and the run compiles."""
     why = flow_peer_refusal(b.loaded) if family(b.loaded) != "dit" else None
     if why:
         return refused_case(why)
-    peer = PeerCase(b.loaded, b.labels, run_config(b.s, ReuseConfig(enabled=False)), name, b.s.compile)
+    peer = PeerCase(b.loaded, b.labels, run_config(b.s, ReuseConfig(enabled=False)), name, b.s.compile and compile)
+    if b.s.compile and not compile:
+        peer.setting = EAGER_TWIN
     return Case(peer, lambda: peer.setting)
 
 

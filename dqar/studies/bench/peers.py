@@ -34,6 +34,7 @@ PREFIX = "peer_"
 COMPILED = ("torch.compile (default mode, static shapes) with the peer's diffusers hooks attached (graph breaks at the hooks; "
             "frames past dynamo's recompile limit run eagerly)")
 EAGER = "eager (compile rows off)"
+EAGER_TWIN = "eager: the peer without torch.compile, beside its compiled row"
 
 
 def check_peers(names) -> None:

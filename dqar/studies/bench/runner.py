@@ -6,7 +6,8 @@ Rows: `stock_eager`, `stock_compiled` and, on CUDA only, `stock_compiled_cudagra
 `noreuse_flow_compiled` runs whole blocks compiled at block granularity; `_compiled_modeldtype`:
 the same plan with a model-dtype cache; a verifying-decider preset, e.g. `--presets adaptive`, runs live on every
 executor and gets `<preset>_static_<executor>` beside its compiled rows: its own executed decisions replayed as a plan,
-the same FLOPs without the probe check and its host reads, `dqar.studies.bench.cases`); `peer_<name>` (dqar.studies.bench.peers: under torch.compile where it tolerates it).
+the same FLOPs without the probe check and its host reads, `dqar.studies.bench.cases`); `peer_<name>` (dqar.studies.bench.peers: under torch.compile where it tolerates it) and, with compile rows on,
+`peer_<name>_eager` beside it (the same peer without compile: a peer is compared at its faster form).
 Flow models (Flux, SD3: dqar.models.RANDOM_FLOW) sample with `sample_flow` through `generate`; a row whose executor or peer
 refuses the family at enable is not timed but listed under "not_applicable" with the refusal (`Case.refused`).
 Every case draws the same labels and noise; all cases of one batch size are warmed up in `warmup` passes (each
@@ -137,6 +138,8 @@ def _specs(s: BenchSettings):
         yield from _preset_specs(name)
     for name in s.peers:
         yield f"{PREFIX}{name}", "peer", functools.partial(peer_case, name=name)
+        # beside a compiled peer row, the same peer eagerly: graph breaks at its hooks can make compiling it slower
+        yield f"{PREFIX}{name}_eager", "peer_eager", functools.partial(peer_case, name=name, compile=False)
 
 
 def _preset_specs(name: str):
@@ -161,6 +164,8 @@ def _preset_specs(name: str):
 def _wanted(s: BenchSettings, kind: str) -> bool:
     if kind in ("compiled", "graph", "flow_compiled", "stock_compiled", "stock_cudagraphs"):
         return s.compile and (kind.startswith("stock") or kind in s.executors)
+    if kind == "peer_eager":  # without compile rows the peer row itself runs eagerly
+        return s.compile
     return kind in ("stock", "peer") or kind in s.executors
 
 
