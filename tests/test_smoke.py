@@ -151,7 +151,7 @@ def test_smoke_bad_input_exits_2(argv, tmp_path, capsys):
 def test_time_follows_work_fails_a_reusing_case_no_faster_than_no_reuse():
     """On CUDA: 64% reused at 1.10x no reuse's time (the H200's host-bound full_dqar of 2026-12-04) is a FAIL."""
     cuda = torch.device("cuda")
-    case = lambda t, reuse: {"stats": {"reuse_fraction": reuse}, "replay_s": t}  # noqa: E731
+    case = lambda t, skipped: {"stats": {"flops_skipped_fraction": skipped}, "replay_s": t}  # noqa: E731
     assert smoke._time_follows_work("full_dqar_graph", case(0.110, 0.64), 0.100, cuda)["status"] == "FAIL"
     passed = smoke._time_follows_work("full_dqar_graph", case(0.050, 0.64), 0.100, cuda)
     assert passed["status"] == "PASS" and "bound 0.68" in passed["detail"]
