@@ -128,11 +128,23 @@ stage environment
 pack
 
 if [ -f "$OUT/smoke.done" ]; then echo "skipped stage 0: the smoke PASSed in an earlier call ($OUT/smoke.done)"; else
+smoke() {  # one dqar smoke under what is left of SMOKE_LIMIT; sets rc
+    rc=0
+    timeout "$1" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --out "$WORK/smoke" 2>&1 \
+        | tee -a "$OUT/smoke.log" || rc=$?
+    [ -f "$WORK/smoke/smoke.json" ] && cp "$WORK/smoke/smoke.json" "$OUT/smoke.json"
+    pack
+}
 stage "0: smoke (limit ${SMOKE_LIMIT}s)"
-rc=0
-timeout "$SMOKE_LIMIT" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --out "$WORK/smoke" 2>&1 | tee "$OUT/smoke.log" || rc=$?
-[ -f "$WORK/smoke/smoke.json" ] && cp "$WORK/smoke/smoke.json" "$OUT/smoke.json"
-pack
+smoke "$SMOKE_LIMIT"
+# a case that raised (not a check that failed) with nested compile regions on: once more with the blocks unrolled, and
+# if that passes the rest of the script runs so too (the regions are new to the GPU; docs/BENCHMARKS.md "Graph executor")
+if [ "$rc" = 1 ] && [ "${DQAR_NESTED_REGIONS:-1}" != 0 ] && $PY -c "import json, sys; d = json.load(open(sys.argv[1])); \
+sys.exit(0 if any(c.get('error') for c in d['cases'].values()) else 1)" "$OUT/smoke.json" 2>/dev/null; then
+    echo "stage 0: a case raised with nested compile regions; retrying with DQAR_NESTED_REGIONS=0 (limit ${SMOKE_LIMIT}s)"
+    export DQAR_NESTED_REGIONS=0
+    smoke "$SMOKE_LIMIT"
+fi
 case $rc in  # any failure stops the script before the bench stages; smoke.json (when written) has what it saw
     0) ;;
     1) echo "stage 0: a check FAILed (the FAIL lines above): stopped before the bench stages"; exit 1 ;;
