@@ -44,6 +44,31 @@ def test_bench_quick_runs_on_cpu(tmp_path, monkeypatch):
     assert "| 1 | block_reuse_eager |" in (tmp_path / "b" / "bench.md").read_text()
     assert len(writes) == 4 + 4 * 3 and writes[4] == [False] and writes[-1] == [True] * 4  # 4 warm-ups, 4 cases x 3 rounds
     assert rows["block_reuse_eager"]["graphs"] == 0 and rows["block_reuse_eager"]["fallback_evaluations"] == 0
+    assert (tmp_path / "b" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart beside the table
+
+
+def test_bench_chart_draws_each_timed_row_and_the_flop_bound(tmp_path, monkeypatch):
+    """One bar per timed row (stock, dqar, peer colours), the FLOP bound tick on a reusing dqar row; nothing without ratios."""
+    from dqar.studies.bench import chart
+
+    row = lambda case, v, **kw: {"case": case, "batch": 8, "vs_stock_best": v, "vs_stock_best_ci": [v - 0.01, v + 0.01], **kw}  # noqa: E731
+    result = {"model": "m", "device": "d", "rows": [row("stock_compiled_cudagraphs", 1.0), row("noreuse_graph", 1.1),
+                                                    row("full_dqar_graph", 0.98, flops_skipped_fraction=0.64, speedup_bound=2.78),
+                                                    row("peer_magcache", 0.75)]}
+    seen = {}
+    real = chart._panel
+
+    def panel(ax, rows, key):
+        real(ax, rows, key)
+        seen["bars"] = [b.get_facecolor()[:3] for b in ax.patches]
+        seen["ticks"] = [tuple(line.get_xdata()) for line in ax.get_lines() if line.get_markersize() == 14]
+    monkeypatch.setattr(chart, "_panel", panel)
+    assert chart.render_chart(result, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 1000
+    assert len(seen["bars"]) == 4 and len(set(seen["bars"])) == 3
+    assert seen["ticks"] == [(pytest.approx(1.1 * 2.78),)]
+    untimed = {"case": "stock_eager", "batch": 8, "vs_stock_best": None, "vs_stock_eager": None}
+    assert not chart.render_chart({"model": "m", "device": "d", "rows": [untimed]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_bench_times_the_stock_model_compiled_next_to_dqar(tmp_path):

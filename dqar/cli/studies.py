@@ -13,6 +13,7 @@ def cmd_bench(args) -> int:
     from dqar import models
     from dqar.io import atomic_write_json, atomic_write_text
     from dqar.studies.bench.family import bench_model
+    from dqar.studies.bench.chart import CHART_FILE, render_chart
     from dqar.studies.bench.runner import BenchSettings, render_table, run_bench
     from dqar.studies.measure.timing import cpu_threads
 
@@ -35,6 +36,8 @@ def cmd_bench(args) -> int:
         result = run_bench(loaded, device, settings, progress=not args.quiet, on_update=write,
                            log=lambda line: print(line, file=sys.stderr, flush=True))  # warm-up lines, --quiet too
     print(render_table(result))
+    if render_chart(result, out / CHART_FILE):
+        print(f"chart: {out / CHART_FILE}")
     return 0
 
 
