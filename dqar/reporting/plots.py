@@ -12,7 +12,8 @@ PARETO_FILE = "pareto.png"
 HEATMAP_FILE = "reuse_heatmap.png"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -34,7 +35,7 @@ def fidelity_panels(series: list[dict], baseline_fd: float, xlabel: str, fd_ylab
 
     A series is {"label", "x", "psnr", "fd", "style"} (`style`: matplotlib plot keywords).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for sr in series:
         for ax, ys in zip(axes, (sr["psnr"], sr["fd"])):
@@ -71,7 +72,7 @@ def has_heatmap(records: list[dict]) -> bool:
 
 def pareto(records: list[dict], path: Path) -> None:
     """Speedup (x) vs PSNR against the baseline (y); the Pareto front joined; bound and target drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = _measured(records)
     pts = [(r["measurements"]["speedup"], r["fidelity"]["psnr_db"]) for r in rows]
     cis = [ci(r) for r in rows]
@@ -117,7 +118,7 @@ def reuse_heatmap(records: list[dict], path: Path) -> None:
     """One panel per main configuration: evaluation (rows) × layer (columns), dark = reused."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = _heatmap_rows(records)
     from matplotlib.ticker import MaxNLocator
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dqar.reporting.plots import _pyplot, save_png
+from dqar.reporting.plots import pyplot, save_png
 
 CHART_FILE = "bench.png"
 COLOURS = {"stock": "#7f7f7f", "dqar": "#1f77b4", "peer": "#d62728"}
@@ -58,7 +58,7 @@ def render_chart(result: dict, path: Path) -> bool:
     batches = sorted({r["batch"] for r in result["rows"] if r.get(key) is not None})
     if not batches:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     rows_of = {b: [r for r in result["rows"] if r["batch"] == b and r.get(key) is not None] for b in batches}
     fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 0.42 * max(map(len, rows_of.values())) + 1.6),
                              squeeze=False)
