@@ -89,7 +89,7 @@ def bench_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run (about 2 minutes on a slow 2-core CPU): no torch.compile rows (as --no-compile; peers eager), "
                         "batch size 2, 10 steps, 3 repeats, 1 warm-up pass; --batch-sizes, --steps, --repeats still apply")
-    p.add_argument("--out", default="results/bench", help="output folder for bench.json and bench.md")
+    p.add_argument("--out", default="results/bench", help="output folder for bench.json, bench.md and bench.png (the chart)")
     threads_arg(p, "CPU threads while timing (default 1: the sampling thread's CPU time is the clock; more: wall time); ignored on GPU")
     quiet_arg(p, "no progress bars")
     p.set_defaults(func=cmd_bench)
