@@ -14,7 +14,8 @@
 #      full_dqar and quant_cache_only (attention-only, 40% of the cells reused) on the graph executor; (b) batch 8:
 #      the four diffusers peers, each under torch.compile where it tolerates it; (c) batch 1: all of those rows;
 #   3. batches 32 and 64 with fewer rows (stock, no reuse / full_dqar / quant_cache_only on graph, two peers);
-#   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows; then the embedded Flux at batch 8: stock eager /
+#   4. DiT-XL/2-512 (random weights) at batch 8, the same fewer rows; batch 8 again with the blocks unrolled
+#      (DQAR_NESTED_REGIONS=0: the A/B of the graph executor's nested compile regions); then the embedded Flux at batch 8: stock eager /
 #      compiled, dqar no reuse, full_dqar and quant_cache_only on patch and flow_compiled, three peers;
 #   (FLUX_TRAIN_MIN > 0 only, before the bench stages) the embedded Flux's H200 recipe: flux_train for FLUX_TRAIN_MIN
 #      minutes (batch 256, lr 1e-3, seed 0) and flux_check on 100 samples per class; DATA must then be carried
@@ -107,7 +108,7 @@ bench() {
     echo "exit $rc after $(( $(date +%s) - START ))s"
     grep "^warm-up\|compile cache" "$WORK/$name.log" || true  # per case: warm-up (compile) seconds, graphs, fallbacks; the cache
     tail -n 3 "$WORK/$name.log"
-    for f in bench.json bench.md; do [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/${name}_$f"; done
+    for f in bench.json bench.md bench.png; do [ -f "$WORK/$name/$f" ] && cp "$WORK/$name/$f" "$OUT/${name}_$f"; done
     cp "$WORK/$name.log" "$OUT/$name.log"
     [ "$rc" = 0 ] && touch "$OUT/$name.done"
     pack
@@ -194,6 +195,10 @@ bench b1_256 300 --model "$MODEL" --batch-sizes 1 "${GRAPH[@]}" $EXTRA
 bench large_256 200 --model "$MODEL" --batch-sizes $LARGE "${FEW[@]}" $EXTRA
 # shellcheck disable=SC2086
 bench b${BATCH}_512 150 --model "$MODEL512" --batch-sizes "$BATCH" "${FEW[@]}" $EXTRA
+# the A/B of nested compile regions (the default above) against unrolled blocks, in its own call's rounds
+# shellcheck disable=SC2086
+(export DQAR_NESTED_REGIONS=0; bench b${BATCH}_256_unrolled 150 --model "$MODEL" --batch-sizes "$BATCH" --presets full_dqar \
+    --executors graph --peers --cases 'stock_*' noreuse_graph full_dqar_graph $EXTRA)
 # shellcheck disable=SC2086
 bench flux_embedded 120 --model embedded-flux --batch-sizes "$BATCH" --steps 28 --presets full_dqar quant_cache_only \
     --executors eager flow_compiled --peers first_block_cache taylorseer magcache $EXTRA
