@@ -91,6 +91,7 @@ def dqar_share_candidates(steps: int) -> list[tuple[str, ReuseConfig]]:
     refresh, ramp end, staleness cap)."""
     cells = [(w, k, 0, None) for w, k in itertools.product((1, 2), (2, 3, 4, 5))] + [(5, 3, 0, None)]
     cells += [(1, 4, 2, None), (1, 5, 2, None), (1, 4, 3, None), (1, 5, 3, 3), (1, 6, 2, 4), (2, 2, 3, None)]  # ramped intervals
+    cells += [(1, 2, 6, None), (1, 3, 5, None), (1, 3, 6, None)]  # ramped up: dense early, sparse late
     return [(("block, order 2" if kind == "taylor" else f"block, {kind}") + f", warm-up {w}, {_interval_name(k, end)}"
              + (f", staleness ≤ {cap}" if cap else ""),
              forecast_config(2, "block", k, w, steps, refresh_end=end, staleness=cap, forecast_kind=kind))
