@@ -129,7 +129,7 @@ stage environment
 pack
 
 if [ -f "$OUT/smoke.done" ]; then echo "skipped stage 0: the smoke PASSed in an earlier call ($OUT/smoke.done)"; else
-smoke() {  # one dqar smoke under what is left of SMOKE_LIMIT; sets rc
+smoke() {  # smoke SECONDS: one dqar smoke under `timeout SECONDS`, its log and JSON into $OUT; sets rc
     rc=0
     timeout "$1" $PY -m dqar.cli smoke --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --out "$WORK/smoke" 2>&1 \
         | tee -a "$OUT/smoke.log" || rc=$?

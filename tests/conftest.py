@@ -121,11 +121,11 @@ def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
     ).eval()
 
 
-def tiny_loaded():
-    """A 3-layer random pixel-space DiT as `dqar.models.load_model` returns it (1000 classes, no VAE)."""
+def tiny_loaded(num_layers: int = 3):
+    """A random pixel-space DiT (3 layers by default) as `dqar.models.load_model` returns it (1000 classes, no VAE)."""
     from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel
 
-    return LoadedModel(transformer=make_tiny_transformer(num_layers=3), vae=None, scheduler_config=dict(DIT_SCHEDULER_CONFIG),
+    return LoadedModel(transformer=make_tiny_transformer(num_layers=num_layers), vae=None, scheduler_config=dict(DIT_SCHEDULER_CONFIG),
                        num_classes=1000, null_class=1000, name="tiny", pixel_space=True, class_names=None)
 
 

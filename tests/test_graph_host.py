@@ -10,11 +10,10 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_transformer
+from conftest import tiny_loaded
 from dqar.engine import forecasters as FC
 from dqar.engine import graph as G
 from dqar.engine import history as H
-from dqar.models import DIT_SCHEDULER_CONFIG, LoadedModel
 from dqar.studies.bench.runner import BenchSettings, cases_for
 
 CASES = ("noreuse_graph", "full_dqar_graph", "quant_cache_only_graph")
@@ -36,8 +35,7 @@ def host_only(monkeypatch):
 
 def test_forecast_plan_host_time_stays_near_no_reuse(host_only, single_thread):
     """28 blocks (DiT-XL/2's depth), 50 steps: full_dqar's bookkeeping per evaluation within 3x no reuse's (was ~10x)."""
-    loaded = LoadedModel(transformer=make_tiny_transformer(num_layers=28), vae=None, scheduler_config=dict(DIT_SCHEDULER_CONFIG),
-                         num_classes=1000, null_class=1000, name="tiny28", pixel_space=True, class_names=None)
+    loaded = tiny_loaded(num_layers=28)
     s = BenchSettings(batch_sizes=(2,), steps=50, presets=("full_dqar", "quant_cache_only"), executors=("graph",), peers=(),
                       stock=False, cases=CASES)
     cases = cases_for(loaded, 2, s)

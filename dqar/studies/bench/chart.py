@@ -43,7 +43,7 @@ def _panel(ax, rows: list[dict], key: str) -> None:
     ax.grid(axis="x", alpha=0.3)
 
 
-def _legend(fig, plt) -> None:
+def _legend(fig) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -66,7 +66,7 @@ def render_chart(result: dict, path: Path) -> bool:
         _panel(ax, rows_of[b][::-1], key)  # first row on top
         ax.set(xlabel=label, title=f"{result['model']} · {result['device']} · batch {b}")
     fig.tight_layout()
-    _legend(fig, plt)
+    _legend(fig)
     save_png(fig, path)
     plt.close(fig)
     return True
